@@ -1,0 +1,500 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The native codec: validates a batch of events and encodes it as PostgreSQL binary COPY rows.
+
+It implements exactly the functions of the reference in ``tamma_events/_pycodec.py`` (read that
+first: it is the spec). Every rule is checked here, natively; when an event breaks one, the
+reference's `event_error` words the error, so both implementations raise the same errors.
+"""
+
+from cpython cimport array
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.datetime cimport (
+    datetime_day,
+    datetime_hour,
+    datetime_microsecond,
+    datetime_minute,
+    datetime_month,
+    datetime_second,
+    datetime_tzinfo,
+    datetime_year,
+    import_datetime,
+)
+from cpython.long cimport PyLong_AsUnsignedLongLongMask
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.dict cimport PyDict_Next
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.unicode cimport (
+    PyUnicode_1BYTE_KIND,
+    PyUnicode_2BYTE_KIND,
+    PyUnicode_AsUTF8AndSize,
+    PyUnicode_DATA,
+    PyUnicode_GET_LENGTH,
+    PyUnicode_KIND,
+)
+from libc.math cimport isfinite
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memchr, memcpy, memset
+
+import array as _array
+import hashlib
+import uuid
+from datetime import datetime, timezone
+
+import msgspec
+
+import_datetime()
+
+from tamma_events import _pycodec
+from tamma_events._pycodec import PreparedBatch
+from tamma_events.model import DomainEvent, SequencedEvent
+
+cdef object _encode = msgspec.json.Encoder(order="sorted").encode
+cdef object _sha256 = hashlib.sha256
+cdef object _UUID = uuid.UUID
+cdef object _UTC = timezone.utc
+cdef object _DomainEvent = DomainEvent
+cdef object _event_error = _pycodec.event_error
+cdef object _timestamp_us = _pycodec._timestamp_us
+cdef object _empty_batch_error = _pycodec.empty_batch_error
+cdef object _duplicate_in_batch_error = _pycodec.duplicate_in_batch_error
+cdef object _size_error = _pycodec.size_error
+cdef object _EventStoreError = _pycodec.EventStoreError
+
+cdef int MAX_DEPTH = _pycodec.MAX_DEPTH
+cdef Py_ssize_t MAX_EVENT_TYPE_LENGTH = _pycodec.MAX_EVENT_TYPE_LENGTH
+cdef Py_ssize_t MAX_TAG_KEY_LENGTH = _pycodec.MAX_TAG_KEY_LENGTH
+cdef Py_ssize_t HASH_SIZE = _pycodec.HASH_SIZE
+cdef Py_ssize_t HASH_FIELD_SIZE = _pycodec.HASH_FIELD_SIZE
+cdef Py_ssize_t POSITION_OFFSET = _pycodec.POSITION_OFFSET
+# Row bytes besides event_type and the three JSON texts: field count, 8 length words, position,
+# id, timestamp, 3 jsonb version bytes and the hash.
+cdef Py_ssize_t ROW_FIXED_SIZE = 2 + 8 * 4 + 8 + 16 + 8 + 3 + 32
+cdef uint16_t FIELD_COUNT = len(_pycodec.COPY_COLUMNS)
+
+# Days from 0001-01-01 to 2000-01-01 (the PostgreSQL epoch), in the proleptic Gregorian calendar.
+cdef int64_t PG_EPOCH_ORDINAL = 730120
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
+
+cdef Py_ssize_t _slot_offset(object cls, str name) except -1:
+    """Where a msgspec Struct keeps a field: its slot's byte offset in the instance."""
+    descriptor = cls.__dict__[name]
+    if type(descriptor).__name__ != "member_descriptor":
+        raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    return (<PyMemberDescrObject *>descriptor).d_member.offset
+
+
+# Fields of DomainEvent read straight from their slots: the generic attribute lookup costs more
+# than validating the field. SequencedEvent extends DomainEvent, so the offsets hold for both.
+cdef Py_ssize_t OFF_EVENT_ID = _slot_offset(DomainEvent, "event_id")
+cdef Py_ssize_t OFF_EVENT_TYPE = _slot_offset(DomainEvent, "event_type")
+cdef Py_ssize_t OFF_TIMESTAMP = _slot_offset(DomainEvent, "timestamp")
+cdef Py_ssize_t OFF_TAGS = _slot_offset(DomainEvent, "tags")
+cdef Py_ssize_t OFF_METADATA = _slot_offset(DomainEvent, "metadata")
+cdef Py_ssize_t OFF_DATA = _slot_offset(DomainEvent, "data")
+cdef object _SequencedEvent = SequencedEvent
+
+
+cdef inline object _slot(object obj, Py_ssize_t offset):
+    cdef PyObject *value = (<PyObject **>((<char *><PyObject *>obj) + offset))[0]
+    if value == NULL:
+        raise AttributeError("an event field is unset")
+    return <object>value
+
+
+cdef inline void _put16(char *p, uint16_t v) noexcept nogil:
+    p[0] = <char>(v >> 8)
+    p[1] = <char>v
+
+
+cdef inline void _put32(char *p, uint32_t v) noexcept nogil:
+    p[0] = <char>(v >> 24)
+    p[1] = <char>(v >> 16)
+    p[2] = <char>(v >> 8)
+    p[3] = <char>v
+
+
+cdef inline void _put64(char *p, uint64_t v) noexcept nogil:
+    _put32(p, <uint32_t>(v >> 32))
+    _put32(p + 4, <uint32_t>v)
+
+
+cdef inline bint _text_ok(object text) noexcept:
+    """False when ``text`` holds a NUL or a lone surrogate (neither can be stored by PostgreSQL)."""
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+    cdef Py_ssize_t i
+    cdef unsigned int kind = PyUnicode_KIND(text)
+    cdef void *data = PyUnicode_DATA(text)
+    cdef uint16_t c2
+    cdef uint32_t c4
+    if kind == PyUnicode_1BYTE_KIND:
+        return memchr(data, 0, n) == NULL
+    if kind == PyUnicode_2BYTE_KIND:
+        for i in range(n):
+            c2 = (<uint16_t *>data)[i]
+            if c2 == 0 or (c2 >= 0xD800 and c2 <= 0xDFFF):
+                return False
+        return True
+    for i in range(n):
+        c4 = (<uint32_t *>data)[i]
+        if c4 == 0 or (c4 >= 0xD800 and c4 <= 0xDFFF):
+            return False
+    return True
+
+
+cdef bint _json_ok(object value, int depth) except -1:
+    """Whether ``value`` is JSON that PostgreSQL's jsonb stores faithfully (see `_check_json`)."""
+    cdef type kind = type(value)
+    cdef Py_ssize_t pos = 0, i, n
+    cdef PyObject *key
+    cdef PyObject *item
+    if kind is str:
+        return _text_ok(value)
+    if kind is dict:
+        if depth > MAX_DEPTH:
+            return False
+        while PyDict_Next(value, &pos, &key, &item):
+            if type(<object>key) is not str or not _text_ok(<object>key):
+                return False
+            if not _json_ok(<object>item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        if depth > MAX_DEPTH:
+            return False
+        n = PyList_GET_SIZE(value)
+        for i in range(n):
+            if not _json_ok(<object>PyList_GET_ITEM(value, i), depth + 1):
+                return False
+        return True
+    if kind is tuple:
+        if depth > MAX_DEPTH:
+            return False
+        n = PyTuple_GET_SIZE(value)
+        for i in range(n):
+            if not _json_ok(<object>PyTuple_GET_ITEM(value, i), depth + 1):
+                return False
+        return True
+    if kind is float:
+        return isfinite(PyFloat_AS_DOUBLE(value))
+    return kind is int or kind is bool or value is None
+
+
+cdef inline bint _tags_ok(object tags) except -1:
+    cdef Py_ssize_t pos = 0, n
+    cdef PyObject *key
+    cdef PyObject *item
+    if type(tags) is not dict:
+        return False
+    while PyDict_Next(tags, &pos, &key, &item):
+        if type(<object>key) is not str or type(<object>item) is not str:
+            return False
+        n = PyUnicode_GET_LENGTH(<object>key)
+        if n < 1 or n > MAX_TAG_KEY_LENGTH:
+            return False
+        if not _text_ok(<object>key) or not _text_ok(<object>item):
+            return False
+    return True
+
+
+cdef inline int64_t _days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    """Days since 0001-01-01 (ordinal - 1) of a proleptic Gregorian date."""
+    cdef int64_t days_before_year, days_before_month
+    # Cumulative days before each month in a common year.
+    cdef int64_t[12] cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334]
+    y -= 1
+    days_before_year = y * 365 + y // 4 - y // 100 + y // 400
+    days_before_month = cum[m - 1]
+    y += 1
+    if m > 2 and (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)):
+        days_before_month += 1
+    return days_before_year + days_before_month + d - 1
+
+
+cdef bint _timestamp_us_fast(object value, int64_t *out) except -1:
+    """Microseconds since 2000-01-01 UTC for a datetime in UTC; False for anything else."""
+    if type(value) is not datetime or datetime_tzinfo(value) is not _UTC:
+        return False
+    cdef int64_t days = (_days_from_civil(datetime_year(value), datetime_month(value),
+                                          datetime_day(value)) - PG_EPOCH_ORDINAL + 1)
+    out[0] = (((days * 24 + datetime_hour(value)) * 60 + datetime_minute(value)) * 60
+              + datetime_second(value)) * 1000000 + datetime_microsecond(value)
+    return True
+
+
+cdef object _reject(object event, Py_ssize_t index):
+    """The reference's wording of why ``event`` was rejected (it has one author)."""
+    error = _event_error(event, index)
+    if error is None:
+        raise AssertionError(
+            f"the native codec rejected event {index} but the reference accepts it: {event!r}"
+        )
+    return error
+
+
+cdef extern from "_sha256.h":
+    bint tamma_sha256_available()
+    void *tamma_sha256_ctx_new()
+    void tamma_sha256_ctx_free(void *ctx)
+    int tamma_sha256_2(void *ctx, const unsigned char *a, size_t na,
+                       const unsigned char *b, size_t nb, unsigned char *md) nogil
+
+#: True when the hash chain is computed by libcrypto directly rather than through hashlib.
+HAVE_LIBCRYPTO = tamma_sha256_available()
+
+
+cdef inline bint _uuid_bytes(object event_id, char *out) except -1:
+    """The 16 bytes of a UUID (or UUID string); False when it is neither."""
+    cdef object value
+    cdef uint64_t hi, lo
+    if isinstance(event_id, _UUID):
+        value = event_id.int
+    elif isinstance(event_id, str):
+        try:
+            value = _UUID(event_id).int
+        except ValueError:
+            return False
+    else:
+        return False
+    lo = PyLong_AsUnsignedLongLongMask(value)
+    hi = PyLong_AsUnsignedLongLongMask(value >> 64)
+    _put64(out, hi)
+    _put64(out + 8, lo)
+    return True
+
+
+cdef Py_ssize_t _split_elements(const char *text, Py_ssize_t size, Py_ssize_t *spans,
+                                Py_ssize_t expected) noexcept nogil:
+    """Record the start and end of each element of the JSON array ``text`` (compact output of
+    msgspec whose elements are objects); returns how many were found."""
+    cdef Py_ssize_t i = 0, found = 0, j
+    cdef int depth = 0
+    cdef char c
+    cdef const char *quote
+    while i < size:
+        c = text[i]
+        if c == b'"':
+            # Jump to the closing quote: the next quote not escaped by an odd run of backslashes.
+            while True:
+                quote = <const char *>memchr(text + i + 1, b'"', size - i - 1)
+                if quote == NULL:
+                    return -1
+                i = quote - text
+                j = i - 1
+                while text[j] == b'\\':
+                    j -= 1
+                if (i - 1 - j) % 2 == 0:
+                    break
+        elif c == b'{' or c == b'[':
+            depth += 1
+            if depth == 2:
+                if found >= expected:
+                    return -1
+                spans[2 * found] = i
+        elif c == b'}' or c == b']':
+            if depth == 2:
+                spans[2 * found + 1] = i + 1
+                found += 1
+            depth -= 1
+        i += 1
+    return found
+
+
+def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
+            Py_ssize_t first_index=0):
+    """Validate and encode a batch; see `tamma_events._pycodec.prepare`.
+
+    Pass 1 checks every event natively; one msgspec call then encodes the tags, metadata and
+    data of the whole batch as one JSON array, which pass 2 cuts into the jsonb fields of the rows.
+    """
+    cdef Py_ssize_t count = len(events)
+    cdef Py_ssize_t index, n, row_size, total, type_len, k, cursor
+    cdef int64_t *stamps = NULL
+    cdef char *ids = NULL
+    cdef Py_ssize_t *spans = NULL
+    cdef Py_ssize_t *sizes = NULL
+    cdef const char *json_text
+    cdef const char *type_utf8
+    cdef char *p
+    cdef bytearray buffer
+    cdef array.array offsets
+    cdef long long *offs
+    cdef dict seen = {}
+    cdef list values, types
+    cdef object event, event_id, event_type, timestamp, tags, metadata, data, first, id_key
+    cdef object json_bytes
+
+    if count == 0:
+        raise _empty_batch_error()
+    values = [None] * (3 * count)
+    types = [None] * count
+    stamps = <int64_t *>PyMem_Malloc(count * sizeof(int64_t))
+    ids = <char *>PyMem_Malloc(count * 16)
+    spans = <Py_ssize_t *>PyMem_Malloc(6 * count * sizeof(Py_ssize_t))
+    sizes = <Py_ssize_t *>PyMem_Malloc(count * sizeof(Py_ssize_t))
+    if stamps == NULL or ids == NULL or spans == NULL or sizes == NULL:
+        PyMem_Free(stamps); PyMem_Free(ids); PyMem_Free(spans); PyMem_Free(sizes)
+        raise MemoryError()
+    try:
+        # Pass 1: every rule, every event, in order.
+        for index in range(count):
+            event = events[index]
+            if type(event) is _DomainEvent or type(event) is _SequencedEvent:
+                event_id = _slot(event, OFF_EVENT_ID)
+                event_type = _slot(event, OFF_EVENT_TYPE)
+                timestamp = _slot(event, OFF_TIMESTAMP)
+                tags = _slot(event, OFF_TAGS)
+                metadata = _slot(event, OFF_METADATA)
+                data = _slot(event, OFF_DATA)
+            elif isinstance(event, _DomainEvent):
+                event_id = event.event_id
+                event_type = event.event_type
+                timestamp = event.timestamp
+                tags = event.tags
+                metadata = event.metadata
+                data = event.data
+            else:
+                raise _reject(event, first_index + index)
+            if not _uuid_bytes(event_id, ids + 16 * index):
+                raise _reject(event, first_index + index)
+            if type(event_type) is not str:
+                raise _reject(event, first_index + index)
+            n = PyUnicode_GET_LENGTH(event_type)
+            if n < 1 or n > MAX_EVENT_TYPE_LENGTH or not _text_ok(event_type):
+                raise _reject(event, first_index + index)
+            if not _timestamp_us_fast(timestamp, stamps + index):
+                try:
+                    stamps[index] = _timestamp_us(event, index, "")
+                except _EventStoreError:
+                    raise _reject(event, first_index + index)
+            if not _tags_ok(tags):
+                raise _reject(event, first_index + index)
+            if type(metadata) is not dict or not _json_ok(metadata, 1):
+                raise _reject(event, first_index + index)
+            if type(data) is not dict or not _json_ok(data, 1):
+                raise _reject(event, first_index + index)
+            id_key = PyBytes_FromStringAndSize(ids + 16 * index, 16)
+            first = seen.setdefault(id_key, index)
+            if <Py_ssize_t>first != index:
+                raise _duplicate_in_batch_error(first_index + index, first_index + <Py_ssize_t>first,
+                                                _UUID(bytes=id_key))
+            values[3 * index] = tags
+            values[3 * index + 1] = metadata
+            values[3 * index + 2] = data
+            types[index] = event_type
+
+        # One encoder call for the JSON of the whole batch.
+        json_bytes = _encode(values)
+        json_text = PyBytes_AS_STRING(json_bytes)
+        if _split_elements(json_text, PyBytes_GET_SIZE(json_bytes), spans, 3 * count) != 3 * count:
+            raise AssertionError("could not split the encoded JSON of the batch")
+
+        # Pass 2: row sizes against the limit, then the rows into one buffer of the exact size.
+        total = 0
+        for index in range(count):
+            PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(types, index), &type_len)
+            row_size = ROW_FIXED_SIZE + type_len
+            for k in range(3 * index, 3 * index + 3):
+                row_size += spans[2 * k + 1] - spans[2 * k]
+            if row_size > max_event_bytes:
+                raise _size_error(first_index + index, PyBytes_FromStringAndSize(ids + 16 * index, 16),
+                                  row_size, max_event_bytes)
+            sizes[index] = row_size
+            total += row_size
+
+        buffer = PyByteArray_FromStringAndSize(NULL, total)
+        p = PyByteArray_AS_STRING(buffer)
+        offsets = array.clone(array.array("q"), count + 1, False)
+        offs = offsets.data.as_longlongs
+        offs[0] = 0
+        cursor = 0
+        for index in range(count):
+            type_utf8 = PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(types, index), &type_len)
+            _put16(p, FIELD_COUNT)
+            _put32(p + 2, 8)
+            memset(p + 6, 0, 8)
+            _put32(p + 14, 16)
+            memcpy(p + 18, ids + 16 * index, 16)
+            _put32(p + 34, <uint32_t>type_len)
+            memcpy(p + 38, type_utf8, type_len)
+            p += 38 + type_len
+            _put32(p, 8)
+            _put64(p + 4, <uint64_t>stamps[index])
+            p += 12
+            for k in range(3 * index, 3 * index + 3):
+                n = spans[2 * k + 1] - spans[2 * k]
+                _put32(p, <uint32_t>(n + 1))
+                p[4] = 1
+                memcpy(p + 5, json_text + spans[2 * k], n)
+                p += 5 + n
+            _put32(p, <uint32_t>HASH_SIZE)
+            memset(p + 4, 0, HASH_SIZE)
+            p += HASH_FIELD_SIZE
+            cursor += sizes[index]
+            offs[index + 1] = cursor
+        return PreparedBatch(buffer, offsets)
+    finally:
+        PyMem_Free(stamps)
+        PyMem_Free(ids)
+        PyMem_Free(spans)
+        PyMem_Free(sizes)
+
+
+def seal(batch, int64_t first_position, bytes prev_hash):
+    """Write positions and the hash chain; see `tamma_events._pycodec.seal`."""
+    if len(prev_hash) != HASH_SIZE:
+        raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
+    cdef bytearray buffer = batch.buffer
+    cdef long long[::1] offs = batch.offsets
+    cdef Py_ssize_t count = batch.count
+    cdef Py_ssize_t i, start, end
+    cdef unsigned char *data = <unsigned char *>PyByteArray_AS_STRING(buffer)
+    cdef unsigned char *prev = <unsigned char *>PyBytes_AS_STRING(prev_hash)
+    cdef void *ctx
+    cdef object view
+    cdef bytes digest
+    if len(buffer) != offs[count]:
+        raise ValueError("the batch's buffer does not match its offsets")
+    for i in range(count):
+        _put64(<char *>data + offs[i] + POSITION_OFFSET, <uint64_t>(first_position + i))
+    if HAVE_LIBCRYPTO:
+        ctx = tamma_sha256_ctx_new()
+        if ctx == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                for i in range(count):
+                    start = offs[i]
+                    end = offs[i + 1]
+                    if not tamma_sha256_2(ctx, prev, HASH_SIZE, data + start,
+                                          end - HASH_FIELD_SIZE - start, data + end - HASH_SIZE):
+                        break
+                    prev = data + end - HASH_SIZE
+                else:
+                    i = count
+        finally:
+            tamma_sha256_ctx_free(ctx)
+        if i != count:
+            raise RuntimeError("libcrypto failed to compute SHA-256")
+        return PyBytes_FromStringAndSize(<char *>prev, HASH_SIZE)
+    view = memoryview(buffer)
+    try:
+        digest = prev_hash
+        for i in range(count):
+            start = offs[i]
+            end = offs[i + 1]
+            digest = _sha256(digest + view[start:end - HASH_FIELD_SIZE]).digest()
+            memcpy(data + end - HASH_SIZE, <const char *>digest, HASH_SIZE)
+    finally:
+        view.release()
+    return digest

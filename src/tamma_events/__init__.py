@@ -1,0 +1,45 @@
+"""tamma-events: a DCB event store on PostgreSQL with a native hot path."""
+
+from ._codec import IMPL as __impl__
+from .errors import (
+    APPEND_CONDITION_FAILED,
+    DUPLICATE_EVENT,
+    QUERY_ERROR,
+    STORAGE_ERROR,
+    VALIDATION_FAILED,
+    ErrorCode,
+    EventStoreError,
+)
+from .model import (
+    AppendCondition,
+    DomainEvent,
+    Query,
+    QueryItem,
+    ReadResult,
+    SequencedEvent,
+    new_event_id,
+)
+from .store import EventStore, Transaction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APPEND_CONDITION_FAILED",
+    "DUPLICATE_EVENT",
+    "QUERY_ERROR",
+    "STORAGE_ERROR",
+    "VALIDATION_FAILED",
+    "AppendCondition",
+    "DomainEvent",
+    "ErrorCode",
+    "EventStore",
+    "EventStoreError",
+    "Query",
+    "QueryItem",
+    "ReadResult",
+    "SequencedEvent",
+    "Transaction",
+    "__impl__",
+    "__version__",
+    "new_event_id",
+]

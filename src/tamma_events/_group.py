@@ -1,0 +1,119 @@
+"""Group commit: concurrent appends from the threads of one process share transactions.
+
+The first thread to find no transaction running becomes the leader: it takes every request
+queued at that moment (up to a limit of events) and writes them in one transaction, while the
+others wait. Requests that arrive meanwhile form the next group. Each request keeps its own
+condition and gets its own position or error.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import STORAGE_ERROR, EventStoreError
+
+if TYPE_CHECKING:
+    from ._pycodec import PreparedBatch
+    from .model import AppendCondition, DomainEvent
+
+__all__ = ["AppendRequest", "GroupCommit"]
+
+
+class AppendRequest:
+    """One caller's append: its encoded events, its condition, and, once done, its outcome."""
+
+    __slots__ = ("batch", "condition", "done", "error", "events", "first_position")
+
+    def __init__(
+        self,
+        events: list[DomainEvent],
+        batch: PreparedBatch,
+        condition: AppendCondition | None,
+    ) -> None:
+        self.events = events
+        self.batch = batch
+        self.condition = condition
+        self.first_position = 0
+        self.error: EventStoreError | None = None
+        self.done = False
+
+    @property
+    def count(self) -> int:
+        return self.batch.count
+
+    @property
+    def last_position(self) -> int:
+        return self.first_position + self.batch.count - 1
+
+    def fail(self, error: EventStoreError) -> None:
+        self.error = error
+        self.done = True
+
+    def succeed(self, first_position: int) -> None:
+        self.first_position = first_position
+        self.done = True
+
+    def result(self) -> int:
+        """The last position written, or the request's error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.last_position
+
+
+class GroupCommit:
+    """Coalesces concurrent `AppendRequest`s; ``write`` must settle every request it is given."""
+
+    def __init__(
+        self, write: Callable[[list[AppendRequest]], None], max_group_events: int
+    ) -> None:
+        self._write = write
+        self._max_group_events = max_group_events
+        self._cond = threading.Condition()
+        self._queue: deque[AppendRequest] = deque()
+        self._leading = False
+
+    def submit(self, request: AppendRequest) -> int:
+        with self._cond:
+            self._queue.append(request)
+        while True:
+            with self._cond:
+                while self._leading and not request.done:
+                    self._cond.wait()
+                if request.done:
+                    return request.result()
+                self._leading = True
+                group = self._take()
+            try:
+                self._write(group)
+            except BaseException as exc:
+                # `write` settles its requests itself; this is the backstop for the unexpected
+                # (an interrupt mid-transaction), so that no caller waits forever.
+                for member in group:
+                    if not member.done:
+                        member.fail(_unsettled(exc))
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+
+    def _take(self) -> list[AppendRequest]:
+        group = [self._queue.popleft()]
+        events = group[0].count
+        while self._queue and events + self._queue[0].count <= self._max_group_events:
+            request = self._queue.popleft()
+            events += request.count
+            group.append(request)
+        return group
+
+
+def _unsettled(exc: BaseException) -> EventStoreError:
+    error = EventStoreError(
+        STORAGE_ERROR, f"the group transaction failed: {exc!r}", {"outcome": "unknown"}
+    )
+    error.__cause__ = exc
+    return error

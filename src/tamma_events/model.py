@@ -1,0 +1,165 @@
+"""The store's value types, as msgspec Structs.
+
+`DomainEvent` is what producers append; `SequencedEvent` is what readers get back (the event plus
+its global `position`, `recorded_at` and chain `hash`). `Query`, `QueryItem` and `AppendCondition`
+are the DCB types of the dcb.events specification.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any, overload
+
+import msgspec
+
+__all__ = [
+    "AppendCondition",
+    "DomainEvent",
+    "Query",
+    "QueryItem",
+    "ReadResult",
+    "SequencedEvent",
+    "new_event_id",
+    "utcnow",
+]
+
+_UUID7_RAND_BITS = 74
+
+
+def new_event_id() -> uuid.UUID:
+    """A new time-ordered UUIDv7 (RFC 9562).
+
+    Ids made one after another sort together, so the unique index on ``event_id`` is written at
+    its right edge instead of at random pages.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big") >> (80 - _UUID7_RAND_BITS)
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 62) << 64
+        | 0b10 << 62
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    return uuid.UUID(int=value)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class DomainEvent(msgspec.Struct, frozen=True):
+    """An event to append.
+
+    ``event_type`` is 1-255 characters; ``tags`` maps tag keys (1-128 characters) to string
+    values (for example ``issueId``, ``prId``, ``userId``, ``provider``, ``platform``); ``data``
+    and ``metadata`` are JSON objects. ``event_id`` defaults to a new UUIDv7 and ``timestamp`` to
+    now in UTC; an ISO-8601 string with an offset is accepted for ``timestamp`` and a UUID string
+    for ``event_id``. Give events their ids before the first attempt so that a retried append is
+    recognised as a duplicate instead of stored twice.
+
+    Validation happens when the event is appended, in one native call per batch.
+    """
+
+    event_type: str
+    data: dict[str, Any] = {}
+    tags: dict[str, str] = {}
+    metadata: dict[str, Any] = {}
+    event_id: uuid.UUID = msgspec.field(default_factory=new_event_id)
+    timestamp: datetime = msgspec.field(default_factory=utcnow)
+
+
+class SequencedEvent(DomainEvent, frozen=True, kw_only=True):
+    """A stored event: the `DomainEvent` plus where and when the store put it.
+
+    ``position`` is global and gapless, in commit order, starting at 1. ``hash`` links the event
+    to its predecessor (see ``docs/integrity.md``).
+    """
+
+    position: int
+    recorded_at: datetime
+    hash: bytes
+
+
+class QueryItem(msgspec.Struct, frozen=True):
+    """Matches an event whose type is one of ``types`` (any type when empty) and which carries
+    every pair of ``tags`` (any tags when empty)."""
+
+    types: tuple[str, ...] = ()
+    tags: dict[str, str] = {}
+
+    def matches(self, event_type: str, tags: dict[str, str]) -> bool:
+        """Whether an event with this type and these tags matches the item."""
+        if self.types and event_type not in self.types:
+            return False
+        for key, value in self.tags.items():
+            if tags.get(key) != value:
+                return False
+        return True
+
+
+class Query(msgspec.Struct, frozen=True):
+    """A DCB query: its items are OR'd; a query with no items matches every event."""
+
+    items: tuple[QueryItem, ...] = ()
+
+    @classmethod
+    def all(cls) -> Query:
+        """The query that matches every event."""
+        return cls(())
+
+    @classmethod
+    def of(
+        cls, *, types: Iterable[str] = (), tags: dict[str, str] | None = None
+    ) -> Query:
+        """A query of one item, for the common case."""
+        return cls((QueryItem(tuple(types), dict(tags or {})),))
+
+    def matches(self, event_type: str, tags: dict[str, str]) -> bool:
+        """Whether an event with this type and these tags matches the query."""
+        if not self.items:
+            return True
+        return any(item.matches(event_type, tags) for item in self.items)
+
+
+class AppendCondition(msgspec.Struct, frozen=True):
+    """The append fails, writing nothing, when an event matching ``fail_if_events_match`` exists
+    at a position greater than ``after`` (at any position when ``after`` is None)."""
+
+    fail_if_events_match: Query
+    after: int | None = None
+
+
+class ReadResult(Sequence[SequencedEvent]):
+    """The events a read returned, in the order asked for, and the ``head`` to use as the next
+    ``after`` of an `AppendCondition` built from this read."""
+
+    __slots__ = ("events", "head")
+
+    events: list[SequencedEvent]
+    head: int | None
+
+    def __init__(self, events: list[SequencedEvent], head: int | None) -> None:
+        self.events = events
+        self.head = head
+
+    @overload
+    def __getitem__(self, index: int) -> SequencedEvent: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[SequencedEvent]: ...
+    def __getitem__(self, index: int | slice) -> SequencedEvent | list[SequencedEvent]:
+        return self.events[index]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator[SequencedEvent]:
+        return iter(self.events)
+
+    def __repr__(self) -> str:
+        return f"ReadResult(<{len(self.events)} events>, head={self.head!r})"

@@ -1,0 +1,624 @@
+"""`EventStore`: the synchronous store on PostgreSQL.
+
+Every append transaction locks the single head row first, checks its conditions, writes its
+events by binary COPY at positions head+1.. and moves the head before it commits. Holding that
+lock until the commit makes commit order equal position order, so a reader resuming after
+position P never skips an event, and a condition checked under it cannot be invalidated before
+the commit. Concurrent appends from the threads of one process share transactions (group
+commit); each keeps its own condition and its own outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg.errors
+from psycopg import pq, sql
+from psycopg.types.json import set_json_loads
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import _codec, embedded
+from ._group import AppendRequest, GroupCommit
+from ._pycodec import COPY_HEADER, COPY_TRAILER, DEFAULT_MAX_EVENT_BYTES, PreparedBatch
+from .errors import (
+    APPEND_CONDITION_FAILED,
+    DUPLICATE_EVENT,
+    QUERY_ERROR,
+    STORAGE_ERROR,
+    VALIDATION_FAILED,
+    EventStoreError,
+)
+from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
+from .schema import migrate as _migrate
+from .sql import Statements, condition_checks, query_predicate
+
+__all__ = ["DSN_ENV", "EventStore", "Transaction"]
+
+#: The DSN the store uses when none is passed.
+DSN_ENV = "TAMMA_EVENTS_DSN"
+
+_EVENT_ID_CONSTRAINT = "events_event_id_key"
+# COPY data is handed to psycopg in slices of this size, so libpq sends while we slice.
+_COPY_SLICE = 1 << 20
+
+
+def _connection_kwargs() -> dict[str, Any]:
+    return {"autocommit": True, "options": "-c TimeZone=UTC"}
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    set_json_loads(msgspec.json.decode, conn)
+
+
+def _as_events(events: Iterable[DomainEvent | dict[str, Any]]) -> list[DomainEvent]:
+    """The batch as a list; mappings (from JSON input) are converted to `DomainEvent`s."""
+    batch = list(events)
+    for index, event in enumerate(batch):
+        if isinstance(event, dict):
+            try:
+                batch[index] = msgspec.convert(event, DomainEvent)
+            except msgspec.ValidationError as exc:
+                raise EventStoreError(
+                    VALIDATION_FAILED, f"event {index}: {exc}", {"index": index, "field": None}
+                ) from None
+    return batch  # type: ignore[return-value]
+
+
+def _storage_error(exc: BaseException, action: str, **context: Any) -> EventStoreError:
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None:
+        context["sqlstate"] = sqlstate
+    message = str(exc).strip() or type(exc).__name__
+    return EventStoreError(STORAGE_ERROR, f"{action} failed: {message}", context)
+
+
+def _condition_error(condition: AppendCondition, head: int) -> EventStoreError:
+    after = condition.after
+    where = "in the store" if after is None else f"after position {after}"
+    return EventStoreError(
+        APPEND_CONDITION_FAILED,
+        f"an event matching the append condition exists {where}; nothing was written",
+        {"after": after, "head": head},
+    )
+
+
+def _violated_in_group(condition: AppendCondition, earlier: list[AppendRequest]) -> bool:
+    """Whether events accepted earlier in the same transaction violate ``condition``."""
+    after = condition.after or 0
+    query = condition.fail_if_events_match
+    for request in earlier:
+        for offset, event in enumerate(request.events):
+            if request.first_position + offset > after and query.matches(event.event_type, event.tags):
+                return True
+    return False
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise EventStoreError(QUERY_ERROR, f"limit must be a non-negative int or None, got {limit!r}")
+
+
+def _rollback(conn: psycopg.Connection[Any]) -> None:
+    """Leave the connection idle (or let the pool discard it if it is broken)."""
+    if conn.closed or conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except psycopg.Error:
+        conn.close()
+
+
+def _to_event(row: Sequence[Any]) -> SequencedEvent:
+    position, event_id, event_type, timestamp, tags, metadata, data, recorded_at, hash_ = row
+    return SequencedEvent(
+        event_type=event_type,
+        data=data,
+        tags=tags,
+        metadata=metadata,
+        event_id=event_id,
+        timestamp=timestamp,
+        position=position,
+        recorded_at=recorded_at,
+        hash=hash_,
+    )
+
+
+class EventStore:
+    """A DCB event store on PostgreSQL.
+
+    ``dsn`` selects the server; without it, ``$TAMMA_EVENTS_DSN``; without that, an embedded
+    PostgreSQL 18 started in ``data_dir`` (default: the user data directory). ``pool`` lets a
+    caller share its own `psycopg_pool.ConnectionPool`; the store then sets ``autocommit`` on the
+    connections it borrows. Everything lives in the PostgreSQL schema ``schema``, migrated on open
+    unless ``migrate=False``.
+
+    Use it as a context manager, or call `close`.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "tamma_events",
+        pool: ConnectionPool[Any] | None = None,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout: float = 30.0,
+        data_dir: str | os.PathLike[str] | None = None,
+        migrate: bool = True,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_group_events: int = 2_000,
+        chunk_events: int = 10_000,
+    ) -> None:
+        if not schema or not isinstance(schema, str):
+            raise EventStoreError(VALIDATION_FAILED, "schema must be a non-empty string")
+        self.schema = schema
+        self.max_event_bytes = max_event_bytes
+        self.chunk_events = chunk_events
+        self._statements = Statements(schema)
+        self._closed = False
+        self.embedded: embedded.EmbeddedServer | None = None
+        if pool is not None:
+            self._pool = pool
+            self._owns_pool = False
+        else:
+            if dsn is None:
+                dsn = os.environ.get(DSN_ENV) or None
+            if dsn is None:
+                self.embedded = embedded.start(data_dir)
+                dsn = self.embedded.dsn
+            self._pool = ConnectionPool(
+                dsn,
+                min_size=min_connections,
+                max_size=max_connections,
+                kwargs=_connection_kwargs(),
+                configure=_configure,
+                timeout=connect_timeout,
+                name=f"tamma-events:{schema}",
+                open=False,
+            )
+            self._owns_pool = True
+            try:
+                self._pool.open(wait=True, timeout=connect_timeout)
+            except Exception as exc:
+                self._pool.close()
+                raise _storage_error(exc, "connecting to PostgreSQL") from exc
+        self._group = GroupCommit(self._write_group, max_group_events)
+        if migrate:
+            try:
+                self.migrate()
+            except BaseException:
+                self.close()
+                raise
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def impl(self) -> str:
+        """Which codec encodes appends: ``"native"`` or ``"python"``."""
+        return _codec.IMPL
+
+    def migrate(self) -> list[int]:
+        """Apply the schema migrations not applied yet; returns their versions."""
+        with self._connection() as conn:
+            try:
+                return _migrate(conn, self.schema)
+            except psycopg.Error as exc:
+                raise _storage_error(exc, "migrating the schema", schema=self.schema) from exc
+
+    def close(self) -> None:
+        """Close the store's pool (a caller's own pool stays open)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_pool:
+            self._pool.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+        try:
+            with self._pool.connection() as conn:
+                if not conn.autocommit:
+                    conn.autocommit = True
+                if not self._owns_pool:
+                    _configure(conn)
+                yield conn
+        except psycopg.Error as exc:
+            raise _storage_error(exc, "using a connection") from exc
+        except PoolTimeout as exc:
+            raise _storage_error(exc, "getting a connection") from exc
+
+    # -- appends ---------------------------------------------------------------------------
+
+    def append(self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None) -> int:
+        """Append one event; returns its position.
+
+        Raises `EventStoreError` with ``APPEND_CONDITION_FAILED`` when ``condition`` is violated,
+        ``DUPLICATE_EVENT`` when its ``event_id`` is already stored, ``VALIDATION_FAILED`` for a
+        bad event; nothing is written in any of these cases.
+        """
+        return self.append_batch([event], condition)
+
+    def append_batch(
+        self,
+        events: Iterable[DomainEvent | dict[str, Any]],
+        condition: AppendCondition | None = None,
+    ) -> int:
+        """Append events atomically at consecutive positions; returns the last position.
+
+        All of them are stored, or (on any error) none. Batches up to ``chunk_events`` are
+        validated and encoded before any database work; a larger batch is encoded chunk by chunk
+        while earlier chunks stream to the server, and an error in a later chunk rolls the whole
+        batch back.
+        """
+        batch = _as_events(events)
+        if len(batch) <= self.chunk_events:
+            prepared = _codec.prepare(batch, self.max_event_bytes)
+            request = AppendRequest(batch, prepared, condition)
+            return self._group.submit(request)
+        return self._append_large(batch, condition)
+
+    def _write_group(self, requests: list[AppendRequest]) -> None:
+        """Write ``requests`` in one transaction; settles every one of them."""
+        try:
+            with self._connection() as conn:
+                self._write(conn, requests)
+        except _DuplicateInGroup:
+            # Find out whose events were duplicates: each request alone, conditions re-checked.
+            for request in requests:
+                request.done = False
+                request.error = None
+            for request in requests:
+                try:
+                    with self._connection() as conn:
+                        self._write(conn, [request])
+                except _DuplicateInGroup as dup:  # pragma: no cover - a single request raises it
+                    request.fail(dup.error)
+                except EventStoreError as exc:
+                    request.fail(exc)
+        except EventStoreError as exc:
+            for request in requests:
+                if not request.done:
+                    request.fail(exc)
+
+    def _write(self, conn: psycopg.Connection[Any], requests: list[AppendRequest]) -> None:
+        statements = self._statements
+        cur = conn.cursor()
+        committing = False
+        try:
+            head, head_hash = _begin_and_lock_head(cur, statements)
+            accepted = self._accept(cur, requests, head)
+            if not accepted:
+                cur.execute("ROLLBACK")
+                return
+            position = head
+            with cur.copy(statements.copy_events) as copy:
+                copy.write(COPY_HEADER)
+                last_hash = head_hash
+                for request in accepted:
+                    last_hash = _codec.seal(request.batch, request.first_position, last_hash)
+                    _write_buffer(copy, request.batch.buffer)
+                    position = request.last_position
+                copy.write(COPY_TRAILER)
+            committing = True
+            cur.execute(statements.set_head_and_commit(position, last_hash))
+        except psycopg.errors.UniqueViolation as exc:
+            _rollback(conn)
+            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
+                raise _storage_error(exc, "appending") from exc
+            error = self._duplicates_error(conn, requests)
+            if len(requests) > 1:
+                raise _DuplicateInGroup(error) from exc
+            requests[0].fail(error)
+            return
+        except psycopg.Error as exc:
+            _rollback(conn)
+            context = {"outcome": "unknown"} if committing else {}
+            raise _storage_error(exc, "appending", **context) from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        for request in accepted:
+            request.done = True
+
+    def _accept(
+        self, cur: psycopg.Cursor[Any], requests: list[AppendRequest], head: int
+    ) -> list[AppendRequest]:
+        """Check the conditions (under the head lock); assign positions to the accepted."""
+        conditions = [r.condition for r in requests if r.condition is not None]
+        violated: Iterator[bool] = iter(())
+        if conditions:
+            query, params = condition_checks(self._statements.events, conditions)
+            cur.execute(query, params)
+            violated = iter(cur.fetchone())  # type: ignore[arg-type]
+        accepted: list[AppendRequest] = []
+        position = head
+        for request in requests:
+            condition = request.condition
+            if condition is not None:
+                if next(violated) or _violated_in_group(condition, accepted):
+                    request.fail(_condition_error(condition, head))
+                    continue
+            request.first_position = position + 1
+            position += request.count
+            accepted.append(request)
+        return accepted
+
+    def _duplicates_error(
+        self, conn: psycopg.Connection[Any], requests: list[AppendRequest]
+    ) -> EventStoreError:
+        ids = [event.event_id for request in requests for event in request.events]
+        ids = [i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids]
+        try:
+            rows = conn.execute(self._statements.existing_ids, [ids]).fetchall()
+        except psycopg.Error as exc:
+            return _storage_error(exc, "looking up duplicate event ids")
+        existing = [str(row[0]) for row in rows]
+        return EventStoreError(
+            DUPLICATE_EVENT,
+            f"{len(existing)} event id(s) are already stored; nothing was written",
+            {"event_ids": existing},
+        )
+
+    def _append_large(self, batch: list[DomainEvent], condition: AppendCondition | None) -> int:
+        """One transaction for a batch above ``chunk_events``, encoded chunk by chunk."""
+        size = self.chunk_events
+        first = _codec.prepare(batch[:size], self.max_event_bytes)
+        request = AppendRequest(batch, first, condition)
+        statements = self._statements
+        with self._connection() as conn:
+            cur = conn.cursor()
+            committing = False
+            try:
+                head, last_hash = _begin_and_lock_head(cur, statements)
+                # The request's count is that of its first chunk; conditions need only positions
+                # of events already stored, so the check is the same.
+                if not self._accept(cur, [request], head):
+                    cur.execute("ROLLBACK")
+                    return request.result()
+                position = head + 1
+                with cur.copy(statements.copy_events) as copy:
+                    copy.write(COPY_HEADER)
+                    prepared: PreparedBatch = first
+                    for start in range(0, len(batch), size):
+                        if start:
+                            prepared = _codec.prepare(
+                                batch[start : start + size], self.max_event_bytes, start
+                            )
+                        last_hash = _codec.seal(prepared, position, last_hash)
+                        _write_buffer(copy, prepared.buffer)
+                        position += prepared.count
+                    copy.write(COPY_TRAILER)
+                committing = True
+                cur.execute(statements.set_head_and_commit(position - 1, last_hash))
+            except EventStoreError as exc:
+                _rollback(conn)
+                raise exc.with_traceback(None) from None
+            except psycopg.errors.UniqueViolation as exc:
+                _rollback(conn)
+                if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
+                    raise _storage_error(exc, "appending") from exc
+                raise self._duplicates_error(conn, [request]) from exc
+            except psycopg.Error as exc:
+                _rollback(conn)
+                context = {"outcome": "unknown"} if committing else {}
+                raise _storage_error(exc, "appending", **context) from exc
+            except BaseException:
+                _rollback(conn)
+                raise
+        return position - 1
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def read(
+        self,
+        query: Query | None = None,
+        *,
+        after: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> ReadResult:
+        """The events matching ``query`` (all events when None or empty) at positions after
+        ``after``, in position order (newest first when ``backwards``), at most ``limit``.
+
+        The result's ``head`` is the store's last position at the time of the read; when
+        ``limit`` is given it is instead the newest position returned (None when nothing was),
+        since later matching events may exist. Either way it is the ``after`` to put in an
+        `AppendCondition` built from what was read. Events and head come from one snapshot.
+        """
+        with self._connection() as conn:
+            return _read(conn, self._statements, query, after, limit, backwards)
+
+    def get_event(self, event_id: uuid.UUID | str) -> SequencedEvent | None:
+        """The stored event with this id, or None."""
+        try:
+            key = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
+        except ValueError:
+            raise EventStoreError(
+                QUERY_ERROR, f"event_id must be a UUID, got {event_id!r}", {"event_id": str(event_id)}
+            ) from None
+        with self._connection() as conn:
+            row = conn.cursor(binary=True).execute(self._statements.get_event, [key]).fetchone()
+        return None if row is None else _to_event(row)
+
+    def head(self) -> int:
+        """The last position written (0 for an empty store)."""
+        with self._connection() as conn:
+            row = conn.execute(self._statements.head_position).fetchone()
+        return int(row[0]) if row else 0  # type: ignore[index]
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A block whose appends commit together when it exits normally, or not at all.
+
+        The first append in the block takes the head lock and holds it until the block ends, so
+        other writers wait meanwhile: keep the block short. Each append's condition is checked
+        inside the transaction and sees the block's earlier appends.
+        """
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            tx = Transaction(self, conn)
+            try:
+                yield tx
+                tx._commit()
+            except psycopg.Error as exc:
+                _rollback(conn)
+                raise _storage_error(exc, "the transaction") from exc
+            except BaseException:
+                _rollback(conn)
+                raise
+            finally:
+                tx._closed = True
+
+
+def _begin_and_lock_head(cur: psycopg.Cursor[Any], statements: Statements) -> tuple[int, bytes]:
+    """Open a transaction and lock the head row, in one round trip; returns the head."""
+    cur.execute(statements.begin_and_lock_head)
+    cur.nextset()  # past BEGIN's result, to the SELECT's
+    row = cur.fetchone()
+    if row is None:
+        raise EventStoreError(STORAGE_ERROR, "the head row is missing: was the schema migrated?")
+    return int(row[0]), bytes(row[1])
+
+
+def _write_buffer(copy: psycopg.Copy, buffer: bytearray) -> None:
+    view = memoryview(buffer)
+    try:
+        for start in range(0, len(view), _COPY_SLICE):
+            copy.write(view[start : start + _COPY_SLICE])
+    finally:
+        view.release()
+
+
+def _read(
+    conn: psycopg.Connection[Any],
+    statements: Statements,
+    query: Query | None,
+    after: int | None,
+    limit: int | None,
+    backwards: bool,
+) -> ReadResult:
+    _check_limit(limit)
+    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+        raise EventStoreError(QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}")
+    params: list[Any] = [after or 0]
+    predicate = query_predicate(query, params)
+    params.append(limit)
+    rows = conn.cursor(binary=True).execute(statements.read(predicate, backwards), params).fetchall()
+    store_head = int(rows[0][0]) if rows else 0
+    events = [_to_event(row[1:]) for row in rows if row[1] is not None]
+    if limit is None:
+        head: int | None = store_head
+    elif events:
+        head = events[0].position if backwards else events[-1].position
+    else:
+        head = None
+    return ReadResult(events, head)
+
+
+class _DuplicateInGroup(Exception):
+    def __init__(self, error: EventStoreError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Transaction:
+    """Appends and reads inside `EventStore.transaction`; they commit together."""
+
+    def __init__(self, store: EventStore, conn: psycopg.Connection[Any]) -> None:
+        self._store = store
+        self._conn = conn
+        self._head: int | None = None
+        self._hash = b""
+        self._closed = False
+
+    def append(self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None) -> int:
+        """Append one event in the transaction; returns its position."""
+        return self.append_batch([event], condition)
+
+    def append_batch(
+        self,
+        events: Iterable[DomainEvent | dict[str, Any]],
+        condition: AppendCondition | None = None,
+    ) -> int:
+        """Append a batch in the transaction; returns its last position. A failed append
+        raises and leaves the transaction usable; nothing of that append is written."""
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+        store = self._store
+        batch = _as_events(events)
+        prepared = _codec.prepare(batch, store.max_event_bytes)
+        request = AppendRequest(batch, prepared, condition)
+        statements = store._statements
+        cur = self._conn.cursor()
+        if self._head is None:
+            self._head, self._hash = cur.execute(statements.lock_head).fetchone()  # type: ignore[misc]
+        # A savepoint per append keeps the transaction usable after a failed one.
+        cur.execute("SAVEPOINT tamma_append")
+        try:
+            if not store._accept(cur, [request], self._head):
+                cur.execute("RELEASE SAVEPOINT tamma_append")
+                return request.result()
+            with cur.copy(statements.copy_events) as copy:
+                copy.write(COPY_HEADER)
+                last_hash = _codec.seal(prepared, request.first_position, self._hash)
+                _write_buffer(copy, prepared.buffer)
+                copy.write(COPY_TRAILER)
+            cur.execute("RELEASE SAVEPOINT tamma_append")
+        except psycopg.errors.UniqueViolation as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT tamma_append")
+            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
+                raise _storage_error(exc, "appending") from exc
+            raise store._duplicates_error(self._conn, [request]) from exc
+        except psycopg.Error as exc:
+            raise _storage_error(exc, "appending") from exc
+        self._head = request.last_position
+        self._hash = last_hash
+        return request.last_position
+
+    def read(
+        self,
+        query: Query | None = None,
+        *,
+        after: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> ReadResult:
+        """`EventStore.read` inside the transaction: it sees the block's own appends."""
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+        result = _read(self._conn, self._store._statements, query, after, limit, backwards)
+        if limit is None and self._head is not None:
+            result.head = self._head
+        return result
+
+    def _commit(self) -> None:
+        statements = self._store._statements
+        if self._head is None:
+            self._conn.execute("COMMIT")
+        else:
+            self._conn.execute(statements.set_head(self._head, self._hash))
+            self._conn.execute("COMMIT")
