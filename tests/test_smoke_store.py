@@ -10,7 +10,11 @@ def test_append_and_read_round_trip(store: EventStore) -> None:
     [stored] = result
     assert stored.position == 1
     assert (stored.event_id, stored.event_type, stored.data, stored.tags, stored.metadata) == (
-        event.event_id, event.event_type, event.data, event.tags, event.metadata,
+        event.event_id,
+        event.event_type,
+        event.data,
+        event.tags,
+        event.metadata,
     )
     assert stored.timestamp == event.timestamp
     assert len(stored.hash) == 32

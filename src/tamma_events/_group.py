@@ -66,9 +66,7 @@ class AppendRequest:
 class GroupCommit:
     """Coalesces concurrent `AppendRequest`s; ``write`` must settle every request it is given."""
 
-    def __init__(
-        self, write: Callable[[list[AppendRequest]], None], max_group_events: int
-    ) -> None:
+    def __init__(self, write: Callable[[list[AppendRequest]], None], max_group_events: int) -> None:
         self._write = write
         self._max_group_events = max_group_events
         self._cond = threading.Condition()

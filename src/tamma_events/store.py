@@ -11,7 +11,6 @@ commit); each keeps its own condition and its own outcome.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from typing import Any
 import msgspec
 import psycopg
 import psycopg.errors
-from psycopg import pq, sql
+from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -96,14 +95,18 @@ def _violated_in_group(condition: AppendCondition, earlier: list[AppendRequest])
     query = condition.fail_if_events_match
     for request in earlier:
         for offset, event in enumerate(request.events):
-            if request.first_position + offset > after and query.matches(event.event_type, event.tags):
+            if request.first_position + offset > after and query.matches(
+                event.event_type, event.tags
+            ):
                 return True
     return False
 
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise EventStoreError(QUERY_ERROR, f"limit must be a non-negative int or None, got {limit!r}")
+        raise EventStoreError(
+            QUERY_ERROR, f"limit must be a non-negative int or None, got {limit!r}"
+        )
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:
@@ -202,6 +205,12 @@ class EventStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
+    def dsn(self) -> str:
+        """The connection string of the store's server."""
+        conninfo = self._pool.conninfo
+        return conninfo() if callable(conninfo) else conninfo
+
+    @property
     def impl(self) -> str:
         """Which codec encodes appends: ``"native"`` or ``"python"``."""
         return _codec.IMPL
@@ -251,7 +260,9 @@ class EventStore:
 
     # -- appends ---------------------------------------------------------------------------
 
-    def append(self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None) -> int:
+    def append(
+        self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None
+    ) -> int:
         """Append one event; returns its position.
 
         Raises `EventStoreError` with ``APPEND_CONDITION_FAILED`` when ``condition`` is violated,
@@ -456,7 +467,9 @@ class EventStore:
             key = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
         except ValueError:
             raise EventStoreError(
-                QUERY_ERROR, f"event_id must be a UUID, got {event_id!r}", {"event_id": str(event_id)}
+                QUERY_ERROR,
+                f"event_id must be a UUID, got {event_id!r}",
+                {"event_id": str(event_id)},
             ) from None
         with self._connection() as conn:
             row = conn.cursor(binary=True).execute(self._statements.get_event, [key]).fetchone()
@@ -466,7 +479,7 @@ class EventStore:
         """The last position written (0 for an empty store)."""
         with self._connection() as conn:
             row = conn.execute(self._statements.head_position).fetchone()
-        return int(row[0]) if row else 0  # type: ignore[index]
+        return int(row[0]) if row else 0
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -523,11 +536,15 @@ def _read(
 ) -> ReadResult:
     _check_limit(limit)
     if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
-        raise EventStoreError(QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}")
+        raise EventStoreError(
+            QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}"
+        )
     params: list[Any] = [after or 0]
     predicate = query_predicate(query, params)
     params.append(limit)
-    rows = conn.cursor(binary=True).execute(statements.read(predicate, backwards), params).fetchall()
+    rows = (
+        conn.cursor(binary=True).execute(statements.read(predicate, backwards), params).fetchall()
+    )
     store_head = int(rows[0][0]) if rows else 0
     events = [_to_event(row[1:]) for row in rows if row[1] is not None]
     if limit is None:
@@ -555,7 +572,9 @@ class Transaction:
         self._hash = b""
         self._closed = False
 
-    def append(self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None) -> int:
+    def append(
+        self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None
+    ) -> int:
         """Append one event in the transaction; returns its position."""
         return self.append_batch([event], condition)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import psycopg
 from psycopg import sql
 
-__all__ = ["Migration", "migrate", "migrations"]
+__all__ = ["Migration", "drop", "migrate", "migrations"]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -61,3 +61,9 @@ def migrate(conn: psycopg.Connection[object], schema: str) -> list[int]:
             )
             applied_now.append(migration.version)
     return applied_now
+
+
+def drop(dsn: str, schema: str) -> None:
+    """Remove ``schema`` and everything in it (for demos, benchmarks and tests)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

@@ -1,0 +1,43 @@
+"""Fixtures for the pytest-benchmark suites: a real server and one generated workload.
+
+Run with ``pytest benchmarks`` (they are not part of the test run). The server is the one at
+TAMMA_EVENTS_TEST_DSN, or an embedded one started for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tamma_events import DomainEvent, embedded
+from tamma_events.schema import drop
+from tamma_events.workload import generate_events
+
+EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_EVENTS", "50000"))
+BATCH = 10_000
+
+
+@pytest.fixture(scope="session")
+def dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("TAMMA_EVENTS_TEST_DSN")
+    if configured:
+        yield configured
+        return
+    server = embedded.start(tmp_path_factory.mktemp("pg") / "data", cleanup="delete")
+    yield server.dsn
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def workload() -> list[DomainEvent]:
+    return list(generate_events(EVENTS))
+
+
+@pytest.fixture
+def schema(dsn: str) -> Iterator[str]:
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    yield name
+    drop(dsn, name)

@@ -1,0 +1,276 @@
+"""Throughput measurements shared by ``tamma-events bench`` and ``benchmarks/``.
+
+Each figure is measured on the same generated events in the same run as its baseline, and is
+reported as a ratio to it, because absolute numbers on shared machines drift from run to run.
+Every append is a durable commit (``synchronous_commit`` stays on).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import _codec, _pycodec
+from .model import AppendCondition, DomainEvent, Query
+from .schema import drop
+from .store import EventStore
+from .workload import generate_events
+
+__all__ = [
+    "BATCH_DEFAULT",
+    "BenchResult",
+    "fresh_ids",
+    "measure_append_batch",
+    "measure_concurrent_appends",
+    "measure_conditional_appends",
+    "measure_copy_ceiling",
+    "measure_encode",
+    "run_suite",
+]
+
+
+@dataclass
+class BenchResult:
+    name: str
+    value: float
+    unit: str
+    baseline: str | None = None
+    ratio: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+#: Events per append_batch in every measure, as in the targets.
+BATCH_DEFAULT = 10_000
+
+
+def fresh_ids(events: Sequence[DomainEvent], salt: int) -> list[DomainEvent]:
+    """The same events with new ids, so they can be appended again to the same store."""
+    return [
+        DomainEvent(
+            e.event_type,
+            e.data,
+            e.tags,
+            e.metadata,
+            uuid.UUID(int=e.event_id.int ^ salt),
+            e.timestamp,
+        )
+        for e in events
+    ]
+
+
+def _batches(events: Sequence[DomainEvent], size: int) -> list[Sequence[DomainEvent]]:
+    return [events[i : i + size] for i in range(0, len(events), size)]
+
+
+def _best_rate(count: int, run: Callable[[], None], rounds: int) -> tuple[float, list[float]]:
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        rates.append(count / (time.perf_counter() - started))
+    return max(rates), rates
+
+
+def measure_encode(
+    codec: Any, events: Sequence[DomainEvent], batch_size: int, rounds: int = 3
+) -> float:
+    """Events/s of ``codec.prepare`` + ``codec.seal`` (validate, serialise, frame, hash)."""
+    batches = _batches(events, batch_size)
+
+    def run() -> None:
+        last = _pycodec.GENESIS_HASH
+        position = 1
+        for batch in batches:
+            prepared = codec.prepare(batch)
+            last = codec.seal(prepared, position, last)
+            position += prepared.count
+
+    return _best_rate(len(events), run, rounds)[0]
+
+
+def measure_copy_ceiling(
+    dsn: str, events: Sequence[DomainEvent], batch_size: int, schema: str
+) -> float:
+    """Events/s of raw, pre-encoded binary COPY of the same rows, batch by batch, each batch a
+    durable commit, into a table with the store's columns and no index at all."""
+    buffers = []
+    last = _pycodec.GENESIS_HASH
+    position = 1
+    for batch in _batches(events, batch_size):
+        prepared = _codec.prepare(batch)
+        last = _codec.seal(prepared, position, last)
+        position += prepared.count
+        buffers.append(bytes(prepared.buffer))
+    table = sql.Identifier(schema, "ceiling")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (position bigint NOT NULL, event_id uuid NOT NULL,"
+                ' event_type text NOT NULL, "timestamp" timestamptz NOT NULL, tags jsonb NOT NULL,'
+                " metadata jsonb NOT NULL, data jsonb NOT NULL,"
+                " recorded_at timestamptz NOT NULL DEFAULT now(), hash bytea NOT NULL)"
+            ).format(table)
+        )
+        copy_sql = sql.SQL(
+            'COPY {} (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
+            " FROM STDIN (FORMAT BINARY)"
+        ).format(table)
+        started = time.perf_counter()
+        for buffer in buffers:
+            with conn.transaction(), conn.cursor().copy(copy_sql) as copy:
+                copy.write(_pycodec.COPY_HEADER)
+                copy.write(buffer)
+                copy.write(_pycodec.COPY_TRAILER)
+        elapsed = time.perf_counter() - started
+        conn.execute(sql.SQL("DROP TABLE {}").format(table))
+    return len(events) / elapsed
+
+
+def measure_append_batch(
+    store: EventStore, events: Sequence[DomainEvent], batch_size: int
+) -> float:
+    """Events/s of `EventStore.append_batch` (encode included), batch by batch."""
+    started = time.perf_counter()
+    for batch in _batches(events, batch_size):
+        store.append_batch(batch)
+    return len(events) / (time.perf_counter() - started)
+
+
+def measure_conditional_appends(store: EventStore, count: int, prefix: str = "") -> float:
+    """Appends/s of single events, each under a DCB condition that holds, from one client.
+
+    Each decision is about its own issue (``prefix`` keeps repeated runs apart), so none fails.
+    """
+    started = time.perf_counter()
+    for n in range(count):
+        tags = {"issueId": f"bench-cond-{prefix}{n}"}
+        condition = AppendCondition(Query.of(types=["BenchDecided"], tags=tags), after=None)
+        store.append(DomainEvent("BenchDecided", {"n": n}, tags), condition)
+    return count / (time.perf_counter() - started)
+
+
+def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int) -> float:
+    """Events/s of single `EventStore.append` calls from ``threads`` threads at once."""
+    barrier = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            barrier.wait()
+            for n in range(per_thread):
+                store.append(DomainEvent("BenchTicked", {"thread": k, "n": n}, {"userId": f"u{k}"}))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return threads * per_thread / elapsed
+
+
+def run_suite(
+    dsn: str,
+    *,
+    events: int = 100_000,
+    batch_size: int = BATCH_DEFAULT,
+    rounds: int = 2,
+    conditional: int = 2_000,
+    threads: int = 16,
+    per_thread: int = 500,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[BenchResult]:
+    """The core figures, each with its baseline from this run."""
+    workload = list(generate_events(events))
+    results: list[BenchResult] = []
+
+    progress("encode")
+    encode_events = workload[: min(len(workload), 50_000)]
+    python_rate = measure_encode(_pycodec, encode_events, batch_size)
+    if _codec.IMPL == "native":
+        from . import _native
+
+        native_rate = measure_encode(_native, encode_events, batch_size)
+        results.append(
+            BenchResult(
+                "encode.native", native_rate, "events/s", "encode.python", native_rate / python_rate
+            )
+        )
+    results.append(BenchResult("encode.python", python_rate, "events/s"))
+
+    ceilings: list[float] = []
+    appends: list[float] = []
+    for r in range(rounds):
+        schema = f"bench_{uuid.uuid4().hex[:10]}"
+        progress(f"copy ceiling, round {r + 1}")
+        ceilings.append(measure_copy_ceiling(dsn, workload, batch_size, schema))
+        progress(f"append_batch, round {r + 1}")
+        with EventStore(dsn, schema=schema) as store:
+            appends.append(measure_append_batch(store, fresh_ids(workload, r + 1), batch_size))
+        drop(dsn, schema)
+    ceiling = max(ceilings)
+    append = max(appends)
+    results.append(
+        BenchResult(
+            "append_batch",
+            append,
+            "events/s",
+            "copy_ceiling",
+            append / ceiling,
+            {"batch_size": batch_size, "events": events, "rounds": [round(a) for a in appends]},
+        )
+    )
+    results.append(
+        BenchResult(
+            "copy_ceiling", ceiling, "events/s", detail={"rounds": [round(c) for c in ceilings]}
+        )
+    )
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    with EventStore(dsn, schema=schema, max_connections=threads + 2) as store:
+        progress("conditional appends")
+        cond = measure_conditional_appends(store, conditional)
+        results.append(
+            BenchResult(
+                "append.conditional",
+                cond,
+                "appends/s",
+                "copy_ceiling",
+                cond / ceiling,
+                {"client": 1},
+            )
+        )
+        progress(f"single appends from {threads} threads")
+        threaded = measure_concurrent_appends(store, threads, per_thread)
+        results.append(
+            BenchResult(
+                "append.threads",
+                threaded,
+                "events/s",
+                "copy_ceiling",
+                threaded / ceiling,
+                {"threads": threads, "per_thread": per_thread},
+            )
+        )
+    drop(dsn, schema)
+    return results
+
+
+def as_json(results: list[BenchResult], **about: Any) -> dict[str, Any]:
+    """A machine-readable summary, to compare runs."""
+    return {**about, "results": [asdict(r) for r in results]}

@@ -1,0 +1,282 @@
+"""The ``tamma-events`` command: ``init``, ``demo`` and ``bench``.
+
+``--dsn`` (or ``TAMMA_EVENTS_DSN``) selects the server everywhere; without one, the embedded
+PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __impl__, __version__
+from .errors import APPEND_CONDITION_FAILED, EventStoreError
+from .model import AppendCondition, DomainEvent, Query, QueryItem
+from .schema import drop
+from .store import DSN_ENV, EventStore
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+class _Context:
+    def __init__(self, dsn: str | None, schema: str, data_dir: str | None) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.data_dir = data_dir
+
+    def open(self, schema: str | None = None, **kwargs: Any) -> EventStore:
+        return EventStore(self.dsn, schema=schema or self.schema, data_dir=self.data_dir, **kwargs)
+
+
+@contextmanager
+def _failures() -> Iterator[None]:
+    """Report an `EventStoreError` as one readable line and exit 1."""
+    try:
+        yield
+    except EventStoreError as exc:
+        err_console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        if exc.context:
+            err_console.print(json.dumps(exc.context, default=str))
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--dsn",
+    envvar=DSN_ENV,
+    default=None,
+    help=f"PostgreSQL DSN (default: ${DSN_ENV}, else the embedded server).",
+)
+@click.option(
+    "--schema", default="tamma_events", show_default=True, help="PostgreSQL schema of the store."
+)
+@click.option("--data-dir", default=None, help="Data directory of the embedded server.")
+@click.version_option(__version__, prog_name="tamma-events")
+@click.pass_context
+def main(ctx: click.Context, dsn: str | None, schema: str, data_dir: str | None) -> None:
+    """tamma-events: a DCB event store on PostgreSQL."""
+    ctx.obj = _Context(dsn, schema, data_dir)
+
+
+@main.command()
+@click.pass_obj
+def init(obj: _Context) -> None:
+    """Create or upgrade the store's schema (idempotent)."""
+    with _failures(), obj.open(migrate=False) as store:
+        applied = store.migrate()
+        where = store.embedded.data_dir if store.embedded else "the server at the DSN"
+        if applied:
+            console.print(
+                f"schema [bold]{store.schema}[/bold] migrated to version {max(applied)} in {where}"
+            )
+        else:
+            console.print(f"schema [bold]{store.schema}[/bold] is up to date in {where}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+@main.command()
+@click.option(
+    "--events", "count", default=200_000, show_default=True, help="How many events to append."
+)
+@click.option("--batch-size", default=10_000, show_default=True, help="Events per append_batch.")
+@click.option(
+    "--schema",
+    "schema",
+    default="tamma_demo",
+    show_default=True,
+    help="Schema for the demo (reset first).",
+)
+@click.pass_obj
+def demo(obj: _Context, count: int, batch_size: int, schema: str) -> None:
+    """Append realistic events, show a DCB conflict, read back by query."""
+    from .workload import generate_events
+
+    if count < 1 or batch_size < 1:
+        raise click.UsageError("--events and --batch-size must be positive")
+    with _failures():
+        store = obj.open(schema=schema, migrate=False)
+        with store:
+            where = (
+                f"embedded PostgreSQL in {store.embedded.data_dir}"
+                if store.embedded
+                else "PostgreSQL at the DSN"
+            )
+            console.print(
+                f"tamma-events {__version__} ({__impl__} codec) on {where},"
+                f" schema [bold]{schema}[/bold]"
+            )
+            drop(store.dsn, schema)
+            store.migrate()
+
+            events = generate_events(count)
+            appended = 0
+            started = time.perf_counter()
+            with _progress() as progress:
+                task = progress.add_task("appending", total=count, rate="")
+                while appended < count:
+                    batch = [next(events) for _ in range(min(batch_size, count - appended))]
+                    store.append_batch(batch)
+                    appended += len(batch)
+                    rate = appended / (time.perf_counter() - started)
+                    progress.update(task, completed=appended, rate=f"{rate:,.0f} events/s")
+            elapsed = time.perf_counter() - started
+            console.print(
+                f"appended [bold]{appended:,}[/bold] events in {elapsed:.1f} s: "
+                f"[bold green]{appended / elapsed:,.0f} events/s[/bold green] (durable commits)"
+            )
+
+            _show_conflict(store)
+            _show_query(store)
+
+
+def _show_conflict(store: EventStore) -> None:
+    console.rule("DCB: a decision under an append condition")
+    issue = {"issueId": "ISSUE-7"}
+    boundary = Query((QueryItem(("IssueAssigned", "IssueClosed"), issue),))
+    seen = store.read(boundary)
+    console.print(f"agent A reads issue 7's assignments: {len(seen)} events, head {seen.head}")
+    store.append(
+        DomainEvent("IssueAssigned", {"assignee": "agent-b"}, {**issue, "userId": "agent-b"})
+    )
+    console.print("agent B assigns issue 7 to itself meanwhile")
+    try:
+        store.append(
+            DomainEvent("IssueAssigned", {"assignee": "agent-a"}, {**issue, "userId": "agent-a"}),
+            AppendCondition(boundary, after=seen.head),
+        )
+    except EventStoreError as exc:
+        if exc.code != APPEND_CONDITION_FAILED:
+            raise
+        console.print(f"agent A's append is refused: [yellow]{exc.code}[/yellow] ({exc.message})")
+    else:  # pragma: no cover - would be a broken invariant
+        raise EventStoreError("STORAGE_ERROR", "the conflicting append was accepted")
+    fresh = store.read(boundary)
+    position = store.append(
+        DomainEvent("IssueClosed", {"resolution": "fixed"}, issue),
+        AppendCondition(boundary, after=fresh.head),
+    )
+    console.print(f"agent A re-reads and decides again: its append lands at position {position}")
+
+
+def _show_query(store: EventStore) -> None:
+    console.rule("Reading back by query")
+    query = Query(
+        (QueryItem(("LlmCallCompleted",), {"provider": "anthropic", "issueId": "ISSUE-42"}),)
+    )
+    started = time.perf_counter()
+    result = store.read(query)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    console.print(
+        f"LLM calls to anthropic for issue 42: {len(result)} events in {elapsed_ms:.1f} ms"
+    )
+    table = Table("position", "timestamp", "model", "tokens", "latency ms")
+    for event in result[:8]:
+        table.add_row(
+            str(event.position),
+            event.timestamp.isoformat(timespec="seconds"),
+            str(event.data.get("model")),
+            str(event.data.get("prompt_tokens", 0) + event.data.get("completion_tokens", 0)),
+            str(event.data.get("latency_ms")),
+        )
+    console.print(table)
+    latest = store.read(Query.of(tags={"issueId": "ISSUE-42"}), limit=1, backwards=True)
+    if latest:
+        console.print(
+            f"latest event of issue 42: {latest[0].event_type} at position {latest[0].position}"
+        )
+
+
+@main.command()
+@click.option(
+    "--events", "count", default=100_000, show_default=True, help="Events in the generated set."
+)
+@click.option("--batch-size", default=10_000, show_default=True)
+@click.option(
+    "--rounds",
+    default=2,
+    show_default=True,
+    help="Rounds of ceiling/append_batch; the best counts.",
+)
+@click.option(
+    "--conditional", default=2_000, show_default=True, help="Single conditional appends to time."
+)
+@click.option("--threads", default=16, show_default=True)
+@click.option("--per-thread", default=500, show_default=True)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    help="Also write the JSON summary to this file ('-' for stdout).",
+)
+@click.pass_obj
+def bench(
+    obj: _Context,
+    count: int,
+    batch_size: int,
+    rounds: int,
+    conditional: int,
+    threads: int,
+    per_thread: int,
+    json_path: str | None,
+) -> None:
+    """Measure append and encode throughput against baselines from the same run."""
+    from .bench import as_json, run_suite
+
+    with _failures():
+        store = obj.open(schema=f"bench_{uuid.uuid4().hex[:8]}", migrate=False)
+        dsn = store.dsn
+        store.close()
+        with console.status("benchmarking") as status:
+            results = run_suite(
+                dsn,
+                events=count,
+                batch_size=batch_size,
+                rounds=rounds,
+                conditional=conditional,
+                threads=threads,
+                per_thread=per_thread,
+                progress=lambda s: status.update(s),
+            )
+    table = Table(
+        "measure",
+        "value",
+        "unit",
+        "baseline",
+        "ratio",
+        title=f"tamma-events bench ({__impl__} codec)",
+    )
+    for r in results:
+        table.add_row(
+            r.name, f"{r.value:,.0f}", r.unit, r.baseline or "", f"{r.ratio:.2f}" if r.ratio else ""
+        )
+    console.print(table)
+    if json_path:
+        summary = json.dumps(
+            as_json(results, impl=__impl__, version=__version__, events=count), indent=2
+        )
+        if json_path == "-":
+            click.echo(summary)
+        else:
+            with open(json_path, "w", encoding="utf-8") as f:
+                f.write(summary + "\n")
