@@ -35,7 +35,7 @@ from cpython.unicode cimport (
     PyUnicode_GET_LENGTH,
     PyUnicode_KIND,
 )
-from libc.math cimport isfinite
+from libc.math cimport copysign, fabs, isfinite
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memset
 
@@ -62,6 +62,8 @@ cdef object _timestamp_us = _pycodec._timestamp_us
 cdef object _empty_batch_error = _pycodec.empty_batch_error
 cdef object _duplicate_in_batch_error = _pycodec.duplicate_in_batch_error
 cdef object _size_error = _pycodec.size_error
+cdef object _canonical = _pycodec.canonical
+cdef double FLOAT_EXPONENT_FROM = _pycodec.FLOAT_EXPONENT_FROM
 cdef object _EventStoreError = _pycodec.EventStoreError
 
 cdef int MAX_DEPTH = _pycodec.MAX_DEPTH
@@ -152,42 +154,58 @@ cdef inline bint _text_ok(object text) noexcept:
     return True
 
 
-cdef bint _json_ok(object value, int depth) except -1:
-    """Whether ``value`` is JSON that PostgreSQL's jsonb stores faithfully (see `_check_json`)."""
+# What `_json_ok` finds: nothing wrong, a rule broken, or values `canonical` must rewrite.
+cdef enum:
+    JSON_OK = 1
+    JSON_BAD = 0
+    JSON_REWRITE = 3
+
+
+cdef int _json_ok(object value, int depth) except -1:
+    """Whether ``value`` is JSON that PostgreSQL's jsonb stores faithfully (see `_check_json`),
+    and whether `canonical` has to rewrite part of it (see `FLOAT_EXPONENT_FROM`)."""
     cdef type kind = type(value)
     cdef Py_ssize_t pos = 0, i, n
     cdef PyObject *key
     cdef PyObject *item
+    cdef int found = JSON_OK, sub
+    cdef double x
     if kind is str:
-        return _text_ok(value)
-    if kind is dict:
+        return JSON_OK if _text_ok(value) else JSON_BAD
+    if kind is dict or kind is list or kind is tuple:
         if depth > MAX_DEPTH:
-            return False
-        while PyDict_Next(value, &pos, &key, &item):
-            if type(<object>key) is not str or not _text_ok(<object>key):
-                return False
-            if not _json_ok(<object>item, depth + 1):
-                return False
-        return True
-    if kind is list:
-        if depth > MAX_DEPTH:
-            return False
-        n = PyList_GET_SIZE(value)
-        for i in range(n):
-            if not _json_ok(<object>PyList_GET_ITEM(value, i), depth + 1):
-                return False
-        return True
-    if kind is tuple:
-        if depth > MAX_DEPTH:
-            return False
-        n = PyTuple_GET_SIZE(value)
-        for i in range(n):
-            if not _json_ok(<object>PyTuple_GET_ITEM(value, i), depth + 1):
-                return False
-        return True
+            return JSON_BAD
+        if kind is dict:
+            while PyDict_Next(value, &pos, &key, &item):
+                if type(<object>key) is not str or not _text_ok(<object>key):
+                    return JSON_BAD
+                sub = _json_ok(<object>item, depth + 1)
+                if sub == JSON_BAD:
+                    return JSON_BAD
+                found |= sub
+        elif kind is list:
+            n = PyList_GET_SIZE(value)
+            for i in range(n):
+                sub = _json_ok(<object>PyList_GET_ITEM(value, i), depth + 1)
+                if sub == JSON_BAD:
+                    return JSON_BAD
+                found |= sub
+        else:
+            n = PyTuple_GET_SIZE(value)
+            for i in range(n):
+                sub = _json_ok(<object>PyTuple_GET_ITEM(value, i), depth + 1)
+                if sub == JSON_BAD:
+                    return JSON_BAD
+                found |= sub
+        return found
     if kind is float:
-        return isfinite(PyFloat_AS_DOUBLE(value))
-    return kind is int or kind is bool or value is None
+        x = PyFloat_AS_DOUBLE(value)
+        if not isfinite(x):
+            return JSON_BAD
+        if fabs(x) >= FLOAT_EXPONENT_FROM or (x == 0.0 and copysign(1.0, x) < 0):
+            return JSON_REWRITE
+        return JSON_OK
+    return JSON_OK if (kind is int or kind is bool or value is None) else JSON_BAD
 
 
 cdef inline bint _tags_ok(object tags) except -1:
@@ -319,6 +337,7 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
     """
     cdef Py_ssize_t count = len(events)
     cdef Py_ssize_t index, n, row_size, total, type_len, k, cursor
+    cdef int found
     cdef int64_t *stamps = NULL
     cdef char *ids = NULL
     cdef Py_ssize_t *spans = NULL
@@ -379,10 +398,20 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
                     raise _reject(event, first_index + index)
             if not _tags_ok(tags):
                 raise _reject(event, first_index + index)
-            if type(metadata) is not dict or not _json_ok(metadata, 1):
+            if type(metadata) is not dict:
                 raise _reject(event, first_index + index)
-            if type(data) is not dict or not _json_ok(data, 1):
+            found = _json_ok(metadata, 1)
+            if found == JSON_BAD:
                 raise _reject(event, first_index + index)
+            if found == JSON_REWRITE:
+                metadata = _canonical(metadata)
+            if type(data) is not dict:
+                raise _reject(event, first_index + index)
+            found = _json_ok(data, 1)
+            if found == JSON_BAD:
+                raise _reject(event, first_index + index)
+            if found == JSON_REWRITE:
+                data = _canonical(data)
             id_key = PyBytes_FromStringAndSize(ids + 16 * index, 16)
             first = seen.setdefault(id_key, index)
             if <Py_ssize_t>first != index:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import STORAGE_ERROR, EventStoreError
 
 if TYPE_CHECKING:
+    from psycopg.sql import Composed
+
     from ._pycodec import PreparedBatch
     from .model import AppendCondition, DomainEvent
 
@@ -25,17 +27,20 @@ __all__ = ["AppendRequest", "GroupCommit"]
 class AppendRequest:
     """One caller's append: its encoded events, its condition, and, once done, its outcome."""
 
-    __slots__ = ("batch", "condition", "done", "error", "events", "first_position")
+    __slots__ = ("batch", "check", "condition", "done", "error", "events", "first_position")
 
     def __init__(
         self,
         events: list[DomainEvent],
         batch: PreparedBatch,
         condition: AppendCondition | None,
+        check: tuple[Composed, list[Any]] | None = None,
     ) -> None:
         self.events = events
         self.batch = batch
         self.condition = condition
+        #: The condition as SQL: true when a stored event violates it (see `sql.condition_check`).
+        self.check = check
         self.first_position = 0
         self.error: EventStoreError | None = None
         self.done = False

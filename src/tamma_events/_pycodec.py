@@ -26,8 +26,9 @@ import math
 import struct
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, Final
 
 import msgspec
@@ -45,6 +46,8 @@ __all__ = [
     "MAX_EVENT_TYPE_LENGTH",
     "MAX_TAG_KEY_LENGTH",
     "PreparedBatch",
+    "canonical",
+    "decode_rows",
     "event_error",
     "prepare",
     "seal",
@@ -192,6 +195,33 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
         pass
     else:
         raise _Invalid(f"unsupported type {kind.__name__}", path)
+
+
+#: Floats from here on are written by msgspec in exponent form, which jsonb turns into integer
+#: text ("1e16" comes back as 10000000000000000): they are stored as that integer instead.
+FLOAT_EXPONENT_FROM: Final = 1e16
+
+
+def canonical(value: Any) -> Any:
+    """``value`` as jsonb will give it back, for the JSON values jsonb would rewrite: -0.0
+    becomes 0.0 and floats of magnitude 1e16 or more become the integer their shortest decimal
+    denotes. Returns ``value`` itself when nothing changes (the usual case)."""
+    kind = type(value)
+    if kind is float:
+        if value == 0.0 and math.copysign(1.0, value) < 0:
+            return 0.0
+        if abs(value) >= FLOAT_EXPONENT_FROM:
+            return int(Decimal(repr(value)))
+        return value
+    if kind is dict:
+        items = {key: canonical(item) for key, item in value.items()}
+        return value if all(items[k] is value[k] for k in value) else items
+    if kind is list or kind is tuple:
+        converted = [canonical(item) for item in value]
+        if all(a is b for a, b in zip(converted, value, strict=True)):
+            return value
+        return converted
+    return value
 
 
 def _check_object(value: Any, field: str, index: int, event_id: str) -> None:
@@ -366,7 +396,7 @@ def prepare(
         buffer += encoded_type
         buffer += _TIMESTAMP_LENGTH
         buffer += _INT64.pack(timestamp_us)
-        for value in (event.tags, event.metadata, event.data):
+        for value in (event.tags, canonical(event.metadata), canonical(event.data)):
             text = _ENCODER.encode(value)
             buffer += _INT32.pack(len(text) + 1)
             buffer += b"\x01"
@@ -392,3 +422,28 @@ def seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> bytes:
         prev_hash = hashlib.sha256(prev_hash + buffer[start : end - HASH_FIELD_SIZE]).digest()
         buffer[end - HASH_SIZE : end] = prev_hash
     return prev_hash
+
+
+def decode_rows(batch: PreparedBatch) -> Iterator[tuple[Any, ...]]:
+    """The column values of each row of a (sealed) batch: position, event_id, event_type,
+    timestamp, then tags, metadata and data as JSON text, then hash."""
+    buffer = bytes(batch.buffer)
+    offsets = batch.offsets
+    for i in range(batch.count):
+        at = offsets[i] + 2
+        fields: list[bytes] = []
+        for _ in COPY_COLUMNS:
+            (size,) = _INT32.unpack_from(buffer, at)
+            fields.append(buffer[at + 4 : at + 4 + size])
+            at += 4 + size
+        position, event_id, event_type, timestamp, tags, metadata, data, hash_ = fields
+        yield (
+            _INT64.unpack(position)[0],
+            uuid.UUID(bytes=event_id),
+            event_type.decode("utf-8"),
+            _PG_EPOCH + timedelta(microseconds=_INT64.unpack(timestamp)[0]),
+            tags[1:].decode("utf-8"),
+            metadata[1:].decode("utf-8"),
+            data[1:].decode("utf-8"),
+            hash_,
+        )

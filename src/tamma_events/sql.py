@@ -13,10 +13,24 @@ from psycopg import sql
 from .errors import QUERY_ERROR, EventStoreError
 from .model import AppendCondition, Query, QueryItem
 
-__all__ = ["Statements", "condition_checks", "query_predicate"]
+__all__ = ["Statements", "condition_check", "query_predicate", "select_all"]
 
 _TRUE = sql.SQL("TRUE")
 _json = msgspec.json.Encoder(order="sorted")
+
+
+def _check_text(value: str, what: str) -> None:
+    """Refuse strings PostgreSQL cannot store, so no event can hold them either."""
+    if "\x00" in value:
+        raise EventStoreError(
+            QUERY_ERROR, f"{what} contains a NUL character", {"value": repr(value)}
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventStoreError(
+            QUERY_ERROR, f"{what} contains a lone surrogate", {"value": repr(value)}
+        ) from None
 
 
 def _item_predicate(item: QueryItem, params: list[Any]) -> sql.Composable | None:
@@ -31,6 +45,8 @@ def _item_predicate(item: QueryItem, params: list[Any]) -> sql.Composable | None
             raise EventStoreError(
                 QUERY_ERROR, "query item types must be strings", {"types": repr(types)}
             )
+        for event_type in types:
+            _check_text(event_type, "a query type")
         if len(types) == 1:
             parts.append(sql.SQL("event_type = %s"))
             params.append(types[0])
@@ -40,6 +56,9 @@ def _item_predicate(item: QueryItem, params: list[Any]) -> sql.Composable | None
     if item.tags:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in item.tags.items()):
             raise EventStoreError(QUERY_ERROR, "query item tags must map str to str")
+        for key, value in item.tags.items():
+            _check_text(key, "a query tag key")
+            _check_text(value, "a query tag value")
         parts.append(sql.SQL("tags @> %s::jsonb"))
         params.append(_json.encode(item.tags).decode())
     if not parts:
@@ -79,28 +98,27 @@ def _after(after: int | None) -> int:
     return after
 
 
-def condition_checks(
-    events: sql.Identifier, conditions: list[AppendCondition]
+def condition_check(
+    events: sql.Identifier, condition: AppendCondition
 ) -> tuple[sql.Composed, list[Any]]:
-    """One statement returning, for each condition, whether a stored event violates it."""
-    params: list[Any] = []
-    columns: list[sql.Composable] = []
-    for condition in conditions:
-        if not isinstance(condition, AppendCondition):
-            raise EventStoreError(
-                QUERY_ERROR, f"expected an AppendCondition, got {type(condition).__name__}"
-            )
-        after = _after(condition.after)
-        item_params: list[Any] = []
-        predicate = query_predicate(condition.fail_if_events_match, item_params)
-        columns.append(
-            sql.SQL("EXISTS (SELECT 1 FROM {} WHERE position > %s AND {})").format(
-                events, predicate
-            )
+    """A boolean SQL expression, true when a stored event violates ``condition``, with its
+    parameters. Raises `EventStoreError` (``QUERY_ERROR``) for a malformed condition."""
+    if not isinstance(condition, AppendCondition):
+        raise EventStoreError(
+            QUERY_ERROR, f"expected an AppendCondition, got {type(condition).__name__}"
         )
-        params.append(after)
-        params.extend(item_params)
-    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(columns)), params
+    params: list[Any] = [_after(condition.after)]
+    predicate = query_predicate(condition.fail_if_events_match, params)
+    expression = sql.SQL("EXISTS (SELECT 1 FROM {} WHERE position > %s AND {})").format(
+        events, predicate
+    )
+    return expression, params
+
+
+def select_all(checks: list[tuple[sql.Composed, list[Any]]]) -> tuple[sql.Composed, list[Any]]:
+    """One statement evaluating every check, one column each."""
+    params = [p for _, check_params in checks for p in check_params]
+    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(c for c, _ in checks)), params
 
 
 class Statements:
@@ -110,14 +128,16 @@ class Statements:
         self.schema = schema
         self.events = sql.Identifier(schema, "events")
         self.head = sql.Identifier(schema, "head")
-        # Simple-protocol strings: BEGIN rides in the same round trip as the lock.
-        self.begin_and_lock_head = sql.SQL(
-            "BEGIN; SELECT position, hash FROM {} FOR UPDATE"
-        ).format(self.head)
         self.lock_head = sql.SQL("SELECT position, hash FROM {} FOR UPDATE").format(self.head)
         self.copy_events = sql.SQL(
             'COPY {} (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
             " FROM STDIN (FORMAT BINARY)"
+        ).format(self.events)
+        self.insert_rows = sql.SQL(
+            "INSERT INTO {}"
+            ' (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
+            " SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::timestamptz[],"
+            " %s::jsonb[], %s::jsonb[], %s::jsonb[], %s::bytea[])"
         ).format(self.events)
         self.existing_ids = sql.SQL(
             "SELECT event_id FROM {} WHERE event_id = ANY(%s) ORDER BY position"
@@ -129,17 +149,8 @@ class Statements:
             self.columns, self.events
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
+        self.set_head = sql.SQL("UPDATE {} SET position = %s, hash = %s").format(self.head)
 
-    def set_head_and_commit(self, position: int, hash_: bytes) -> sql.Composed:
-        """One simple-protocol round trip that moves the head and commits."""
-        return sql.SQL("UPDATE {} SET position = {}, hash = {}; COMMIT").format(
-            self.head, sql.Literal(position), sql.Literal(hash_)
-        )
-
-    def set_head(self, position: int, hash_: bytes) -> sql.Composed:
-        return sql.SQL("UPDATE {} SET position = {}, hash = {}").format(
-            self.head, sql.Literal(position), sql.Literal(hash_)
-        )
 
     def read(self, predicate: sql.Composable, backwards: bool) -> sql.Composed:
         """Events after a position matching ``predicate`` and, in the same snapshot, the head.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -20,13 +21,20 @@ from typing import Any
 import msgspec
 import psycopg
 import psycopg.errors
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import _codec, embedded
 from ._group import AppendRequest, GroupCommit
-from ._pycodec import COPY_HEADER, COPY_TRAILER, DEFAULT_MAX_EVENT_BYTES, PreparedBatch
+from ._pycodec import (
+    COPY_COLUMNS,
+    COPY_HEADER,
+    COPY_TRAILER,
+    DEFAULT_MAX_EVENT_BYTES,
+    PreparedBatch,
+    decode_rows,
+)
 from .errors import (
     APPEND_CONDITION_FAILED,
     DUPLICATE_EVENT,
@@ -37,7 +45,7 @@ from .errors import (
 )
 from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
 from .schema import migrate as _migrate
-from .sql import Statements, condition_checks, query_predicate
+from .sql import Statements, condition_check, query_predicate, select_all
 
 __all__ = ["DSN_ENV", "EventStore", "Transaction"]
 
@@ -47,6 +55,10 @@ DSN_ENV = "TAMMA_EVENTS_DSN"
 _EVENT_ID_CONSTRAINT = "events_event_id_key"
 # COPY data is handed to psycopg in slices of this size, so libpq sends while we slice.
 _COPY_SLICE = 1 << 20
+# Groups up to these sizes are written by INSERT in a pipeline (one round trip instead of the
+# three of COPY and commit); well below the ~1 MB at which psycopg's pipeline mode can stall.
+_INSERT_MAX_EVENTS = 64
+_INSERT_MAX_BYTES = 256 << 10
 
 
 def _connection_kwargs() -> dict[str, Any]:
@@ -284,11 +296,17 @@ class EventStore:
         batch back.
         """
         batch = _as_events(events)
+        check = self._check(condition)
         if len(batch) <= self.chunk_events:
             prepared = _codec.prepare(batch, self.max_event_bytes)
-            request = AppendRequest(batch, prepared, condition)
-            return self._group.submit(request)
-        return self._append_large(batch, condition)
+            return self._group.submit(AppendRequest(batch, prepared, condition, check))
+        return self._append_large(batch, condition, check)
+
+    def _check(self, condition: AppendCondition | None) -> tuple[sql.Composed, list[Any]] | None:
+        """The condition's SQL, built (and so validated) before the append queues up."""
+        if condition is None:
+            return None
+        return condition_check(self._statements.events, condition)
 
     def _write_group(self, requests: list[AppendRequest]) -> None:
         """Write ``requests`` in one transaction; settles every one of them."""
@@ -314,26 +332,40 @@ class EventStore:
                     request.fail(exc)
 
     def _write(self, conn: psycopg.Connection[Any], requests: list[AppendRequest]) -> None:
+        """One transaction: lock the head and check the conditions (one round trip), then write
+        the accepted requests' events, move the head and commit.
+
+        Small groups (single appends, mostly) are written by one INSERT from arrays, pipelined
+        with the head update and the COMMIT: one more round trip. Larger ones go by binary COPY.
+        """
         statements = self._statements
         cur = conn.cursor()
         committing = False
         try:
-            head, head_hash = _begin_and_lock_head(cur, statements)
-            accepted = self._accept(cur, requests, head)
+            head, head_hash, verdicts = self._lock_and_check(cur, requests)
+            accepted = _accept(requests, head, verdicts)
             if not accepted:
                 cur.execute("ROLLBACK")
                 return
-            position = head
-            with cur.copy(statements.copy_events) as copy:
-                copy.write(COPY_HEADER)
-                last_hash = head_hash
-                for request in accepted:
-                    last_hash = _codec.seal(request.batch, request.first_position, last_hash)
-                    _write_buffer(copy, request.batch.buffer)
-                    position = request.last_position
-                copy.write(COPY_TRAILER)
+            last_hash = head_hash
+            for request in accepted:
+                last_hash = _codec.seal(request.batch, request.first_position, last_hash)
+            position = accepted[-1].last_position
             committing = True
-            cur.execute(statements.set_head_and_commit(position, last_hash))
+            if sum(r.count for r in accepted) <= _INSERT_MAX_EVENTS and (
+                sum(len(r.batch.buffer) for r in accepted) <= _INSERT_MAX_BYTES
+            ):
+                with conn.pipeline():
+                    cur.execute(statements.insert_rows, _row_arrays(accepted))
+                    _set_head_and_commit(cur, statements, position, last_hash)
+            else:
+                with cur.copy(statements.copy_events) as copy:
+                    copy.write(COPY_HEADER)
+                    for request in accepted:
+                        _write_buffer(copy, request.batch.buffer)
+                    copy.write(COPY_TRAILER)
+                with conn.pipeline():
+                    _set_head_and_commit(cur, statements, position, last_hash)
         except psycopg.errors.UniqueViolation as exc:
             _rollback(conn)
             if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
@@ -353,32 +385,37 @@ class EventStore:
         for request in accepted:
             request.done = True
 
-    def _accept(
-        self, cur: psycopg.Cursor[Any], requests: list[AppendRequest], head: int
-    ) -> list[AppendRequest]:
-        """Check the conditions (under the head lock); assign positions to the accepted."""
-        conditions = [r.condition for r in requests if r.condition is not None]
-        violated: Iterator[bool] = iter(())
-        if conditions:
-            query, params = condition_checks(self._statements.events, conditions)
-            cur.execute(query, params)
-            violated = iter(cur.fetchone())  # type: ignore[arg-type]
-        accepted: list[AppendRequest] = []
-        position = head
-        for request in requests:
-            condition = request.condition
-            if condition is not None:
-                if next(violated) or _violated_in_group(condition, accepted):
-                    request.fail(_condition_error(condition, head))
-                    continue
-            request.first_position = position + 1
-            position += request.count
-            accepted.append(request)
-        return accepted
+    def _lock_and_check(
+        self, cur: psycopg.Cursor[Any], requests: list[AppendRequest]
+    ) -> tuple[int, bytes, list[bool]]:
+        """BEGIN, lock the head row, then check the requests' conditions against the stored
+        events: three statements in one pipeline, so one round trip. Returns the head, its hash
+        and one verdict per condition (True: violated).
+
+        The checks are a statement of their own, run after the lock is granted, so under READ
+        COMMITTED they see every append committed before it: one statement taking the lock and
+        checking would check against a snapshot from before the wait.
+        """
+        statements = self._statements
+        checks = [r.check for r in requests if r.check is not None]
+        conn = cur.connection
+        check_cur = conn.cursor()
+        with conn.pipeline():
+            cur.execute(b"BEGIN")
+            cur.execute(statements.lock_head)
+            if checks:
+                check_cur.execute(*select_all(checks))
+        row = cur.fetchone()
+        if row is None:
+            raise EventStoreError(STORAGE_ERROR, "the head row is missing: is the schema migrated?")
+        verdicts = list(check_cur.fetchone() or ()) if checks else []
+        return int(row[0]), bytes(row[1]), verdicts
 
     def _duplicates_error(
         self, conn: psycopg.Connection[Any], requests: list[AppendRequest]
     ) -> EventStoreError:
+        """Name the ids that made an append fail: those already stored, and those that occur
+        twice among ``requests`` (across the chunks of a large batch, or across a group)."""
         ids = [event.event_id for request in requests for event in request.events]
         ids = [i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids]
         try:
@@ -386,26 +423,37 @@ class EventStore:
         except psycopg.Error as exc:
             return _storage_error(exc, "looking up duplicate event ids")
         existing = [str(row[0]) for row in rows]
+        repeated = [str(i) for i, n in Counter(ids).items() if n > 1]
+        parts = []
+        if existing:
+            parts.append(f"{len(existing)} already stored")
+        if repeated:
+            parts.append(f"{len(repeated)} given twice")
         return EventStoreError(
             DUPLICATE_EVENT,
-            f"{len(existing)} event id(s) are already stored; nothing was written",
-            {"event_ids": existing},
+            f"duplicate event ids ({', '.join(parts) or 'none found'}); nothing was written",
+            {"event_ids": list(dict.fromkeys(existing + repeated))},
         )
 
-    def _append_large(self, batch: list[DomainEvent], condition: AppendCondition | None) -> int:
+    def _append_large(
+        self,
+        batch: list[DomainEvent],
+        condition: AppendCondition | None,
+        check: tuple[sql.Composed, list[Any]] | None,
+    ) -> int:
         """One transaction for a batch above ``chunk_events``, encoded chunk by chunk."""
         size = self.chunk_events
         first = _codec.prepare(batch[:size], self.max_event_bytes)
-        request = AppendRequest(batch, first, condition)
+        request = AppendRequest(batch, first, condition, check)
         statements = self._statements
         with self._connection() as conn:
             cur = conn.cursor()
             committing = False
             try:
-                head, last_hash = _begin_and_lock_head(cur, statements)
-                # The request's count is that of its first chunk; conditions need only positions
-                # of events already stored, so the check is the same.
-                if not self._accept(cur, [request], head):
+                head, last_hash, verdicts = self._lock_and_check(cur, [request])
+                # The request's count is that of its first chunk; the condition concerns stored
+                # events only, so the verdict is the same.
+                if not _accept([request], head, verdicts):
                     cur.execute("ROLLBACK")
                     return request.result()
                 position = head + 1
@@ -422,7 +470,8 @@ class EventStore:
                         position += prepared.count
                     copy.write(COPY_TRAILER)
                 committing = True
-                cur.execute(statements.set_head_and_commit(position - 1, last_hash))
+                with conn.pipeline():
+                    _set_head_and_commit(cur, statements, position - 1, last_hash)
             except EventStoreError as exc:
                 _rollback(conn)
                 raise exc.with_traceback(None) from None
@@ -507,14 +556,40 @@ class EventStore:
                 tx._closed = True
 
 
-def _begin_and_lock_head(cur: psycopg.Cursor[Any], statements: Statements) -> tuple[int, bytes]:
-    """Open a transaction and lock the head row, in one round trip; returns the head."""
-    cur.execute(statements.begin_and_lock_head)
-    cur.nextset()  # past BEGIN's result, to the SELECT's
-    row = cur.fetchone()
-    if row is None:
-        raise EventStoreError(STORAGE_ERROR, "the head row is missing: was the schema migrated?")
-    return int(row[0]), bytes(row[1])
+def _accept(requests: list[AppendRequest], head: int, verdicts: list[bool]) -> list[AppendRequest]:
+    """Settle the requests whose condition is violated (by a stored event, per ``verdicts``,
+    one per conditional request, or by an event accepted earlier in the same transaction);
+    give the others consecutive positions after ``head``."""
+    violated = iter(verdicts)
+    accepted: list[AppendRequest] = []
+    position = head
+    for request in requests:
+        condition = request.condition
+        if condition is not None:
+            if next(violated) or _violated_in_group(condition, accepted):
+                request.fail(_condition_error(condition, head))
+                continue
+        request.first_position = position + 1
+        position += request.count
+        accepted.append(request)
+    return accepted
+
+
+def _set_head_and_commit(
+    cur: psycopg.Cursor[Any], statements: Statements, position: int, hash_: bytes
+) -> None:
+    cur.execute(statements.set_head, [position, hash_])
+    cur.execute(b"COMMIT")
+
+
+def _row_arrays(requests: list[AppendRequest]) -> list[list[Any]]:
+    """The sealed rows of ``requests`` as one array per column, for `Statements.insert_rows`."""
+    columns: list[list[Any]] = [[] for _ in COPY_COLUMNS]
+    for request in requests:
+        for row in decode_rows(request.batch):
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
+    return columns
 
 
 def _write_buffer(copy: psycopg.Copy, buffer: bytearray) -> None:
@@ -589,8 +664,9 @@ class Transaction:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
         store = self._store
         batch = _as_events(events)
+        check = store._check(condition)
         prepared = _codec.prepare(batch, store.max_event_bytes)
-        request = AppendRequest(batch, prepared, condition)
+        request = AppendRequest(batch, prepared, condition, check)
         statements = store._statements
         cur = self._conn.cursor()
         if self._head is None:
@@ -598,7 +674,10 @@ class Transaction:
         # A savepoint per append keeps the transaction usable after a failed one.
         cur.execute("SAVEPOINT tamma_append")
         try:
-            if not store._accept(cur, [request], self._head):
+            verdicts: list[bool] = []
+            if request.check is not None:
+                verdicts = list(cur.execute(*select_all([request.check])).fetchone() or ())
+            if not _accept([request], self._head, verdicts):
                 cur.execute("RELEASE SAVEPOINT tamma_append")
                 return request.result()
             with cur.copy(statements.copy_events) as copy:
@@ -639,5 +718,5 @@ class Transaction:
         if self._head is None:
             self._conn.execute("COMMIT")
         else:
-            self._conn.execute(statements.set_head(self._head, self._hash))
+            self._conn.execute(statements.set_head, [self._head, self._hash])
             self._conn.execute("COMMIT")
