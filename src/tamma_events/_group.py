@@ -11,15 +11,14 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import STORAGE_ERROR, EventStoreError
 
 if TYPE_CHECKING:
-    from psycopg.sql import Composed
-
     from ._pycodec import PreparedBatch
     from .model import AppendCondition, DomainEvent
+    from .sql import Check
 
 __all__ = ["AppendRequest", "GroupCommit"]
 
@@ -34,7 +33,7 @@ class AppendRequest:
         events: list[DomainEvent],
         batch: PreparedBatch,
         condition: AppendCondition | None,
-        check: tuple[Composed, list[Any]] | None = None,
+        check: Check | None = None,
     ) -> None:
         self.events = events
         self.batch = batch

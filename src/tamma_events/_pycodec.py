@@ -26,7 +26,7 @@ import math
 import struct
 import uuid
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Final
@@ -47,7 +47,6 @@ __all__ = [
     "MAX_TAG_KEY_LENGTH",
     "PreparedBatch",
     "canonical",
-    "decode_rows",
     "event_error",
     "prepare",
     "seal",
@@ -422,28 +421,3 @@ def seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> bytes:
         prev_hash = hashlib.sha256(prev_hash + buffer[start : end - HASH_FIELD_SIZE]).digest()
         buffer[end - HASH_SIZE : end] = prev_hash
     return prev_hash
-
-
-def decode_rows(batch: PreparedBatch) -> Iterator[tuple[Any, ...]]:
-    """The column values of each row of a (sealed) batch: position, event_id, event_type,
-    timestamp, then tags, metadata and data as JSON text, then hash."""
-    buffer = bytes(batch.buffer)
-    offsets = batch.offsets
-    for i in range(batch.count):
-        at = offsets[i] + 2
-        fields: list[bytes] = []
-        for _ in COPY_COLUMNS:
-            (size,) = _INT32.unpack_from(buffer, at)
-            fields.append(buffer[at + 4 : at + 4 + size])
-            at += 4 + size
-        position, event_id, event_type, timestamp, tags, metadata, data, hash_ = fields
-        yield (
-            _INT64.unpack(position)[0],
-            uuid.UUID(bytes=event_id),
-            event_type.decode("utf-8"),
-            _PG_EPOCH + timedelta(microseconds=_INT64.unpack(timestamp)[0]),
-            tags[1:].decode("utf-8"),
-            metadata[1:].decode("utf-8"),
-            data[1:].decode("utf-8"),
-            hash_,
-        )

@@ -21,19 +21,17 @@ from typing import Any
 import msgspec
 import psycopg
 import psycopg.errors
-from psycopg import pq, sql
+from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import _codec, embedded
 from ._group import AppendRequest, GroupCommit
 from ._pycodec import (
-    COPY_COLUMNS,
     COPY_HEADER,
     COPY_TRAILER,
     DEFAULT_MAX_EVENT_BYTES,
     PreparedBatch,
-    decode_rows,
 )
 from .errors import (
     APPEND_CONDITION_FAILED,
@@ -45,7 +43,7 @@ from .errors import (
 )
 from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
 from .schema import migrate as _migrate
-from .sql import Statements, condition_check, query_predicate, select_all
+from .sql import Check, Statements, after_position, condition_check, query_shape
 
 __all__ = ["DSN_ENV", "EventStore", "Transaction"]
 
@@ -55,10 +53,6 @@ DSN_ENV = "TAMMA_EVENTS_DSN"
 _EVENT_ID_CONSTRAINT = "events_event_id_key"
 # COPY data is handed to psycopg in slices of this size, so libpq sends while we slice.
 _COPY_SLICE = 1 << 20
-# Groups up to these sizes are written by INSERT in a pipeline (one round trip instead of the
-# three of COPY and commit); well below the ~1 MB at which psycopg's pipeline mode can stall.
-_INSERT_MAX_EVENTS = 64
-_INSERT_MAX_BYTES = 256 << 10
 
 
 def _connection_kwargs() -> dict[str, Any]:
@@ -302,11 +296,10 @@ class EventStore:
             return self._group.submit(AppendRequest(batch, prepared, condition, check))
         return self._append_large(batch, condition, check)
 
-    def _check(self, condition: AppendCondition | None) -> tuple[sql.Composed, list[Any]] | None:
-        """The condition's SQL, built (and so validated) before the append queues up."""
-        if condition is None:
-            return None
-        return condition_check(self._statements.events, condition)
+    @staticmethod
+    def _check(condition: AppendCondition | None) -> Check | None:
+        """The condition's SQL parameters, validated before the append queues up."""
+        return None if condition is None else condition_check(condition)
 
     def _write_group(self, requests: list[AppendRequest]) -> None:
         """Write ``requests`` in one transaction; settles every one of them."""
@@ -332,12 +325,8 @@ class EventStore:
                     request.fail(exc)
 
     def _write(self, conn: psycopg.Connection[Any], requests: list[AppendRequest]) -> None:
-        """One transaction: lock the head and check the conditions (one round trip), then write
-        the accepted requests' events, move the head and commit.
-
-        Small groups (single appends, mostly) are written by one INSERT from arrays, pipelined
-        with the head update and the COMMIT: one more round trip. Larger ones go by binary COPY.
-        """
+        """One transaction: lock the head, check the conditions, write the accepted requests'
+        events by binary COPY, move the head and commit."""
         statements = self._statements
         cur = conn.cursor()
         committing = False
@@ -351,21 +340,13 @@ class EventStore:
             for request in accepted:
                 last_hash = _codec.seal(request.batch, request.first_position, last_hash)
             position = accepted[-1].last_position
+            with cur.copy(statements.copy_events) as copy:
+                copy.write(COPY_HEADER)
+                for request in accepted:
+                    _write_buffer(copy, request.batch.buffer)
+                copy.write(COPY_TRAILER)
             committing = True
-            if sum(r.count for r in accepted) <= _INSERT_MAX_EVENTS and (
-                sum(len(r.batch.buffer) for r in accepted) <= _INSERT_MAX_BYTES
-            ):
-                with conn.pipeline():
-                    cur.execute(statements.insert_rows, _row_arrays(accepted))
-                    _set_head_and_commit(cur, statements, position, last_hash)
-            else:
-                with cur.copy(statements.copy_events) as copy:
-                    copy.write(COPY_HEADER)
-                    for request in accepted:
-                        _write_buffer(copy, request.batch.buffer)
-                    copy.write(COPY_TRAILER)
-                with conn.pipeline():
-                    _set_head_and_commit(cur, statements, position, last_hash)
+            cur.execute(statements.set_head_and_commit(position, last_hash))
         except psycopg.errors.UniqueViolation as exc:
             _rollback(conn)
             if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
@@ -388,27 +369,22 @@ class EventStore:
     def _lock_and_check(
         self, cur: psycopg.Cursor[Any], requests: list[AppendRequest]
     ) -> tuple[int, bytes, list[bool]]:
-        """BEGIN, lock the head row, then check the requests' conditions against the stored
-        events: three statements in one pipeline, so one round trip. Returns the head, its hash
-        and one verdict per condition (True: violated).
+        """BEGIN and lock the head row (one round trip), then check the requests' conditions
+        against the stored events (one more, if any). Returns the head, its hash and one verdict
+        per condition (True: violated).
 
         The checks are a statement of their own, run after the lock is granted, so under READ
         COMMITTED they see every append committed before it: one statement taking the lock and
         checking would check against a snapshot from before the wait.
         """
         statements = self._statements
-        checks = [r.check for r in requests if r.check is not None]
-        conn = cur.connection
-        check_cur = conn.cursor()
-        with conn.pipeline():
-            cur.execute(b"BEGIN")
-            cur.execute(statements.lock_head)
-            if checks:
-                check_cur.execute(*select_all(checks))
+        cur.execute(statements.begin_and_lock_head)
+        cur.nextset()  # past BEGIN's result
         row = cur.fetchone()
         if row is None:
             raise EventStoreError(STORAGE_ERROR, "the head row is missing: is the schema migrated?")
-        verdicts = list(check_cur.fetchone() or ()) if checks else []
+        checks = [r.check for r in requests if r.check is not None]
+        verdicts = list(cur.execute(*statements.checks(checks)).fetchone() or ()) if checks else []
         return int(row[0]), bytes(row[1]), verdicts
 
     def _duplicates_error(
@@ -439,7 +415,7 @@ class EventStore:
         self,
         batch: list[DomainEvent],
         condition: AppendCondition | None,
-        check: tuple[sql.Composed, list[Any]] | None,
+        check: Check | None,
     ) -> int:
         """One transaction for a batch above ``chunk_events``, encoded chunk by chunk."""
         size = self.chunk_events
@@ -470,8 +446,7 @@ class EventStore:
                         position += prepared.count
                     copy.write(COPY_TRAILER)
                 committing = True
-                with conn.pipeline():
-                    _set_head_and_commit(cur, statements, position - 1, last_hash)
+                cur.execute(statements.set_head_and_commit(position - 1, last_hash))
             except EventStoreError as exc:
                 _rollback(conn)
                 raise exc.with_traceback(None) from None
@@ -575,23 +550,6 @@ def _accept(requests: list[AppendRequest], head: int, verdicts: list[bool]) -> l
     return accepted
 
 
-def _set_head_and_commit(
-    cur: psycopg.Cursor[Any], statements: Statements, position: int, hash_: bytes
-) -> None:
-    cur.execute(statements.set_head, [position, hash_])
-    cur.execute(b"COMMIT")
-
-
-def _row_arrays(requests: list[AppendRequest]) -> list[list[Any]]:
-    """The sealed rows of ``requests`` as one array per column, for `Statements.insert_rows`."""
-    columns: list[list[Any]] = [[] for _ in COPY_COLUMNS]
-    for request in requests:
-        for row in decode_rows(request.batch):
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-    return columns
-
-
 def _write_buffer(copy: psycopg.Copy, buffer: bytearray) -> None:
     view = memoryview(buffer)
     try:
@@ -610,16 +568,10 @@ def _read(
     backwards: bool,
 ) -> ReadResult:
     _check_limit(limit)
-    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
-        raise EventStoreError(
-            QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}"
-        )
-    params: list[Any] = [after or 0]
-    predicate = query_predicate(query, params)
+    params: list[Any] = [after_position(after)]
+    shape = query_shape(query, params)
     params.append(limit)
-    rows = (
-        conn.cursor(binary=True).execute(statements.read(predicate, backwards), params).fetchall()
-    )
+    rows = conn.cursor(binary=True).execute(statements.read(shape, backwards), params).fetchall()
     store_head = int(rows[0][0]) if rows else 0
     events = [_to_event(row[1:]) for row in rows if row[1] is not None]
     if limit is None:
@@ -676,7 +628,8 @@ class Transaction:
         try:
             verdicts: list[bool] = []
             if request.check is not None:
-                verdicts = list(cur.execute(*select_all([request.check])).fetchone() or ())
+                checks = statements.checks([request.check])
+                verdicts = list(cur.execute(*checks).fetchone() or ())
             if not _accept([request], self._head, verdicts):
                 cur.execute("RELEASE SAVEPOINT tamma_append")
                 return request.result()
