@@ -20,7 +20,7 @@ from cpython.datetime cimport (
     datetime_year,
     import_datetime,
 )
-from cpython.long cimport PyLong_AsUnsignedLongLongMask
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLongMask
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AS_DOUBLE
@@ -67,6 +67,8 @@ cdef double FLOAT_EXPONENT_FROM = _pycodec.FLOAT_EXPONENT_FROM
 cdef object _EventStoreError = _pycodec.EventStoreError
 
 cdef int MAX_DEPTH = _pycodec.MAX_DEPTH
+cdef Py_ssize_t MAX_INT_BITS = _pycodec.MAX_INT_BITS
+cdef object _check_seal = _pycodec._check_seal
 cdef Py_ssize_t MAX_EVENT_TYPE_LENGTH = _pycodec.MAX_EVENT_TYPE_LENGTH
 cdef Py_ssize_t MAX_TAG_KEY_LENGTH = _pycodec.MAX_TAG_KEY_LENGTH
 cdef Py_ssize_t HASH_SIZE = _pycodec.HASH_SIZE
@@ -168,7 +170,7 @@ cdef int _json_ok(object value, int depth) except -1:
     cdef Py_ssize_t pos = 0, i, n
     cdef PyObject *key
     cdef PyObject *item
-    cdef int found = JSON_OK, sub
+    cdef int found = JSON_OK, sub, overflow
     cdef double x
     if kind is str:
         return JSON_OK if _text_ok(value) else JSON_BAD
@@ -205,7 +207,12 @@ cdef int _json_ok(object value, int depth) except -1:
         if fabs(x) >= FLOAT_EXPONENT_FROM or (x == 0.0 and copysign(1.0, x) < 0):
             return JSON_REWRITE
         return JSON_OK
-    return JSON_OK if (kind is int or kind is bool or value is None) else JSON_BAD
+    if kind is int:
+        PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow and value.bit_length() > MAX_INT_BITS:
+            return JSON_BAD
+        return JSON_OK
+    return JSON_OK if (kind is bool or value is None) else JSON_BAD
 
 
 cdef inline bint _tags_ok(object tags) except -1:
@@ -335,6 +342,8 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
     Pass 1 checks every event natively; one msgspec call then encodes the tags, metadata and
     data of the whole batch as one JSON array, which pass 2 cuts into the jsonb fields of the rows.
     """
+    if not isinstance(events, (list, tuple)):
+        events = list(events)
     cdef Py_ssize_t count = len(events)
     cdef Py_ssize_t index, n, row_size, total, type_len, k, cursor
     cdef int found
@@ -386,7 +395,7 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
                 raise _reject(event, first_index + index)
             if not _uuid_bytes(event_id, ids + 16 * index):
                 raise _reject(event, first_index + index)
-            if type(event_type) is not str:
+            if not isinstance(event_type, str):
                 raise _reject(event, first_index + index)
             n = PyUnicode_GET_LENGTH(event_type)
             if n < 1 or n > MAX_EVENT_TYPE_LENGTH or not _text_ok(event_type):
@@ -479,10 +488,10 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
         PyMem_Free(sizes)
 
 
-def seal(batch, int64_t first_position, bytes prev_hash):
+def seal(batch, first_position, prev_hash):
     """Write positions and the hash chain; see `tamma_events._pycodec.seal`."""
-    if len(prev_hash) != HASH_SIZE:
-        raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
+    _check_seal(batch, first_position, prev_hash)
+    cdef int64_t first = first_position
     cdef bytearray buffer = batch.buffer
     cdef long long[::1] offs = batch.offsets
     cdef Py_ssize_t count = batch.count
@@ -495,7 +504,7 @@ def seal(batch, int64_t first_position, bytes prev_hash):
     if len(buffer) != offs[count]:
         raise ValueError("the batch's buffer does not match its offsets")
     for i in range(count):
-        _put64(<char *>data + offs[i] + POSITION_OFFSET, <uint64_t>(first_position + i))
+        _put64(<char *>data + offs[i] + POSITION_OFFSET, <uint64_t>(first + i))
     if HAVE_LIBCRYPTO:
         ctx = tamma_sha256_ctx_new()
         if ctx == NULL:

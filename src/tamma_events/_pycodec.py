@@ -22,6 +22,7 @@ Row layout (network byte order), one per event::
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import struct
 import uuid
@@ -72,6 +73,10 @@ MAX_EVENT_TYPE_LENGTH: Final = 255
 MAX_TAG_KEY_LENGTH: Final = 128
 #: The data or metadata object itself is level 1; a container at level 65 is rejected.
 MAX_DEPTH: Final = 64
+#: Integers in data and metadata are at most this many bits (about 1,233 decimal digits); far
+#: larger ones could not even be printed as JSON by Python's default limits.
+MAX_INT_BITS: Final = 4096
+_MAX_POSITION: Final = 2**63 - 1
 
 HASH_SIZE: Final = 32
 #: Bytes before the position value (field count, position length) and after the hashed part.
@@ -143,12 +148,18 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _quote(key: str) -> str:
+    """A key as a JSON string, for messages; \\u escapes where UTF-8 cannot hold it."""
+    try:
+        return msgspec.json.encode(key).decode()
+    except UnicodeEncodeError:
+        return json.dumps(key)
+
+
 def _render_path(field: str, path: list[str | int]) -> str:
     parts = [field]
     for step in path:
-        parts.append(
-            f"[{step}]" if isinstance(step, int) else f"[{msgspec.json.encode(step).decode()}]"
-        )
+        parts.append(f"[{step}]" if isinstance(step, int) else f"[{_quote(step)}]")
     return "".join(parts)
 
 
@@ -190,7 +201,10 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
     elif kind is float:
         if not math.isfinite(value):
             raise _Invalid(f"{value!r} is not a JSON number", path)
-    elif kind is int or kind is bool or value is None:
+    elif kind is int:
+        if value.bit_length() > MAX_INT_BITS:
+            raise _Invalid(f"an integer of {value.bit_length()} bits is over {MAX_INT_BITS}", path)
+    elif kind is bool or value is None:
         pass
     else:
         raise _Invalid(f"unsupported type {kind.__name__}", path)
@@ -317,7 +331,7 @@ def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
             )
         if type(value) is not str:
             raise _fail(
-                f"tags[{msgspec.json.encode(key).decode()}] must be a str, got {_type_name(value)}",
+                f"tags[{_quote(key)}] must be a str, got {_type_name(value)}",
                 index,
                 event_id,
                 "tags",
@@ -372,6 +386,8 @@ def prepare(
     ``max_event_bytes`` is reported. Errors number events from ``first_index``, for a batch that
     is a chunk of a larger one.
     """
+    if not isinstance(events, (list, tuple)):
+        events = list(events)
     if not events:
         raise empty_batch_error()
     checked: list[tuple[bytes, int]] = []
@@ -407,11 +423,19 @@ def prepare(
     return PreparedBatch(buffer, offsets)
 
 
+def _check_seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> None:
+    """The arguments of `seal`, checked before anything is written."""
+    if type(prev_hash) is not bytes or len(prev_hash) != HASH_SIZE:
+        raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
+    last = _MAX_POSITION - batch.count + 1
+    if type(first_position) is not int or not -_MAX_POSITION - 1 <= first_position <= last:
+        raise ValueError(f"the positions must fit in 64 bits, got first {first_position!r}")
+
+
 def seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> bytes:
     """Write positions ``first_position, first_position + 1, ...`` and the hash chain starting
     from ``prev_hash`` into the rows; returns the last row's hash."""
-    if len(prev_hash) != HASH_SIZE:
-        raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
+    _check_seal(batch, first_position, prev_hash)
     buffer = batch.buffer
     offsets = batch.offsets
     for i in range(batch.count):

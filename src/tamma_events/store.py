@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import psycopg
 import psycopg.errors
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -41,6 +41,8 @@ from .errors import (
     VALIDATION_FAILED,
     EventStoreError,
 )
+from .integrity import IntegrityReport
+from .integrity import verify as _verify
 from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
 from .schema import migrate as _migrate
 from .sql import Check, Statements, after_position, condition_check, query_shape
@@ -504,6 +506,56 @@ class EventStore:
         with self._connection() as conn:
             row = conn.execute(self._statements.head_position).fetchone()
         return int(row[0]) if row else 0
+
+    # -- integrity -------------------------------------------------------------------------
+
+    def verify(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        batch_size: int = 5_000,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> IntegrityReport:
+        """Recompute the hash chain over positions ``start`` to ``end`` (default: all) and
+        report the first position where it breaks; see `tamma_events.integrity.verify`."""
+        with self._connection() as conn:
+            try:
+                return _verify(
+                    conn, self.schema, start, end, batch_size=batch_size, progress=progress
+                )
+            except psycopg.Error as exc:
+                raise _storage_error(exc, "verifying") from exc
+
+    def grant_app_role(self, role: str, *, create: bool = True) -> None:
+        """Give ``role`` what an application needs and nothing more: read events, append them
+        (INSERT on ``events``, UPDATE on ``head``). It cannot update, delete or truncate events.
+
+        With ``create`` the role is created (NOLOGIN) if it does not exist; give it a login and
+        password yourself, or grant it to a login role. Skip this if you manage roles yourself.
+        """
+        schema = sql.Identifier(self.schema)
+        name = sql.Identifier(role)
+        statements = []
+        if create:
+            statements.append(
+                sql.SQL(
+                    "DO $$BEGIN CREATE ROLE {} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL;"
+                    " END$$"
+                ).format(name)
+            )
+        statements += [
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, name),
+            sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(schema, name),
+            sql.SQL("GRANT INSERT ON {} TO {}").format(self._statements.events, name),
+            sql.SQL("GRANT UPDATE ON {} TO {}").format(self._statements.head, name),
+            sql.SQL("GRANT INSERT, UPDATE ON {} TO {}").format(
+                sql.Identifier(self.schema, "event_snapshots"), name
+            ),
+        ]
+        with self._connection() as conn, conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
 
     # -- transactions ----------------------------------------------------------------------
 

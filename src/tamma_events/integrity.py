@@ -1,0 +1,173 @@
+"""Verifying the hash chain: `verify` walks the log in position order and recomputes it.
+
+Each event's hash is ``sha256(previous hash || canonical row bytes)``, the row bytes being
+exactly what the codec encodes for the event at its position (see ``docs/integrity.md``). The
+walk re-encodes every stored event with the codec, from what PostgreSQL returns, so any change
+to a stored field, a removed, inserted or reordered event, or a log cut short behind the head
+shows up as the first position where the chain breaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from . import _codec
+from ._pycodec import HASH_SIZE
+from .errors import EventStoreError
+from .model import DomainEvent
+
+__all__ = ["IntegrityReport", "verify"]
+
+# Re-encoding must never reject what was stored for size: the limit is the writer's policy.
+_NO_SIZE_LIMIT = 1 << 62
+
+
+class IntegrityReport(msgspec.Struct, frozen=True):
+    """What `verify` found. ``first_bad_position`` is the first position where the chain
+    breaks (None when ``ok``); ``checked`` counts the events whose hash was recomputed."""
+
+    ok: bool
+    checked: int
+    first_bad_position: int | None = None
+    reason: str | None = None
+    start: int = 1
+    end: int = 0
+
+
+def _break(checked: int, position: int, reason: str, start: int, end: int) -> IntegrityReport:
+    return IntegrityReport(False, checked, position, reason, start, end)
+
+
+def verify(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    start: int | None = None,
+    end: int | None = None,
+    *,
+    batch_size: int = 5_000,
+    progress: Callable[[int, int], None] | None = None,
+) -> IntegrityReport:
+    """Verify positions ``start`` to ``end`` (default: the whole log up to the head) in one
+    snapshot, with memory bounded by ``batch_size`` events.
+
+    Verifying from ``start`` > 1 trusts the stored hash of event ``start - 1`` as the anchor.
+    ``progress(done, total)`` is called after every batch.
+    """
+    events = sql.Identifier(schema, "events")
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        head_row = conn.execute(
+            sql.SQL("SELECT position, hash FROM {}").format(sql.Identifier(schema, "head"))
+        ).fetchone()
+        genesis_row = conn.execute(
+            sql.SQL("SELECT genesis FROM {}").format(sql.Identifier(schema, "chain"))
+        ).fetchone()
+        if head_row is None or genesis_row is None:
+            raise EventStoreError("STORAGE_ERROR", "the head or chain row is missing")
+        head, head_hash = int(head_row[0]), bytes(head_row[1])
+        first = max(1, start or 1)
+        last = head if end is None else min(end, head)
+        if first == 1:
+            prev_hash = bytes(genesis_row[0])
+        else:
+            row = conn.execute(
+                sql.SQL("SELECT hash FROM {} WHERE position = %s").format(events), [first - 1]
+            ).fetchone()
+            if row is None:
+                return _break(
+                    0, first - 1, f"event {first - 1} (the anchor) is missing", first, last
+                )
+            prev_hash = bytes(row[0])
+
+        checked = 0
+        expected = first
+        with conn.cursor(name="tamma_events_verify", binary=True) as cursor:
+            cursor.itersize = batch_size
+            cursor.execute(
+                sql.SQL(
+                    'SELECT position, event_id, event_type, "timestamp", tags, metadata, data, hash'
+                    " FROM {} WHERE position >= %s AND position <= %s ORDER BY position"
+                ).format(events),
+                [first, last],
+            )
+            total = max(0, last - first + 1)
+            while True:
+                rows = cursor.fetchmany(batch_size)
+                if not rows:
+                    break
+                for offset, row in enumerate(rows):
+                    if row[0] != expected + offset:
+                        missing = expected + offset
+                        return _break(
+                            checked + offset,
+                            missing,
+                            f"event {missing} is missing (the next stored position is {row[0]})",
+                            first,
+                            last,
+                        )
+                batch = [
+                    DomainEvent(event_type, data, tags, metadata, event_id, timestamp)
+                    for _, event_id, event_type, timestamp, tags, metadata, data, _ in rows
+                ]
+                try:
+                    prepared = _codec.prepare(batch, _NO_SIZE_LIMIT)
+                except EventStoreError as exc:
+                    bad = expected + int(exc.context.get("index", 0))
+                    return _break(
+                        checked,
+                        bad,
+                        f"event {bad} cannot be re-encoded: {exc.message}",
+                        first,
+                        last,
+                    )
+                _codec.seal(prepared, expected, prev_hash)
+                buffer = prepared.buffer
+                offsets = prepared.offsets
+                for i, row in enumerate(rows):
+                    computed = bytes(buffer[offsets[i + 1] - HASH_SIZE : offsets[i + 1]])
+                    if computed != bytes(row[7]):
+                        position = expected + i
+                        return _break(
+                            checked + i,
+                            position,
+                            f"event {position}'s hash does not match its contents and predecessor",
+                            first,
+                            last,
+                        )
+                prev_hash = bytes(rows[-1][7])
+                checked += len(rows)
+                expected += len(rows)
+                if progress is not None:
+                    progress(checked, total)
+        if expected <= last:
+            return _break(
+                checked,
+                expected,
+                f"the log ends at position {expected - 1} but the head is at {head}",
+                first,
+                last,
+            )
+        if end is None or end >= head:
+            beyond = conn.execute(
+                sql.SQL("SELECT min(position) FROM {} WHERE position > %s").format(events), [head]
+            ).fetchone()
+            if beyond is not None and beyond[0] is not None:
+                return _break(
+                    checked,
+                    int(beyond[0]),
+                    f"event {beyond[0]} lies beyond the head ({head})",
+                    first,
+                    last,
+                )
+            if head_hash != prev_hash and head >= first:
+                return _break(
+                    checked, head, "the head's hash does not match the last event's", first, last
+                )
+            if head == 0 and head_hash != prev_hash:
+                return _break(checked, 0, "the head's hash is not the genesis hash", first, last)
+    return IntegrityReport(True, checked, None, None, first, last)
