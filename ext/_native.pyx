@@ -488,7 +488,7 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
         PyMem_Free(sizes)
 
 
-def seal(batch, first_position, prev_hash):
+def seal(batch, first_position, prev_hash, *, bint chain=True):
     """Write positions and the hash chain; see `tamma_events._pycodec.seal`."""
     _check_seal(batch, first_position, prev_hash)
     cdef int64_t first = first_position
@@ -505,6 +505,8 @@ def seal(batch, first_position, prev_hash):
         raise ValueError("the batch's buffer does not match its offsets")
     for i in range(count):
         _put64(<char *>data + offs[i] + POSITION_OFFSET, <uint64_t>(first + i))
+    if not chain:
+        return prev_hash
     if HAVE_LIBCRYPTO:
         ctx = tamma_sha256_ctx_new()
         if ctx == NULL:

@@ -432,9 +432,15 @@ def _check_seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> 
         raise ValueError(f"the positions must fit in 64 bits, got first {first_position!r}")
 
 
-def seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> bytes:
+def seal(
+    batch: PreparedBatch, first_position: int, prev_hash: bytes, *, chain: bool = True
+) -> bytes:
     """Write positions ``first_position, first_position + 1, ...`` and the hash chain starting
-    from ``prev_hash`` into the rows; returns the last row's hash."""
+    from ``prev_hash`` into the rows; returns the last row's hash.
+
+    ``chain=False`` writes the positions only (hashes stay zero): for measuring what the chain
+    costs, never for a store.
+    """
     _check_seal(batch, first_position, prev_hash)
     buffer = batch.buffer
     offsets = batch.offsets
@@ -442,6 +448,8 @@ def seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> bytes:
         start = offsets[i]
         end = offsets[i + 1]
         _INT64.pack_into(buffer, start + POSITION_OFFSET, first_position + i)
+        if not chain:
+            continue
         prev_hash = hashlib.sha256(prev_hash + buffer[start : end - HASH_FIELD_SIZE]).digest()
         buffer[end - HASH_SIZE : end] = prev_hash
     return prev_hash

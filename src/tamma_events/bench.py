@@ -7,6 +7,7 @@ Every append is a durable commit (``synchronous_commit`` stays on).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -145,6 +146,47 @@ def measure_append_batch(
     return len(events) / (time.perf_counter() - started)
 
 
+def measure_verify(store: EventStore) -> float:
+    """Events/s of `EventStore.verify` over the whole store."""
+    started = time.perf_counter()
+    report = store.verify()
+    if not report.ok:
+        raise RuntimeError(f"the benchmark store does not verify: {report}")
+    return report.checked / (time.perf_counter() - started)
+
+
+def measure_read(store: EventStore, page: int) -> float:
+    """Events/s of reading the whole store with `EventStore.read`, page by page: the baseline
+    of `verify`, which reads the same rows and recomputes their hashes."""
+    started = time.perf_counter()
+    after, count = 0, 0
+    while True:
+        result = store.read(after=after, limit=page)
+        if not result.events:
+            break
+        count += len(result)
+        after = result.events[-1].position
+    return count / (time.perf_counter() - started)
+
+
+def measure_commit_floor(dsn: str, count: int, schema: str) -> float:
+    """Commits/s of one-row INSERTs into an index-free table, each its own durable commit in one
+    round trip, from one client: what the WAL flush latency allows any sequential writer."""
+    table = sql.Identifier(schema, "floor")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (n bigint, at timestamptz DEFAULT now())").format(table)
+        )
+        insert = sql.SQL("INSERT INTO {} (n) VALUES (%s)").format(table)
+        started = time.perf_counter()
+        for n in range(count):
+            conn.execute(insert, [n])  # autocommit: one round trip, one durable commit
+        elapsed = time.perf_counter() - started
+    drop(dsn, schema)
+    return count / elapsed
+
+
 def measure_conditional_appends(store: EventStore, count: int, prefix: str = "") -> float:
     """Appends/s of single events, each under a DCB condition that holds, from one client.
 
@@ -215,13 +257,27 @@ def run_suite(
 
     ceilings: list[float] = []
     appends: list[float] = []
+    unchained: list[float] = []
+    verifies: list[float] = []
+    reads: list[float] = []
     for r in range(rounds):
         schema = f"bench_{uuid.uuid4().hex[:10]}"
         progress(f"copy ceiling, round {r + 1}")
         ceilings.append(measure_copy_ceiling(dsn, workload, batch_size, schema))
         progress(f"append_batch, round {r + 1}")
         with EventStore(dsn, schema=schema) as store:
-            appends.append(measure_append_batch(store, fresh_ids(workload, r + 1), batch_size))
+            appends.append(measure_append_batch(store, fresh_ids(workload, 2 * r + 1), batch_size))
+            progress(f"verify, round {r + 1}")
+            verifies.append(measure_verify(store))
+            progress(f"read, round {r + 1}")
+            reads.append(measure_read(store, batch_size))
+        drop(dsn, schema)
+        progress(f"append_batch without the hash chain, round {r + 1}")
+        with EventStore(dsn, schema=schema) as store:
+            store._seal = functools.partial(_codec.seal, chain=False)
+            unchained.append(
+                measure_append_batch(store, fresh_ids(workload, 2 * r + 2), batch_size)
+            )
         drop(dsn, schema)
     ceiling = max(ceilings)
     append = max(appends)
@@ -240,7 +296,30 @@ def run_suite(
             "copy_ceiling", ceiling, "events/s", detail={"rounds": [round(c) for c in ceilings]}
         )
     )
+    results.append(
+        BenchResult(
+            "append_batch.chain",
+            append,
+            "events/s",
+            "append_batch.no_chain",
+            append / max(unchained),
+            {"no_chain_rounds": [round(u) for u in unchained]},
+        )
+    )
+    results.append(
+        BenchResult(
+            "verify",
+            max(verifies),
+            "events/s",
+            "read",
+            max(verifies) / max(reads),
+            {"read_rounds": [round(x) for x in reads]},
+        )
+    )
 
+    progress("single-row durable commits")
+    floor = measure_commit_floor(dsn, min(conditional, 1_000), f"bench_{uuid.uuid4().hex[:10]}")
+    results.append(BenchResult("commit_floor", floor, "commits/s"))
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     with EventStore(dsn, schema=schema, max_connections=threads + 2) as store:
         progress("conditional appends")
@@ -250,8 +329,8 @@ def run_suite(
                 "append.conditional",
                 cond,
                 "appends/s",
-                "copy_ceiling",
-                cond / ceiling,
+                "commit_floor",
+                cond / floor,
                 {"client": 1},
             )
         )

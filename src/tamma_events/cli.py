@@ -1,4 +1,4 @@
-"""The ``tamma-events`` command: ``init``, ``demo`` and ``bench``.
+"""The ``tamma-events`` command: ``init``, ``demo``, ``bench`` and ``verify``.
 
 ``--dsn`` (or ``TAMMA_EVENTS_DSN``) selects the server everywhere; without one, the embedded
 PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
@@ -280,3 +280,33 @@ def bench(
         else:
             with open(json_path, "w", encoding="utf-8") as f:
                 f.write(summary + "\n")
+
+
+@main.command()
+@click.option("--start", type=click.IntRange(min=1), default=None, help="First position to check.")
+@click.option("--end", type=click.IntRange(min=1), default=None, help="Last position to check.")
+@click.pass_obj
+def verify(obj: _Context, start: int | None, end: int | None) -> None:
+    """Recompute the hash chain; exit 1 at the first position where it breaks."""
+    with _failures(), obj.open() as store:
+        started = time.perf_counter()
+        with _progress() as progress:
+            task = progress.add_task("verifying", total=None, rate="")
+
+            def advance(done: int, total: int) -> None:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, completed=done, total=total, rate=f"{rate:,.0f} events/s")
+
+            report = store.verify(start, end, progress=advance)
+    elapsed = time.perf_counter() - started
+    if report.ok:
+        console.print(
+            f"[bold green]ok[/bold green]: {report.checked:,} events verified"
+            f" (positions {report.start} to {report.end}) in {elapsed:.1f} s"
+        )
+        return
+    err_console.print(
+        f"[bold red]broken[/bold red] at position {report.first_bad_position}: {report.reason}"
+        f" ({report.checked:,} events verified before it)"
+    )
+    sys.exit(1)
