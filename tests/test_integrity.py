@@ -331,3 +331,16 @@ def test_canonical_bytes_survive_postgres(store: EventStore, batch: list[DomainE
             original.timestamp,
         )
     assert store.verify(start=last - len(batch) + 1).ok
+
+
+def test_100k_random_events_verify(store: EventStore) -> None:
+    """The acceptance size: 100,000 events with random payloads (unicode, escapes, floats of
+    every magnitude, huge integers, nesting, offsets), appended in batches, verify whole."""
+    batch: list[DomainEvent] = []
+    for event in random_events(100_000, seed=2):
+        batch.append(event)
+        if len(batch) == 10_000:
+            store.append_batch(batch)
+            batch = []
+    report = store.verify()
+    assert report == IntegrityReport(True, 100_000, None, None, 1, 100_000)

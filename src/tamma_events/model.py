@@ -8,6 +8,7 @@ are the DCB types of the dcb.events specification.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,59 @@ __all__ = [
 _UUID7_RAND_BITS = 74
 
 
+def _uuid_slow(value: int) -> uuid.UUID:
+    return uuid.UUID(int=value)
+
+
+def _uuid_fast(
+    value: int,
+    _new: Any = object.__new__,
+    _set: Any = object.__setattr__,
+    _unknown: uuid.SafeUUID = uuid.SafeUUID.unknown,
+) -> uuid.UUID:
+    # What uuid.UUID(int=value) makes, without its argument parsing (the bulk of its cost).
+    made: uuid.UUID = _new(uuid.UUID)
+    _set(made, "int", value)
+    _set(made, "is_safe", _unknown)
+    return made
+
+
+try:
+    _uuid_from_int = _uuid_fast if _uuid_fast(2**127 + 5) == _uuid_slow(2**127 + 5) else _uuid_slow
+except (AttributeError, TypeError):  # another Python's UUID layout
+    _uuid_from_int = _uuid_slow
+
+
+class _Entropy:
+    """Random bits from the OS, fetched 4 KiB at a time; forgotten in a forked child, which
+    must not reuse its parent's."""
+
+    _SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._at = 0
+
+    def take10(self) -> int:
+        with self._lock:
+            if self._at + 10 > len(self._pool):
+                self._pool = os.urandom(self._SIZE)
+                self._at = 0
+            at = self._at
+            self._at = at + 10
+            return int.from_bytes(self._pool[at : at + 10], "big")
+
+
+_entropy = _Entropy()
+
+
 def uuid7(ms: int, rand: int) -> uuid.UUID:
     """The UUIDv7 (RFC 9562) of a Unix time in milliseconds and 74 random bits."""
     value = (
@@ -40,7 +94,7 @@ def uuid7(ms: int, rand: int) -> uuid.UUID:
         | 0b10 << 62
         | (rand & 0x3FFF_FFFF_FFFF_FFFF)
     )
-    return uuid.UUID(int=value)
+    return _uuid_from_int(value)
 
 
 def new_event_id() -> uuid.UUID:
@@ -49,7 +103,7 @@ def new_event_id() -> uuid.UUID:
     Ids made one after another sort together, so the unique index on ``event_id`` is written at
     its right edge instead of at random pages.
     """
-    rand = int.from_bytes(os.urandom(10), "big") >> (80 - _UUID7_RAND_BITS)
+    rand = _entropy.take10() >> (80 - _UUID7_RAND_BITS)
     return uuid7(time.time_ns() // 1_000_000, rand)
 
 
