@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,17 @@ def schema(dsn: str) -> Iterator[str]:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     yield name
     drop(dsn, name)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Each figure with its same-run baseline and their ratio (kept in ``extra_info``)."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    terminalreporter.section("ratios against baselines from this run")
+    for bench in session.benchmarks:
+        info = ", ".join(
+            f"{key}={value:,.2f}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in bench.extra_info.items()
+        )
+        terminalreporter.write_line(f"{bench.name}: {info}")

@@ -52,14 +52,16 @@ BATCH_DEFAULT = 10_000
 
 
 def fresh_ids(events: Sequence[DomainEvent], salt: int) -> list[DomainEvent]:
-    """The same events with new ids, so they can be appended again to the same store."""
+    """The same events with new ids, so they can be appended again to the same store: ``salt``
+    is mixed into the random bits of each UUIDv7, keeping its time order."""
+    mix = salt & ((1 << 62) - 1)
     return [
         DomainEvent(
             e.event_type,
             e.data,
             e.tags,
             e.metadata,
-            uuid.UUID(int=e.event_id.int ^ salt),
+            uuid.UUID(int=e.event_id.int ^ mix),
             e.timestamp,
         )
         for e in events
