@@ -30,7 +30,7 @@ def run(pg_dsn: str, *args: str) -> tuple[int, str]:
 
 def test_init_is_idempotent(pg_dsn: str, schema: str) -> None:
     code, out = run(pg_dsn, "--schema", schema, "init")
-    assert code == 0 and "migrated to version 2" in out
+    assert code == 0 and "migrated to version 3" in out
     code, out = run(pg_dsn, "--schema", schema, "init")
     assert code == 0 and "up to date" in out
 

@@ -337,7 +337,7 @@ def _waiting_on_head(dsn: str, schema: str) -> int:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE wait_event_type = 'Lock' AND query LIKE %s",
-            [f"%{schema}%FOR UPDATE%"],
+            [f"%{schema}%"],
         ).fetchone()
     return int(row[0]) if row else 0
 

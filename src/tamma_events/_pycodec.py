@@ -27,7 +27,7 @@ import math
 import struct
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Final
@@ -50,6 +50,7 @@ __all__ = [
     "canonical",
     "event_error",
     "prepare",
+    "row_columns",
     "seal",
 ]
 
@@ -453,3 +454,28 @@ def seal(
         prev_hash = hashlib.sha256(prev_hash + buffer[start : end - HASH_FIELD_SIZE]).digest()
         buffer[end - HASH_SIZE : end] = prev_hash
     return prev_hash
+
+
+def row_columns(batch: PreparedBatch) -> Iterator[tuple[Any, ...]]:
+    """Each encoded row as column values: event_id, event_type, timestamp, tags, metadata and
+    data as JSON text, and the row's bytes before its hash field (position still blank)."""
+    buffer = bytes(batch.buffer)
+    offsets = batch.offsets
+    for i in range(batch.count):
+        start = offsets[i]
+        at = start + 2
+        fields: list[bytes] = []
+        for _ in range(len(COPY_COLUMNS) - 1):
+            (size,) = _INT32.unpack_from(buffer, at)
+            fields.append(buffer[at + 4 : at + 4 + size])
+            at += 4 + size
+        _, event_id, event_type, timestamp, tags, metadata, data = fields
+        yield (
+            uuid.UUID(bytes=event_id),
+            event_type.decode("utf-8"),
+            _PG_EPOCH + timedelta(microseconds=_INT64.unpack(timestamp)[0]),
+            tags[1:].decode("utf-8"),
+            metadata[1:].decode("utf-8"),
+            data[1:].decode("utf-8"),
+            buffer[start:at],
+        )

@@ -149,6 +149,10 @@ class Statements:
         ).format(self.events)
         self._checks: dict[tuple[Shape, ...], bytes] = {}
         self._reads: dict[tuple[Shape, bool], bytes] = {}
+        self.append_group = sql.SQL(
+            "SELECT {}(%s::integer[], %s::jsonb[], %s::uuid[], %s::text[], %s::timestamptz[],"
+            " %s::jsonb[], %s::jsonb[], %s::jsonb[], %s::bytea[])"
+        ).format(sql.Identifier(schema, "append_group")).as_bytes(None)
         self.columns = sql.SQL(
             'position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at, hash'
         )
