@@ -215,6 +215,17 @@ cdef int _json_ok(object value, int depth) except -1:
     return JSON_OK if (kind is bool or value is None) else JSON_BAD
 
 
+cdef object _json_object(object value):
+    """``value`` as it is to be encoded (see `canonical`) when it is a valid JSON object for
+    data or metadata; None when it is not."""
+    if type(value) is not dict:
+        return None
+    cdef int found = _json_ok(value, 1)
+    if found == JSON_BAD:
+        return None
+    return _canonical(value) if found == JSON_REWRITE else value
+
+
 cdef inline bint _tags_ok(object tags) except -1:
     cdef Py_ssize_t pos = 0, n
     cdef PyObject *key
@@ -346,7 +357,6 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
         events = list(events)
     cdef Py_ssize_t count = len(events)
     cdef Py_ssize_t index, n, row_size, total, type_len, k, cursor
-    cdef int found
     cdef int64_t *stamps = NULL
     cdef char *ids = NULL
     cdef Py_ssize_t *spans = NULL
@@ -407,20 +417,10 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
                     raise _reject(event, first_index + index)
             if not _tags_ok(tags):
                 raise _reject(event, first_index + index)
-            if type(metadata) is not dict:
+            metadata = _json_object(metadata)
+            data = _json_object(data)
+            if metadata is None or data is None:
                 raise _reject(event, first_index + index)
-            found = _json_ok(metadata, 1)
-            if found == JSON_BAD:
-                raise _reject(event, first_index + index)
-            if found == JSON_REWRITE:
-                metadata = _canonical(metadata)
-            if type(data) is not dict:
-                raise _reject(event, first_index + index)
-            found = _json_ok(data, 1)
-            if found == JSON_BAD:
-                raise _reject(event, first_index + index)
-            if found == JSON_REWRITE:
-                data = _canonical(data)
             id_key = PyBytes_FromStringAndSize(ids + 16 * index, 16)
             first = seen.setdefault(id_key, index)
             if <Py_ssize_t>first != index:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from _codec_support import ROW_OVERHEAD, micros_since_2000, outcome, parse_iso, split_fields
 from tamma_events import _pycodec
 from tamma_events.errors import DUPLICATE_EVENT, VALIDATION_FAILED, EventStoreError
 from tamma_events.model import DomainEvent, SequencedEvent
@@ -62,7 +63,6 @@ PG_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(4) + bytes(4)
 PG_COPY_TRAILER = b"\xff\xff"
 #: Bytes of a row besides its event_type and JSON texts: field count, 8 length words, position,
 #: uuid, timestamp, 3 jsonb version bytes and the hash.
-ROW_OVERHEAD = 2 + 8 * 4 + 8 + 16 + 8 + 3 + 32
 
 
 def row_size(
@@ -70,6 +70,7 @@ def row_size(
 ) -> int:
     """The encoded size of a row with this event_type and these JSON texts."""
     return ROW_OVERHEAD + sum(len(s.encode()) for s in (event_type, tags, metadata, data))
+
 
 T0 = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
 
@@ -84,21 +85,6 @@ def ev(n: int = 1, **fields: Any) -> DomainEvent:
     fields.setdefault("event_id", uid(n))
     fields.setdefault("timestamp", T0)
     return DomainEvent(**fields)
-
-
-def split_fields(row: bytes) -> list[bytes]:
-    """The values of one binary COPY row, checking its field count and length words."""
-    (count,) = struct.unpack_from(">h", row, 0)
-    assert count == 8
-    fields = []
-    at = 2
-    for _ in range(count):
-        (size,) = struct.unpack_from(">i", row, at)
-        assert size >= 0
-        fields.append(row[at + 4 : at + 4 + size])
-        at += 4 + size
-    assert at == len(row), "the row has bytes after its 8 fields"
-    return fields
 
 
 def rows_of(buffer: bytes | bytearray, offsets: Sequence[int]) -> list[bytes]:
@@ -125,21 +111,6 @@ def chain(prev: bytes, rows: Sequence[bytes]) -> list[bytes]:
     return hashes
 
 
-def parse_iso(text: str) -> datetime:
-    """An ISO-8601 string parsed by the standard library (which reads "Z" only from 3.11)."""
-    return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-
-
-def micros_since_2000(value: datetime) -> int:
-    """Microseconds from 2000-01-01 UTC, by calendar arithmetic on the local wall time."""
-    offset = value.utcoffset()
-    assert offset is not None
-    days = value.toordinal() - date(2000, 1, 1).toordinal()
-    local = ((days * 24 + value.hour) * 60 + value.minute) * 60 + value.second
-    offset_us = (offset.days * 86400 + offset.seconds) * 1_000_000 + offset.microseconds
-    return local * 1_000_000 + value.microsecond - offset_us
-
-
 def error_of(fn: Callable[[], object]) -> EventStoreError:
     with pytest.raises(EventStoreError) as info:
         fn()
@@ -150,17 +121,6 @@ def validation_error(codec: ModuleType, events: Any, **kwargs: Any) -> EventStor
     err = error_of(lambda: codec.prepare(events, **kwargs))
     assert err.code == VALIDATION_FAILED
     return err
-
-
-def outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
-    """What a call did, comparable between implementations."""
-    try:
-        batch = fn()
-    except EventStoreError as exc:
-        return ("error", exc)
-    except Exception as exc:
-        return ("exception", type(exc).__name__, exc.args)
-    return ("ok", bytes(batch.buffer), list(batch.offsets))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,30 +184,67 @@ GOLDEN_JSON = (
     ("{}", "{}", "{}"),
 )
 
-GOLDEN_HEADER = "5047434f50590aff0d0a00" "00000000" "00000000"
+GOLDEN_HEADER = "5047434f50590aff0d0a000000000000000000"
 GOLDEN_ROWS = (
     (
-        "0008" "00000008" "0000000000000001" "00000010" "0190a3c45e6f7a8b9c0d1e2f3a4b5c6d"
-        "0000000b" "49737375654f70656e6564" "00000008" "0002b587ccd4ac00" "0000001c"
-        "017b2269737375654964223a223432222c2270724964223a2237227d" "00000011"
-        "017b2261223a6e756c6c2c227a223a317d" "00000070"
+        "0008"
+        "00000008"
+        "0000000000000001"
+        "00000010"
+        "0190a3c45e6f7a8b9c0d1e2f3a4b5c6d"
+        "0000000b"
+        "49737375654f70656e6564"
+        "00000008"
+        "0002b587ccd4ac00"
+        "0000001c"
+        "017b2269737375654964223a223432222c2270724964223a2237227d"
+        "00000011"
+        "017b2261223a6e756c6c2c227a223a317d"
+        "00000070"
         "017b22636f756e74223a332c226c6162656c73223a5b22627567222c22c3bc6ec3af225d"
         "2c226e6573746564223a7b2261223a2d302e312c2262223a5b312c322e352c7b2263223a"
-        "747275657d5d7d2c227469746c65223a224772c3bcc39f65205c22715c22205c5c20f09f" "8e89227d"
-        "00000020" "06010ab931192f9e51e7069a82e282b9476243579706cb6600d6d9b6c7ad9261"
+        "747275657d5d7d2c227469746c65223a224772c3bcc39f65205c22715c22205c5c20f09f"
+        "8e89227d"
+        "00000020"
+        "06010ab931192f9e51e7069a82e282b9476243579706cb6600d6d9b6c7ad9261"
     ),
     (
-        "0008" "00000008" "0000000000000002" "00000010" "00000000000040008000000000000001"
-        "00000016" "4b6f6d6d656e7461722d68696e7a75676566c3bc6774" "00000008" "00000006b49d2001"
-        "00000012" "017b22757365724964223a22752dc39f227d" "00000003" "017b7d" "0000002f"
+        "0008"
+        "00000008"
+        "0000000000000002"
+        "00000010"
+        "00000000000040008000000000000001"
+        "00000016"
+        "4b6f6d6d656e7461722d68696e7a75676566c3bc6774"
+        "00000008"
+        "00000006b49d2001"
+        "00000012"
+        "017b22757365724964223a22752dc39f227d"
+        "00000003"
+        "017b7d"
+        "0000002f"
         "017b225c6e223a225c7530303166222c2241223a5b5d2c22c3a9223a332c22efbfbf223a"
-        "322c22f09f9880223a317d" "00000020"
+        "322c22f09f9880223a317d"
+        "00000020"
         "030fc4e3481ccf73ba05ec3d6e37ecc519e3dd521b56c01a2f5aa8bdc25dc5d4"
     ),
     (
-        "0008" "00000008" "0000000000000003" "00000010" "ffffffffffffffffffffffffffffffff"
-        "00000001" "78" "00000008" "ffffffffffffffff" "00000003" "017b7d" "00000003" "017b7d"
-        "00000003" "017b7d" "00000020"
+        "0008"
+        "00000008"
+        "0000000000000003"
+        "00000010"
+        "ffffffffffffffffffffffffffffffff"
+        "00000001"
+        "78"
+        "00000008"
+        "ffffffffffffffff"
+        "00000003"
+        "017b7d"
+        "00000003"
+        "017b7d"
+        "00000003"
+        "017b7d"
+        "00000020"
         "5257eca66262b79cf88169e4e8f5c57e47ae0dc7e9f9be6a583658f5122c1b62"
     ),
 )
@@ -304,7 +301,14 @@ def test_constants_match_the_documentation() -> None:
     assert _pycodec.COPY_HEADER == PG_COPY_HEADER
     assert _pycodec.COPY_TRAILER == PG_COPY_TRAILER
     assert _pycodec.COPY_COLUMNS == (
-        "position", "event_id", "event_type", "timestamp", "tags", "metadata", "data", "hash",
+        "position",
+        "event_id",
+        "event_type",
+        "timestamp",
+        "tags",
+        "metadata",
+        "data",
+        "hash",
     )
 
 
@@ -493,7 +497,8 @@ def test_json_values(codec: ModuleType) -> None:
     # and -0.0 as 0.0 (as jsonb would give them back).
     floats = {"float", "zero"}
     assert {k: v for k, v in decoded.items() if k not in floats} == {
-        **{k: v for k, v in data.items() if k not in floats}, "tuple": [1, "a", None]
+        **{k: v for k, v in data.items() if k not in floats},
+        "tuple": [1, "a", None],
     }
     assert float(decoded["float"]) == 1e300
     assert float(decoded["zero"]) == 0.0
@@ -515,12 +520,14 @@ def test_tag_key_length_limits_accepted(codec: ModuleType, length: int) -> None:
 
 def test_sequenced_event_is_encoded_as_its_domain_event(codec: ModuleType) -> None:
     fields: dict[str, Any] = {
-        "event_type": "T", "data": {"a": 1}, "tags": {"k": "v"}, "metadata": {"m": [1]},
-        "event_id": uid(7), "timestamp": T0,
+        "event_type": "T",
+        "data": {"a": 1},
+        "tags": {"k": "v"},
+        "metadata": {"m": [1]},
+        "event_id": uid(7),
+        "timestamp": T0,
     }
-    sequenced = SequencedEvent(
-        **fields, position=99, recorded_at=T0, hash=b"\x01" * 32
-    )
+    sequenced = SequencedEvent(**fields, position=99, recorded_at=T0, hash=b"\x01" * 32)
     assert bytes(codec.prepare([sequenced]).buffer) == bytes(
         codec.prepare([DomainEvent(**fields)]).buffer
     )
@@ -631,76 +638,110 @@ FIELD_RULES: list[tuple[str, Any, dict[str, Any], str]] = [
     ("type int", ev(0xE1, event_type=3), {"event_id": SID, "field": "event_type"}, "got int"),
     ("type empty", ev(0xE1, event_type=""), {"event_id": SID, "field": "event_type"}, "got 0"),
     (
-        "type 256", ev(0xE1, event_type="a" * 256), {"event_id": SID, "field": "event_type"},
+        "type 256",
+        ev(0xE1, event_type="a" * 256),
+        {"event_id": SID, "field": "event_type"},
         "event_type must be 1 to 255 characters, got 256",
     ),
     ("type NUL", ev(0xE1, event_type="a\x00"), {"event_id": SID, "field": "event_type"}, "NUL"),
     (
-        "type surrogate", ev(0xE1, event_type="a\ud800"),
-        {"event_id": SID, "field": "event_type"}, "lone surrogate",
+        "type surrogate",
+        ev(0xE1, event_type="a\ud800"),
+        {"event_id": SID, "field": "event_type"},
+        "lone surrogate",
     ),
     (
-        "timestamp naive", ev(0xE1, timestamp=datetime(2024, 1, 1)),
-        {"event_id": SID, "field": "timestamp"}, "timezone-aware",
+        "timestamp naive",
+        ev(0xE1, timestamp=datetime(2024, 1, 1)),
+        {"event_id": SID, "field": "timestamp"},
+        "timezone-aware",
     ),
     (
-        "timestamp naive string", ev(0xE1, timestamp="2024-01-01T00:00:00"),
-        {"event_id": SID, "field": "timestamp"}, "timezone-aware",
+        "timestamp naive string",
+        ev(0xE1, timestamp="2024-01-01T00:00:00"),
+        {"event_id": SID, "field": "timestamp"},
+        "timezone-aware",
     ),
     (
-        "timestamp no offset", ev(0xE1, timestamp=datetime(2024, 1, 1, tzinfo=NoOffset())),
-        {"event_id": SID, "field": "timestamp"}, "timezone-aware",
+        "timestamp no offset",
+        ev(0xE1, timestamp=datetime(2024, 1, 1, tzinfo=NoOffset())),
+        {"event_id": SID, "field": "timestamp"},
+        "timezone-aware",
     ),
     (
-        "timestamp garbage", ev(0xE1, timestamp="yesterday"),
-        {"event_id": SID, "field": "timestamp"}, "ISO-8601 datetime, got 'yesterday'",
+        "timestamp garbage",
+        ev(0xE1, timestamp="yesterday"),
+        {"event_id": SID, "field": "timestamp"},
+        "ISO-8601 datetime, got 'yesterday'",
     ),
     (
-        "timestamp month 13", ev(0xE1, timestamp="2024-13-01T00:00:00Z"),
-        {"event_id": SID, "field": "timestamp"}, "ISO-8601",
+        "timestamp month 13",
+        ev(0xE1, timestamp="2024-13-01T00:00:00Z"),
+        {"event_id": SID, "field": "timestamp"},
+        "ISO-8601",
     ),
     (
-        "timestamp int", ev(0xE1, timestamp=0), {"event_id": SID, "field": "timestamp"},
+        "timestamp int",
+        ev(0xE1, timestamp=0),
+        {"event_id": SID, "field": "timestamp"},
         "timestamp must be a datetime, got int",
     ),
     (
-        "timestamp date", ev(0xE1, timestamp=date(2024, 1, 1)),
-        {"event_id": SID, "field": "timestamp"}, "got date",
+        "timestamp date",
+        ev(0xE1, timestamp=date(2024, 1, 1)),
+        {"event_id": SID, "field": "timestamp"},
+        "got date",
     ),
     ("tags list", ev(0xE1, tags=[]), {"event_id": SID, "field": "tags"}, "got list"),
     ("tags none", ev(0xE1, tags=None), {"event_id": SID, "field": "tags"}, "got NoneType"),
     ("tag key int", ev(0xE1, tags={1: "v"}), {"event_id": SID, "field": "tags"}, "got int"),
     (
-        "tag key str subclass", ev(0xE1, tags={StrKey("k"): "v"}),
-        {"event_id": SID, "field": "tags"}, "tag keys must be str, got StrKey",
+        "tag key str subclass",
+        ev(0xE1, tags={StrKey("k"): "v"}),
+        {"event_id": SID, "field": "tags"},
+        "tag keys must be str, got StrKey",
     ),
     (
-        "tag key empty", ev(0xE1, tags={"": "v"}),
-        {"event_id": SID, "field": "tags", "path": [""]}, "1 to 128 characters, got 0",
+        "tag key empty",
+        ev(0xE1, tags={"": "v"}),
+        {"event_id": SID, "field": "tags", "path": [""]},
+        "1 to 128 characters, got 0",
     ),
     (
-        "tag key 129", ev(0xE1, tags={"k" * 129: "v"}),
-        {"event_id": SID, "field": "tags", "path": ["k" * 129]}, "got 129",
+        "tag key 129",
+        ev(0xE1, tags={"k" * 129: "v"}),
+        {"event_id": SID, "field": "tags", "path": ["k" * 129]},
+        "got 129",
     ),
     (
-        "tag value int", ev(0xE1, tags={"k": 1}),
-        {"event_id": SID, "field": "tags", "path": ["k"]}, 'tags["k"] must be a str, got int',
+        "tag value int",
+        ev(0xE1, tags={"k": 1}),
+        {"event_id": SID, "field": "tags", "path": ["k"]},
+        'tags["k"] must be a str, got int',
     ),
     (
-        "tag value none", ev(0xE1, tags={"k": None}),
-        {"event_id": SID, "field": "tags", "path": ["k"]}, "got NoneType",
+        "tag value none",
+        ev(0xE1, tags={"k": None}),
+        {"event_id": SID, "field": "tags", "path": ["k"]},
+        "got NoneType",
     ),
     (
-        "tag key NUL", ev(0xE1, tags={"k\x00": "v"}),
-        {"event_id": SID, "field": "tags", "path": ["k\x00"]}, "tag key contains a NUL",
+        "tag key NUL",
+        ev(0xE1, tags={"k\x00": "v"}),
+        {"event_id": SID, "field": "tags", "path": ["k\x00"]},
+        "tag key contains a NUL",
     ),
     (
-        "tag value NUL", ev(0xE1, tags={"k": "\x00"}),
-        {"event_id": SID, "field": "tags", "path": ["k"]}, "tag value contains a NUL",
+        "tag value NUL",
+        ev(0xE1, tags={"k": "\x00"}),
+        {"event_id": SID, "field": "tags", "path": ["k"]},
+        "tag value contains a NUL",
     ),
     (
-        "tag value surrogate", ev(0xE1, tags={"k": "\udfff"}),
-        {"event_id": SID, "field": "tags", "path": ["k"]}, "tag value contains a lone surrogate",
+        "tag value surrogate",
+        ev(0xE1, tags={"k": "\udfff"}),
+        {"event_id": SID, "field": "tags", "path": ["k"]},
+        "tag value contains a lone surrogate",
     ),
 ]
 
@@ -856,15 +897,15 @@ def test_first_index_numbers_errors(codec: ModuleType, first_index: int) -> None
     assert err.context["first_index"] == first_index
 
     err = validation_error(
-        codec, [ev(1), ev(2, data={"a": "x" * 99})], max_event_bytes=row_size() + 10,
+        codec,
+        [ev(1), ev(2, data={"a": "x" * 99})],
+        max_event_bytes=row_size() + 10,
         first_index=first_index,
     )
     assert err.context["index"] == first_index + 1
 
     err = validation_error(codec, [ev(1), ev(2, timestamp="nope")], first_index=first_index)
-    assert err.context == {
-        "index": first_index + 1, "event_id": str(uid(2)), "field": "timestamp"
-    }
+    assert err.context == {"index": first_index + 1, "event_id": str(uid(2)), "field": "timestamp"}
 
 
 def test_first_index_does_not_change_bytes(codec: ModuleType) -> None:
@@ -986,12 +1027,18 @@ def test_str_subclass_event_type(both: tuple[ModuleType, ModuleType]) -> None:
 SURROGATE_KEYS = [
     ("data key", ev(0xE1, data={"\ud800": 1}), "data", ["\ud800"], "key contains a lone"),
     (
-        "metadata key", ev(0xE1, metadata={"a": {"b\udc00": None}}), "metadata",
-        ["a", "b\udc00"], "key contains a lone",
+        "metadata key",
+        ev(0xE1, metadata={"a": {"b\udc00": None}}),
+        "metadata",
+        ["a", "b\udc00"],
+        "key contains a lone",
     ),
     ("tag key", ev(0xE1, tags={"\ud800": "v"}), "tags", ["\ud800"], "tag key contains a lone"),
     (
-        "tag key with int value", ev(0xE1, tags={"k\ud800": 1}), "tags", ["k\ud800"],
+        "tag key with int value",
+        ev(0xE1, tags={"k\ud800": 1}),
+        "tags",
+        ["k\ud800"],
         "must be a str, got int",
     ),
 ]

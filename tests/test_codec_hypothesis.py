@@ -20,7 +20,7 @@ import os
 import struct
 import uuid
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
@@ -28,8 +28,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from _codec_support import ROW_OVERHEAD, micros_since_2000, outcome, parse_iso, split_fields
 from tamma_events import _pycodec as python
-from tamma_events.errors import EventStoreError
 from tamma_events.model import DomainEvent, SequencedEvent
 
 # Imported at collection: if the extension does not load, every test here errors.
@@ -42,37 +42,11 @@ CODEC_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-ROW_OVERHEAD = 2 + 8 * 4 + 8 + 16 + 8 + 3 + 32
 INT64_MAX = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers, independent of the codec
-
-
-def outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
-    """What a prepare did: the rows, or the error (EventStoreError compares code, message and
-    context), or any other exception by type and arguments."""
-    try:
-        batch = fn()
-    except EventStoreError as exc:
-        return ("error", exc)
-    except Exception as exc:
-        return ("exception", type(exc).__name__, exc.args)
-    return ("ok", bytes(batch.buffer), list(batch.offsets), batch.count)
-
-
-def split_fields(row: bytes) -> list[bytes]:
-    (count,) = struct.unpack_from(">h", row, 0)
-    assert count == 8
-    fields = []
-    at = 2
-    for _ in range(count):
-        (size,) = struct.unpack_from(">i", row, at)
-        fields.append(row[at + 4 : at + 4 + size])
-        at += 4 + size
-    assert at == len(row)
-    return fields
 
 
 def rows_of(batch: Any) -> list[bytes]:
@@ -81,20 +55,6 @@ def rows_of(batch: Any) -> list[bytes]:
     assert offsets[0] == 0
     assert offsets[-1] == len(batch.buffer)
     return [bytes(batch.buffer[offsets[i] : offsets[i + 1]]) for i in range(batch.count)]
-
-
-def parse_iso(text: str) -> datetime:
-    """An ISO-8601 string parsed by the standard library (which reads "Z" only from 3.11)."""
-    return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-
-
-def micros_since_2000(value: datetime) -> int:
-    offset = value.utcoffset()
-    assert offset is not None
-    days = value.toordinal() - date(2000, 1, 1).toordinal()
-    local = ((days * 24 + value.hour) * 60 + value.minute) * 60 + value.second
-    offset_us = (offset.days * 86400 + offset.seconds) * 1_000_000 + offset.microseconds
-    return local * 1_000_000 + value.microsecond - offset_us
 
 
 def assert_same_json(decoded: Any, value: Any) -> None:
@@ -189,12 +149,34 @@ class CustomEvent(DomainEvent, frozen=True):
 
 
 SPECIAL = [
-    "\x00", "\ud800", "\udbff", "\udc00", "\udfff", "\U0001f600", "\U0010ffff", "\uffff",
-    "é", "ß", "\u2028", '"', "\\", "\x1f", "\x7f", "a",
+    "\x00",
+    "\ud800",
+    "\udbff",
+    "\udc00",
+    "\udfff",
+    "\U0001f600",
+    "\U0010ffff",
+    "\uffff",
+    "é",
+    "ß",
+    "\u2028",
+    '"',
+    "\\",
+    "\x1f",
+    "\x7f",
+    "a",
 ]
 HUGE_INTS = [
-    INT64_MAX, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**100, -(10**300),
-    2**4096 - 1, -(2**4096 - 1),  # the largest integers allowed (MAX_INT_BITS)
+    INT64_MAX,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63),
+    -(2**63) - 1,
+    10**100,
+    -(10**300),
+    2**4096 - 1,
+    -(2**4096 - 1),  # the largest integers allowed (MAX_INT_BITS)
 ]
 ID_POOL = [
     uuid.UUID(int=1),
@@ -229,14 +211,32 @@ bad_scalar = st.one_of(
     bad_text,
     st.floats(),
     st.sampled_from(
-        [set(), frozenset({1}), b"x", bytearray(b"y"), Decimal("1.5"), ID_POOL[0], date(2024, 1, 1),
-         StrSubclass("s"), IntSubclass(3), Ellipsis, 1j]
+        [
+            set(),
+            frozenset({1}),
+            b"x",
+            bytearray(b"y"),
+            Decimal("1.5"),
+            ID_POOL[0],
+            date(2024, 1, 1),
+            StrSubclass("s"),
+            IntSubclass(3),
+            Ellipsis,
+            1j,
+        ]
     ),
     st.datetimes(),
 )
 bad_key = st.one_of(
-    st.integers(), st.none(), st.booleans(), st.floats(allow_nan=False), st.binary(max_size=2),
-    st.tuples(st.integers()), any_text, bad_text, st.just(StrSubclass("k")),
+    st.integers(),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.binary(max_size=2),
+    st.tuples(st.integers()),
+    any_text,
+    bad_text,
+    st.just(StrSubclass("k")),
 )
 
 
@@ -248,9 +248,7 @@ def containers(children: st.SearchStrategy[Any], keys: st.SearchStrategy[Any]) -
     )
 
 
-valid_json = st.recursive(
-    valid_scalar, lambda c: containers(c, good_text), max_leaves=12
-)
+valid_json = st.recursive(valid_scalar, lambda c: containers(c, good_text), max_leaves=12)
 any_json = st.recursive(
     st.one_of(valid_scalar, bad_scalar),
     lambda c: containers(c, st.one_of(good_text, bad_key)),
@@ -322,8 +320,12 @@ tag_key = st.one_of(
 )
 valid_tags = st.dictionaries(tag_key, good_text, max_size=3)
 bad_tag_key = st.one_of(
-    any_text, bad_text, st.sampled_from(["", "k" * 129, "\U0001f600" * 129]),
-    st.integers(), st.none(), st.just(StrSubclass("k")),
+    any_text,
+    bad_text,
+    st.sampled_from(["", "k" * 129, "\U0001f600" * 129]),
+    st.integers(),
+    st.none(),
+    st.just(StrSubclass("k")),
 )
 bad_tag_value = st.one_of(
     any_text, bad_text, st.integers(), st.none(), st.just(StrSubclass("v")), st.binary(max_size=2)
@@ -383,8 +385,17 @@ invalid_timestamp = st.one_of(
     ),
     st.text(max_size=25),
     st.sampled_from(
-        ["", "yesterday", "2024-13-01T00:00:00Z", "2024-02-30T00:00:00Z", "2024-01-01T25:00Z",
-         "2024-01-01 00:00:00+00:00", "2024-01-01", "\ud800", "2024-01-01T00:00:00+24:00"]
+        [
+            "",
+            "yesterday",
+            "2024-13-01T00:00:00Z",
+            "2024-02-30T00:00:00Z",
+            "2024-01-01T25:00Z",
+            "2024-01-01 00:00:00+00:00",
+            "2024-01-01",
+            "\ud800",
+            "2024-01-01T00:00:00+24:00",
+        ]
     ),
     st.integers(),
     st.none(),
@@ -394,9 +405,7 @@ invalid_timestamp = st.one_of(
 
 #: The ids of the pool in every accepted spelling: drawing from it makes duplicates.
 POOL_SPELLINGS = [
-    form
-    for u in ID_POOL
-    for form in (u, str(u), str(u).upper(), u.hex, "{" + str(u) + "}", u.urn)
+    form for u in ID_POOL for form in (u, str(u), str(u).upper(), u.hex, "{" + str(u) + "}", u.urn)
 ]
 #: Mostly fresh ids.
 valid_event_id = st.one_of(
@@ -417,14 +426,27 @@ invalid_event_id = st.one_of(
     st.sampled_from(ID_POOL).map(lambda u: u.int),
 )
 non_events = st.one_of(
-    st.none(), st.integers(), st.text(max_size=3), st.builds(dict), st.just(DomainEvent),
+    st.none(),
+    st.integers(),
+    st.text(max_size=3),
+    st.builds(dict),
+    st.just(DomainEvent),
     st.builds(lambda: {"event_type": "x", "data": {}}),
 )
 
 #: The fields a broken event may break; data, metadata and tags have the most rules.
 FIELDS = (
-    "item", "event_id", "event_type", "timestamp", "tags", "tags", "metadata", "metadata",
-    "data", "data", "data",
+    "item",
+    "event_id",
+    "event_type",
+    "timestamp",
+    "tags",
+    "tags",
+    "metadata",
+    "metadata",
+    "data",
+    "data",
+    "data",
 )
 VALID = {
     "event_id": valid_event_id,
@@ -472,9 +494,7 @@ def any_items(draw: st.DrawFn) -> Any:
     )
     if "item" in faults:
         return draw(non_events)
-    fields = {
-        name: draw(INVALID[name] if name in faults else VALID[name]) for name in VALID
-    }
+    fields = {name: draw(INVALID[name] if name in faults else VALID[name]) for name in VALID}
     return build_event(draw, fields)
 
 
@@ -518,8 +538,8 @@ def seal_both_and_compare(
     assert bytes(native_batch.buffer) == bytes(python_batch.buffer)
     assert native.seal(crossed_native, first_position, prev_hash) == last_python
     assert python.seal(crossed_python, first_position, prev_hash) == last_python
-    assert bytes(crossed_native.buffer) == bytes(crossed_python.buffer) == bytes(
-        python_batch.buffer
+    assert (
+        bytes(crossed_native.buffer) == bytes(crossed_python.buffer) == bytes(python_batch.buffer)
     )
     assert check_sealed(rows_of(python_batch), first_position, prev_hash) == last_python
 
@@ -533,7 +553,10 @@ def seal_both_and_compare(
     prev_hash=hashes,
 )
 def test_prepare_and_seal_agree(
-    events: list[Any], max_event_bytes: int, first_index: int, first_position: int,
+    events: list[Any],
+    max_event_bytes: int,
+    first_index: int,
+    first_position: int,
     prev_hash: bytes,
 ) -> None:
     expected = outcome(lambda: python.prepare(events, max_event_bytes, first_index))
@@ -603,8 +626,9 @@ def test_valid_batches_encode_as_documented(
         if isinstance(stamp, str):
             stamp = parse_iso(stamp)
         assert struct.unpack(">q", fields[3]) == (micros_since_2000(stamp),)
-        for value, field in zip((event_.tags, event_.metadata, event_.data), fields[4:7],
-                                strict=True):
+        for value, field in zip(
+            (event_.tags, event_.metadata, event_.data), fields[4:7], strict=True
+        ):
             assert field[:1] == b"\x01"
             assert is_compact(field[1:].decode("utf-8"))
             assert_same_json(json.loads(field[1:], object_pairs_hook=sorted_pairs), value)
@@ -670,15 +694,12 @@ def test_depth_limit(obj: dict[str, Any], field: str) -> None:
 
 
 @CODEC_SETTINGS
-@given(stamps=st.lists(st.one_of(utc_datetimes, valid_datetime, valid_iso), min_size=1,
-                       max_size=8))
+@given(stamps=st.lists(st.one_of(utc_datetimes, valid_datetime, valid_iso), min_size=1, max_size=8))
 def test_timestamps(stamps: list[Any]) -> None:
     events = [
         DomainEvent("T", event_id=uuid.UUID(int=i), timestamp=s) for i, s in enumerate(stamps)
     ]
-    expected = [
-        micros_since_2000(parse_iso(s) if isinstance(s, str) else s) for s in stamps
-    ]
+    expected = [micros_since_2000(parse_iso(s) if isinstance(s, str) else s) for s in stamps]
     for codec in (native, python):
         rows = rows_of(codec.prepare(events))
         assert [struct.unpack(">q", split_fields(r)[3])[0] for r in rows] == expected

@@ -1,11 +1,12 @@
 """`EventStore`: the synchronous store on PostgreSQL.
 
 Every append transaction locks the single head row first, checks its conditions, writes its
-events by binary COPY at positions head+1.. and moves the head before it commits. Holding that
-lock until the commit makes commit order equal position order, so a reader resuming after
-position P never skips an event, and a condition checked under it cannot be invalidated before
-the commit. Concurrent appends from the threads of one process share transactions (group
-commit); each keeps its own condition and its own outcome.
+events at positions head+1.. (small groups through the ``append_group`` function in one round
+trip, larger ones by binary COPY) and moves the head before it commits. Holding that lock until
+the commit makes commit order equal position order, so a reader resuming after position P never
+skips an event, and a condition checked under it cannot be invalidated before the commit.
+Concurrent appends from the threads of one process share transactions (group commit); each
+keeps its own condition and its own outcome.
 """
 
 from __future__ import annotations
