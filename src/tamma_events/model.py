@@ -149,7 +149,7 @@ class QueryItem(msgspec.Struct, frozen=True):
     """Matches an event whose type is one of ``types`` (any type when empty) and which carries
     every pair of ``tags`` (any tags when empty)."""
 
-    types: tuple[str, ...] = ()
+    types: Sequence[str] = ()
     tags: dict[str, str] = {}
 
     def matches(self, event_type: str, tags: dict[str, str]) -> bool:
@@ -165,7 +165,7 @@ class QueryItem(msgspec.Struct, frozen=True):
 class Query(msgspec.Struct, frozen=True):
     """A DCB query: its items are OR'd; a query with no items matches every event."""
 
-    items: tuple[QueryItem, ...] = ()
+    items: Sequence[QueryItem] = ()
 
     @classmethod
     def all(cls) -> Query:
