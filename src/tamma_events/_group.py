@@ -1,9 +1,11 @@
 """Group commit: concurrent appends from the threads of one process share transactions.
 
-The first thread to find no transaction running becomes the leader: it takes every request
-queued at that moment (up to a limit of events) and writes them in one transaction, while the
-others wait. Requests that arrive meanwhile form the next group. Each request keeps its own
-condition and gets its own position or error.
+The first thread to find no transaction running becomes the leader: it writes its request and
+every request queued at that moment (up to a limit of events) in one transaction, while the
+others wait. Requests that arrive meanwhile queue up for the next group. When the leader is done
+it wakes exactly the members of its group and hands the lead to the oldest queued request, so a
+commit costs one wake-up per waiter that is done, not one per waiting thread. Each request keeps
+its own condition and gets its own position or error.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ __all__ = ["AppendRequest", "GroupCommit"]
 class AppendRequest:
     """One caller's append: its encoded events, its condition, and, once done, its outcome."""
 
-    __slots__ = ("batch", "check", "condition", "done", "error", "events", "first_position")
+    __slots__ = (
+        "batch",
+        "check",
+        "condition",
+        "done",
+        "error",
+        "events",
+        "first_position",
+        "wakeup",
+    )
 
     def __init__(
         self,
@@ -43,6 +54,8 @@ class AppendRequest:
         self.first_position = 0
         self.error: EventStoreError | None = None
         self.done = False
+        #: Set when the request is settled, or when its thread is to lead the next group.
+        self.wakeup = threading.Event()
 
     @property
     def count(self) -> int:
@@ -73,43 +86,53 @@ class GroupCommit:
     def __init__(self, write: Callable[[list[AppendRequest]], None], max_group_events: int) -> None:
         self._write = write
         self._max_group_events = max_group_events
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: deque[AppendRequest] = deque()
         self._leading = False
 
     def submit(self, request: AppendRequest) -> int:
-        with self._cond:
-            self._queue.append(request)
-        while True:
-            with self._cond:
-                while self._leading and not request.done:
-                    self._cond.wait()
-                if request.done:
-                    return request.result()
+        with self._lock:
+            follow = self._leading
+            if follow:
+                self._queue.append(request)
+            else:
                 self._leading = True
-                group = self._take()
-            try:
-                self._write(group)
-            except BaseException as exc:
-                # `write` settles its requests itself; this is the backstop for the unexpected
-                # (an interrupt mid-transaction), so that no caller waits forever.
-                for member in group:
-                    if not member.done:
-                        member.fail(_unsettled(exc))
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                with self._cond:
+        if follow:
+            request.wakeup.wait()
+            if request.done:
+                return request.result()
+            # Not settled: woken to lead, with the lead handed over by the previous leader.
+        group = self._take(request)
+        try:
+            self._write(group)
+        except BaseException as exc:
+            # `write` settles its requests itself; this is the backstop for the unexpected
+            # (an interrupt mid-transaction), so that no caller waits forever.
+            for member in group:
+                if not member.done:
+                    member.fail(_unsettled(exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for member in group:
+                if member is not request:
+                    member.wakeup.set()
+            with self._lock:
+                if self._queue:
+                    self._queue.popleft().wakeup.set()  # the oldest waiter leads next
+                else:
                     self._leading = False
-                    self._cond.notify_all()
+        return request.result()
 
-    def _take(self) -> list[AppendRequest]:
-        group = [self._queue.popleft()]
-        events = group[0].count
-        while self._queue and events + self._queue[0].count <= self._max_group_events:
-            request = self._queue.popleft()
-            events += request.count
-            group.append(request)
+    def _take(self, leader: AppendRequest) -> list[AppendRequest]:
+        """The leader's request and those queued behind it, up to the group's event limit."""
+        group = [leader]
+        events = leader.count
+        with self._lock:
+            while self._queue and events + self._queue[0].count <= self._max_group_events:
+                request = self._queue.popleft()
+                events += request.count
+                group.append(request)
         return group
 
 
