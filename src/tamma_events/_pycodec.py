@@ -27,7 +27,7 @@ import math
 import struct
 import uuid
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Final
@@ -49,8 +49,8 @@ __all__ = [
     "PreparedBatch",
     "canonical",
     "event_error",
+    "json_rows",
     "prepare",
-    "row_columns",
     "seal",
 ]
 
@@ -456,26 +456,29 @@ def seal(
     return prev_hash
 
 
-def row_columns(batch: PreparedBatch) -> Iterator[tuple[Any, ...]]:
-    """Each encoded row as column values: event_id, event_type, timestamp, tags, metadata and
-    data as JSON text, and the row's bytes before its hash field (position still blank)."""
+def json_rows(batch: PreparedBatch) -> list[list[Any]]:
+    """Each encoded row's column values as JSON-ready lists: event_id, event_type, timestamp
+    (ISO 8601), then tags, metadata and data as the canonical JSON the row holds."""
     buffer = bytes(batch.buffer)
     offsets = batch.offsets
+    rows = []
     for i in range(batch.count):
-        start = offsets[i]
-        at = start + 2
+        at = offsets[i] + 2
         fields: list[bytes] = []
         for _ in range(len(COPY_COLUMNS) - 1):
             (size,) = _INT32.unpack_from(buffer, at)
             fields.append(buffer[at + 4 : at + 4 + size])
             at += 4 + size
         _, event_id, event_type, timestamp, tags, metadata, data = fields
-        yield (
-            uuid.UUID(bytes=event_id),
-            event_type.decode("utf-8"),
-            _PG_EPOCH + timedelta(microseconds=_INT64.unpack(timestamp)[0]),
-            tags[1:].decode("utf-8"),
-            metadata[1:].decode("utf-8"),
-            data[1:].decode("utf-8"),
-            buffer[start:at],
+        when = _PG_EPOCH + timedelta(microseconds=_INT64.unpack(timestamp)[0])
+        rows.append(
+            [
+                event_id.hex(),
+                event_type.decode("utf-8"),
+                when.isoformat(),
+                msgspec.Raw(tags[1:]),
+                msgspec.Raw(metadata[1:]),
+                msgspec.Raw(data[1:]),
+            ]
         )
+    return rows

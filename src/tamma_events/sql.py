@@ -150,8 +150,7 @@ class Statements:
         self._checks: dict[tuple[Shape, ...], bytes] = {}
         self._reads: dict[tuple[Shape, bool], bytes] = {}
         self.append_group = sql.SQL(
-            "SELECT {}(%s::integer[], %s::jsonb[], %s::uuid[], %s::text[], %s::timestamptz[],"
-            " %s::jsonb[], %s::jsonb[], %s::jsonb[], %s::bytea[])"
+            "SELECT {}(%s::integer[], %s::jsonb[], %s::jsonb, %s::bytea, %s::integer[])"
         ).format(sql.Identifier(schema, "append_group")).as_bytes(None)
         self.columns = sql.SQL(
             'position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at, hash'

@@ -4,8 +4,10 @@
 -- lock is held only while the server runs it and commits.
 --
 -- The chain is computed here with the built-in sha256() over the very bytes the codec encoded
--- (p_rows: each event's canonical row with a zero position), so it is the same chain the native
--- codec computes for batches written by COPY.
+-- (p_rows: the encoded rows back to back, p_offsets: where each starts, then where the last
+-- ends; each row's position is still zero), so it is the same chain the native codec computes
+-- for batches written by COPY. p_events holds the same events' column values, one JSON array
+-- per event: [event_id, event_type, timestamp (ISO 8601), tags, metadata, data].
 --
 -- p_counts: events per request; p_conditions: per request, NULL or its condition as
 -- {"after": n, "items": [{"types": [..], "tags": {..}}, ..]} (no items: any event matches).
@@ -16,13 +18,9 @@
 CREATE FUNCTION append_group(
     p_counts integer[],
     p_conditions jsonb[],
-    p_ids uuid[],
-    p_types text[],
-    p_times timestamptz[],
-    p_tags jsonb[],
-    p_metadata jsonb[],
-    p_data jsonb[],
-    p_rows bytea[]
+    p_events jsonb,
+    p_rows bytea,
+    p_offsets integer[]
 ) RETURNS bigint[]
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
@@ -84,16 +82,18 @@ BEGIN
             hashes := '{}';
             FOR k IN first_event .. last_event LOOP
                 head_position := head_position + 1;
-                chain := sha256(chain || overlay(p_rows[k] PLACING int8send(head_position) FROM 7 FOR 8));
+                -- The row without its hash field (4 + 32 bytes), its position written in.
+                chain := sha256(chain || overlay(
+                    substring(p_rows FROM p_offsets[k] + 1 FOR p_offsets[k + 1] - p_offsets[k] - 36)
+                    PLACING int8send(head_position) FROM 7 FOR 8));
                 positions := positions || head_position;
                 hashes := hashes || chain;
             END LOOP;
             INSERT INTO events (position, event_id, event_type, "timestamp", tags, metadata, data, hash)
-            SELECT * FROM unnest(
-                positions, p_ids[first_event:last_event], p_types[first_event:last_event],
-                p_times[first_event:last_event], p_tags[first_event:last_event],
-                p_metadata[first_event:last_event], p_data[first_event:last_event], hashes
-            );
+            SELECT positions[i], (e->>0)::uuid, e->>1, (e->>2)::timestamptz, e->3, e->4, e->5,
+                   hashes[i]
+            FROM generate_series(1, last_event - first_event + 1) AS i,
+                 LATERAL (SELECT p_events->(first_event + i - 2) AS e) AS event;
         END IF;
         first_event := last_event + 1;
     END LOOP;
