@@ -55,3 +55,12 @@ def micros_since_2000(value: datetime) -> int:
     local = ((days * 24 + value.hour) * 60 + value.minute) * 60 + value.second
     offset_us = (offset.days * 86400 + offset.seconds) * 1_000_000 + offset.microseconds
     return local * 1_000_000 + value.microsecond - offset_us
+
+
+def depth_of(value: Any) -> int:
+    """Nesting depth: a scalar is 0, a container one more than its deepest item."""
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, (list, tuple)):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    return 0

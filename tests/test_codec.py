@@ -27,7 +27,14 @@ from typing import Any
 
 import pytest
 
-from _codec_support import ROW_OVERHEAD, micros_since_2000, outcome, parse_iso, split_fields
+from _codec_support import (
+    ROW_OVERHEAD,
+    depth_of,
+    micros_since_2000,
+    outcome,
+    parse_iso,
+    split_fields,
+)
 from tamma_events import _pycodec
 from tamma_events.errors import DUPLICATE_EVENT, VALIDATION_FAILED, EventStoreError
 from tamma_events.model import DomainEvent, SequencedEvent
@@ -558,14 +565,6 @@ def nest(levels: int, kind: str) -> Any:
         else:
             value = (value,)
     return {"k": value}
-
-
-def depth_of(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((depth_of(v) for v in value.values()), default=0)
-    if isinstance(value, (list, tuple)):
-        return 1 + max((depth_of(v) for v in value), default=0)
-    return 0
 
 
 @pytest.mark.parametrize("kind", ["dict", "list", "tuple"])

@@ -28,7 +28,14 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from _codec_support import ROW_OVERHEAD, micros_since_2000, outcome, parse_iso, split_fields
+from _codec_support import (
+    ROW_OVERHEAD,
+    depth_of,
+    micros_since_2000,
+    outcome,
+    parse_iso,
+    split_fields,
+)
 from tamma_events import _pycodec as python
 from tamma_events.model import DomainEvent, SequencedEvent
 
@@ -100,14 +107,6 @@ def is_compact(text: str) -> bool:
         elif char in " \t\r\n":
             return False
     return not in_string
-
-
-def depth_of(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((depth_of(v) for v in value.values()), default=0)
-    if isinstance(value, (list, tuple)):
-        return 1 + max((depth_of(v) for v in value), default=0)
-    return 0
 
 
 def copy_batch(batch: Any) -> python.PreparedBatch:

@@ -326,8 +326,6 @@ class EventStore:
                 try:
                     with self._connection() as conn:
                         self._write(conn, [request])
-                except _DuplicateInGroup as dup:  # pragma: no cover - a single request raises it
-                    request.fail(dup.error)
                 except EventStoreError as exc:
                     request.fail(exc)
         except EventStoreError as exc:
@@ -386,7 +384,7 @@ class EventStore:
             _rollback(conn)
             raise
         for request in accepted:
-            request.done = True
+            request.succeed(request.first_position)
 
     def _write_by_function(self, cur: psycopg.Cursor[Any], requests: list[AppendRequest]) -> None:
         """One statement, in autocommit: ``append_group`` (schema/0003_append_function.sql)."""
@@ -414,8 +412,7 @@ class EventStore:
                 assert request.condition is not None
                 request.fail(_condition_error(request.condition, head))
             else:
-                request.first_position = first
-                request.done = True
+                request.succeed(first)
 
     def _lock_and_check(
         self, cur: psycopg.Cursor[Any], requests: list[AppendRequest]
