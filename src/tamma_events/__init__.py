@@ -1,6 +1,7 @@
 """tamma-events: a DCB event store on PostgreSQL with a native hot path."""
 
 from ._codec import IMPL as __impl__
+from .cache import CacheStats, QueryCache
 from .errors import (
     APPEND_CONDITION_FAILED,
     DUPLICATE_EVENT,
@@ -10,6 +11,7 @@ from .errors import (
     ErrorCode,
     EventStoreError,
 )
+from .filters import AggregateRow, EventFilter, Page
 from .model import (
     AppendCondition,
     DomainEvent,
@@ -29,12 +31,17 @@ __all__ = [
     "QUERY_ERROR",
     "STORAGE_ERROR",
     "VALIDATION_FAILED",
+    "AggregateRow",
     "AppendCondition",
+    "CacheStats",
     "DomainEvent",
     "ErrorCode",
+    "EventFilter",
     "EventStore",
     "EventStoreError",
+    "Page",
     "Query",
+    "QueryCache",
     "QueryItem",
     "ReadResult",
     "SequencedEvent",

@@ -12,9 +12,27 @@ import msgspec
 from psycopg import sql
 
 from .errors import QUERY_ERROR, EventStoreError
+from .filters import Criteria, GroupBy
 from .model import AppendCondition, Query, QueryItem
 
 __all__ = ["Check", "Statements", "query_shape"]
+
+#: A stored event as one JSON object, built by the server, that `msgspec` decodes straight into
+#: a `SequencedEvent`; the jsonb columns go out as their own text, timestamps as ISO 8601.
+EVENT_JSON = sql.SQL(
+    """concat('{"position":', position, ',"event_id":"', event_id, '","event_type":',"""
+    """ to_json(event_type), ',"timestamp":', to_json("timestamp"), ',"tags":', tags,"""
+    """ ',"metadata":', metadata, ',"data":', data, ',"recorded_at":', to_json(recorded_at),"""
+    """ ',"hash":"', encode(hash, 'base64'), '"}')"""
+)
+
+# Completes `to_char(<timestamptz>` into its ISO 8601 text in UTC, the key of a time bucket.
+_UTC_TEXT = """ AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
+
+# Up to this many values of one tag field become `tags @> a OR tags @> b ...`, which the planner
+# can serve with a BitmapOr of GIN scans or a scan in position order; longer lists look their
+# events up value by value.
+_TAG_OR_MAX = 64
 
 _json = msgspec.json.Encoder(order="sorted")
 # Statements kept per store, by shape; queries of other shapes are composed each time.
@@ -109,6 +127,283 @@ def _predicate(shape: Shape) -> sql.Composable:
     return sql.SQL("({})").format(sql.SQL(" OR ").join(alternatives))
 
 
+def _one_or_any(column: str, values: tuple[Any, ...], cast: str, params: list[Any]) -> sql.SQL:
+    if len(values) == 1:
+        params.append(values[0])
+        return sql.SQL(f"{column} = %s")
+    params.append(list(values))
+    return sql.SQL(f"{column} = ANY(%s::{cast}[])")
+
+
+def _grain_for(criteria: Criteria) -> str:
+    """The time-summary grain whose buckets bound a window best at a small cost."""
+    if criteria.start is None or criteria.end is None:
+        return "day"
+    span = (criteria.end - criteria.start).total_seconds()
+    if span <= 2 * 3600:
+        return "minute"
+    return "hour" if span <= 3 * 86400 else "day"
+
+
+def aligned_grain(criteria: Criteria) -> str | None:
+    """The coarsest grain that both ends of the window fall on (None: not even a minute).
+
+    Summed over such a grain's buckets, the time summary answers for the window exactly."""
+    bounds = [b for b in (criteria.start, criteria.end) if b is not None]
+    for grain in ("day", "hour", "minute"):
+        if all(_on_grain(b, grain) for b in bounds):
+            return grain
+    return None
+
+
+def _on_grain(moment: Any, grain: str) -> bool:
+    if moment.second or moment.microsecond:
+        return False
+    if grain == "minute":
+        return True
+    return not moment.minute and (grain == "hour" or not moment.hour)
+
+
+class Select:
+    """A statement over the events table for `Criteria`, composed piece by piece: a WITH
+    clause (when a window is bounded by the time summary), the WHERE conjuncts and their
+    parameters, in order."""
+
+    def __init__(self, statements: Statements, criteria: Criteria, *, bound: bool) -> None:
+        self.statements = statements
+        self.criteria = criteria
+        # Parameters in the order of the text: the WITH clause's, then the WHERE clause's.
+        self.with_params: list[Any] = []
+        self.params: list[Any] = []
+        self.with_: sql.Composable = sql.SQL("")
+        self.where: list[sql.Composable] = []
+        c = criteria
+        if bound and (c.start is not None or c.end is not None):
+            self._bound_positions()
+        if c.event_ids:
+            self.where.append(sql.SQL("event_id = ANY(%s::uuid[])"))
+            self.params.append(list(c.event_ids))
+        if c.event_types:
+            self.where.append(_one_or_any("event_type", c.event_types, "text", self.params))
+        self._tags()
+        if c.start is not None:
+            self.where.append(sql.SQL('"timestamp" >= %s'))
+            self.params.append(c.start)
+        if c.end is not None:
+            self.where.append(sql.SQL('"timestamp" < %s'))
+            self.params.append(c.end)
+
+    def _bound_positions(self) -> None:
+        """Turn the window into a position range: the events of a window lie between the
+        first and last positions of the time buckets it overlaps. Reads in position order then
+        start inside the window instead of scanning up to it."""
+        c = self.criteria
+        grain = _grain_for(c)
+        conditions = [sql.SQL("grain = %s")]
+        self.with_params.append(grain)
+        if c.start is not None:
+            conditions.append(sql.SQL("bucket >= date_trunc(%s, %s::timestamptz, 'UTC')"))
+            self.with_params += [grain, c.start]
+        if c.end is not None:
+            conditions.append(sql.SQL("bucket < %s"))
+            self.with_params.append(c.end)
+        if c.event_types:
+            conditions.append(_one_or_any("event_type", c.event_types, "text", self.with_params))
+        self.with_ = sql.SQL(
+            "WITH window_positions AS (SELECT min(first_position) AS first,"
+            " max(last_position) AS last FROM {} WHERE {}) "
+        ).format(self.statements.time_summary, sql.SQL(" AND ").join(conditions))
+        self.where += [
+            sql.SQL("position >= (SELECT first FROM window_positions)"),
+            sql.SQL("position <= (SELECT last FROM window_positions)"),
+        ]
+
+    def _tags(self) -> None:
+        single: dict[str, str] = {}
+        for key, values in self.criteria.tags:
+            if len(values) == 1 and key not in single:
+                single[key] = values[0]
+            elif len(values) == 1:  # the same key asked twice: a second containment
+                self.where.append(sql.SQL("tags @> %s::jsonb"))
+                self.params.append(_json.encode({key: values[0]}).decode())
+            elif len(values) <= _TAG_OR_MAX:
+                alternatives = [sql.SQL("tags @> %s::jsonb")] * len(values)
+                self.where.append(sql.SQL("({})").format(sql.SQL(" OR ").join(alternatives)))
+                self.params += [_json.encode({key: value}).decode() for value in values]
+            else:
+                self.where.append(
+                    sql.SQL(
+                        "position = ANY(ARRAY(SELECT e.position FROM {} e,"
+                        " unnest(%s::jsonb[]) AS wanted (tags) WHERE e.tags @> wanted.tags))"
+                    ).format(self.statements.events)
+                )
+                self.params.append([_json.encode({key: value}).decode() for value in values])
+        if single:
+            self.where.append(sql.SQL("tags @> %s::jsonb"))
+            self.params.append(_json.encode(single).decode())
+
+    def predicate(self) -> sql.Composable:
+        if not self.where:
+            return sql.SQL("TRUE")
+        return sql.SQL(" AND ").join(self.where)
+
+    def order(self, descending: bool) -> sql.Composable:
+        direction = "DESC" if descending else "ASC"
+        key = self.criteria.order_by
+        if key == "position":
+            return sql.SQL(f"ORDER BY position {direction}")
+        column = '"timestamp"' if key == "timestamp" else "event_type"
+        return sql.SQL(f"ORDER BY {column} {direction}, position {direction}")
+
+    def after(self, until: int, last_key: Any, last_position: int | None) -> None:
+        """Keyset paging: events at positions up to ``until``, after the last one returned."""
+        self.where.append(sql.SQL("position <= %s"))
+        self.params.append(until)
+        if last_position is None:
+            return
+        op = "<" if self.criteria.descending else ">"
+        key = self.criteria.order_by
+        if key == "position":
+            self.where.append(sql.SQL(f"position {op} %s"))
+            self.params.append(last_position)
+        else:
+            column = '"timestamp"' if key == "timestamp" else "event_type"
+            self.where.append(sql.SQL(f"({column}, position) {op} (%s, %s)"))
+            self.params += [last_key, last_position]
+
+    def events(self, *, limit: int | None, offset: int) -> tuple[sql.Composed, list[Any]]:
+        """The matching events as JSON text, one per row, in the criteria's order."""
+        text = sql.SQL("{}SELECT {} FROM {} WHERE {} {} LIMIT %s OFFSET %s").format(
+            self.with_,
+            EVENT_JSON,
+            self.statements.events,
+            self.predicate(),
+            self.order(self.criteria.descending),
+        )
+        return text, [*self.with_params, *self.params, limit, offset]
+
+    def count(self) -> tuple[sql.Composed, list[Any]]:
+        text = sql.SQL("{}SELECT count(*) FROM {} WHERE {}").format(
+            self.with_, self.statements.events, self.predicate()
+        )
+        return text, [*self.with_params, *self.params]
+
+    def aggregate(self, group_by: GroupBy, tag_key: str | None) -> tuple[sql.Composed, list[Any]]:
+        """Count, first and last timestamp per group, the key as text, in key order. Grouped
+        by a tag, events without that tag are left out."""
+        key_params: list[Any] = []
+        if group_by == "event_type":
+            key: sql.Composable = sql.SQL("event_type")
+        elif group_by == "tag":
+            key = sql.SQL("tags ->> %s::text")
+            key_params.append(tag_key)
+            self.where.append(sql.SQL("tags ? %s::text"))
+            self.params.append(tag_key)
+        else:
+            key = sql.SQL(f"""to_char(date_trunc(%s, "timestamp", 'UTC'){_UTC_TEXT}""")
+            key_params.append(group_by)
+        text = sql.SQL(
+            '{}SELECT {} AS key, count(*), min("timestamp"), max("timestamp") FROM {}'
+            " WHERE {} GROUP BY 1 ORDER BY 1"
+        ).format(self.with_, key, self.statements.events, self.predicate())
+        return text, [*self.with_params, *key_params, *self.params]
+
+
+def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] | None:
+    """The summary statement that counts the events matching ``c`` exactly without reading
+    the events table, or None when no summary can: by type, by one tag (any of its values), or
+    by type over a window whose ends fall on minute, hour or day boundaries. The count of all
+    events is the head position: positions are gapless."""
+    if c.event_ids or (c.tags and (c.event_types or len(c.tags) > 1)):
+        return None
+    windowed = c.start is not None or c.end is not None
+    if c.tags:
+        if windowed:
+            return None
+        key, values = c.tags[0]
+        return (
+            sql.SQL(
+                "SELECT coalesce(sum(count), 0) FROM {} WHERE key = %s AND value = ANY(%s::text[])"
+            ).format(st.tag_summary),
+            [key, list(values)],
+        )
+    if windowed:
+        grain = aligned_grain(c)
+        if grain is None:
+            return None
+        conditions, params = _bucket_conditions(c, grain)
+        return (
+            sql.SQL("SELECT coalesce(sum(count), 0) FROM {} WHERE {}").format(
+                st.time_summary, sql.SQL(" AND ").join(conditions)
+            ),
+            params,
+        )
+    if c.event_types:
+        params = []
+        condition = _one_or_any("event_type", c.event_types, "text", params)
+        return (
+            sql.SQL("SELECT coalesce(sum(count), 0) FROM {} WHERE {}").format(
+                st.type_summary, condition
+            ),
+            params,
+        )
+    return sql.SQL("SELECT position FROM {}").format(st.head), []
+
+
+def _bucket_conditions(c: Criteria, grain: str) -> tuple[list[sql.Composable], list[Any]]:
+    """The time summary's rows of ``grain`` inside the window, of the criteria's types."""
+    conditions: list[sql.Composable] = [sql.SQL("grain = %s")]
+    params: list[Any] = [grain]
+    if c.start is not None:
+        conditions.append(sql.SQL("bucket >= %s"))
+        params.append(c.start)
+    if c.end is not None:
+        conditions.append(sql.SQL("bucket < %s"))
+        params.append(c.end)
+    if c.event_types:
+        conditions.append(_one_or_any("event_type", c.event_types, "text", params))
+    return conditions, params
+
+
+def summary_aggregate(
+    st: Statements, c: Criteria, group_by: GroupBy
+) -> tuple[sql.Composed, list[Any]] | None:
+    """The summary statement for `EventStore.aggregate`, or None when it must read events:
+    grouped by type or by a time bucket, for a filter of types and a window on the buckets."""
+    if c.event_ids or c.tags or group_by == "tag":
+        return None
+    windowed = c.start is not None or c.end is not None
+    if group_by == "event_type" and not windowed:
+        params: list[Any] = []
+        where: sql.Composable = sql.SQL("TRUE")
+        if c.event_types:
+            where = _one_or_any("event_type", c.event_types, "text", params)
+        return (
+            sql.SQL(
+                "SELECT event_type, count, first_timestamp, last_timestamp FROM {} WHERE {}"
+                " ORDER BY 1"
+            ).format(st.type_summary, where),
+            params,
+        )
+    if group_by == "event_type":
+        grain = aligned_grain(c)
+        key: sql.Composable = sql.SQL("event_type")
+    else:
+        bounds = [b for b in (c.start, c.end) if b is not None]
+        grain = group_by if all(_on_grain(b, group_by) for b in bounds) else None
+        key = sql.SQL(f"to_char(bucket{_UTC_TEXT}")
+    if grain is None:
+        return None
+    conditions, params = _bucket_conditions(c, grain)
+    return (
+        sql.SQL(
+            "SELECT {} AS key, sum(count)::bigint, min(first_timestamp), max(last_timestamp)"
+            " FROM {} WHERE {} GROUP BY 1 ORDER BY 1"
+        ).format(key, st.time_summary, sql.SQL(" AND ").join(conditions)),
+        params,
+    )
+
+
 def after_position(after: int | None) -> int:
     """``after`` as a position (0 for None), or QUERY_ERROR."""
     if after is None:
@@ -149,9 +444,11 @@ class Statements:
         ).format(self.events)
         self._checks: dict[tuple[Shape, ...], bytes] = {}
         self._reads: dict[tuple[Shape, bool], bytes] = {}
-        self.append_group = sql.SQL(
-            "SELECT {}(%s::integer[], %s::jsonb[], %s::jsonb, %s::bytea, %s::integer[])"
-        ).format(sql.Identifier(schema, "append_group")).as_bytes(None)
+        self.append_group = (
+            sql.SQL("SELECT {}(%s::integer[], %s::jsonb[], %s::jsonb, %s::bytea, %s::integer[])")
+            .format(sql.Identifier(schema, "append_group"))
+            .as_bytes(None)
+        )
         self.columns = sql.SQL(
             'position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at, hash'
         )
@@ -159,6 +456,9 @@ class Statements:
             self.columns, self.events
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
+        self.type_summary = sql.Identifier(schema, "type_summary")
+        self.tag_summary = sql.Identifier(schema, "tag_summary")
+        self.time_summary = sql.Identifier(schema, "time_summary")
         self.set_head = sql.SQL("UPDATE {} SET position = %s, hash = %s").format(self.head)
 
     def set_head_and_commit(self, position: int, hash_: bytes) -> bytes:

@@ -16,8 +16,9 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
@@ -35,6 +36,7 @@ from ._pycodec import (
     PreparedBatch,
     json_rows,
 )
+from .cache import CacheStats, QueryCache
 from .errors import (
     APPEND_CONDITION_FAILED,
     DUPLICATE_EVENT,
@@ -43,13 +45,34 @@ from .errors import (
     VALIDATION_FAILED,
     EventStoreError,
 )
+from .filters import (
+    AggregateRow,
+    EventFilter,
+    GroupBy,
+    Page,
+    check_count,
+    decode_token,
+    encode_token,
+    normalize,
+)
 from .integrity import IntegrityReport
 from .integrity import verify as _verify
 from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
 from .schema import migrate as _migrate
-from .sql import Check, Statements, after_position, condition_check, query_shape
+from .sql import (
+    Check,
+    Select,
+    Statements,
+    after_position,
+    condition_check,
+    query_shape,
+    summary_aggregate,
+    summary_count,
+)
 
-__all__ = ["DSN_ENV", "EventStore", "Transaction"]
+__all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
+
+_T = TypeVar("_T")
 
 #: The DSN the store uses when none is passed.
 DSN_ENV = "TAMMA_EVENTS_DSN"
@@ -134,6 +157,35 @@ def _rollback(conn: psycopg.Connection[Any]) -> None:
         conn.close()
 
 
+_decode_events = msgspec.json.Decoder(list[SequencedEvent]).decode
+_GROUPS = ("event_type", "tag", "minute", "hour", "day")
+#: The largest page `get_page` serves.
+MAX_PAGE_SIZE = 100_000
+
+
+def _size_of_strings(values: list[str]) -> int:
+    return sum(len(value) + 56 for value in values)
+
+
+def _token_time(value: Any) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise EventStoreError(
+            QUERY_ERROR, "the page token is malformed", {"field": "token"}
+        ) from None
+
+
+def _events_document(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> str:
+    """The events a statement selects as `EVENT_JSON` rows, as one JSON array.
+
+    Filter statements are never prepared: a plan made for the actual values (a selective issue
+    id or a whole provider, a narrow or a wide window) is worth the planning time, where a
+    generic plan can be orders of magnitude off."""
+    rows = cur.execute(text, params, prepare=False).fetchall()
+    return "[" + ",".join([row[0] for row in rows]) + "]"
+
+
 def _to_event(row: Sequence[Any]) -> SequencedEvent:
     position, event_id, event_type, timestamp, tags, metadata, data, recorded_at, hash_ = row
     return SequencedEvent(
@@ -158,6 +210,9 @@ class EventStore:
     connections it borrows. Everything lives in the PostgreSQL schema ``schema``, migrated on open
     unless ``migrate=False``.
 
+    Query results are cached in-process (``cache_size`` entries for ``cache_ttl`` seconds; 0
+    turns the cache off); see `tamma_events.cache` for why a hit is never stale.
+
     Use it as a context manager, or call `close`.
     """
 
@@ -175,6 +230,8 @@ class EventStore:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         max_group_events: int = 2_000,
         chunk_events: int = 10_000,
+        cache_size: int = 256,
+        cache_ttl: float = 5.0,
     ) -> None:
         if not schema or not isinstance(schema, str):
             raise EventStoreError(VALIDATION_FAILED, "schema must be a non-empty string")
@@ -182,6 +239,7 @@ class EventStore:
         self.max_event_bytes = max_event_bytes
         self.chunk_events = chunk_events
         self._statements = Statements(schema)
+        self.cache = QueryCache(cache_size, cache_ttl)
         self._closed = False
         self.embedded: embedded.EmbeddedServer | None = None
         if pool is not None:
@@ -552,6 +610,224 @@ class EventStore:
         with self._connection() as conn:
             row = conn.execute(self._statements.head_position).fetchone()
         return int(row[0]) if row else 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def get_events(self, event_filter: EventFilter | None = None) -> list[SequencedEvent]:
+        """The events matching ``event_filter`` (all events when None), in its order, after its
+        offset and at most its limit. Raises ``QUERY_ERROR`` for a malformed filter."""
+        criteria = normalize(event_filter)
+        with self._connection() as conn:
+            cur = conn.cursor()
+
+            def run() -> str:
+                select = Select(self._statements, criteria, bound=criteria.order_by == "position")
+                return _events_document(
+                    cur, *select.events(limit=criteria.limit, offset=criteria.offset)
+                )
+
+            document = self._cached(cur, ("events", criteria), run, len)
+        return _decode_events(document)
+
+    def get_events_by_issue_id(self, issue_id: str) -> list[SequencedEvent]:
+        """The events tagged ``issueId=issue_id``, in log order."""
+        return self.get_events(EventFilter(issue_ids=[issue_id]))
+
+    def get_events_by_time_range(
+        self, start: datetime | str, end: datetime | str
+    ) -> list[SequencedEvent]:
+        """The events with ``start <= timestamp < end``, in timestamp order."""
+        return self.get_events(EventFilter(start_time=start, end_time=end, order_by="timestamp"))
+
+    def count_events(self, event_filter: EventFilter | None = None) -> int:
+        """How many events `get_events` would return for ``event_filter``.
+
+        Counts by event type, by one tag, and by type over a window whose ends fall on whole
+        minutes come from summaries kept by the appends, at a cost that does not grow with the
+        log."""
+        criteria = normalize(event_filter)
+        unpaged = criteria.unpaged()
+        with self._connection() as conn:
+            cur = conn.cursor()
+
+            def run() -> int:
+                statement = (
+                    summary_count(self._statements, unpaged)
+                    or Select(self._statements, unpaged, bound=False).count()
+                )
+                row = cur.execute(*statement, prepare=False).fetchone()
+                return int(row[0]) if row else 0
+
+            total: int = self._cached(cur, ("count", unpaged), run, lambda _: 64)
+        total = max(total - criteria.offset, 0)
+        return total if criteria.limit is None else min(total, criteria.limit)
+
+    def get_event_types(self) -> list[str]:
+        """Every event type stored, sorted."""
+        with self._connection() as conn:
+            cur = conn.cursor()
+            text = sql.SQL("SELECT event_type FROM {} ORDER BY 1").format(
+                self._statements.type_summary
+            )
+
+            def run() -> list[str]:
+                return [row[0] for row in cur.execute(text).fetchall()]
+
+            types: list[str] = self._cached(cur, ("types",), run, _size_of_strings)
+        return list(types)
+
+    def get_tags(self) -> dict[str, list[str]]:
+        """Every tag key stored, with its distinct values, both sorted."""
+        with self._connection() as conn:
+            cur = conn.cursor()
+            text = sql.SQL(
+                "SELECT key, array_agg(value ORDER BY value) FROM {} GROUP BY key ORDER BY key"
+            ).format(self._statements.tag_summary)
+
+            def run() -> dict[str, list[str]]:
+                return {key: values for key, values in cur.execute(text).fetchall()}
+
+            tags: dict[str, list[str]] = self._cached(
+                cur, ("tags",), run, lambda t: sum(_size_of_strings(v) for v in t.values())
+            )
+        return {key: list(values) for key, values in tags.items()}
+
+    def aggregate(
+        self,
+        event_filter: EventFilter | None = None,
+        group_by: GroupBy = "event_type",
+        *,
+        tag_key: str | None = None,
+    ) -> list[AggregateRow]:
+        """Count the events matching ``event_filter`` per group, with the first and last
+        timestamp of each, sorted by key. ``group_by`` is ``"event_type"``, ``"tag"`` (the
+        values of ``tag_key``; events without that tag are left out), or a UTC time bucket:
+        ``"minute"``, ``"hour"`` or ``"day"`` (keys like ``2026-01-01T00:00:00Z``). The
+        filter's order, limit and offset do not apply.
+
+        Grouped by type or bucket, for a filter of types and a window on the bucket boundaries,
+        the answer comes from the summaries."""
+        if group_by not in _GROUPS:
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"group_by must be one of {', '.join(_GROUPS)}, got {group_by!r}",
+                {"field": "group_by"},
+            )
+        if (group_by == "tag") != (tag_key is not None):
+            raise EventStoreError(
+                QUERY_ERROR,
+                "tag_key is required with group_by='tag', and only with it",
+                {"field": "tag_key"},
+            )
+        if tag_key is not None:
+            normalize(EventFilter(tags={tag_key: ""}))  # the key's own checks
+        criteria = normalize(event_filter).unpaged()
+        with self._connection() as conn:
+            cur = conn.cursor()
+
+            def run() -> list[AggregateRow]:
+                statement = summary_aggregate(self._statements, criteria, group_by) or Select(
+                    self._statements, criteria, bound=False
+                ).aggregate(group_by, tag_key)
+                return [
+                    AggregateRow(key, int(count), first, last)
+                    for key, count, first, last in cur.execute(*statement, prepare=False).fetchall()
+                ]
+
+            rows: list[AggregateRow] = self._cached(
+                cur, ("aggregate", criteria, group_by, tag_key), run, lambda r: 128 * len(r)
+            )
+        return list(rows)
+
+    def get_page(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        page_size: int = 1_000,
+        token: str | None = None,
+    ) -> Page:
+        """One page of the events matching ``event_filter``, in its order; pass the page's
+        ``next_token`` to get the next one.
+
+        A walk is pinned to the head at its first page: it returns each event stored by then
+        exactly once, however many events are appended meanwhile (read those with a new walk,
+        or follow the head with ``read(after=...)``). The filter may not set limit or offset."""
+        criteria = normalize(event_filter)
+        if criteria.limit is not None or criteria.offset:
+            raise EventStoreError(
+                QUERY_ERROR,
+                "a paged filter may not set limit or offset; use page_size and the page token",
+                {"field": "limit" if criteria.limit is not None else "offset"},
+            )
+        check_count(page_size, "page_size", allow_none=False)
+        if not 0 < page_size <= MAX_PAGE_SIZE:
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {page_size}",
+                {"field": "page_size"},
+            )
+        last_key: Any = None
+        last_position: int | None = None
+        with self._connection() as conn:
+            cur = conn.cursor()
+            if token is None:
+                row = cur.execute(self._statements.head_position).fetchone()
+                until = int(row[0]) if row else 0
+            else:
+                decoded = decode_token(token, criteria)
+                until, last_position = decoded.until, decoded.last_position
+                last_key = decoded.last_key
+                if criteria.order_by == "timestamp":
+                    last_key = _token_time(last_key)
+            select = Select(self._statements, criteria, bound=criteria.order_by == "position")
+            select.after(until, last_key, last_position)
+            events = _decode_events(
+                _events_document(cur, *select.events(limit=page_size, offset=0))
+            )
+        if len(events) < page_size:
+            return Page(events, None)
+        last = events[-1]
+        key: str | None = None
+        if criteria.order_by == "timestamp":
+            key = last.timestamp.isoformat()
+        elif criteria.order_by == "type":
+            key = last.event_type
+        return Page(events, encode_token(criteria, until, key, last.position))
+
+    def paginate(
+        self, event_filter: EventFilter | None = None, *, page_size: int = 1_000
+    ) -> Iterator[list[SequencedEvent]]:
+        """Walk the events matching ``event_filter`` page by page (see `get_page`)."""
+        token: str | None = None
+        while True:
+            page = self.get_page(event_filter, page_size=page_size, token=token)
+            if page.events:
+                yield page.events
+            if page.next_token is None:
+                return
+            token = page.next_token
+
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, evictions and size of the query result cache."""
+        return self.cache.stats()
+
+    def _cached(
+        self,
+        cur: psycopg.Cursor[Any],
+        key: tuple[Any, ...],
+        compute: Callable[[], _T],
+        size: Callable[[_T], int],
+    ) -> _T:
+        """``compute()``, or the cache's answer computed at the current head."""
+        if not self.cache.enabled:
+            return compute()
+        row = cur.execute(self._statements.head_position).fetchone()
+        head = int(row[0]) if row else 0
+        value = self.cache.get(key, head)
+        if value is None:
+            value = compute()
+            self.cache.put(key, head, value, size(value))
+        return value
 
     # -- integrity -------------------------------------------------------------------------
 

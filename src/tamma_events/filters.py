@@ -1,0 +1,324 @@
+"""`EventFilter`, the read side's question, and what the store answers with.
+
+A filter is validated and normalised once (`normalize`) into a `Criteria`: plain, sorted and
+hashable, so two filters that ask the same question have the same criteria. The criteria are what
+the query builder (`tamma_events.sql`) turns into SQL and what the result cache keys on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+
+from .errors import QUERY_ERROR, EventStoreError
+from .model import SequencedEvent
+
+__all__ = [
+    "MAX_FILTER_VALUES",
+    "TAG_FIELDS",
+    "AggregateRow",
+    "Criteria",
+    "EventFilter",
+    "Page",
+    "normalize",
+]
+
+#: The most values one list field of a filter may hold.
+MAX_FILTER_VALUES = 10_000
+
+#: The filter fields that name a tag key, and that key.
+TAG_FIELDS: dict[str, str] = {
+    "issue_ids": "issueId",
+    "pr_ids": "prId",
+    "user_ids": "userId",
+    "providers": "provider",
+    "platforms": "platform",
+}
+
+OrderBy = Literal["position", "timestamp", "type"]
+OrderDirection = Literal["asc", "desc"]
+GroupBy = Literal["event_type", "tag", "minute", "hour", "day"]
+
+_ORDERS = ("position", "timestamp", "type")
+_DIRECTIONS = ("asc", "desc")
+
+
+class EventFilter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Which events to return, in which order, and how many.
+
+    Every field is optional and the fields combine with AND. Within a list field the values are
+    alternatives (OR); a missing or empty list places no constraint. The tag fields name the
+    platform's usual tags: ``issue_ids`` matches the tag ``issueId``, ``pr_ids`` ``prId``,
+    ``user_ids`` ``userId``, ``providers`` ``provider`` and ``platforms`` ``platform``. ``tags``
+    matches events carrying every pair it holds.
+
+    ``start_time`` and ``end_time`` (datetimes with a timezone, or ISO-8601 strings with an
+    offset) select the half-open window ``start_time <= timestamp < end_time``.
+
+    ``order_by`` is ``"position"`` (the log's order, the default), ``"timestamp"`` or ``"type"``;
+    ties are broken by position, in the same direction. ``order_direction`` is ``"asc"`` or
+    ``"desc"``. ``limit`` and ``offset`` page through the result; for a walk that stays correct
+    while events are appended, use `EventStore.paginate` instead of offsets.
+    """
+
+    event_ids: Sequence[uuid.UUID | str] | None = None
+    event_types: Sequence[str] | None = None
+    issue_ids: Sequence[str] | None = None
+    pr_ids: Sequence[str] | None = None
+    user_ids: Sequence[str] | None = None
+    providers: Sequence[str] | None = None
+    platforms: Sequence[str] | None = None
+    tags: dict[str, str] | None = None
+    start_time: datetime | str | None = None
+    end_time: datetime | str | None = None
+    limit: int | None = None
+    offset: int = 0
+    order_by: OrderBy = "position"
+    order_direction: OrderDirection = "asc"
+
+
+class Criteria(NamedTuple):
+    """A validated, normalised `EventFilter`.
+
+    ``tags`` holds, per tag key, the sorted values any of which the event's tag must equal; a key
+    may appear twice (from a tag field and from ``tags``), each entry being a separate condition.
+    """
+
+    event_ids: tuple[uuid.UUID, ...] = ()
+    event_types: tuple[str, ...] = ()
+    tags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    start: datetime | None = None
+    end: datetime | None = None
+    limit: int | None = None
+    offset: int = 0
+    order_by: OrderBy = "position"
+    descending: bool = False
+
+    @property
+    def selects_all(self) -> bool:
+        """Whether the criteria match every event (whatever their order and page)."""
+        return not (self.event_ids or self.event_types or self.tags) and (
+            self.start is None and self.end is None
+        )
+
+    def unpaged(self) -> Criteria:
+        """The same question without limit and offset."""
+        return self._replace(limit=None, offset=0)
+
+    def matches(self, event: SequencedEvent) -> bool:
+        """Whether ``event`` matches (the reference semantics the SQL implements)."""
+        if self.event_ids and uuid.UUID(str(event.event_id)) not in self.event_ids:
+            return False
+        if self.event_types and event.event_type not in self.event_types:
+            return False
+        for key, values in self.tags:
+            if event.tags.get(key) not in values:
+                return False
+        if self.start is not None and event.timestamp < self.start:
+            return False
+        return self.end is None or event.timestamp < self.end
+
+
+class AggregateRow(msgspec.Struct, frozen=True):
+    """One group of `EventStore.aggregate`: its key (an event type, a tag value, or the start of
+    a UTC time bucket in ISO 8601), how many events it holds, and their first and last
+    timestamps."""
+
+    key: str
+    count: int
+    first_timestamp: datetime
+    last_timestamp: datetime
+
+
+class Page(msgspec.Struct, frozen=True):
+    """One page of `EventStore.get_page`: its events and the token of the next page (None
+    after the last one)."""
+
+    events: list[SequencedEvent]
+    next_token: str | None
+
+
+def _error(message: str, field: str, **context: Any) -> EventStoreError:
+    return EventStoreError(QUERY_ERROR, message, {"field": field, **context})
+
+
+def _text(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise _error(f"{field} must hold strings, got {type(value).__name__}", field)
+    if "\x00" in value:
+        raise _error(f"{field} holds a string with a NUL character", field, value=repr(value))
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _error(
+            f"{field} holds a string with a lone surrogate", field, value=repr(value)
+        ) from None
+    return value
+
+
+def _values(values: object, field: str) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise _error(f"{field} must be a list of strings, got {type(values).__name__}", field)
+    if len(values) > MAX_FILTER_VALUES:
+        raise _error(
+            f"{field} holds {len(values)} values; at most {MAX_FILTER_VALUES} are allowed",
+            field,
+            count=len(values),
+        )
+    return tuple(sorted({_text(value, field) for value in values}))
+
+
+def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
+    field = "event_ids"
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise _error(f"event_ids must be a list of UUIDs, got {type(values).__name__}", field)
+    if len(values) > MAX_FILTER_VALUES:
+        raise _error(
+            f"event_ids holds {len(values)} values; at most {MAX_FILTER_VALUES} are allowed",
+            field,
+            count=len(values),
+        )
+    ids = set()
+    for value in values:
+        if isinstance(value, uuid.UUID):
+            ids.add(value)
+            continue
+        try:
+            ids.add(uuid.UUID(value))
+        except (TypeError, ValueError, AttributeError):
+            raise _error(f"event_ids holds {value!r}, which is not a UUID", field) from None
+    return tuple(sorted(ids))
+
+
+def parse_time(value: object, field: str) -> datetime | None:
+    """A filter's time bound as an aware UTC datetime (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = msgspec.convert(value, datetime)
+        except msgspec.ValidationError:
+            raise _error(
+                f"{field} must be an ISO-8601 date-time with an offset, got {value!r}", field
+            ) from None
+    if not isinstance(value, datetime):
+        raise _error(
+            f"{field} must be a datetime or an ISO-8601 string, got {type(value).__name__}",
+            field,
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise _error(f"{field} must have a timezone (got the naive {value.isoformat()})", field)
+    return value.astimezone(timezone.utc)
+
+
+def check_count(value: object, field: str, *, allow_none: bool) -> int | None:
+    """A non-negative int (or None where allowed), else QUERY_ERROR."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        expected = "a non-negative int or None" if allow_none else "a non-negative int"
+        raise _error(f"{field} must be {expected}, got {value!r}", field)
+    return value
+
+
+def normalize(event_filter: EventFilter | None) -> Criteria:
+    """Validate ``event_filter`` (None: every event) into `Criteria`; QUERY_ERROR if it is
+    malformed."""
+    if event_filter is None:
+        return Criteria()
+    if not isinstance(event_filter, EventFilter):
+        raise EventStoreError(
+            QUERY_ERROR, f"expected an EventFilter, got {type(event_filter).__name__}"
+        )
+    f = event_filter
+    tags: list[tuple[str, tuple[str, ...]]] = []
+    for field, key in TAG_FIELDS.items():
+        values = _values(getattr(f, field), field)
+        if values:
+            tags.append((key, values))
+    if f.tags is not None:
+        if not isinstance(f.tags, dict):
+            raise _error(f"tags must be a dict of str to str, got {type(f.tags).__name__}", "tags")
+        for key, value in f.tags.items():
+            tags.append((_text(key, "tags"), (_text(value, "tags"),)))
+    start = parse_time(f.start_time, "start_time")
+    end = parse_time(f.end_time, "end_time")
+    if start is not None and end is not None and end < start:
+        raise _error(
+            f"end_time ({end.isoformat()}) is before start_time ({start.isoformat()})",
+            "end_time",
+        )
+    if f.order_by not in _ORDERS:
+        raise _error(
+            f"order_by must be one of {', '.join(_ORDERS)}, got {f.order_by!r}", "order_by"
+        )
+    if f.order_direction not in _DIRECTIONS:
+        raise _error(
+            f"order_direction must be asc or desc, got {f.order_direction!r}", "order_direction"
+        )
+    return Criteria(
+        event_ids=_event_ids(f.event_ids),
+        event_types=_values(f.event_types, "event_types"),
+        tags=tuple(sorted(set(tags))),
+        start=start,
+        end=end,
+        limit=check_count(f.limit, "limit", allow_none=True),
+        offset=check_count(f.offset, "offset", allow_none=False) or 0,
+        order_by=f.order_by,
+        descending=f.order_direction == "desc",
+    )
+
+
+# -- page tokens ---------------------------------------------------------------------------
+
+
+class _Token(msgspec.Struct, array_like=True, frozen=True):
+    """What a page token carries: the filter's fingerprint, the head the walk is pinned to, and
+    the sort key and position of the last event returned."""
+
+    fingerprint: str
+    until: int
+    last_key: str | None
+    last_position: int
+
+
+_token_encoder = msgspec.msgpack.Encoder()
+_token_decoder = msgspec.msgpack.Decoder(_Token)
+
+
+def fingerprint(criteria: Criteria) -> str:
+    """A short digest of the criteria a walk was started with."""
+    text = repr(criteria.unpaged()).encode()
+    return hashlib.blake2s(text, digest_size=8).hexdigest()
+
+
+def encode_token(criteria: Criteria, until: int, last_key: str | None, last_position: int) -> str:
+    token = _Token(fingerprint(criteria), until, last_key, last_position)
+    return base64.urlsafe_b64encode(_token_encoder.encode(token)).decode().rstrip("=")
+
+
+def decode_token(token: str, criteria: Criteria) -> _Token:
+    """The token's contents; QUERY_ERROR if it is malformed or from another filter."""
+    if not isinstance(token, str):
+        raise _error(f"page token must be a string, got {type(token).__name__}", "token")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        decoded = _token_decoder.decode(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise _error("the page token is malformed", "token") from None
+    if decoded.fingerprint != fingerprint(criteria):
+        raise _error("the page token belongs to a different filter", "token")
+    if decoded.until < 0 or decoded.last_position < 0:
+        raise _error("the page token is malformed", "token")
+    return decoded
