@@ -8,32 +8,40 @@ Every append is a durable commit (``synchronous_commit`` stays on).
 from __future__ import annotations
 
 import functools
+import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from . import _codec, _pycodec
+from .filters import EventFilter, encode_token, normalize
 from .model import AppendCondition, DomainEvent, Query
 from .schema import drop
-from .store import EventStore
-from .workload import generate_events
+from .store import EventStore, _to_event
+from .workload import EVENT_TYPES, PLATFORMS, PROVIDERS, generate_events
 
 __all__ = [
     "BATCH_DEFAULT",
     "BenchResult",
+    "default_page",
     "fresh_ids",
+    "load_query_store",
     "measure_append_batch",
     "measure_concurrent_appends",
     "measure_conditional_appends",
     "measure_copy_ceiling",
     "measure_encode",
+    "query_shapes",
+    "run_query_suite",
     "run_suite",
+    "without_summaries",
 ]
 
 
@@ -228,6 +236,17 @@ def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int)
     return threads * per_thread / elapsed
 
 
+def without_summaries(store: EventStore) -> None:
+    """Stop the store's appends from maintaining the query summaries (a benchmark's baseline;
+    the summaries of that schema are wrong afterwards, so it is thrown away)."""
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DISABLE TRIGGER events_summarize").format(
+                sql.Identifier(store.schema, "events")
+            )
+        )
+
+
 def run_suite(
     dsn: str,
     *,
@@ -260,6 +279,7 @@ def run_suite(
     ceilings: list[float] = []
     appends: list[float] = []
     unchained: list[float] = []
+    unsummarised: list[float] = []
     verifies: list[float] = []
     reads: list[float] = []
     for r in range(rounds):
@@ -279,6 +299,13 @@ def run_suite(
             store._seal = functools.partial(_codec.seal, chain=False)
             unchained.append(
                 measure_append_batch(store, fresh_ids(workload, 2 * r + 2), batch_size)
+            )
+        drop(dsn, schema)
+        progress(f"append_batch without the query summaries, round {r + 1}")
+        with EventStore(dsn, schema=schema) as store:
+            without_summaries(store)
+            unsummarised.append(
+                measure_append_batch(store, fresh_ids(workload, 2 * r + 3), batch_size)
             )
         drop(dsn, schema)
     ceiling = max(ceilings)
@@ -306,6 +333,16 @@ def run_suite(
             "append_batch.no_chain",
             append / max(unchained),
             {"no_chain_rounds": [round(u) for u in unchained]},
+        )
+    )
+    results.append(
+        BenchResult(
+            "append_batch.summaries",
+            append,
+            "events/s",
+            "append_batch.no_summaries",
+            append / max(unsummarised),
+            {"no_summaries_rounds": [round(u) for u in unsummarised]},
         )
     )
     results.append(
@@ -350,6 +387,195 @@ def run_suite(
         )
     drop(dsn, schema)
     return results
+
+
+def query_shapes(store: EventStore, seed: int = 11) -> dict[str, Callable[[], object]]:
+    """The query shapes of the benchmark, each a call that asks its question with fresh
+    arguments (another issue, window, provider, ...) every time, over a store loaded with the
+    generated workload."""
+    rng = random.Random(seed)
+    head = store.head()
+    first = store.get_events(EventFilter(limit=1))
+    last = store.get_events(EventFilter(limit=1, order_direction="desc"))
+    if not first:
+        raise RuntimeError("the benchmark store is empty")
+    start, span = first[0].timestamp, (last[0].timestamp - first[0].timestamp).total_seconds()
+    issues = max(1, head // 50)
+    users = max(10, issues // 20)
+    types = list(EVENT_TYPES)
+    pages = normalize(None)
+
+    def moment(hours: float) -> tuple[Any, Any]:
+        at = start + timedelta(seconds=rng.uniform(0, max(0.0, span - hours * 3600)))
+        return at, at + timedelta(hours=hours)
+
+    def by_issue() -> object:
+        return store.get_events(
+            EventFilter(issue_ids=[f"ISSUE-{rng.randrange(issues)}"], limit=100)
+        )
+
+    def type_window() -> object:
+        begin, end = moment(1)
+        return store.get_events(
+            EventFilter(event_types=[rng.choice(types)], start_time=begin, end_time=end, limit=100)
+        )
+
+    def type_window_by_time() -> object:
+        begin, end = moment(6)
+        return store.get_events(
+            EventFilter(
+                event_types=[rng.choice(types)],
+                start_time=begin,
+                end_time=end,
+                limit=100,
+                order_by="timestamp",
+            )
+        )
+
+    def provider_platform() -> object:
+        return store.get_events(
+            EventFilter(
+                providers=[rng.choice(PROVIDERS)], platforms=[rng.choice(PLATFORMS)], limit=100
+            )
+        )
+
+    def tags() -> object:
+        pair = {"userId": f"user-{rng.randrange(users)}", "provider": rng.choice(PROVIDERS)}
+        return store.get_events(EventFilter(tags=pair, limit=100))
+
+    def keyset_page() -> object:
+        token = encode_token(pages, head, None, rng.randrange(max(1, head - 1000)))
+        return store.get_page(page_size=1000, token=token).events
+
+    return {
+        "by_issue": by_issue,
+        "type_window": type_window,
+        "type_window.by_time": type_window_by_time,
+        "provider_platform": provider_platform,
+        "tags": tags,
+        "keyset_page_1000": keyset_page,
+        "count_by_type": lambda: store.count_events(EventFilter(event_types=[rng.choice(types)])),
+        "count_by_issue": lambda: store.count_events(
+            EventFilter(issue_ids=[f"ISSUE-{rng.randrange(issues)}"])
+        ),
+        "get_event_types": store.get_event_types,
+        "get_tags": store.get_tags,
+        "aggregate_by_day": lambda: store.aggregate(group_by="day"),
+    }
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _latencies(call: Callable[[], object], samples: int) -> list[float]:
+    call()  # warm the plan and page caches once
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def load_query_store(
+    dsn: str, schema: str, events: int, progress: Callable[[str], None] = lambda _: None
+) -> EventStore:
+    """A store on ``schema`` holding ``events`` generated events, vacuumed and analysed; an
+    existing schema holding exactly that many is reused."""
+    store = EventStore(dsn, schema=schema, cache_size=0)
+    if store.head() not in (0, events):
+        store.close()
+        drop(dsn, schema)
+        store = EventStore(dsn, schema=schema, cache_size=0)
+    if store.head() == 0:
+        batch: list[DomainEvent] = []
+        for n, event in enumerate(generate_events(events), 1):
+            batch.append(event)
+            if len(batch) == BATCH_DEFAULT:
+                store.append_batch(batch)
+                batch = []
+                if n % 100_000 == 0:
+                    progress(f"loaded {n:,} events")
+        if batch:
+            store.append_batch(batch)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for table in ("events", "type_summary", "tag_summary", "time_summary"):
+                conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, table)))
+    return store
+
+
+def run_query_suite(
+    dsn: str,
+    *,
+    events: int = 1_000_000,
+    samples: int = 200,
+    schema: str | None = None,
+    keep: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[BenchResult]:
+    """p50 and p99 latency of each query shape over ``events`` generated events, with the
+    result cache off, each against the round trip of ``SELECT 1`` measured in the same run;
+    the keyset page also against the same page decoded the way psycopg does by default."""
+    schema = schema or f"bench_q_{events}"
+    progress(f"loading {events:,} events into {schema}")
+    store = load_query_store(dsn, schema, events, progress)
+    results: list[BenchResult] = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            floor = _percentiles(_latencies(lambda: conn.execute("SELECT 1").fetchall(), samples))
+            results.append(
+                BenchResult("round_trip", floor[0] * 1e3, "ms", detail={"p99_ms": floor[1] * 1e3})
+            )
+            default = _percentiles(_latencies(default_page(conn, schema, events), samples))
+        for name, call in query_shapes(store).items():
+            progress(name)
+            runs = samples if name != "get_tags" else max(5, samples // 20)
+            p50, p99 = _percentiles(_latencies(call, runs))
+            results.append(
+                BenchResult(
+                    f"query.{name}",
+                    p50 * 1e3,
+                    "ms",
+                    "round_trip",
+                    p50 / floor[0],
+                    {"p99_ms": round(p99 * 1e3, 3), "samples": runs, "events": events},
+                )
+            )
+            if name == "keyset_page_1000":
+                results.append(
+                    BenchResult(
+                        "query.keyset_page_1000.decoding",
+                        p50 * 1e3,
+                        "ms",
+                        "psycopg_default_decoding",
+                        p50 / default[0],
+                        {"default_p50_ms": round(default[0] * 1e3, 3)},
+                    )
+                )
+    finally:
+        store.close()
+        if not keep:
+            drop(dsn, schema)
+    return results
+
+
+def default_page(conn: psycopg.Connection[Any], schema: str, events: int) -> Callable[[], object]:
+    """A keyset page of 1000 read with psycopg's own row and JSON decoding (json.loads per
+    jsonb value): the baseline of the store's decoder."""
+    rng = random.Random(5)
+    statement = sql.SQL(
+        'SELECT position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at,'
+        " hash FROM {} WHERE position > %s ORDER BY position LIMIT 1000"
+    ).format(sql.Identifier(schema, "events"))
+
+    def page() -> object:
+        cur = conn.cursor(binary=True)
+        rows = cur.execute(statement, [rng.randrange(max(1, events - 1000))]).fetchall()
+        return [_to_event(row) for row in rows]
+
+    return page
 
 
 def as_json(results: list[BenchResult], **about: Any) -> dict[str, Any]:

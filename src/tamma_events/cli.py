@@ -229,6 +229,22 @@ def _show_query(store: EventStore) -> None:
 @click.option("--threads", default=16, show_default=True)
 @click.option("--per-thread", default=500, show_default=True)
 @click.option(
+    "--suite",
+    type=click.Choice(["append", "queries"]),
+    default="append",
+    show_default=True,
+    help="append: write throughput; queries: p50/p99 of each query shape over --events "
+    "events (1,000,000 is the reference run).",
+)
+@click.option(
+    "--samples", default=200, show_default=True, help="Queries timed per shape (queries suite)."
+)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the loaded schema (bench_q_<events>) to reuse it in the next queries run.",
+)
+@click.option(
     "--json",
     "json_path",
     default=None,
@@ -243,37 +259,58 @@ def bench(
     conditional: int,
     threads: int,
     per_thread: int,
+    suite: str,
+    samples: int,
+    keep: bool,
     json_path: str | None,
 ) -> None:
-    """Measure append and encode throughput against baselines from the same run."""
-    from .bench import as_json, run_suite
+    """Measure append and encode throughput, or query latencies, against baselines from the
+    same run."""
+    from .bench import as_json, run_query_suite, run_suite
 
     with _failures():
         store = obj.open(schema=f"bench_{uuid.uuid4().hex[:8]}", migrate=False)
         dsn = store.dsn
         store.close()
         with console.status("benchmarking") as status:
-            results = run_suite(
-                dsn,
-                events=count,
-                batch_size=batch_size,
-                rounds=rounds,
-                conditional=conditional,
-                threads=threads,
-                per_thread=per_thread,
-                progress=lambda s: status.update(s),
-            )
+            if suite == "queries":
+                results = run_query_suite(
+                    dsn,
+                    events=count,
+                    samples=samples,
+                    keep=keep,
+                    progress=lambda s: status.update(s),
+                )
+            else:
+                results = run_suite(
+                    dsn,
+                    events=count,
+                    batch_size=batch_size,
+                    rounds=rounds,
+                    conditional=conditional,
+                    threads=threads,
+                    per_thread=per_thread,
+                    progress=lambda s: status.update(s),
+                )
     table = Table(
         "measure",
         "value",
         "unit",
+        "p99",
         "baseline",
         "ratio",
-        title=f"tamma-events bench ({__impl__} codec)",
+        title=f"tamma-events bench {suite} ({__impl__} codec)",
     )
     for r in results:
+        value = f"{r.value:,.2f}" if r.unit == "ms" else f"{r.value:,.0f}"
+        p99 = r.detail.get("p99_ms")
         table.add_row(
-            r.name, f"{r.value:,.0f}", r.unit, r.baseline or "", f"{r.ratio:.2f}" if r.ratio else ""
+            r.name,
+            value,
+            r.unit,
+            f"{p99:,.2f}" if p99 is not None else "",
+            r.baseline or "",
+            f"{r.ratio:.2f}" if r.ratio else "",
         )
     console.print(table)
     if json_path:

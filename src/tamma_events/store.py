@@ -807,6 +807,32 @@ class EventStore:
                 return
             token = page.next_token
 
+    def explain(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        count: bool = False,
+        analyze: bool = False,
+    ) -> dict[str, Any]:
+        """PostgreSQL's plan (``EXPLAIN (FORMAT JSON)``, with ``ANALYZE`` when asked) of the
+        statement `get_events` (or, with ``count``, `count_events`) runs for ``event_filter``:
+        to see which index serves a filter."""
+        criteria = normalize(event_filter)
+        if count:
+            statement = summary_count(self._statements, criteria.unpaged()) or Select(
+                self._statements, criteria.unpaged(), bound=False
+            ).count()
+        else:
+            statement = Select(
+                self._statements, criteria, bound=criteria.order_by == "position"
+            ).events(limit=criteria.limit, offset=criteria.offset)
+        options = sql.SQL("ANALYZE, BUFFERS, " if analyze else "")
+        text = sql.SQL("EXPLAIN ({}FORMAT JSON) {}").format(options, statement[0])
+        with self._connection() as conn:
+            row = conn.execute(text, statement[1], prepare=False).fetchone()
+        plan: dict[str, Any] = row[0][0] if row else {}
+        return plan
+
     def cache_stats(self) -> CacheStats:
         """Hits, misses, evictions and size of the query result cache."""
         return self.cache.stats()

@@ -1,0 +1,96 @@
+"""Query latencies, p50 and p99 per shape, over a store loaded with the generated workload.
+
+The store holds ``TAMMA_EVENTS_BENCH_QUERY_EVENTS`` events (default 1,000,000; the documented
+manual run uses 10,000,000); loading takes minutes, so ``TAMMA_EVENTS_BENCH_KEEP=1`` keeps the
+schema for the next run. The result cache is off: these are the queries' own costs. Each shape is
+reported against a ``SELECT 1`` round trip timed in the same run, and the keyset page also
+against the same page decoded by psycopg's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tamma_events import EventStore
+from tamma_events.bench import default_page, load_query_store, query_shapes
+from tamma_events.schema import drop
+
+EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_QUERY_EVENTS", "1000000"))
+KEEP = os.environ.get("TAMMA_EVENTS_BENCH_KEEP") == "1"
+ROUNDS = 200
+SHAPES = [
+    "by_issue",
+    "type_window",
+    "type_window.by_time",
+    "provider_platform",
+    "tags",
+    "keyset_page_1000",
+    "count_by_type",
+    "count_by_issue",
+    "get_event_types",
+    "get_tags",
+    "aggregate_by_day",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(dsn: str) -> Iterator[EventStore]:
+    schema = f"bench_q_{EVENTS}"
+    store = load_query_store(dsn, schema, EVENTS)
+    yield store
+    store.close()
+    if not KEEP:
+        drop(dsn, schema)
+
+
+@pytest.fixture(scope="module")
+def round_trip(dsn: str) -> float:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return _p50(_time(lambda: conn.execute("SELECT 1").fetchall(), ROUNDS))
+
+
+def _time(call: Any, rounds: int) -> list[float]:
+    call()
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _p50(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def _p99(times: list[float]) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_query_latency(
+    benchmark: Any, loaded: EventStore, round_trip: float, shape: str, dsn: str
+) -> None:
+    call = query_shapes(loaded)[shape]
+    rounds = ROUNDS if shape != "get_tags" else 10
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    data = benchmark.stats.stats.data
+    info: dict[str, Any] = {
+        "events": EVENTS,
+        "p50_ms": _p50(data) * 1e3,
+        "p99_ms": _p99(data) * 1e3,
+        "round_trip_ms": round_trip * 1e3,
+        "ratio_to_round_trip": _p50(data) / round_trip,
+    }
+    if shape == "keyset_page_1000":
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            default = _p50(_time(default_page(conn, loaded.schema, EVENTS), 50))
+        info.update(default_decoding_ms=default * 1e3, ratio_to_default=_p50(data) / default)
+    benchmark.extra_info.update(info)

@@ -1,0 +1,232 @@
+"""The planned access path of each query shape, on a realistic store (50k generated events,
+vacuumed and analysed): every filter is served by an index or a summary, never by a sequential
+scan of the events table, and the counts and listings a summary answers do not read it at all.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tamma_events import EventFilter, EventStore
+from tamma_events.filters import normalize
+from tamma_events.schema import drop
+from tamma_events.sql import summary_aggregate
+from tamma_events.workload import generate_events
+
+EVENTS = 50_000
+
+
+@pytest.fixture(scope="module")
+def planned(pg_dsn: str) -> Iterator[EventStore]:
+    schema = f"plans_{uuid.uuid4().hex[:10]}"
+    store = EventStore(pg_dsn, schema=schema, cache_size=0)
+    events = list(generate_events(EVENTS))
+    for start in range(0, EVENTS, 10_000):
+        store.append_batch(events[start : start + 10_000])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for table in ("events", "type_summary", "tag_summary", "time_summary"):
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, table)))
+    yield store
+    store.close()
+    drop(pg_dsn, schema)
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _access(plan: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
+    """(node type, relation, index) of every node of the plan that reads a relation (index
+    nodes of a bitmap scan name no relation: theirs is that of the heap scan above them)."""
+    found = []
+    for node in _nodes(plan["Plan"]):
+        if "Relation Name" in node or "Index Name" in node:
+            found.append((node["Node Type"], node.get("Relation Name"), node.get("Index Name")))
+    return found
+
+
+def _start(store: EventStore) -> Any:
+    return store.get_events(EventFilter(limit=1))[0].timestamp
+
+
+# A filter, and the indexes of events any of which may serve it.
+SHAPES: dict[str, tuple[dict[str, Any], set[str]]] = {
+    "by issue": ({"issue_ids": ["ISSUE-77"], "limit": 100}, {"events_tags"}),
+    "by issues (OR)": (
+        {"issue_ids": [f"ISSUE-{n}" for n in range(10)], "limit": 100},
+        {"events_tags", "events_pkey"},
+    ),
+    "by issues (many)": (
+        {"issue_ids": [f"ISSUE-{n}" for n in range(200)], "limit": 100},
+        {"events_tags", "events_pkey"},
+    ),
+    "by user": ({"user_ids": ["user-7"], "limit": 100}, {"events_tags", "events_pkey"}),
+    "by pr": ({"pr_ids": ["PR-30"], "limit": 100}, {"events_tags"}),
+    "provider + platform": (
+        {"providers": ["openai"], "platforms": ["github"], "limit": 100},
+        {"events_pkey", "events_tags"},
+    ),
+    "tags": (
+        {"tags": {"userId": "user-3", "provider": "local"}, "limit": 100},
+        {"events_tags", "events_pkey"},
+    ),
+    "event ids": (
+        {"event_ids": [str(uuid.uuid4()) for _ in range(20)], "limit": 100},
+        {"events_event_id_key"},
+    ),
+    "type": (
+        {"event_types": ["IssueClosed"], "limit": 100},
+        {"events_type_position", "events_pkey"},
+    ),
+    "types by type": (
+        {"event_types": ["IssueClosed", "IssueCreated"], "limit": 100, "order_by": "type"},
+        {"events_type_position"},
+    ),
+    "all by position desc": (
+        {"limit": 100, "order_direction": "desc"},
+        {"events_pkey"},
+    ),
+    "all by timestamp": ({"limit": 100, "order_by": "timestamp"}, {"events_timestamp_position"}),
+}
+
+WINDOWED: dict[str, tuple[dict[str, Any], set[str]]] = {
+    "type + window": (
+        {"event_types": ["IssueClosed"], "limit": 100},
+        {"events_pkey", "events_type_position", "events_timestamp_position"},
+    ),
+    "type + window by time": (
+        {"event_types": ["IssueClosed"], "limit": 100, "order_by": "timestamp"},
+        {"events_timestamp_position", "events_type_position"},
+    ),
+    "window by time": (
+        {"limit": 100, "order_by": "timestamp", "order_direction": "desc"},
+        {"events_timestamp_position"},
+    ),
+    "provider + window": (
+        {"providers": ["google"], "limit": 100},
+        {"events_pkey", "events_tags", "events_timestamp_position"},
+    ),
+}
+
+
+def _check_served(plan: dict[str, Any], allowed: set[str]) -> None:
+    access = _access(plan)
+    on_events = [(node, index) for node, relation, index in access if relation == "events"]
+    assert on_events, access
+    assert all(node != "Seq Scan" for node, _ in on_events), access
+    used = {index for _, _, index in access if index is not None}
+    assert used & allowed, (used, allowed)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_each_filter_shape_is_served_by_an_index(planned: EventStore, shape: str) -> None:
+    fields, allowed = SHAPES[shape]
+    _check_served(planned.explain(EventFilter(**fields)), allowed)
+
+
+@pytest.mark.parametrize("shape", list(WINDOWED))
+def test_each_windowed_shape_is_served_by_an_index(planned: EventStore, shape: str) -> None:
+    fields, allowed = WINDOWED[shape]
+    start = _start(planned) + timedelta(hours=1, minutes=7)
+    event_filter = EventFilter(**fields, start_time=start, end_time=start + timedelta(minutes=30))
+    plan = planned.explain(event_filter)
+    _check_served(plan, allowed)
+    if event_filter.order_by == "position":
+        # the window becomes a position range through the time summary
+        relations = {relation for _, relation, _ in _access(plan)}
+        assert "time_summary" in relations
+
+
+def test_a_keyset_page_reads_the_primary_key_from_its_position(planned: EventStore) -> None:
+    page = planned.get_page(page_size=1000)
+    assert page.next_token is not None
+    analysed = planned.explain(EventFilter(limit=1000), analyze=True)
+    _check_served(analysed, {"events_pkey"})
+
+
+@pytest.mark.parametrize(
+    ("fields", "summary"),
+    [
+        ({}, "head"),
+        ({"event_types": ["IssueClosed"]}, "type_summary"),
+        ({"event_types": ["IssueClosed", "CiRunCompleted"]}, "type_summary"),
+        ({"issue_ids": ["ISSUE-77"]}, "tag_summary"),
+        ({"providers": ["openai", "local"]}, "tag_summary"),
+        ({"tags": {"platform": "github"}}, "tag_summary"),
+    ],
+)
+def test_counts_come_from_summaries_without_reading_events(
+    planned: EventStore, fields: dict[str, Any], summary: str
+) -> None:
+    relations = {
+        relation for _, relation, _ in _access(planned.explain(EventFilter(**fields), count=True))
+    }
+    assert relations - {None} == {summary}
+
+
+def test_a_count_over_a_whole_hour_window_comes_from_the_time_summary(
+    planned: EventStore,
+) -> None:
+    start = _start(planned).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    event_filter = EventFilter(
+        event_types=["IssueClosed"], start_time=start, end_time=start + timedelta(hours=2)
+    )
+    relations = {relation for _, relation, _ in _access(planned.explain(event_filter, count=True))}
+    assert relations - {None} == {"time_summary"}
+    # a window cut inside a minute is counted from the events, through an index
+    cut = EventFilter(
+        event_types=["IssueClosed"],
+        start_time=start + timedelta(seconds=30),
+        end_time=start + timedelta(hours=2),
+    )
+    _check_served(
+        planned.explain(cut, count=True),
+        {"events_timestamp_position", "events_type_position", "events_pkey"},
+    )
+
+
+@pytest.mark.parametrize("group_by", ["event_type", "minute", "hour", "day"])
+def test_aggregates_by_type_and_bucket_come_from_summaries(
+    planned: EventStore, group_by: Any
+) -> None:
+    statement = summary_aggregate(planned._statements, normalize(None), group_by)
+    assert statement is not None
+    with psycopg.connect(planned.dsn) as conn:
+        row = conn.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement[0]), statement[1]
+        ).fetchone()
+    assert row is not None
+    relations = {relation for _, relation, _ in _access(row[0][0])} - {None}
+    assert relations <= {"type_summary", "time_summary"} and relations
+
+
+def test_listings_read_only_summaries(planned: EventStore) -> None:
+    with psycopg.connect(planned.dsn, autocommit=True) as conn:
+        before = _events_reads(conn, planned.schema)
+        types = planned.get_event_types()
+        tags = planned.get_tags()
+        after = _events_reads(conn, planned.schema)
+    assert len(types) == 9 and set(tags) == {"issueId", "prId", "userId", "provider", "platform"}
+    assert after == before
+
+
+def _events_reads(conn: psycopg.Connection[Any], schema: str) -> tuple[int, int]:
+    """Sequential and index scans of the events table so far (flushed statistics)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables"
+        " WHERE schemaname = %s AND relname = 'events'",
+        [schema],
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
