@@ -149,7 +149,8 @@ def _error(message: str, field: str, **context: Any) -> EventStoreError:
     return EventStoreError(QUERY_ERROR, message, {"field": field, **context})
 
 
-def _text(value: object, field: str) -> str:
+def check_text(value: object, field: str) -> str:
+    """``value`` if it is a string PostgreSQL can hold, else QUERY_ERROR naming ``field``."""
     if not isinstance(value, str):
         raise _error(f"{field} must hold strings, got {type(value).__name__}", field)
     if "\x00" in value:
@@ -174,7 +175,7 @@ def _values(values: object, field: str) -> tuple[str, ...]:
             field,
             count=len(values),
         )
-    return tuple(sorted({_text(value, field) for value in values}))
+    return tuple(sorted({check_text(value, field) for value in values}))
 
 
 def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
@@ -251,7 +252,7 @@ def normalize(event_filter: EventFilter | None) -> Criteria:
         if not isinstance(f.tags, dict):
             raise _error(f"tags must be a dict of str to str, got {type(f.tags).__name__}", "tags")
         for key, value in f.tags.items():
-            tags.append((_text(key, "tags"), (_text(value, "tags"),)))
+            tags.append((check_text(key, "tags"), (check_text(value, "tags"),)))
     start = parse_time(f.start_time, "start_time")
     end = parse_time(f.end_time, "end_time")
     if start is not None and end is not None and end < start:

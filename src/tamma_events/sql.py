@@ -6,6 +6,7 @@ The text depends only on the query's shape and is composed once per shape.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
@@ -271,14 +272,25 @@ class Select:
             self.where.append(sql.SQL(f"({column}, position) {op} (%s, %s)"))
             self.params += [last_key, last_position]
 
-    def events(self, *, limit: int | None, offset: int) -> tuple[sql.Composed, list[Any]]:
-        """The matching events as JSON text, one per row, in the criteria's order."""
+    def events(
+        self, *, limit: int | None, offset: int, few: bool = False
+    ) -> tuple[sql.Composed, list[Any]]:
+        """The matching events as JSON text, one per row, in the criteria's order.
+
+        With ``few`` (the tag summary says the filter matches few events), the matches are
+        collected first and ordered afterwards. Left to itself, the planner may walk the whole
+        log in position order to find the first 100 of 50 matches when its sampled statistics
+        overrate a tag value; the fence (OFFSET 0) keeps it from choosing that."""
+        source: sql.Composable = self.statements.events
+        if few:
+            source = sql.SQL("(SELECT * FROM {} WHERE {} OFFSET 0) AS matches").format(
+                self.statements.events, self.predicate()
+            )
+            where: sql.Composable = sql.SQL("TRUE")
+        else:
+            where = self.predicate()
         text = sql.SQL("{}SELECT {} FROM {} WHERE {} {} LIMIT %s OFFSET %s").format(
-            self.with_,
-            EVENT_JSON,
-            self.statements.events,
-            self.predicate(),
-            self.order(self.criteria.descending),
+            self.with_, EVENT_JSON, source, where, self.order(self.criteria.descending)
         )
         return text, [*self.with_params, *self.params, limit, offset]
 
@@ -323,9 +335,10 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
         key, values = c.tags[0]
         return (
             sql.SQL(
-                "SELECT coalesce(sum(count), 0) FROM {} WHERE key = %s AND value = ANY(%s::text[])"
+                "SELECT coalesce(sum(count), 0) FROM {}"
+                " WHERE key = %s AND digest = ANY(%s::bytea[])"
             ).format(st.tag_summary),
-            [key, list(values)],
+            [key, _digests(values)],
         )
     if windowed:
         grain = aligned_grain(c)
@@ -348,6 +361,33 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
             params,
         )
     return sql.SQL("SELECT position FROM {}").format(st.head), []
+
+
+#: Filters whose tags match at most this many events (per the tag summary) are planned as
+#: "collect the matches, then order them".
+FEW_MATCHES = 5_000
+
+
+def tag_matches(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] | None:
+    """The statement reading, from the tag summary, an upper bound on the events matching the
+    criteria's tags (the smallest of its tag conditions' counts); None without tags."""
+    if not c.tags:
+        return None
+    counts = []
+    params: list[Any] = []
+    for key, values in c.tags:
+        counts.append(
+            sql.SQL(
+                "(SELECT coalesce(sum(count), 0) FROM {} WHERE key = %s AND digest = ANY(%s))"
+            ).format(st.tag_summary)
+        )
+        params += [key, _digests(values)]
+    return sql.SQL("SELECT least({})").format(sql.SQL(", ").join(counts)), params
+
+
+def _digests(values: tuple[str, ...]) -> list[bytes]:
+    """The tag summary's keys of these values."""
+    return [hashlib.sha256(value.encode()).digest() for value in values]
 
 
 def _bucket_conditions(c: Criteria, grain: str) -> tuple[list[sql.Composable], list[Any]]:
@@ -388,18 +428,20 @@ def summary_aggregate(
     if group_by == "event_type":
         grain = aligned_grain(c)
         key: sql.Composable = sql.SQL("event_type")
+        group: sql.Composable = key
     else:
         bounds = [b for b in (c.start, c.end) if b is not None]
         grain = group_by if all(_on_grain(b, group_by) for b in bounds) else None
         key = sql.SQL(f"to_char(bucket{_UTC_TEXT}")
+        group = sql.SQL("bucket")  # the index's order; the key text sorts the same way
     if grain is None:
         return None
     conditions, params = _bucket_conditions(c, grain)
     return (
         sql.SQL(
             "SELECT {} AS key, sum(count)::bigint, min(first_timestamp), max(last_timestamp)"
-            " FROM {} WHERE {} GROUP BY 1 ORDER BY 1"
-        ).format(key, st.time_summary, sql.SQL(" AND ").join(conditions)),
+            " FROM {} WHERE {} GROUP BY {} ORDER BY {}"
+        ).format(key, st.time_summary, sql.SQL(" AND ").join(conditions), group, group),
         params,
     )
 

@@ -47,10 +47,12 @@ from .errors import (
 )
 from .filters import (
     AggregateRow,
+    Criteria,
     EventFilter,
     GroupBy,
     Page,
     check_count,
+    check_text,
     decode_token,
     encode_token,
     normalize,
@@ -60,6 +62,7 @@ from .integrity import verify as _verify
 from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
 from .schema import migrate as _migrate
 from .sql import (
+    FEW_MATCHES,
     Check,
     Select,
     Statements,
@@ -68,6 +71,7 @@ from .sql import (
     query_shape,
     summary_aggregate,
     summary_count,
+    tag_matches,
 )
 
 __all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
@@ -622,8 +626,9 @@ class EventStore:
 
             def run() -> str:
                 select = Select(self._statements, criteria, bound=criteria.order_by == "position")
+                few = self._few(cur, criteria)
                 return _events_document(
-                    cur, *select.events(limit=criteria.limit, offset=criteria.offset)
+                    cur, *select.events(limit=criteria.limit, offset=criteria.offset, few=few)
                 )
 
             document = self._cached(cur, ("events", criteria), run, len)
@@ -720,7 +725,7 @@ class EventStore:
                 {"field": "tag_key"},
             )
         if tag_key is not None:
-            normalize(EventFilter(tags={tag_key: ""}))  # the key's own checks
+            check_text(tag_key, "tag_key")
         criteria = normalize(event_filter).unpaged()
         with self._connection() as conn:
             cur = conn.cursor()
@@ -781,8 +786,9 @@ class EventStore:
                     last_key = _token_time(last_key)
             select = Select(self._statements, criteria, bound=criteria.order_by == "position")
             select.after(until, last_key, last_position)
+            few = self._few(cur, criteria)
             events = _decode_events(
-                _events_document(cur, *select.events(limit=page_size, offset=0))
+                _events_document(cur, *select.events(limit=page_size, offset=0, few=few))
             )
         if len(events) < page_size:
             return Page(events, None)
@@ -819,19 +825,32 @@ class EventStore:
         to see which index serves a filter."""
         criteria = normalize(event_filter)
         if count:
-            statement = summary_count(self._statements, criteria.unpaged()) or Select(
-                self._statements, criteria.unpaged(), bound=False
-            ).count()
-        else:
-            statement = Select(
-                self._statements, criteria, bound=criteria.order_by == "position"
-            ).events(limit=criteria.limit, offset=criteria.offset)
+            statement = (
+                summary_count(self._statements, criteria.unpaged())
+                or Select(self._statements, criteria.unpaged(), bound=False).count()
+            )
         options = sql.SQL("ANALYZE, BUFFERS, " if analyze else "")
-        text = sql.SQL("EXPLAIN ({}FORMAT JSON) {}").format(options, statement[0])
         with self._connection() as conn:
+            if not count:
+                statement = Select(
+                    self._statements, criteria, bound=criteria.order_by == "position"
+                ).events(
+                    limit=criteria.limit,
+                    offset=criteria.offset,
+                    few=self._few(conn.cursor(), criteria),
+                )
+            text = sql.SQL("EXPLAIN ({}FORMAT JSON) {}").format(options, statement[0])
             row = conn.execute(text, statement[1], prepare=False).fetchone()
         plan: dict[str, Any] = row[0][0] if row else {}
         return plan
+
+    def _few(self, cur: psycopg.Cursor[Any], criteria: Criteria) -> bool:
+        """Whether the criteria's tags match few events, per the tag summary."""
+        statement = tag_matches(self._statements, criteria)
+        if statement is None:
+            return False
+        row = cur.execute(*statement).fetchone()
+        return row is not None and int(row[0]) <= FEW_MATCHES
 
     def cache_stats(self) -> CacheStats:
         """Hits, misses, evictions and size of the query result cache."""

@@ -15,11 +15,14 @@ CREATE TABLE type_summary (
     last_timestamp  timestamptz NOT NULL
 );
 
+-- Keyed by the SHA-256 of the value, not the value: a tag value may be far longer than a btree
+-- index entry can be.
 CREATE TABLE tag_summary (
-    key   text   NOT NULL,
-    value text   NOT NULL,
-    count bigint NOT NULL,
-    PRIMARY KEY (key, value)
+    key    text   NOT NULL,
+    digest bytea  NOT NULL,
+    value  text   NOT NULL,
+    count  bigint NOT NULL,
+    PRIMARY KEY (key, digest)
 ) WITH (fillfactor = 50);
 
 -- Buckets are UTC. first/last_position bound where a bucket's events lie in the log, which turns
@@ -51,10 +54,10 @@ RETURN format($sql$
             last_timestamp = greatest(s.last_timestamp, excluded.last_timestamp)
         RETURNING 1
     ), by_tag AS (
-        INSERT INTO tag_summary AS s (key, value, count)
-        SELECT t.key, t.value, count(*)
+        INSERT INTO tag_summary AS s (key, digest, value, count)
+        SELECT t.key, sha256(convert_to(t.value, 'UTF8')), t.value, count(*)
         FROM %1$I e, jsonb_each_text(e.tags) t GROUP BY t.key, t.value
-        ON CONFLICT (key, value) DO UPDATE SET count = s.count + excluded.count
+        ON CONFLICT (key, digest) DO UPDATE SET count = s.count + excluded.count
         RETURNING 1
     ), minutes AS (
         SELECT date_trunc('minute', "timestamp", 'UTC') AS bucket, event_type,
