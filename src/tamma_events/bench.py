@@ -22,9 +22,9 @@ from psycopg import sql
 
 from . import _codec, _pycodec
 from .filters import EventFilter, encode_token, normalize
-from .model import AppendCondition, DomainEvent, Query
+from .model import AppendCondition, DomainEvent, Query, SequencedEvent
 from .schema import drop
-from .store import EventStore, _to_event
+from .store import EventStore
 from .workload import EVENT_TYPES, PLATFORMS, PROVIDERS, generate_events
 
 __all__ = [
@@ -559,6 +559,21 @@ def run_query_suite(
         if not keep:
             drop(dsn, schema)
     return results
+
+
+def _to_event(row: Sequence[Any]) -> SequencedEvent:
+    position, event_id, event_type, timestamp, tags, metadata, data, recorded_at, hash_ = row
+    return SequencedEvent(
+        event_type=event_type,
+        data=data,
+        tags=tags,
+        metadata=metadata,
+        event_id=event_id,
+        timestamp=timestamp,
+        position=position,
+        recorded_at=recorded_at,
+        hash=hash_,
+    )
 
 
 def default_page(conn: psycopg.Connection[Any], schema: str, events: int) -> Callable[[], object]:

@@ -491,11 +491,8 @@ class Statements:
             .format(sql.Identifier(schema, "append_group"))
             .as_bytes(None)
         )
-        self.columns = sql.SQL(
-            'position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at, hash'
-        )
         self.get_event = sql.SQL("SELECT {} FROM {} WHERE event_id = %s").format(
-            self.columns, self.events
+            EVENT_JSON, self.events
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
         self.type_summary = sql.Identifier(schema, "type_summary")
@@ -532,8 +529,9 @@ class Statements:
         """Events after a position matching a query of ``shape`` and, in the same snapshot, the
         head.
 
-        Parameters: after, the query's parameters, limit (None for no limit). A row with a NULL
-        position means no event matched.
+        Parameters: after, the query's parameters, limit (None for no limit). Each row holds
+        the head and an event as `EVENT_JSON`; a single row with a NULL event means no event
+        matched.
         """
         key = (shape, backwards)
         text = self._reads.get(key)
@@ -541,14 +539,14 @@ class Statements:
             direction = sql.SQL("DESC" if backwards else "ASC")
             text = (
                 sql.SQL(
-                    "SELECT h.position, e.* FROM {head} h LEFT JOIN LATERAL ("
-                    "SELECT {columns} FROM {events} WHERE position > %s AND {predicate}"
-                    " ORDER BY position {direction} LIMIT %s) e ON true"
+                    "SELECT h.position, e.event FROM {head} h LEFT JOIN LATERAL ("
+                    "SELECT position, {event} AS event FROM {events} WHERE position > %s"
+                    " AND {predicate} ORDER BY position {direction} LIMIT %s) e ON true"
                     " ORDER BY e.position {direction}"
                 )
                 .format(
                     head=self.head,
-                    columns=self.columns,
+                    event=EVENT_JSON,
                     events=self.events,
                     predicate=_predicate(shape),
                     direction=direction,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
@@ -162,6 +162,7 @@ def _rollback(conn: psycopg.Connection[Any]) -> None:
 
 
 _decode_events = msgspec.json.Decoder(list[SequencedEvent]).decode
+_decode_event = msgspec.json.Decoder(SequencedEvent).decode
 _GROUPS = ("event_type", "tag", "minute", "hour", "day")
 #: The largest page `get_page` serves.
 MAX_PAGE_SIZE = 100_000
@@ -188,21 +189,6 @@ def _events_document(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[
     generic plan can be orders of magnitude off."""
     rows = cur.execute(text, params, prepare=False).fetchall()
     return "[" + ",".join([row[0] for row in rows]) + "]"
-
-
-def _to_event(row: Sequence[Any]) -> SequencedEvent:
-    position, event_id, event_type, timestamp, tags, metadata, data, recorded_at, hash_ = row
-    return SequencedEvent(
-        event_type=event_type,
-        data=data,
-        tags=tags,
-        metadata=metadata,
-        event_id=event_id,
-        timestamp=timestamp,
-        position=position,
-        recorded_at=recorded_at,
-        hash=hash_,
-    )
 
 
 class EventStore:
@@ -606,8 +592,8 @@ class EventStore:
                 {"event_id": str(event_id)},
             ) from None
         with self._connection() as conn:
-            row = conn.cursor(binary=True).execute(self._statements.get_event, [key]).fetchone()
-        return None if row is None else _to_event(row)
+            row = conn.execute(self._statements.get_event, [key]).fetchone()
+        return None if row is None else _decode_event(row[0])
 
     def head(self) -> int:
         """The last position written (0 for an empty store)."""
@@ -1006,9 +992,9 @@ def _read(
     params: list[Any] = [after_position(after)]
     shape = query_shape(query, params)
     params.append(limit)
-    rows = conn.cursor(binary=True).execute(statements.read(shape, backwards), params).fetchall()
+    rows = conn.execute(statements.read(shape, backwards), params).fetchall()
     store_head = int(rows[0][0]) if rows else 0
-    events = [_to_event(row[1:]) for row in rows if row[1] is not None]
+    events = _decode_events("[" + ",".join([row[1] for row in rows if row[1] is not None]) + "]")
     if limit is None:
         head: int | None = store_head
     elif events:
