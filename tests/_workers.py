@@ -107,6 +107,18 @@ def bulk(dsn: str, schema: str, count: int) -> None:
         print(f"done {last}", flush=True)
 
 
+def append_one(dsn: str, schema: str, event_type: str, tags: dict[str, str], results: Any) -> None:
+    """Append one event of ``event_type`` with ``tags`` from a store of this process's own.
+    Puts ``("appended", position)`` on ``results``, or ``("error", traceback)``."""
+    try:
+        with EventStore(dsn, schema=schema, migrate=False, max_connections=1) as store:
+            position = store.append(DomainEvent(event_type, {"from": "child"}, tags))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+        return
+    results.put(("appended", position))
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command != "bulk":

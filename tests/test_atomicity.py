@@ -84,8 +84,16 @@ NAIVE = datetime(2024, 1, 1, 12, 0)
         (lambda: DomainEvent("Bad", data=[1, 2]), "data"),  # type: ignore[arg-type]
     ],
     ids=[
-        "nan", "nested-inf", "metadata-inf", "empty-type", "long-type", "int-tag",
-        "empty-tag-key", "nul", "naive-timestamp", "data-list",
+        "nan",
+        "nested-inf",
+        "metadata-inf",
+        "empty-type",
+        "long-type",
+        "int-tag",
+        "empty-tag-key",
+        "nul",
+        "naive-timestamp",
+        "data-list",
     ],
 )
 def test_batch_with_one_invalid_event_writes_nothing(
@@ -141,8 +149,11 @@ def test_batch_with_a_stored_id_writes_nothing(store: EventStore) -> None:
     assert original is not None
     assert (original.event_type, original.data, original.position) == ("Seed", {"i": 1}, 2)
     # two stored ids are both named, in position order
-    both = [DomainEvent("N"), DomainEvent("R", event_id=stored[2].event_id),
-            DomainEvent("R", event_id=stored[0].event_id)]
+    both = [
+        DomainEvent("N"),
+        DomainEvent("R", event_id=stored[2].event_id),
+        DomainEvent("R", event_id=stored[0].event_id),
+    ]
     error = expect_error(DUPLICATE_EVENT, lambda: store.append_batch(both))
     assert error.context["event_ids"] == [str(stored[0].event_id), str(stored[2].event_id)]
     # a single append of a stored id (a retried append) is refused too
@@ -261,9 +272,7 @@ def _backend_alive(dsn: str, pid: int) -> bool:
     return bool(row and row[0])
 
 
-def test_client_killed_during_a_large_append_leaves_nothing(
-    store: EventStore, pg_dsn: str
-) -> None:
+def test_client_killed_during_a_large_append_leaves_nothing(store: EventStore, pg_dsn: str) -> None:
     seed(store)
     application_name = f"kill-{uuid.uuid4().hex[:8]}"
     child_dsn = make_conninfo(pg_dsn, application_name=application_name)
@@ -323,7 +332,10 @@ def test_mapping_events_are_appended(store: EventStore) -> None:
     stored = store.get_event(event_id)
     assert stored is not None
     assert (stored.event_type, stored.data, stored.tags, stored.metadata) == (
-        "FromJson", mapping["data"], mapping["tags"], mapping["metadata"],
+        "FromJson",
+        mapping["data"],
+        mapping["tags"],
+        mapping["metadata"],
     )
     assert stored.timestamp == datetime(2024, 5, 6, 5, 8, 9, 123456, tzinfo=timezone.utc)
     assert stored.timestamp.utcoffset() == timedelta(0)
@@ -347,8 +359,16 @@ def test_mapping_events_are_appended(store: EventStore) -> None:
         {"event_type": ""},
     ],
     ids=[
-        "no-type", "int-type", "int-tag", "list-tags", "list-data", "bad-id", "bad-time",
-        "naive-time", "nan", "empty-type",
+        "no-type",
+        "int-type",
+        "int-tag",
+        "list-tags",
+        "list-data",
+        "bad-id",
+        "bad-time",
+        "naive-time",
+        "nan",
+        "empty-type",
     ],
 )
 def test_bad_mapping_events_are_rejected(store: EventStore, bad: dict[str, Any]) -> None:

@@ -320,7 +320,9 @@ def test_group_commit_gives_each_caller_its_own_position(store: EventStore) -> N
             assert stored is not None
             assert stored.position == position
             assert (stored.event_type, stored.data, stored.tags) == (
-                event.event_type, event.data, event.tags,
+                event.event_type,
+                event.data,
+                event.tags,
             )
     assert sorted(claimed) == list(range(1, len(claimed) + 1))
     assert len(assert_gapless(store)) == len(claimed)

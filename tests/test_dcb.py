@@ -138,14 +138,16 @@ def test_after_is_exclusive(filled: EventStore) -> None:
     assert positions(filled.read(Query.of(tags={"issueId": "1"}), after=1)) == [2, 6]
     assert positions(filled.read(Query.of(tags={"issueId": "1"}), after=6)) == []
     issue2 = Query.of(tags={"issueId": "2"})  # matches position 3 only
-    expect_error(APPEND_CONDITION_FAILED, lambda: filled.append(
-        DomainEvent("X"), AppendCondition(issue2, after=2)
-    ))
+    expect_error(
+        APPEND_CONDITION_FAILED,
+        lambda: filled.append(DomainEvent("X"), AppendCondition(issue2, after=2)),
+    )
     assert filled.append(DomainEvent("X"), AppendCondition(issue2, after=3)) == 7
     everything = Query()
-    expect_error(APPEND_CONDITION_FAILED, lambda: filled.append(
-        DomainEvent("Y"), AppendCondition(everything, after=6)
-    ))
+    expect_error(
+        APPEND_CONDITION_FAILED,
+        lambda: filled.append(DomainEvent("Y"), AppendCondition(everything, after=6)),
+    )
     assert filled.append(DomainEvent("Y"), AppendCondition(everything, after=7)) == 8
 
 
@@ -156,9 +158,12 @@ def test_condition_without_after_fails_on_any_match(filled: EventStore) -> None:
         Query.of(tags={"issueId": "1", "userId": "u2"}),  # the last one
         Query(),
     ):
-        error = expect_error(APPEND_CONDITION_FAILED, lambda q=query: filled.append(
-            DomainEvent("X", tags={"issueId": "1"}), AppendCondition(q)
-        ))
+        error = expect_error(
+            APPEND_CONDITION_FAILED,
+            lambda q=query: filled.append(
+                DomainEvent("X", tags={"issueId": "1"}), AppendCondition(q)
+            ),
+        )
         assert error.context["after"] is None
     assert filled.head() == 6
 

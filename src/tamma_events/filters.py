@@ -323,3 +323,28 @@ def decode_token(token: str, criteria: Criteria) -> _Token:
     if decoded.until < 0 or decoded.last_position < 0:
         raise _error("the page token is malformed", "token")
     return decoded
+
+
+def token_key(token: _Token, criteria: Criteria) -> datetime | str | None:
+    """The sort key of the token's last event, as the keyset condition compares it: None in
+    log order, a datetime in time order, an event type in type order; QUERY_ERROR if the token
+    does not hold one."""
+    key = token.last_key
+    if criteria.order_by == "position":
+        if key is not None:
+            raise _error("the page token is malformed", "token")
+        return None
+    if not isinstance(key, str):
+        raise _error("the page token is malformed", "token")
+    if criteria.order_by == "type":
+        try:
+            return check_text(key, "token")
+        except EventStoreError:
+            raise _error("the page token is malformed", "token") from None
+    try:
+        moment = datetime.fromisoformat(key)
+    except ValueError:
+        raise _error("the page token is malformed", "token") from None
+    if moment.tzinfo is None:
+        raise _error("the page token is malformed", "token")
+    return moment

@@ -56,6 +56,7 @@ from .filters import (
     decode_token,
     encode_token,
     normalize,
+    token_key,
 )
 from .integrity import IntegrityReport
 from .integrity import verify as _verify
@@ -172,15 +173,6 @@ def _size_of_strings(values: list[str]) -> int:
     return sum(len(value) + 56 for value in values)
 
 
-def _token_time(value: Any) -> datetime:
-    try:
-        return datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        raise EventStoreError(
-            QUERY_ERROR, "the page token is malformed", {"field": "token"}
-        ) from None
-
-
 def _events_document(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> str:
     """The events a statement selects as `EVENT_JSON` rows, as one JSON array.
 
@@ -229,7 +221,14 @@ class EventStore:
         self.max_event_bytes = max_event_bytes
         self.chunk_events = chunk_events
         self._statements = Statements(schema)
-        self.cache = QueryCache(cache_size, cache_ttl)
+        for name, value in (("cache_size", cache_size), ("cache_ttl", cache_ttl)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise EventStoreError(
+                    VALIDATION_FAILED,
+                    f"{name} must be a non-negative number, got {value!r}",
+                    {"field": name},
+                )
+        self.cache = QueryCache(int(cache_size), cache_ttl)
         self._closed = False
         self.embedded: embedded.EmbeddedServer | None = None
         if pool is not None:
@@ -742,7 +741,8 @@ class EventStore:
 
         A walk is pinned to the head at its first page: it returns each event stored by then
         exactly once, however many events are appended meanwhile (read those with a new walk,
-        or follow the head with ``read(after=...)``). The filter may not set limit or offset."""
+        or follow the head with ``read(after=...)``). ``next_token`` is None on the last page.
+        The filter may not set limit or offset."""
         criteria = normalize(event_filter)
         if criteria.limit is not None or criteria.offset:
             raise EventStoreError(
@@ -767,17 +767,17 @@ class EventStore:
             else:
                 decoded = decode_token(token, criteria)
                 until, last_position = decoded.until, decoded.last_position
-                last_key = decoded.last_key
-                if criteria.order_by == "timestamp":
-                    last_key = _token_time(last_key)
+                last_key = token_key(decoded, criteria)
             select = Select(self._statements, criteria, bound=criteria.order_by == "position")
             select.after(until, last_key, last_position)
             few = self._few(cur, criteria)
+            # One event more than the page, to know whether another page follows.
             events = _decode_events(
-                _events_document(cur, *select.events(limit=page_size, offset=0, few=few))
+                _events_document(cur, *select.events(limit=page_size + 1, offset=0, few=few))
             )
-        if len(events) < page_size:
+        if len(events) <= page_size:
             return Page(events, None)
+        del events[page_size:]
         last = events[-1]
         key: str | None = None
         if criteria.order_by == "timestamp":
