@@ -112,3 +112,9 @@ DO $$ BEGIN EXECUTE summary_statement('events'); END $$;
 -- Time windows ordered by time, and keyset pages in time order.
 DROP INDEX events_timestamp;
 CREATE INDEX events_timestamp_position ON events ("timestamp", position);
+
+-- The planner estimates a tag filter (`tags @> ...`) from a histogram of sampled tag documents.
+-- With the default 100 entries, a filter matching 5% of the log can sample as a few rows and be
+-- served by fetching all of its matches from the GIN index (0.5 s at 1M events instead of 5 ms
+-- walking the primary key); 1000 entries keep such estimates within a few percent.
+ALTER TABLE events ALTER COLUMN tags SET STATISTICS 1000;
