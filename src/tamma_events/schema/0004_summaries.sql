@@ -83,21 +83,17 @@ RETURN format($sql$
         last_position = greatest(s.last_position, excluded.last_position)
 $sql$, source);
 
-CREATE FUNCTION summarize_events() RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-AS $$
-BEGIN
-    EXECUTE summary_statement('new_events');
-    RETURN NULL;
-END
-$$;
-
--- Name the schema, then pg_temp last, so no session's temporary table can stand in for a summary.
+-- The trigger function holds the statement as static SQL, so PL/pgSQL plans it once per session
+-- instead of on every append (dynamic EXECUTE cost a single append a third of its time). It runs
+-- as the schema's owner, with the schema first and pg_temp last in its search path, so no
+-- session's temporary table can stand in for a summary.
 DO $$
 BEGIN
-    EXECUTE format('ALTER FUNCTION summarize_events() SET search_path = %I, pg_catalog, pg_temp',
-                   current_schema());
+    EXECUTE format(
+        'CREATE FUNCTION summarize_events() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER'
+        ' SET search_path = %I, pg_catalog, pg_temp AS %L',
+        current_schema(),
+        'BEGIN ' || summary_statement('new_events') || '; RETURN NULL; END');
 END
 $$;
 
