@@ -170,9 +170,22 @@ class Select:
     clause (when a window is bounded by the time summary), the WHERE conjuncts and their
     parameters, in order."""
 
-    def __init__(self, statements: Statements, criteria: Criteria, *, bound: bool) -> None:
+    def __init__(
+        self,
+        statements: Statements,
+        criteria: Criteria,
+        *,
+        bound: bool,
+        indexed_tag: int | None = None,
+    ) -> None:
+        """``bound``: turn a window into a position range (for reads in log order).
+        ``indexed_tag``: only this tag condition (an index into ``criteria.tags``) goes to the
+        GIN index; the others are checked on the rows it finds. Used when the tag summary shows
+        that condition is selective and others are not: GIN would otherwise read the long
+        posting lists of the common values too."""
         self.statements = statements
         self.criteria = criteria
+        self.indexed_tag = indexed_tag
         # Parameters in the order of the text: the WITH clause's, then the WHERE clause's.
         self.with_params: list[Any] = []
         self.params: list[Any] = []
@@ -221,8 +234,11 @@ class Select:
 
     def _tags(self) -> None:
         single: dict[str, str] = {}
-        for key, values in self.criteria.tags:
-            if len(values) == 1 and key not in single:
+        for n, (key, values) in enumerate(self.criteria.tags):
+            if self.indexed_tag is not None and n != self.indexed_tag:
+                self.where.append(sql.SQL("tags ->> %s::text = ANY(%s::text[])"))
+                self.params += [key, list(values)]
+            elif len(values) == 1 and key not in single:
                 single[key] = values[0]
             elif len(values) == 1:  # the same key asked twice: a second containment
                 self.where.append(sql.SQL("tags @> %s::jsonb"))
@@ -369,8 +385,8 @@ FEW_MATCHES = 5_000
 
 
 def tag_matches(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] | None:
-    """The statement reading, from the tag summary, an upper bound on the events matching the
-    criteria's tags (the smallest of its tag conditions' counts); None without tags."""
+    """The statement reading, from the tag summary, how many events match each of the
+    criteria's tag conditions (one row, one column per condition); None without tags."""
     if not c.tags:
         return None
     counts = []
@@ -382,7 +398,7 @@ def tag_matches(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] |
             ).format(st.tag_summary)
         )
         params += [key, _digests(values)]
-    return sql.SQL("SELECT least({})").format(sql.SQL(", ").join(counts)), params
+    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(counts)), params
 
 
 def _digests(values: tuple[str, ...]) -> list[bytes]:

@@ -610,8 +610,7 @@ class EventStore:
             cur = conn.cursor()
 
             def run() -> str:
-                select = Select(self._statements, criteria, bound=criteria.order_by == "position")
-                few = self._few(cur, criteria)
+                select, few = self._select(cur, criteria)
                 return _events_document(
                     cur, *select.events(limit=criteria.limit, offset=criteria.offset, few=few)
                 )
@@ -768,9 +767,8 @@ class EventStore:
                 decoded = decode_token(token, criteria)
                 until, last_position = decoded.until, decoded.last_position
                 last_key = token_key(decoded, criteria)
-            select = Select(self._statements, criteria, bound=criteria.order_by == "position")
+            select, few = self._select(cur, criteria)
             select.after(until, last_key, last_position)
-            few = self._few(cur, criteria)
             # One event more than the page, to know whether another page follows.
             events = _decode_events(
                 _events_document(cur, *select.events(limit=page_size + 1, offset=0, few=few))
@@ -818,25 +816,30 @@ class EventStore:
         options = sql.SQL("ANALYZE, BUFFERS, " if analyze else "")
         with self._connection() as conn:
             if not count:
-                statement = Select(
-                    self._statements, criteria, bound=criteria.order_by == "position"
-                ).events(
-                    limit=criteria.limit,
-                    offset=criteria.offset,
-                    few=self._few(conn.cursor(), criteria),
-                )
+                select, few = self._select(conn.cursor(), criteria)
+                statement = select.events(limit=criteria.limit, offset=criteria.offset, few=few)
             text = sql.SQL("EXPLAIN ({}FORMAT JSON) {}").format(options, statement[0])
             row = conn.execute(text, statement[1], prepare=False).fetchone()
         plan: dict[str, Any] = row[0][0] if row else {}
         return plan
 
-    def _few(self, cur: psycopg.Cursor[Any], criteria: Criteria) -> bool:
-        """Whether the criteria's tags match few events, per the tag summary."""
+    def _select(self, cur: psycopg.Cursor[Any], criteria: Criteria) -> tuple[Select, bool]:
+        """The statement builder for reading events matching ``criteria``, and whether they
+        are few (then collected before they are ordered; see `Select.events`).
+
+        With tag conditions, the tag summary's exact counts decide: when one condition matches
+        few events, only it goes to the GIN index."""
+        bound = criteria.order_by == "position"
         statement = tag_matches(self._statements, criteria)
-        if statement is None:
-            return False
-        row = cur.execute(*statement).fetchone()
-        return row is not None and int(row[0]) <= FEW_MATCHES
+        row = None if statement is None else cur.execute(*statement).fetchone()
+        if not row:
+            return Select(self._statements, criteria, bound=bound), False
+        counts = [int(count) for count in row]
+        smallest = min(range(len(counts)), key=counts.__getitem__)
+        if counts[smallest] > FEW_MATCHES:
+            return Select(self._statements, criteria, bound=bound), False
+        indexed = smallest if len(counts) > 1 else None
+        return Select(self._statements, criteria, bound=bound, indexed_tag=indexed), True
 
     def cache_stats(self) -> CacheStats:
         """Hits, misses, evictions and size of the query result cache."""
