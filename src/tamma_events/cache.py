@@ -1,7 +1,8 @@
 """The in-process query result cache.
 
 Entries are keyed by the normalised question (`tamma_events.filters.Criteria` and the method
-asking it) and labelled with the head position read just before the answer was computed. A
+asking it) and labelled with the head (position and hash) read just before the answer was
+computed. A
 lookup reads the current head first (one primary-key read of a one-row table) and serves an
 entry only if the head has not moved since: any append, from this process or another, moves the
 head at its commit, so a hit is exactly what the query would return now, and a caller always sees
@@ -35,7 +36,7 @@ class CacheStats(msgspec.Struct, frozen=True):
 class _Entry:
     __slots__ = ("expires", "head", "size", "value")
 
-    def __init__(self, head: int, value: Any, size: int, expires: float) -> None:
+    def __init__(self, head: Hashable, value: Any, size: int, expires: float) -> None:
         self.head = head
         self.value = value
         self.size = size
@@ -62,7 +63,7 @@ class QueryCache:
     def enabled(self) -> bool:
         return self.max_entries > 0 and self.ttl > 0 and self.max_bytes > 0
 
-    def get(self, key: Hashable, head: int) -> Any | None:
+    def get(self, key: Hashable, head: Hashable) -> Any | None:
         """The value stored for ``key`` if it was computed at ``head`` and has not expired."""
         with self._lock:
             entry = self._entries.get(key)
@@ -77,7 +78,7 @@ class QueryCache:
             self._hits += 1
             return entry.value
 
-    def put(self, key: Hashable, head: int, value: Any, size: int) -> None:
+    def put(self, key: Hashable, head: Hashable, value: Any, size: int) -> None:
         """Store ``value`` (about ``size`` bytes) as computed at ``head``."""
         if not self.enabled or size > self.max_bytes:
             return

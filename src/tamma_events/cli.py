@@ -237,7 +237,11 @@ def _show_query(store: EventStore) -> None:
     "events (1,000,000 is the reference run).",
 )
 @click.option(
-    "--samples", default=200, show_default=True, help="Queries timed per shape (queries suite)."
+    "--samples",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Queries timed per shape (queries suite).",
 )
 @click.option(
     "--keep",

@@ -47,8 +47,23 @@ def _shared_buffers() -> str | None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+    limit = _container_memory()
+    if limit is not None:
+        total = min(total, limit)
     megabytes = max(128, min(2048, total // 4 // (1 << 20)))
     return f"{megabytes // 1024}GB" if megabytes % 1024 == 0 else f"{megabytes}MB"
+
+
+def _container_memory() -> int | None:
+    """The cgroup's memory limit (v2, then v1), when the process runs under one."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return None
 
 
 #: Settings that apply from the server's next start.
@@ -129,10 +144,11 @@ def _tune(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         changed = False
         for name, value in {**TUNING, **RESTART_TUNING}.items():
-            # the value in force, or the one already set for the next start
+            # The last value the configuration files set (one waiting for a restart counts:
+            # its "error" says it could not be applied yet), else the one in force.
             row = conn.execute(
                 "SELECT coalesce((SELECT setting FROM pg_file_settings WHERE name = %s"
-                " AND applied IS NOT NULL ORDER BY seqno DESC LIMIT 1), current_setting(%s))",
+                " ORDER BY seqno DESC LIMIT 1), current_setting(%s))",
                 [name, name],
             ).fetchone()
             if row is not None and row[0] != value:

@@ -30,6 +30,9 @@ __all__ = [
     "normalize",
 ]
 
+#: The largest limit, offset or position a statement can carry (PostgreSQL's bigint).
+MAX_BIGINT = 2**63 - 1
+
 #: The most values one list field of a filter may hold.
 MAX_FILTER_VALUES = 10_000
 
@@ -220,16 +223,20 @@ def parse_time(value: object, field: str) -> datetime | None:
         )
     if value.tzinfo is None or value.utcoffset() is None:
         raise _error(f"{field} must have a timezone (got the naive {value.isoformat()})", field)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise _error(f"{field} is out of range in UTC: {value.isoformat()}", field) from None
 
 
 def check_count(value: object, field: str, *, allow_none: bool) -> int | None:
-    """A non-negative int (or None where allowed), else QUERY_ERROR."""
+    """A non-negative int that fits PostgreSQL's bigint (or None where allowed), else
+    QUERY_ERROR."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT:
         expected = "a non-negative int or None" if allow_none else "a non-negative int"
-        raise _error(f"{field} must be {expected}, got {value!r}", field)
+        raise _error(f"{field} must be {expected} up to 2**63 - 1, got {value!r}", field)
     return value
 
 
@@ -320,7 +327,7 @@ def decode_token(token: str, criteria: Criteria) -> _Token:
         raise _error("the page token is malformed", "token") from None
     if decoded.fingerprint != fingerprint(criteria):
         raise _error("the page token belongs to a different filter", "token")
-    if decoded.until < 0 or decoded.last_position < 0:
+    if not (0 <= decoded.until <= MAX_BIGINT and 0 <= decoded.last_position <= MAX_BIGINT):
         raise _error("the page token is malformed", "token")
     return decoded
 

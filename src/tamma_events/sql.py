@@ -19,12 +19,15 @@ from .model import AppendCondition, Query, QueryItem
 __all__ = ["Check", "Statements", "query_shape"]
 
 #: A stored event as one JSON object, built by the server, that `msgspec` decodes straight into
-#: a `SequencedEvent`; the jsonb columns go out as their own text, timestamps as ISO 8601.
+#: a `SequencedEvent`; the jsonb columns go out as their own text, timestamps as ISO 8601 in UTC
+#: whatever the session's time zone (some zones' historical offsets have seconds, which RFC 3339
+#: cannot carry).
 EVENT_JSON = sql.SQL(
     """concat('{"position":', position, ',"event_id":"', event_id, '","event_type":',"""
-    """ to_json(event_type), ',"timestamp":', to_json("timestamp"), ',"tags":', tags,"""
-    """ ',"metadata":', metadata, ',"data":', data, ',"recorded_at":', to_json(recorded_at),"""
-    """ ',"hash":"', encode(hash, 'base64'), '"}')"""
+    """ to_json(event_type), ',"timestamp":', rtrim(to_json("timestamp" AT TIME ZONE 'UTC')"""
+    """::text, '"'), 'Z","tags":', tags, ',"metadata":', metadata, ',"data":', data,"""
+    """ ',"recorded_at":', rtrim(to_json(recorded_at AT TIME ZONE 'UTC')::text, '"'),"""
+    """ 'Z","hash":"', encode(hash, 'base64'), '"}')"""
 )
 
 # Completes `to_char(<timestamptz>` into its ISO 8601 text in UTC, the key of a time bucket.
@@ -511,6 +514,7 @@ class Statements:
             EVENT_JSON, self.events
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
+        self.head_label = sql.SQL("SELECT position, hash FROM {}").format(self.head)
         self.type_summary = sql.Identifier(schema, "type_summary")
         self.tag_summary = sql.Identifier(schema, "tag_summary")
         self.time_summary = sql.Identifier(schema, "time_summary")

@@ -11,6 +11,7 @@ keeps its own condition and its own outcome.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections import Counter
@@ -221,14 +222,23 @@ class EventStore:
         self.max_event_bytes = max_event_bytes
         self.chunk_events = chunk_events
         self._statements = Statements(schema)
-        for name, value in (("cache_size", cache_size), ("cache_ttl", cache_ttl)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise EventStoreError(
-                    VALIDATION_FAILED,
-                    f"{name} must be a non-negative number, got {value!r}",
-                    {"field": name},
-                )
-        self.cache = QueryCache(int(cache_size), cache_ttl)
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"cache_size must be a non-negative int, got {cache_size!r}",
+                {"field": "cache_size"},
+            )
+        if (
+            isinstance(cache_ttl, bool)
+            or not isinstance(cache_ttl, (int, float))
+            or not 0 <= cache_ttl < math.inf
+        ):
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"cache_ttl must be a finite non-negative number of seconds, got {cache_ttl!r}",
+                {"field": "cache_ttl"},
+            )
+        self.cache = QueryCache(cache_size, cache_ttl)
         self._closed = False
         self.embedded: embedded.EmbeddedServer | None = None
         if pool is not None:
@@ -855,8 +865,8 @@ class EventStore:
         """``compute()``, or the cache's answer computed at the current head."""
         if not self.cache.enabled:
             return compute()
-        row = cur.execute(self._statements.head_position).fetchone()
-        head = int(row[0]) if row else 0
+        # The head's hash too: a schema dropped and refilled may reach the same position.
+        head = cur.execute(self._statements.head_label).fetchone()
         value = self.cache.get(key, head)
         if value is None:
             value = compute()

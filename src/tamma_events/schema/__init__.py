@@ -40,6 +40,9 @@ def migrate(conn: psycopg.Connection[object], schema: str) -> list[int]:
     """Bring ``schema`` up to date on ``conn``; returns the versions applied now."""
     applied_now: list[int] = []
     with conn.transaction():
+        # Whatever the server's default: a migration that adds a trigger and backfills from the
+        # log must see the appends that committed while it waited for its locks.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tamma_events:{schema}"])
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
