@@ -10,7 +10,6 @@ against the same page decoded by psycopg's defaults.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ import psycopg
 import pytest
 
 from tamma_events import EventStore
-from tamma_events.bench import default_page, load_query_store, query_shapes
+from tamma_events.bench import default_page, latencies, load_query_store, percentiles, query_shapes
 from tamma_events.schema import drop
 
 EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_QUERY_EVENTS", "1000000"))
@@ -52,26 +51,7 @@ def loaded(dsn: str) -> Iterator[EventStore]:
 @pytest.fixture(scope="module")
 def round_trip(dsn: str) -> float:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return _p50(_time(lambda: conn.execute("SELECT 1").fetchall(), ROUNDS))
-
-
-def _time(call: Any, rounds: int) -> list[float]:
-    call()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def _p50(times: list[float]) -> float:
-    return sorted(times)[len(times) // 2]
-
-
-def _p99(times: list[float]) -> float:
-    ordered = sorted(times)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return percentiles(latencies(lambda: conn.execute("SELECT 1").fetchall(), ROUNDS))[0]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -81,16 +61,16 @@ def test_query_latency(
     call = query_shapes(loaded)[shape]
     rounds = ROUNDS if shape != "get_tags" else 10
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
-    data = benchmark.stats.stats.data
+    p50, p99 = percentiles(list(benchmark.stats.stats.data))
     info: dict[str, Any] = {
         "events": EVENTS,
-        "p50_ms": _p50(data) * 1e3,
-        "p99_ms": _p99(data) * 1e3,
+        "p50_ms": p50 * 1e3,
+        "p99_ms": p99 * 1e3,
         "round_trip_ms": round_trip * 1e3,
-        "ratio_to_round_trip": _p50(data) / round_trip,
+        "ratio_to_round_trip": p50 / round_trip,
     }
     if shape == "keyset_page_1000":
         with psycopg.connect(dsn, autocommit=True) as conn:
-            default = _p50(_time(default_page(conn, loaded.schema, EVENTS), 50))
-        info.update(default_decoding_ms=default * 1e3, ratio_to_default=_p50(data) / default)
+            default = percentiles(latencies(default_page(conn, loaded.schema, EVENTS), 50))[0]
+        info.update(default_decoding_ms=default * 1e3, ratio_to_default=p50 / default)
     benchmark.extra_info.update(info)

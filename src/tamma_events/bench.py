@@ -32,12 +32,14 @@ __all__ = [
     "BenchResult",
     "default_page",
     "fresh_ids",
+    "latencies",
     "load_query_store",
     "measure_append_batch",
     "measure_concurrent_appends",
     "measure_conditional_appends",
     "measure_copy_ceiling",
     "measure_encode",
+    "percentiles",
     "query_shapes",
     "run_query_suite",
     "run_suite",
@@ -464,12 +466,12 @@ def query_shapes(store: EventStore, seed: int = 11) -> dict[str, Callable[[], ob
     }
 
 
-def _percentiles(samples: list[float]) -> tuple[float, float]:
+def percentiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def _latencies(call: Callable[[], object], samples: int) -> list[float]:
+def latencies(call: Callable[[], object], samples: int) -> list[float]:
     call()  # warm the plan and page caches once
     times = []
     for _ in range(samples):
@@ -524,15 +526,15 @@ def run_query_suite(
     results: list[BenchResult] = []
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            floor = _percentiles(_latencies(lambda: conn.execute("SELECT 1").fetchall(), samples))
+            floor = percentiles(latencies(lambda: conn.execute("SELECT 1").fetchall(), samples))
             results.append(
                 BenchResult("round_trip", floor[0] * 1e3, "ms", detail={"p99_ms": floor[1] * 1e3})
             )
-            default = _percentiles(_latencies(default_page(conn, schema, events), samples))
+            default = percentiles(latencies(default_page(conn, schema, events), samples))
         for name, call in query_shapes(store).items():
             progress(name)
             runs = samples if name != "get_tags" else max(5, samples // 20)
-            p50, p99 = _percentiles(_latencies(call, runs))
+            p50, p99 = percentiles(latencies(call, runs))
             results.append(
                 BenchResult(
                     f"query.{name}",

@@ -167,40 +167,37 @@ def check_text(value: object, field: str) -> str:
     return value
 
 
-def _values(values: object, field: str) -> tuple[str, ...]:
+def _list(values: object, field: str, of: str) -> Sequence[object]:
+    """A list field's values (none when it is None), or QUERY_ERROR."""
     if values is None:
         return ()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise _error(f"{field} must be a list of strings, got {type(values).__name__}", field)
+        raise _error(f"{field} must be a list of {of}, got {type(values).__name__}", field)
     if len(values) > MAX_FILTER_VALUES:
         raise _error(
             f"{field} holds {len(values)} values; at most {MAX_FILTER_VALUES} are allowed",
             field,
             count=len(values),
         )
-    return tuple(sorted({check_text(value, field) for value in values}))
+    return values
+
+
+def _values(values: object, field: str) -> tuple[str, ...]:
+    return tuple(sorted({check_text(value, field) for value in _list(values, field, "strings")}))
 
 
 def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
     field = "event_ids"
-    if values is None:
-        return ()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise _error(f"event_ids must be a list of UUIDs, got {type(values).__name__}", field)
-    if len(values) > MAX_FILTER_VALUES:
-        raise _error(
-            f"event_ids holds {len(values)} values; at most {MAX_FILTER_VALUES} are allowed",
-            field,
-            count=len(values),
-        )
     ids = set()
-    for value in values:
+    for value in _list(values, field, "UUIDs"):
         if isinstance(value, uuid.UUID):
             ids.add(value)
             continue
         try:
+            if not isinstance(value, str):
+                raise TypeError
             ids.add(uuid.UUID(value))
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError):
             raise _error(f"event_ids holds {value!r}, which is not a UUID", field) from None
     return tuple(sorted(ids))
 
