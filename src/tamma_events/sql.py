@@ -169,34 +169,35 @@ def _on_grain(moment: Any, grain: str) -> bool:
 
 
 class Select:
-    """A statement over the events table for `Criteria`, composed piece by piece: a WITH
-    clause (when a window is bounded by the time summary), the WHERE conjuncts and their
-    parameters, in order."""
+    """A statement over the events table for `Criteria`, composed piece by piece: the WHERE
+    conjuncts and their parameters, in order."""
 
     def __init__(
         self,
         statements: Statements,
         criteria: Criteria,
         *,
-        bound: bool,
+        positions: tuple[int | None, int | None] | None = None,
         indexed_tag: int | None = None,
     ) -> None:
-        """``bound``: turn a window into a position range (for reads in log order).
-        ``indexed_tag``: only this tag condition (an index into ``criteria.tags``) goes to the
-        GIN index; the others are checked on the rows it finds. Used when the tag summary shows
-        that condition is selective and others are not: GIN would otherwise read the long
-        posting lists of the common values too."""
+        """``positions``: the first and last position the criteria's window can match (see
+        `window_positions`; None, None: no event can). ``indexed_tag``: only this tag condition
+        (an index into ``criteria.tags``) goes to the GIN index; the others are checked on the
+        rows it finds. Used when the tag summary shows that condition is selective and others
+        are not: GIN would otherwise read the long posting lists of the common values too."""
         self.statements = statements
         self.criteria = criteria
         self.indexed_tag = indexed_tag
-        # Parameters in the order of the text: the WITH clause's, then the WHERE clause's.
-        self.with_params: list[Any] = []
-        self.params: list[Any] = []
-        self.with_: sql.Composable = sql.SQL("")
+        # The conditions and their parameters, in the order of the text: the window's apart.
         self.where: list[sql.Composable] = []
+        self.params: list[Any] = []
+        self.window: list[sql.Composable] = []
+        self.window_params: list[Any] = []
+        self.ranged = positions is not None
         c = criteria
-        if bound and (c.start is not None or c.end is not None):
-            self._bound_positions()
+        if positions is not None:
+            self.where.append(sql.SQL("position BETWEEN %s AND %s"))
+            self.params += list(positions)
         if c.event_ids:
             self.where.append(sql.SQL("event_id = ANY(%s::uuid[])"))
             self.params.append(list(c.event_ids))
@@ -204,36 +205,11 @@ class Select:
             self.where.append(_one_or_any("event_type", c.event_types, "text", self.params))
         self._tags()
         if c.start is not None:
-            self.where.append(sql.SQL('"timestamp" >= %s'))
-            self.params.append(c.start)
+            self.window.append(sql.SQL('"timestamp" >= %s'))
+            self.window_params.append(c.start)
         if c.end is not None:
-            self.where.append(sql.SQL('"timestamp" < %s'))
-            self.params.append(c.end)
-
-    def _bound_positions(self) -> None:
-        """Turn the window into a position range: the events of a window lie between the
-        first and last positions of the time buckets it overlaps. Reads in position order then
-        start inside the window instead of scanning up to it."""
-        c = self.criteria
-        grain = _grain_for(c)
-        conditions = [sql.SQL("grain = %s")]
-        self.with_params.append(grain)
-        if c.start is not None:
-            conditions.append(sql.SQL("bucket >= date_trunc(%s, %s::timestamptz, 'UTC')"))
-            self.with_params += [grain, c.start]
-        if c.end is not None:
-            conditions.append(sql.SQL("bucket < %s"))
-            self.with_params.append(c.end)
-        if c.event_types:
-            conditions.append(_one_or_any("event_type", c.event_types, "text", self.with_params))
-        self.with_ = sql.SQL(
-            "WITH window_positions AS (SELECT min(first_position) AS first,"
-            " max(last_position) AS last FROM {} WHERE {}) "
-        ).format(self.statements.time_summary, sql.SQL(" AND ").join(conditions))
-        self.where += [
-            sql.SQL("position >= (SELECT first FROM window_positions)"),
-            sql.SQL("position <= (SELECT last FROM window_positions)"),
-        ]
+            self.window.append(sql.SQL('"timestamp" < %s'))
+            self.window_params.append(c.end)
 
     def _tags(self) -> None:
         single: dict[str, str] = {}
@@ -263,9 +239,12 @@ class Select:
             self.params.append(_json.encode(single).decode())
 
     def predicate(self) -> sql.Composable:
-        if not self.where:
-            return sql.SQL("TRUE")
-        return sql.SQL(" AND ").join(self.where)
+        """Every condition; its parameters are `all_params`."""
+        return _conjunction(self.where + self.window)
+
+    @property
+    def all_params(self) -> list[Any]:
+        return [*self.params, *self.window_params]
 
     def order(self, descending: bool) -> sql.Composable:
         direction = "DESC" if descending else "ASC"
@@ -300,24 +279,38 @@ class Select:
         collected first and ordered afterwards. Left to itself, the planner may walk the whole
         log in position order to find the first 100 of 50 matches when its sampled statistics
         overrate a tag value; the fence (OFFSET 0) keeps it from choosing that."""
-        source: sql.Composable = self.statements.events
+        order = self.order(self.criteria.descending)
         if few:
-            source = sql.SQL("(SELECT * FROM {} WHERE {} OFFSET 0) AS matches").format(
-                self.statements.events, self.predicate()
-            )
+            source: sql.Composable = sql.SQL(
+                "(SELECT * FROM {} WHERE {} OFFSET 0) AS matches"
+            ).format(self.statements.events, self.predicate())
             where: sql.Composable = sql.SQL("TRUE")
+            params = self.all_params
+        elif self.ranged:
+            # The window's events, walked in log order inside their position range. The planner
+            # would count the time condition and the position range as independent filters,
+            # though they select the same events, and expect a handful of rows; checking the
+            # time outside the fenced walk keeps it reading the range in order and stopping at
+            # the limit.
+            source = sql.SQL("(SELECT * FROM {} WHERE {} {} OFFSET 0) AS ranged").format(
+                self.statements.events, _conjunction(self.where), order
+            )
+            where = _conjunction(self.window)
+            params = [*self.params, *self.window_params]
         else:
+            source = self.statements.events
             where = self.predicate()
-        text = sql.SQL("{}SELECT {} FROM {} WHERE {} {} LIMIT %s OFFSET %s").format(
-            self.with_, EVENT_JSON, source, where, self.order(self.criteria.descending)
+            params = self.all_params
+        text = sql.SQL("SELECT {} FROM {} WHERE {} {} LIMIT %s OFFSET %s").format(
+            EVENT_JSON, source, where, order
         )
-        return text, [*self.with_params, *self.params, limit, offset]
+        return text, [*params, limit, offset]
 
     def count(self) -> tuple[sql.Composed, list[Any]]:
-        text = sql.SQL("{}SELECT count(*) FROM {} WHERE {}").format(
-            self.with_, self.statements.events, self.predicate()
+        text = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            self.statements.events, self.predicate()
         )
-        return text, [*self.with_params, *self.params]
+        return text, self.all_params
 
     def aggregate(self, group_by: GroupBy, tag_key: str | None) -> tuple[sql.Composed, list[Any]]:
         """Count, first and last timestamp per group, the key as text, in key order. Grouped
@@ -334,10 +327,41 @@ class Select:
             key = sql.SQL(f"""to_char(date_trunc(%s, "timestamp", 'UTC'){_UTC_TEXT}""")
             key_params.append(group_by)
         text = sql.SQL(
-            '{}SELECT {} AS key, count(*), min("timestamp"), max("timestamp") FROM {}'
+            'SELECT {} AS key, count(*), min("timestamp"), max("timestamp") FROM {}'
             " WHERE {} GROUP BY 1 ORDER BY 1"
-        ).format(self.with_, key, self.statements.events, self.predicate())
-        return text, [*self.with_params, *key_params, *self.params]
+        ).format(key, self.statements.events, self.predicate())
+        return text, [*key_params, *self.all_params]
+
+
+def _conjunction(conditions: list[sql.Composable]) -> sql.Composable:
+    return sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("TRUE")
+
+
+def window_positions(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] | None:
+    """The statement reading, from the time summary, the first and last position of the
+    buckets the criteria's window overlaps (of its types); None without a window.
+
+    Every event of a bucket lies between the bucket's first and last position, so the events of
+    the window do too: reads in log order then start inside the window instead of scanning up
+    to it. The store reads the range first and passes it to `Select` as values, so the planner
+    sees how narrow it is (a range computed inside the statement would be an unknown to it)."""
+    if c.start is None and c.end is None:
+        return None
+    grain = _grain_for(c)
+    conditions = [sql.SQL("grain = %s")]
+    params: list[Any] = [grain]
+    if c.start is not None:
+        conditions.append(sql.SQL("bucket >= date_trunc(%s, %s::timestamptz, 'UTC')"))
+        params += [grain, c.start]
+    if c.end is not None:
+        conditions.append(sql.SQL("bucket < %s"))
+        params.append(c.end)
+    if c.event_types:
+        conditions.append(_one_or_any("event_type", c.event_types, "text", params))
+    text = sql.SQL("SELECT min(first_position), max(last_position) FROM {} WHERE {}").format(
+        st.time_summary, sql.SQL(" AND ").join(conditions)
+    )
+    return text, params
 
 
 def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] | None:

@@ -74,6 +74,7 @@ from .sql import (
     summary_aggregate,
     summary_count,
     tag_matches,
+    window_positions,
 )
 
 __all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
@@ -652,7 +653,7 @@ class EventStore:
             def run() -> int:
                 statement = (
                     summary_count(self._statements, unpaged)
-                    or Select(self._statements, unpaged, bound=False).count()
+                    or Select(self._statements, unpaged).count()
                 )
                 row = cur.execute(*statement, prepare=False).fetchone()
                 return int(row[0]) if row else 0
@@ -726,7 +727,7 @@ class EventStore:
 
             def run() -> list[AggregateRow]:
                 statement = summary_aggregate(self._statements, criteria, group_by) or Select(
-                    self._statements, criteria, bound=False
+                    self._statements, criteria
                 ).aggregate(group_by, tag_key)
                 return [
                     AggregateRow(key, int(count), first, last)
@@ -821,7 +822,7 @@ class EventStore:
         if count:
             statement = (
                 summary_count(self._statements, criteria.unpaged())
-                or Select(self._statements, criteria.unpaged(), bound=False).count()
+                or Select(self._statements, criteria.unpaged()).count()
             )
         options = sql.SQL("ANALYZE, BUFFERS, " if analyze else "")
         with self._connection() as conn:
@@ -839,17 +840,22 @@ class EventStore:
 
         With tag conditions, the tag summary's exact counts decide: when one condition matches
         few events, only it goes to the GIN index."""
-        bound = criteria.order_by == "position"
+        positions = None
+        if criteria.order_by == "position":
+            window = window_positions(self._statements, criteria)
+            if window is not None:
+                positions = cur.execute(*window).fetchone()
         statement = tag_matches(self._statements, criteria)
         row = None if statement is None else cur.execute(*statement).fetchone()
         if not row:
-            return Select(self._statements, criteria, bound=bound), False
+            return Select(self._statements, criteria, positions=positions), False
         counts = [int(count) for count in row]
         smallest = min(range(len(counts)), key=counts.__getitem__)
         if counts[smallest] > FEW_MATCHES:
-            return Select(self._statements, criteria, bound=bound), False
+            return Select(self._statements, criteria, positions=positions), False
         indexed = smallest if len(counts) > 1 else None
-        return Select(self._statements, criteria, bound=bound, indexed_tag=indexed), True
+        select = Select(self._statements, criteria, positions=positions, indexed_tag=indexed)
+        return select, True
 
     def cache_stats(self) -> CacheStats:
         """Hits, misses, evictions and size of the query result cache."""
