@@ -5,8 +5,8 @@
 -- trigger that folds its new rows into three tables: counts by event type, by tag pair, and by
 -- time bucket (minute, hour, day) and type. Appends are serialised by the head lock, so the
 -- upserts never contend, and the summaries commit or roll back with the events they count.
--- The trigger runs as the schema's owner: an application role can read the summaries but not
--- write them.
+-- The trigger runs as the role that ran this migration: an application role can read the
+-- summaries but not write them.
 
 CREATE TABLE type_summary (
     event_type      text        PRIMARY KEY,
