@@ -5,8 +5,8 @@ asking it) and labelled with the head (position and hash) read just before the a
 computed. A lookup reads the current head first (one primary-key read of a one-row table) and
 serves an entry only if the head has not moved since: any append, from this process or another,
 moves the head at its commit, so a hit is exactly what the query would return now, and a caller
-always sees its own appends. Entries also expire after ``ttl`` seconds, and the least recently used ones go
-when the cache holds more than ``max_entries`` or ``max_bytes``.
+always sees its own appends. Entries also expire after ``ttl`` seconds, and the least recently
+used ones go when the cache holds more than ``max_entries`` or ``max_bytes``.
 """
 
 from __future__ import annotations
