@@ -1,7 +1,10 @@
-"""The query builder: DCB queries become SQL text plus bound parameters.
+"""The query builder: DCB queries and event filters become SQL text plus bound parameters.
 
 Every value and every tag key is a bound parameter; nothing a caller passes is spliced into SQL.
-The text depends only on the query's shape and is composed once per shape.
+The text of a DCB read or condition depends only on the query's shape and is composed once per
+shape. Filter statements (`Select`, and the summary statements that answer counts, listings and
+aggregates) are composed per call, and the store never prepares them: each is planned for its
+values (see docs/queries.md).
 """
 
 from __future__ import annotations
@@ -16,7 +19,19 @@ from .errors import QUERY_ERROR, EventStoreError
 from .filters import Criteria, GroupBy
 from .model import AppendCondition, Query, QueryItem
 
-__all__ = ["Check", "Statements", "query_shape"]
+__all__ = [
+    "EVENT_JSON",
+    "FEW_MATCHES",
+    "Check",
+    "Select",
+    "Statements",
+    "aligned_grain",
+    "query_shape",
+    "summary_aggregate",
+    "summary_count",
+    "tag_matches",
+    "window_positions",
+]
 
 #: A stored event as one JSON object, built by the server, that `msgspec` decodes straight into
 #: a `SequencedEvent`; the jsonb columns go out as their own text, timestamps as ISO 8601 in UTC
