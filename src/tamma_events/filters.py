@@ -104,29 +104,9 @@ class Criteria(NamedTuple):
     order_by: OrderBy = "position"
     descending: bool = False
 
-    @property
-    def selects_all(self) -> bool:
-        """Whether the criteria match every event (whatever their order and page)."""
-        return not (self.event_ids or self.event_types or self.tags) and (
-            self.start is None and self.end is None
-        )
-
     def unpaged(self) -> Criteria:
         """The same question without limit and offset."""
         return self._replace(limit=None, offset=0)
-
-    def matches(self, event: SequencedEvent) -> bool:
-        """Whether ``event`` matches (the reference semantics the SQL implements)."""
-        if self.event_ids and uuid.UUID(str(event.event_id)) not in self.event_ids:
-            return False
-        if self.event_types and event.event_type not in self.event_types:
-            return False
-        for key, values in self.tags:
-            if event.tags.get(key) not in values:
-                return False
-        if self.start is not None and event.timestamp < self.start:
-            return False
-        return self.end is None or event.timestamp < self.end
 
 
 class AggregateRow(msgspec.Struct, frozen=True):

@@ -26,6 +26,7 @@ __all__ = [
     "Select",
     "Statements",
     "aligned_grain",
+    "count_statement",
     "query_shape",
     "summary_aggregate",
     "summary_count",
@@ -362,17 +363,7 @@ def window_positions(st: Statements, c: Criteria) -> tuple[sql.Composed, list[An
     sees how narrow it is (a range computed inside the statement would be an unknown to it)."""
     if c.start is None and c.end is None:
         return None
-    grain = _grain_for(c)
-    conditions = [sql.SQL("grain = %s")]
-    params: list[Any] = [grain]
-    if c.start is not None:
-        conditions.append(sql.SQL("bucket >= date_trunc(%s, %s::timestamptz, 'UTC')"))
-        params += [grain, c.start]
-    if c.end is not None:
-        conditions.append(sql.SQL("bucket < %s"))
-        params.append(c.end)
-    if c.event_types:
-        conditions.append(_one_or_any("event_type", c.event_types, "text", params))
+    conditions, params = _bucket_conditions(c, _grain_for(c), overlapping=True)
     text = sql.SQL("SELECT min(first_position), max(last_position) FROM {} WHERE {}").format(
         st.time_summary, sql.SQL(" AND ").join(conditions)
     )
@@ -421,6 +412,13 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
     return sql.SQL("SELECT position FROM {}").format(st.head), []
 
 
+def count_statement(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]:
+    """The statement counting the events matching ``c`` (limit and offset aside): from a
+    summary where one can answer, else over the events."""
+    unpaged = c.unpaged()
+    return summary_count(st, unpaged) or Select(st, unpaged).count()
+
+
 #: Filters whose tags match at most this many events (per the tag summary) are planned as
 #: "collect the matches, then order them".
 FEW_MATCHES = 5_000
@@ -448,11 +446,17 @@ def _digests(values: tuple[str, ...]) -> list[bytes]:
     return [hashlib.sha256(value.encode()).digest() for value in values]
 
 
-def _bucket_conditions(c: Criteria, grain: str) -> tuple[list[sql.Composable], list[Any]]:
-    """The time summary's rows of ``grain`` inside the window, of the criteria's types."""
+def _bucket_conditions(
+    c: Criteria, grain: str, *, overlapping: bool = False
+) -> tuple[list[sql.Composable], list[Any]]:
+    """The time summary's rows of ``grain`` inside the window (with ``overlapping``, also the
+    bucket the window starts in), of the criteria's types."""
     conditions: list[sql.Composable] = [sql.SQL("grain = %s")]
     params: list[Any] = [grain]
-    if c.start is not None:
+    if c.start is not None and overlapping:
+        conditions.append(sql.SQL("bucket >= date_trunc(%s, %s::timestamptz, 'UTC')"))
+        params += [grain, c.start]
+    elif c.start is not None:
         conditions.append(sql.SQL("bucket >= %s"))
         params.append(c.start)
     if c.end is not None:

@@ -70,9 +70,9 @@ from .sql import (
     Statements,
     after_position,
     condition_check,
+    count_statement,
     query_shape,
     summary_aggregate,
-    summary_count,
     tag_matches,
     window_positions,
 )
@@ -651,11 +651,9 @@ class EventStore:
             cur = conn.cursor()
 
             def run() -> int:
-                statement = (
-                    summary_count(self._statements, unpaged)
-                    or Select(self._statements, unpaged).count()
-                )
-                row = cur.execute(*statement, prepare=False).fetchone()
+                row = cur.execute(
+                    *count_statement(self._statements, unpaged), prepare=False
+                ).fetchone()
                 return int(row[0]) if row else 0
 
             total: int = self._cached(cur, ("count", unpaged), run, lambda _: 64)
@@ -820,10 +818,7 @@ class EventStore:
         to see which index serves a filter."""
         criteria = normalize(event_filter)
         if count:
-            statement = (
-                summary_count(self._statements, criteria.unpaged())
-                or Select(self._statements, criteria.unpaged()).count()
-            )
+            statement = count_statement(self._statements, criteria)
         options = sql.SQL("ANALYZE, BUFFERS, " if analyze else "")
         with self._connection() as conn:
             if not count:
