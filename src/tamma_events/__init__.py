@@ -22,6 +22,7 @@ from .model import (
     new_event_id,
 )
 from .store import EventStore, Transaction
+from .stream import Subscription
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "QueryItem",
     "ReadResult",
     "SequencedEvent",
+    "Subscription",
     "Transaction",
     "__impl__",
     "__version__",

@@ -1,4 +1,4 @@
-"""The ``tamma-events`` command: ``init``, ``demo``, ``bench`` and ``verify``.
+"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``verify``, ``tail`` and ``serve``.
 
 ``--dsn`` (or ``TAMMA_EVENTS_DSN``) selects the server everywhere; without one, the embedded
 PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
@@ -356,3 +356,121 @@ def verify(obj: _Context, start: int | None, end: int | None) -> None:
         f" ({report.checked:,} events verified before it)"
     )
     sys.exit(1)
+
+
+def _filter_options(command: Any) -> Any:
+    """The filter options of ``tail`` (the parameters of `filter_from_params`)."""
+    options = [
+        click.option("--type", "type_", multiple=True, help="Event type (repeat for any of)."),
+        click.option("--tag", multiple=True, help="key:value the events carry (repeatable)."),
+        click.option("--issue-id", multiple=True, help="Tag issueId (repeat for any of)."),
+        click.option("--pr-id", multiple=True, help="Tag prId (repeat for any of)."),
+        click.option("--user-id", multiple=True, help="Tag userId (repeat for any of)."),
+        click.option("--provider", multiple=True, help="Tag provider (repeat for any of)."),
+        click.option("--platform", multiple=True, help="Tag platform (repeat for any of)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@_filter_options
+@click.option(
+    "--after",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Start after this position (0: the whole log). Default: the head, new events only.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit after this many events (default: follow until interrupted).",
+)
+@click.pass_obj
+def tail(
+    obj: _Context,
+    type_: tuple[str, ...],
+    tag: tuple[str, ...],
+    issue_id: tuple[str, ...],
+    pr_id: tuple[str, ...],
+    user_id: tuple[str, ...],
+    provider: tuple[str, ...],
+    platform: tuple[str, ...],
+    after: int | None,
+    count: int | None,
+) -> None:
+    """Follow the log, printing each matching event as one line of JSON (JSON Lines)."""
+    import msgspec
+
+    from .filters import filter_from_params
+
+    params = {
+        "type": list(type_),
+        "tag": list(tag),
+        "issue_id": list(issue_id),
+        "pr_id": list(pr_id),
+        "user_id": list(user_id),
+        "provider": list(provider),
+        "platform": list(platform),
+    }
+    encode = msgspec.json.Encoder().encode
+    out = sys.stdout.buffer
+    with _failures(), obj.open() as store:
+        event_filter = filter_from_params(params, ordered=False)
+        start = store.head() if after is None else after
+        delivered = 0
+        try:
+            with store.subscribe(event_filter, after=start) as subscription:
+                for event in subscription:
+                    out.write(encode(event) + b"\n")
+                    out.flush()
+                    delivered += 1
+                    if count is not None and delivered >= count:
+                        break
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:  # the reader went away (`| head`, say)
+            sys.stderr.close()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--token",
+    envvar="TAMMA_EVENTS_TOKEN",
+    default=None,
+    help="Require 'Authorization: Bearer <token>' on every route but /health"
+    " (default: $TAMMA_EVENTS_TOKEN; none: open).",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds of silence before a stream sends a heartbeat comment.",
+)
+@click.option("--log-level", default="info", show_default=True, help="uvicorn's log level.")
+@click.pass_obj
+def serve(
+    obj: _Context, host: str, port: int, token: str | None, heartbeat: float, log_level: str
+) -> None:
+    """Serve the store over HTTP: /events, /events/stream (Server-Sent Events), /health."""
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f'serve needs the web extra ({exc.name} is missing): pip install "tamma-events[web]"'
+        ) from None
+    with _failures(), obj.open() as store:
+        app = create_app(store, token=token or None, heartbeat=heartbeat)
+        if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+            err_console.print(
+                f"[yellow]warning[/yellow]: serving on {host} without a token: anyone who can"
+                " reach it can read every event"
+            )
+        uvicorn.run(app, host=host, port=port, log_level=log_level)

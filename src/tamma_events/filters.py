@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
 
@@ -27,6 +27,7 @@ __all__ = [
     "Criteria",
     "EventFilter",
     "Page",
+    "filter_from_params",
     "normalize",
 ]
 
@@ -332,3 +333,62 @@ def token_key(token: _Token, criteria: Criteria) -> datetime | str | None:
     if moment.tzinfo is None:
         raise _error("the page token is malformed", "token")
     return moment
+
+
+#: Parameters of `filter_from_params` that may repeat, each value an alternative, and the
+#: `EventFilter` field each fills.
+PARAM_LISTS: dict[str, str] = {
+    "type": "event_types",
+    "event_id": "event_ids",
+    "issue_id": "issue_ids",
+    "pr_id": "pr_ids",
+    "user_id": "user_ids",
+    "provider": "providers",
+    "platform": "platforms",
+}
+#: Parameters of `filter_from_params` given at most once.
+PARAM_SCALARS = ("start_time", "end_time", "order_by", "order_direction")
+
+
+def filter_from_params(
+    params: Mapping[str, Sequence[str]], *, ordered: bool = True
+) -> EventFilter | None:
+    """The `EventFilter` that string parameters (an HTTP query, command-line options) ask for,
+    or None when they ask for nothing.
+
+    ``type``, ``event_id``, ``issue_id``, ``pr_id``, ``user_id``, ``provider`` and
+    ``platform`` may repeat (any of the values matches); ``tag`` takes ``key:value`` and may
+    repeat with different keys (every pair must match); ``start_time``, ``end_time`` and, when
+    ``ordered``, ``order_by`` and ``order_direction`` are given at most once. Anything else is
+    QUERY_ERROR naming the parameter, as is every malformed value (checked by `normalize`)."""
+    scalars = PARAM_SCALARS if ordered else PARAM_SCALARS[:2]
+    fields: dict[str, Any] = {}
+    for name, values in params.items():
+        if not values:
+            continue
+        if name in PARAM_LISTS:
+            fields[PARAM_LISTS[name]] = list(values)
+        elif name in scalars:
+            if len(values) > 1:
+                raise _error(f"{name} may be given once, got {len(values)} values", name)
+            fields[name] = values[0]
+        elif name == "tag":
+            tags: dict[str, str] = {}
+            for item in values:
+                key, colon, value = item.partition(":")
+                if not colon or not key:
+                    raise _error(f"tag must be key:value, got {item!r}", "tag")
+                if tags.get(key, value) != value:
+                    raise _error(
+                        f"tag names the key {key!r} twice; an event has one value per key",
+                        "tag",
+                    )
+                tags[key] = value
+            fields["tags"] = tags
+        else:
+            raise _error(f"unknown parameter {name!r}", name)
+    if not fields:
+        return None
+    event_filter = EventFilter(**fields)
+    normalize(event_filter)
+    return event_filter

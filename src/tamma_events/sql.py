@@ -558,6 +558,9 @@ class Statements:
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
         self.head_label = sql.SQL("SELECT position, hash FROM {}").format(self.head)
+        self.append_channel = sql.SQL("SELECT {}()").format(
+            sql.Identifier(schema, "append_channel")
+        )
         self.type_summary = sql.Identifier(schema, "type_summary")
         self.tag_summary = sql.Identifier(schema, "tag_summary")
         self.time_summary = sql.Identifier(schema, "time_summary")

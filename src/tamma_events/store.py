@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ import msgspec
 import psycopg
 import psycopg.errors
 from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -76,6 +78,7 @@ from .sql import (
     tag_matches,
     window_positions,
 )
+from .stream import Listener, Subscription, check_subscription_options
 
 __all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
 
@@ -94,8 +97,13 @@ _FUNCTION_MAX_EVENTS = 2
 _FUNCTION_MAX_BYTES = 64 << 10
 
 
-def _connection_kwargs() -> dict[str, Any]:
-    return {"autocommit": True, "options": "-c TimeZone=UTC"}
+def _connection_kwargs(dsn: str, application_name: str = "tamma-events") -> dict[str, Any]:
+    """Connection settings; the application name shows in ``pg_stat_activity`` unless the DSN
+    names one."""
+    kwargs: dict[str, Any] = {"autocommit": True, "options": "-c TimeZone=UTC"}
+    if "application_name" not in conninfo_to_dict(dsn):
+        kwargs["application_name"] = application_name
+    return kwargs
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -241,6 +249,9 @@ class EventStore:
             )
         self.cache = QueryCache(cache_size, cache_ttl)
         self._closed = False
+        self._listener: Listener | None = None
+        self._subscriptions: set[Subscription] = set()
+        self._subscriptions_lock = threading.Lock()
         self.embedded: embedded.EmbeddedServer | None = None
         if pool is not None:
             self._pool = pool
@@ -255,7 +266,7 @@ class EventStore:
                 dsn,
                 min_size=min_connections,
                 max_size=max_connections,
-                kwargs=_connection_kwargs(),
+                kwargs=_connection_kwargs(dsn),
                 configure=_configure,
                 timeout=connect_timeout,
                 name=f"tamma-events:{schema}",
@@ -299,10 +310,17 @@ class EventStore:
                 raise _storage_error(exc, "migrating the schema", schema=self.schema) from exc
 
     def close(self) -> None:
-        """Close the store's pool (a caller's own pool stays open)."""
+        """End the store's subscriptions and close its pool (a caller's own pool stays
+        open)."""
         if self._closed:
             return
         self._closed = True
+        with self._subscriptions_lock:
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.stop()
+        if self._listener is not None:
+            self._listener.close()
         if self._owns_pool:
             self._pool.close()
 
@@ -767,31 +785,203 @@ class EventStore:
             )
         last_key: Any = None
         last_position: int | None = None
-        with self._connection() as conn:
-            cur = conn.cursor()
-            if token is None:
-                row = cur.execute(self._statements.head_position).fetchone()
-                until = int(row[0]) if row else 0
-            else:
-                decoded = decode_token(token, criteria)
-                until, last_position = decoded.until, decoded.last_position
-                last_key = token_key(decoded, criteria)
-            select, few = self._select(cur, criteria)
-            select.after(until, last_key, last_position)
-            # One event more than the page, to know whether another page follows.
-            events = _decode_events(
-                _events_document(cur, *select.events(limit=page_size + 1, offset=0, few=few))
-            )
+        until: int | None = None
+        if token is not None:
+            decoded = decode_token(token, criteria)
+            until, last_position = decoded.until, decoded.last_position
+            last_key = token_key(decoded, criteria)
+        # One event more than the page, to know whether another page follows.
+        until, events = self._keyset_page(
+            criteria, until, last_key, last_position, page_size + 1, 0
+        )
         if len(events) <= page_size:
             return Page(events, None)
         del events[page_size:]
-        last = events[-1]
-        key: str | None = None
-        if criteria.order_by == "timestamp":
-            key = last.timestamp.isoformat()
-        elif criteria.order_by == "type":
-            key = last.event_type
-        return Page(events, encode_token(criteria, until, key, last.position))
+        key = _sort_key(events[-1], criteria)
+        if isinstance(key, datetime):
+            key = key.isoformat()
+        return Page(events, encode_token(criteria, until, key, events[-1].position))
+
+    def _keyset_page(
+        self,
+        criteria: Criteria,
+        until: int | None,
+        last_key: Any,
+        last_position: int | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[int, list[SequencedEvent]]:
+        """The events matching ``criteria`` at positions up to ``until`` (the head now, when
+        None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
+        the first, when None), at most ``limit`` after skipping ``offset``; and ``until``."""
+        with self._connection() as conn:
+            cur = conn.cursor()
+            if until is None:
+                row = cur.execute(self._statements.head_position).fetchone()
+                until = int(row[0]) if row else 0
+            select, few = self._select(cur, criteria)
+            select.after(until, last_key, last_position)
+            document = _events_document(cur, *select.events(limit=limit, offset=offset, few=few))
+        return until, _decode_events(document)
+
+    def stream_events(
+        self, event_filter: EventFilter | None = None, *, batch_size: int = 1_000
+    ) -> Iterator[SequencedEvent]:
+        """Every event matching ``event_filter``, in its order, one at a time, in constant
+        memory: the events are read ``batch_size`` at a time, each batch after the last event
+        of the previous one (keyset paging), so the filter's offset and limit apply to the
+        whole stream.
+
+        The stream is pinned to the head when it starts (events appended meanwhile are for
+        `subscribe`). No connection is held between batches, so a consumer may take its time;
+        one that stops early (``break``, or ``close()`` on the iterator) leaves nothing open.
+        Raises ``QUERY_ERROR`` at the call for a malformed filter or batch size."""
+        criteria = normalize(event_filter)
+        check_count(batch_size, "batch_size", allow_none=False)
+        if not 0 < batch_size <= MAX_PAGE_SIZE:
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"batch_size must be between 1 and {MAX_PAGE_SIZE}, got {batch_size}",
+                {"field": "batch_size"},
+            )
+        return self._stream(criteria, batch_size)
+
+    def _stream(self, criteria: Criteria, batch_size: int) -> Iterator[SequencedEvent]:
+        until: int | None = None
+        last_key: Any = None
+        last_position: int | None = None
+        offset = criteria.offset
+        remaining = criteria.limit
+        while remaining is None or remaining > 0:
+            size = batch_size if remaining is None else min(batch_size, remaining)
+            until, events = self._keyset_page(
+                criteria, until, last_key, last_position, size, offset
+            )
+            yield from events
+            if len(events) < size:
+                return
+            offset = 0
+            if remaining is not None:
+                remaining -= len(events)
+            last_key, last_position = _sort_key(events[-1], criteria), events[-1].position
+
+    def subscribe(
+        self,
+        query_or_filter: Query | EventFilter | None = None,
+        *,
+        after: int | None = None,
+        buffer: int = 1_000,
+        poll_interval: float = 5.0,
+        retry_for: float = 60.0,
+    ) -> Subscription:
+        """Follow the log: the events matching ``query_or_filter`` (a DCB `Query`, an
+        `EventFilter`, or None for all) at positions after ``after`` (from the start when
+        None; ``after=store.head()`` for new events only), then each new matching event as it
+        is committed, in log order, each exactly once.
+
+        The subscription is an iterator (sync or async) and a context manager; its
+        ``position`` is the last position delivered, the ``after`` to resume from. It holds at
+        most ``buffer`` events: when its consumer is slow, it reads less often instead of
+        growing. It is woken by the store's notifications (one LISTEN connection per store),
+        and reads anyway every ``poll_interval`` seconds. A read that fails for a lost
+        connection is retried from the same position for up to ``retry_for`` seconds.
+        ``stop()`` (from any thread) or leaving the ``with`` block ends it.
+
+        An `EventFilter` here selects events only: it may not set limit, offset or an order
+        other than the log's."""
+        start = after_position(after)
+        check_subscription_options(buffer, poll_interval, retry_for)
+        fetch: Callable[[int, int], tuple[list[SequencedEvent], int]]
+        if query_or_filter is None or isinstance(query_or_filter, Query):
+            query = query_or_filter
+            query_shape(query, [])  # validates it now, not at the first read
+
+            def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
+                return self._read_after(query, after, limit)
+
+        elif isinstance(query_or_filter, EventFilter):
+            criteria = _subscription_criteria(query_or_filter)
+
+            def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
+                return self._filter_after(criteria, after, limit)
+
+        else:
+            raise EventStoreError(
+                QUERY_ERROR,
+                "subscribe takes a Query, an EventFilter or None,"
+                f" not {type(query_or_filter).__name__}",
+            )
+        subscription = Subscription(
+            fetch,
+            self._ensure_listener(),
+            after=start,
+            buffer=buffer,
+            poll_interval=poll_interval,
+            retry_for=retry_for,
+            on_close=self._forget,
+        )
+        with self._subscriptions_lock:
+            if self._closed:
+                raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            self._subscriptions.add(subscription)
+        return subscription
+
+    @property
+    def subscriptions(self) -> int:
+        """How many subscriptions are open."""
+        return len(self._subscriptions)
+
+    def _forget(self, subscription: Subscription) -> None:
+        with self._subscriptions_lock:
+            self._subscriptions.discard(subscription)
+
+    def _ensure_listener(self) -> Listener:
+        with self._subscriptions_lock:
+            if self._closed:
+                raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            if self._listener is None:
+                dsn = self.dsn
+                pool_kwargs = self._pool.kwargs
+                if callable(pool_kwargs):
+                    pool_kwargs = pool_kwargs()
+                kwargs = {
+                    **(pool_kwargs or {}),
+                    **_connection_kwargs(dsn, "tamma-events listener"),
+                }
+
+                def connect() -> psycopg.Connection[Any]:
+                    return psycopg.Connection.connect(dsn, **kwargs)
+
+                self._listener = Listener(
+                    connect, self._statements.append_channel, self._statements.head_position
+                )
+                self._listener.start()
+            return self._listener
+
+    def _read_after(
+        self, query: Query | None, after: int, limit: int
+    ) -> tuple[list[SequencedEvent], int]:
+        """A subscription's read: at most ``limit`` events matching ``query`` after ``after``,
+        and the position read up to (see `tamma_events.stream.Fetch`)."""
+        with self._connection() as conn:
+            events, head = _read_with_head(conn, self._statements, query, after, limit, False)
+        return events, events[-1].position if len(events) >= limit else head
+
+    def _filter_after(
+        self, criteria: Criteria, after: int, limit: int
+    ) -> tuple[list[SequencedEvent], int]:
+        """`_read_after` for a filter."""
+        with self._connection() as conn:
+            cur = conn.cursor()
+            row = cur.execute(self._statements.head_position).fetchone()
+            head = int(row[0]) if row else 0
+            if head <= after:
+                return [], after
+            select, few = self._select(cur, criteria)
+            select.after(head, None, after)
+            document = _events_document(cur, *select.events(limit=limit, offset=0, few=few))
+        events = _decode_events(document)
+        return events, events[-1].position if len(events) >= limit else head
 
     def paginate(
         self, event_filter: EventFilter | None = None, *, page_size: int = 1_000
@@ -994,6 +1184,25 @@ def _write_buffer(copy: psycopg.Copy, buffer: bytearray) -> None:
         view.release()
 
 
+def _read_with_head(
+    conn: psycopg.Connection[Any],
+    statements: Statements,
+    query: Query | None,
+    after: int | None,
+    limit: int | None,
+    backwards: bool,
+) -> tuple[list[SequencedEvent], int]:
+    """The events `EventStore.read` returns, and the store's head in the same snapshot."""
+    _check_limit(limit)
+    params: list[Any] = [after_position(after)]
+    shape = query_shape(query, params)
+    params.append(limit)
+    rows = conn.execute(statements.read(shape, backwards), params).fetchall()
+    store_head = int(rows[0][0]) if rows else 0
+    events = _decode_events("[" + ",".join([row[1] for row in rows if row[1] is not None]) + "]")
+    return events, store_head
+
+
 def _read(
     conn: psycopg.Connection[Any],
     statements: Statements,
@@ -1002,13 +1211,7 @@ def _read(
     limit: int | None,
     backwards: bool,
 ) -> ReadResult:
-    _check_limit(limit)
-    params: list[Any] = [after_position(after)]
-    shape = query_shape(query, params)
-    params.append(limit)
-    rows = conn.execute(statements.read(shape, backwards), params).fetchall()
-    store_head = int(rows[0][0]) if rows else 0
-    events = _decode_events("[" + ",".join([row[1] for row in rows if row[1] is not None]) + "]")
+    events, store_head = _read_with_head(conn, statements, query, after, limit, backwards)
     if limit is None:
         head: int | None = store_head
     elif events:
@@ -1016,6 +1219,34 @@ def _read(
     else:
         head = None
     return ReadResult(events, head)
+
+
+def _sort_key(event: SequencedEvent, criteria: Criteria) -> datetime | str | None:
+    """The event's key in the criteria's order (besides its position, which breaks ties)."""
+    if criteria.order_by == "timestamp":
+        return event.timestamp
+    if criteria.order_by == "type":
+        return event.event_type
+    return None
+
+
+def _subscription_criteria(event_filter: EventFilter) -> Criteria:
+    """The filter of a subscription: it selects events; the log decides their order."""
+    criteria = normalize(event_filter)
+    for field, ok in (
+        ("limit", criteria.limit is None),
+        ("offset", not criteria.offset),
+        ("order_by", criteria.order_by == "position"),
+        ("order_direction", not criteria.descending),
+    ):
+        if not ok:
+            raise EventStoreError(
+                QUERY_ERROR,
+                "a subscription delivers events in log order, all of them: its filter may not"
+                " set limit, offset, order_by or order_direction",
+                {"field": field},
+            )
+    return criteria
 
 
 class _DuplicateInGroup(Exception):

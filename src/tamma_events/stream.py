@@ -1,0 +1,377 @@
+"""Subscriptions: catch up from a position, then follow the log as events are committed.
+
+Every append moves the store's head in its transaction, and a trigger on the head notifies the
+store's channel with the new position (migration 0005). One `Listener` per store holds the only
+LISTEN connection, in a daemon thread: it drains every notification as it arrives (a listener
+that stops reading would hold up PostgreSQL's notification queue for the whole server) and keeps
+the newest head announced. A `Subscription` never learns its events from a notification; it
+reads them, after the last position it has read, from the store's pool:
+
+- Positions are gapless and commit order is position order (the head lock, docs/design.md), so
+  reading ``position > p`` again and again never skips and never repeats an event.
+- The notification only says when to read. A lost one (the listener reconnecting, say) delays a
+  read until the next notification or the subscription's slow fallback poll.
+- The subscription reads at most ``buffer`` events at a time, and only when its consumer has
+  taken the previous ones: a slow consumer holds back the reads instead of growing memory.
+- A read that fails because the connection dropped is retried, with backoff, from the same
+  position, for up to ``retry_for`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import PoolTimeout
+
+from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
+from .model import SequencedEvent
+
+__all__ = ["MAX_BUFFER", "Listener", "Subscription"]
+
+logger = logging.getLogger(__name__)
+
+#: The largest ``buffer`` a subscription takes.
+MAX_BUFFER = 100_000
+
+#: How long the listener waits for notifications before it checks whether it should stop.
+_LISTEN_SLICE = 0.5
+#: Backoff between attempts to reconnect or to read again, doubling from the first to the last.
+_FIRST_DELAY = 0.05
+_LAST_DELAY = 2.0
+
+#: Reads the events after a position, at most a number of them: the events, and the position up
+#: to which the log has been read (the last event's when the read was cut at the limit, else the
+#: head the read saw).
+Fetch = Callable[[int, int], tuple[list[SequencedEvent], int]]
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Listener:
+    """The store's LISTEN connection: the newest head announced, and a way to wait for a newer one.
+
+    ``connect`` opens a connection in autocommit mode; ``channel`` and ``head`` are statements
+    returning the channel to listen on and the current head. The thread starts with `start` and
+    reconnects, with backoff, whenever the connection fails; after each (re)connection it reads
+    the head, so what committed while it was away is announced too.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        channel: sql.Composed,
+        head: sql.Composed,
+    ) -> None:
+        self._connect = connect
+        self._channel_statement = channel
+        self._head_statement = head
+        self._cond = threading.Condition()
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._seen = 0
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Whether the LISTEN connection is up.
+        self.connected = False
+        #: How many times the connection was lost and opened again.
+        self.reconnects = 0
+        #: The error that last broke or refused the connection, if any.
+        self.last_error: BaseException | None = None
+
+    @property
+    def seen(self) -> int:
+        """The newest head position announced (or read at connection)."""
+        return self._seen
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._closing.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="tamma-events-listener", daemon=True
+                )
+                self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread and close the connection; waiters wake up."""
+        self._closing.set()
+        self.wake_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = _FIRST_DELAY
+        while not self._closing.is_set():
+            try:
+                with self._connect() as conn:
+                    row = conn.execute(self._channel_statement).fetchone()
+                    channel = str(row[0]) if row else ""
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    row = conn.execute(self._head_statement).fetchone()
+                    self.connected = True
+                    delay = _FIRST_DELAY
+                    self.advance(int(row[0]) if row else 0)
+                    while not self._closing.is_set():
+                        for note in conn.notifies(timeout=_LISTEN_SLICE):
+                            if note.channel == channel and note.payload.isdigit():
+                                self.advance(int(note.payload))
+            except (psycopg.Error, OSError) as exc:
+                if self._closing.is_set():
+                    break
+                self.last_error = exc
+                self.reconnects += 1
+                logger.warning("tamma-events listener: %s; reconnecting in %.2f s", exc, delay)
+            finally:
+                self.connected = False
+            self._closing.wait(delay)
+            delay = min(delay * 2, _LAST_DELAY)
+
+    def advance(self, position: int) -> None:
+        """Record that the head reached ``position``, and wake the waiters if that is news."""
+        with self._cond:
+            if position <= self._seen:
+                return
+            self._seen = position
+        self.wake_all()
+
+    def wake_all(self) -> None:
+        """Wake every waiter, to check its own condition again."""
+        with self._cond:
+            self._cond.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # its loop is closed; the waiter is gone
+                pass
+
+    def _ready(self, beyond: int | None, done: Callable[[], bool]) -> bool:
+        return (beyond is not None and self._seen > beyond) or done()
+
+    def wait(self, beyond: int | None, timeout: float, done: Callable[[], bool]) -> None:
+        """Block until a head beyond ``beyond`` is announced (None: only the other two),
+        ``done()``, or ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready(beyond, done), timeout)
+
+    async def wait_async(
+        self, beyond: int | None, timeout: float, done: Callable[[], bool]
+    ) -> None:
+        """`wait` for a coroutine: the event loop keeps running meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            waiter = (loop, future)
+            with self._cond:
+                if self._ready(beyond, done):
+                    return
+                self._async_waiters.add(waiter)
+            try:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(future, remaining)
+                except asyncio.TimeoutError:
+                    return
+            finally:
+                with self._cond:
+                    self._async_waiters.discard(waiter)
+
+
+def _transient(exc: EventStoreError) -> bool:
+    """Whether a failed read is worth retrying: the connection, not the statement, failed."""
+    return exc.code == STORAGE_ERROR and isinstance(
+        exc.__cause__, (psycopg.OperationalError, PoolTimeout)
+    )
+
+
+def check_subscription_options(buffer: int, poll_interval: float, retry_for: float) -> None:
+    """QUERY_ERROR naming the first option out of range."""
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 < buffer <= MAX_BUFFER:
+        raise EventStoreError(
+            QUERY_ERROR,
+            f"buffer must be an int between 1 and {MAX_BUFFER}, got {buffer!r}",
+            {"field": "buffer"},
+        )
+    for name, value in (("poll_interval", poll_interval), ("retry_for", retry_for)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < float("inf")
+        ):
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"{name} must be a positive finite number of seconds, got {value!r}",
+                {"field": name},
+            )
+
+
+class Subscription:
+    """The events after a position, then each event as it is committed, in log order.
+
+    Iterate it (``for event in subscription`` or ``async for``); `position` is the last
+    position delivered, the ``after`` to resume from. `stop` (or `close`, or leaving its
+    ``with`` block) ends the iteration, from any thread. Made by `EventStore.subscribe`.
+    """
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        listener: Listener,
+        *,
+        after: int,
+        buffer: int,
+        poll_interval: float,
+        retry_for: float,
+        on_close: Callable[[Subscription], None] | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._listener = listener
+        self._limit = buffer
+        self._poll_interval = poll_interval
+        self._retry_for = retry_for
+        self._on_close = on_close
+        self._position = after
+        self._read_up_to = after
+        self._buffer: deque[SequencedEvent] = deque()
+        # Read at once: the subscription starts by catching up.
+        self._more = True
+        self._next_poll = 0.0
+        self._stopped = threading.Event()
+        self._fill_lock = threading.Lock()
+        self._failing_since: float | None = None
+        self._delay = _FIRST_DELAY
+        #: How many reads failed for a lost connection and were tried again.
+        self.retries = 0
+
+    @property
+    def position(self) -> int:
+        """The position of the last event delivered (the ``after`` it started from before)."""
+        return self._position
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """End the subscription: the iteration stops at its next step (a waiting one at once).
+        Safe to call from any thread, and more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._listener.wake_all()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    close = stop
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> SequencedEvent:
+        while True:
+            if self._stopped.is_set():
+                self._buffer.clear()
+                raise StopIteration
+            if self._buffer:
+                return self._take()
+            if self._due():
+                if not self._fill():
+                    self._listener.wait(None, self._delay, self._stopped.is_set)
+                continue
+            self._listener.wait(self._read_up_to, self._until_poll(), self._stopped.is_set)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> SequencedEvent:
+        while True:
+            if self._stopped.is_set():
+                self._buffer.clear()
+                raise StopAsyncIteration
+            if self._buffer:
+                return self._take()
+            if self._due():
+                # The read blocks on the database, so it runs in a worker thread.
+                if not await asyncio.to_thread(self._fill):
+                    await self._listener.wait_async(None, self._delay, self._stopped.is_set)
+                continue
+            await self._listener.wait_async(
+                self._read_up_to, self._until_poll(), self._stopped.is_set
+            )
+
+    def _take(self) -> SequencedEvent:
+        event = self._buffer.popleft()
+        self._position = event.position
+        return event
+
+    def _due(self) -> bool:
+        """Whether to read now: more is known to be there, the head moved past what was read, or
+        the fallback poll is due."""
+        return (
+            self._more
+            or self._listener.seen > self._read_up_to
+            or time.monotonic() >= self._next_poll
+        )
+
+    def _until_poll(self) -> float:
+        return max(self._next_poll - time.monotonic(), 0.0)
+
+    def _fill(self) -> bool:
+        """Read the next events into the buffer. False when the read failed for a lost
+        connection and should be tried again after ``self._delay``; raises when it failed
+        otherwise, or for longer than ``retry_for``."""
+        with self._fill_lock:
+            if self._stopped.is_set():
+                return True
+            try:
+                events, read_up_to = self._fetch(self._read_up_to, self._limit)
+            except EventStoreError as exc:
+                now = time.monotonic()
+                if self._failing_since is None:
+                    self._failing_since = now
+                    self._delay = _FIRST_DELAY
+                else:
+                    self._delay = min(self._delay * 2, _LAST_DELAY)
+                if not _transient(exc) or now - self._failing_since >= self._retry_for:
+                    self.stop()
+                    raise
+                self.retries += 1
+                logger.warning(
+                    "tamma-events subscription: reading after %d failed (%s); retrying",
+                    self._read_up_to,
+                    exc.message,
+                )
+                return False
+            self._failing_since = None
+            if self._stopped.is_set():
+                return True
+            self._buffer.extend(events)
+            self._more = len(events) >= self._limit
+            self._read_up_to = max(self._read_up_to, read_up_to)
+            self._next_poll = time.monotonic() + self._poll_interval
+            return True

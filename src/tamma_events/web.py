@@ -1,0 +1,202 @@
+"""The store over HTTP: an ASGI app (Starlette) with a Server-Sent Events stream.
+
+Routes:
+
+- ``GET /events/stream`` follows the log as Server-Sent Events. Each event is one frame,
+  ``id: <position>``, ``event: <event type>`` and ``data: <the event as JSON>``. It starts after
+  the position in the ``Last-Event-ID`` header (what a browser's ``EventSource`` sends when it
+  reconnects), else after ``?after=N``, else at the current head (new events only; ``after=0``
+  replays the log). A comment line is sent every ``heartbeat`` seconds of silence, so proxies
+  keep the connection open, and a client that disconnects (or stops reading for
+  ``send_timeout`` seconds) has its subscription closed.
+- ``GET /events`` returns one page of events as JSON, ``{"events": [...], "next_token": ...}``;
+  pass ``next_token`` as ``?token=`` for the next page, and ``?page_size=`` (default 100).
+- ``GET /health`` returns ``{"status": "ok", "head": ..., "subscriptions": ...}``, or 503 with
+  ``"status": "unavailable"`` when PostgreSQL cannot be reached.
+
+Both event routes take the filter parameters of `tamma_events.filters.filter_from_params`
+(``type``, ``tag=key:value``, ``issue_id``, ``start_time``, ...); ``/events`` also takes
+``order_by`` and ``order_direction``. A malformed request gets 400 with the store's error,
+``{"error": {"code": ..., "message": ..., "context": {"field": ...}}}``; a storage failure gets
+503.
+
+With a ``token``, every route except ``/health`` requires ``Authorization: Bearer <token>`` and
+answers 401 otherwise. (A browser's ``EventSource`` cannot send that header: put the app behind
+a proxy that adds it, or run it without a token on a trusted network.)
+
+Needs the ``web`` extra: ``pip install "tamma-events[web]"``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
+from .filters import filter_from_params
+from .store import EventStore
+from .stream import Subscription
+
+__all__ = ["create_app"]
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_encode = msgspec.json.Encoder().encode
+
+
+def create_app(
+    store: EventStore,
+    *,
+    token: str | None = None,
+    heartbeat: float = 15.0,
+    send_timeout: float = 60.0,
+    buffer: int = 1_000,
+    page_size: int = 100,
+) -> Starlette:
+    """An ASGI app serving ``store`` (see the module's documentation for the routes). The
+    caller keeps ownership of the store and closes it after the server stops."""
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError("token must be a non-empty string or None")
+
+    async def health(request: Request) -> Response:
+        try:
+            head = await run_in_threadpool(store.head)
+        except EventStoreError as exc:
+            return JSONResponse({"status": "unavailable", "error": exc.to_dict()}, 503)
+        return JSONResponse({"status": "ok", "head": head, "subscriptions": store.subscriptions})
+
+    async def events(request: Request) -> Response:
+        try:
+            params = _params(request)
+            size = _integer(params.pop("page_size", None), "page_size", page_size)
+            assert size is not None
+            token_ = _single(params.pop("token", None), "token")
+            event_filter = filter_from_params(params)
+            page = await run_in_threadpool(
+                lambda: store.get_page(event_filter, page_size=size, token=token_)
+            )
+        except EventStoreError as exc:
+            return _error_response(exc)
+        return Response(_encode(page), media_type="application/json")
+
+    async def stream(request: Request) -> Response:
+        try:
+            params = _params(request)
+            after = _integer(params.pop("after", None), "after", None)
+            last_event_id = request.headers.get("last-event-id")
+            if last_event_id:
+                after = _integer([last_event_id], "Last-Event-ID", None)
+            event_filter = filter_from_params(params, ordered=False)
+            if after is None:
+                after = await run_in_threadpool(store.head)
+            subscription = store.subscribe(event_filter, after=after, buffer=buffer)
+        except EventStoreError as exc:
+            return _error_response(exc)
+        return EventSourceResponse(
+            _frames(subscription),
+            ping=heartbeat,
+            send_timeout=send_timeout,
+            background=BackgroundTask(subscription.stop),
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/events", events, methods=["GET"]),
+            Route("/events/stream", stream, methods=["GET"]),
+        ]
+    )
+    if token is not None:
+        app.add_middleware(_BearerAuth, token=token)
+    return app
+
+
+async def _frames(subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for event in subscription:
+            yield ServerSentEvent(
+                _encode(event).decode(), event=event.event_type, id=str(event.position)
+            )
+    finally:
+        subscription.stop()
+
+
+def _params(request: Request) -> dict[str, list[str]]:
+    """The query's parameters, each with all its values."""
+    params: dict[str, list[str]] = {}
+    for name, value in request.query_params.multi_items():
+        params.setdefault(name, []).append(value)
+    return params
+
+
+def _single(values: list[str] | None, name: str) -> str | None:
+    if not values:
+        return None
+    if len(values) > 1:
+        raise EventStoreError(
+            QUERY_ERROR, f"{name} may be given once, got {len(values)} values", {"field": name}
+        )
+    return values[0]
+
+
+def _integer(values: list[str] | None, name: str, default: int | None) -> int | None:
+    value = _single(values, name)
+    if value is None:
+        return default
+    if not _DIGITS.fullmatch(value):
+        raise EventStoreError(
+            QUERY_ERROR, f"{name} must be a non-negative integer, got {value!r}", {"field": name}
+        )
+    return int(value)
+
+
+def _error_response(exc: EventStoreError) -> Response:
+    status = 503 if exc.code == STORAGE_ERROR else 400
+    return JSONResponse({"error": exc.to_dict()}, status)
+
+
+class _BearerAuth:
+    """Answers 401 to any request but ``/health`` without ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            if not self._authorized(scope):
+                response = JSONResponse(
+                    {
+                        "error": {
+                            "code": "UNAUTHORIZED",
+                            "message": "this route needs an Authorization: Bearer token",
+                            "context": {},
+                        }
+                    },
+                    401,
+                    headers={"WWW-Authenticate": 'Bearer realm="tamma-events"'},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header: Any = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
+        scheme, _, credentials = bytes(header).partition(b" ")
+        # Compared in constant time, so a response's timing says nothing about the token.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self.expected)
