@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from tamma_events import EventStore
+from tamma_events import DomainEvent, EventStore
 from tamma_events.cli import main
 from tamma_events.schema import drop, migrations
 
@@ -106,3 +115,123 @@ def test_bench_reports_ratios_against_its_baselines(pg_dsn: str, tmp_path: objec
 def test_usage_error_exits_2(pg_dsn: str) -> None:
     code, _ = run(pg_dsn, "demo", "--events", "0")
     assert code == 2
+
+
+def test_bench_stream_suite_reports_latency_throughput_and_notify_cost(pg_dsn: str) -> None:
+    code, out = run(
+        pg_dsn,
+        "bench",
+        "--suite",
+        "stream",
+        "--events",
+        "3000",
+        "--rate",
+        "2000",
+        "--seconds",
+        "2",
+        "--conditional",
+        "30",
+        "--json",
+        "-",
+    )
+    assert code == 0, out
+    results = {r["name"]: r for r in json.loads(out[out.index("{") :])["results"]}
+    assert set(results) == {"subscribe.latency", "stream_events", "append.conditional.notify"}
+    latency = results["subscribe.latency"]
+    assert latency["detail"]["received"] > 0
+    assert latency["detail"]["p99_ms"] >= latency["value"]
+    assert latency["detail"]["listen_notify"]["received"] > 0
+    assert results["stream_events"]["detail"]["events"] == 3000
+    assert results["stream_events"]["ratio"] == pytest.approx(
+        results["stream_events"]["value"]
+        / results["stream_events"]["detail"]["cursor_events_per_s"],
+        rel=1e-3,
+    )
+    assert all(r["value"] > 0 for r in results.values())
+
+
+def _append_tailed(pg_dsn: str, schema: str) -> None:
+    with EventStore(pg_dsn, schema=schema) as store:
+        store.append_batch(
+            [
+                DomainEvent(kind, {"n": n}, {"issueId": f"I-{n % 2}"})
+                for n, kind in enumerate(["A", "B", "A", "C", "A", "B"])
+            ]
+        )
+
+
+def test_tail_prints_json_lines_after_a_position(pg_dsn: str, schema: str) -> None:
+    _append_tailed(pg_dsn, schema)
+    code, out = run(pg_dsn, "--schema", schema, "tail", "--after", "2", "--count", "3")
+    assert code == 0, out
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(e["position"], e["event_type"]) for e in lines] == [(3, "A"), (4, "C"), (5, "A")]
+    assert lines[0]["data"] == {"n": 2} and lines[0]["tags"] == {"issueId": "I-0"}
+
+
+def test_tail_filters(pg_dsn: str, schema: str) -> None:
+    _append_tailed(pg_dsn, schema)
+    code, out = run(
+        pg_dsn, "--schema", schema, "tail", "--after", "0", "--count", "2",
+        "--type", "A", "--type", "B", "--issue-id", "I-1",
+    )  # fmt: skip
+    assert code == 0, out
+    assert [json.loads(line)["position"] for line in out.splitlines()] == [2, 6]
+    code, out = run(
+        pg_dsn, "--schema", schema, "tail", "--after", "0", "--count", "1", "--tag", "issueId:I-0"
+    )
+    assert code == 0, out
+    assert [json.loads(line)["position"] for line in out.splitlines()] == [1]
+
+
+def test_tail_follows_new_events(pg_dsn: str, schema: str) -> None:
+    _append_tailed(pg_dsn, schema)
+    timer = threading.Timer(0.5, _append_tailed, (pg_dsn, schema))
+    timer.start()
+    try:
+        # Without --after it starts at the head: only the events appended later are printed.
+        code, out = run(pg_dsn, "--schema", schema, "tail", "--count", "6")
+    finally:
+        timer.join()
+    assert code == 0, out
+    assert [json.loads(line)["position"] for line in out.splitlines()] == list(range(7, 13))
+
+
+def test_tail_rejects_a_malformed_tag(pg_dsn: str, schema: str) -> None:
+    code, out = run(pg_dsn, "--schema", schema, "tail", "--tag", "no-colon")
+    assert code == 1
+    assert "QUERY_ERROR" in out and "key:value" in out
+
+
+def test_serve_runs_the_http_app(pg_dsn: str, schema: str, tmp_path: Path) -> None:
+    _append_tailed(pg_dsn, schema)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tamma_events", "--dsn", pg_dsn, "--schema", schema]
+    with (tmp_path / "serve.log").open("w") as log:
+        server = subprocess.Popen(
+            [*command, "serve", "--port", str(port), "--log-level", "warning"],
+            env={**os.environ, "TAMMA_EVENTS_TOKEN": "sesame"},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                health = httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+        assert health.json() == {"status": "ok", "head": 6, "subscriptions": 0}
+        assert httpx.get(f"{base}/events").status_code == 401
+        page = httpx.get(
+            f"{base}/events", params={"type": "C"}, headers={"Authorization": "Bearer sesame"}
+        )
+        assert page.status_code == 200
+        assert [e["position"] for e in page.json()["events"]] == [4]
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0, (tmp_path / "serve.log").read_text()

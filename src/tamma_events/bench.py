@@ -38,10 +38,16 @@ __all__ = [
     "measure_concurrent_appends",
     "measure_conditional_appends",
     "measure_copy_ceiling",
+    "measure_cursor",
+    "measure_delivery",
     "measure_encode",
+    "measure_notify_cost",
+    "measure_stream",
+    "paced_writer",
     "percentiles",
     "query_shapes",
     "run_query_suite",
+    "run_stream_suite",
     "run_suite",
     "without_summaries",
 ]
@@ -598,3 +604,249 @@ def default_page(conn: psycopg.Connection[Any], schema: str, events: int) -> Cal
 def as_json(results: list[BenchResult], **about: Any) -> dict[str, Any]:
     """A machine-readable summary, to compare runs."""
     return {**about, "results": [asdict(r) for r in results]}
+
+
+# -- streaming and subscriptions ------------------------------------------------------------
+
+
+def measure_stream(store: EventStore, batch_size: int = 1_000) -> float:
+    """Events/s of `EventStore.stream_events` over the whole store."""
+    started = time.perf_counter()
+    count = sum(1 for _ in store.stream_events(batch_size=batch_size))
+    return count / (time.perf_counter() - started)
+
+
+def measure_cursor(dsn: str, schema: str, itersize: int = 1_000) -> float:
+    """Events/s of reading the whole log the way one would by hand: a server-side cursor with
+    psycopg's own row and JSON decoding, each row made a `SequencedEvent`. The baseline of
+    `measure_stream`."""
+    statement = sql.SQL(
+        'SELECT position, event_id, event_type, "timestamp", tags, metadata, data, recorded_at,'
+        " hash FROM {} ORDER BY position"
+    ).format(sql.Identifier(schema, "events"))
+    started = time.perf_counter()
+    count = 0
+    with (
+        psycopg.connect(dsn) as conn,
+        conn.transaction(),
+        conn.cursor("tamma_events_bench", binary=True) as cur,
+    ):
+        cur.itersize = itersize
+        for row in cur.execute(statement):
+            _to_event(row)
+            count += 1
+    return count / (time.perf_counter() - started)
+
+
+def paced_writer(
+    dsn: str, schema: str, rate: float, seconds: float, batch: int
+) -> list[tuple[int, float, float]]:
+    """Append ``batch`` events at a time, ``rate`` events per second, for ``seconds``; for each
+    append, its last position, and `time.monotonic` before it and after its commit returned.
+    Run in its own process (``multiprocessing``), so the load does not share the measuring
+    process's interpreter."""
+    interval = batch / rate
+    rounds = int(seconds / interval)
+    events = list(generate_events(rounds * batch, seed=23))
+    log: list[tuple[int, float, float]] = []
+    with EventStore(dsn, schema=schema, migrate=False, cache_size=0) as store:
+        start = time.monotonic()
+        for k in range(rounds):
+            pause = start + k * interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            before = time.monotonic()
+            last = store.append_batch(events[k * batch : (k + 1) * batch])
+            log.append((last, before, time.monotonic()))
+    return log
+
+
+@dataclass
+class Delivery:
+    """When each position reached a subscriber, and each announced head a raw listener."""
+
+    subscriber: dict[int, float] = field(default_factory=dict)
+    notified: dict[int, float] = field(default_factory=dict)
+
+
+def _delay_percentiles(
+    log: list[tuple[int, float, float]], received: dict[int, float], per_event: bool
+) -> dict[str, float]:
+    """p50/p99 (ms) from each append's commit (and from its start) to receipt, per event or per
+    append (whose last position a notification carries)."""
+    from_commit: list[float] = []
+    from_start: list[float] = []
+    first = log[0][0] - (log[1][0] - log[0][0]) + 1 if len(log) > 1 else log[0][0]
+    for last, before, after in log:
+        positions = range(first, last + 1) if per_event else (last,)
+        for position in positions:
+            at = received.get(position)
+            if at is not None:
+                from_commit.append(at - after)
+                from_start.append(at - before)
+        first = last + 1
+    if not from_commit:
+        raise RuntimeError("nothing was received")
+    p50, p99 = percentiles(from_commit)
+    s50, s99 = percentiles(from_start)
+    return {
+        "p50_ms": p50 * 1e3,
+        "p99_ms": p99 * 1e3,
+        "max_ms": max(from_commit) * 1e3,
+        "from_append_start_p50_ms": s50 * 1e3,
+        "from_append_start_p99_ms": s99 * 1e3,
+        "received": len(from_commit),
+    }
+
+
+def measure_delivery(
+    store: EventStore, *, rate: float = 10_000, seconds: float = 10.0, batch: int = 100
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Delivery latency while another process appends ``rate`` events/s: from each append's
+    commit to a `Subscription` handing over each of its events, and to a bare LISTEN connection
+    receiving its notification (the floor of any notification-driven delivery), both in this
+    process; and the rate the load reached."""
+    import multiprocessing
+
+    delivery = Delivery()
+    head = store.head()
+    subscription = store.subscribe(after=head)
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        row = conn.execute(store._statements.append_channel).fetchone()
+    channel = str(row[0]) if row else ""
+    listening = threading.Event()
+    done = threading.Event()
+
+    def subscribe() -> None:
+        for event in subscription:
+            delivery.subscriber[event.position] = time.monotonic()
+
+    def listen() -> None:
+        with psycopg.connect(store.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            listening.set()
+            while not done.is_set():
+                for note in conn.notifies(timeout=0.2):
+                    delivery.notified[int(note.payload)] = time.monotonic()
+
+    threads = [threading.Thread(target=subscribe), threading.Thread(target=listen)]
+    for t in threads:
+        t.start()
+    listening.wait(10)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        log = pool.apply(paced_writer, (store.dsn, store.schema, rate, seconds, batch))
+    final = log[-1][0]
+    deadline = time.monotonic() + 30
+    while subscription.position < final and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subscription.stop()
+    done.set()
+    for t in threads:
+        t.join()
+    if subscription.position < final:
+        raise RuntimeError(f"the subscriber stopped at {subscription.position}, not {final}")
+    reached = (final - head) / (log[-1][2] - log[0][1])
+    return (
+        _delay_percentiles(log, delivery.subscriber, per_event=True),
+        _delay_percentiles(log, delivery.notified, per_event=False),
+        reached,
+    )
+
+
+def measure_notify_cost(dsn: str, count: int, rounds: int = 2) -> tuple[float, float]:
+    """Single conditional appends/s with the head's notification trigger and without it, on a
+    fresh schema, best of ``rounds`` alternating runs each."""
+    schema = f"bench_n_{uuid.uuid4().hex[:8]}"
+    best = {True: 0.0, False: 0.0}
+    try:
+        with (
+            EventStore(dsn, schema=schema, cache_size=0) as store,
+            psycopg.connect(dsn, autocommit=True) as conn,
+        ):
+            for r in range(rounds):
+                for notify in (True, False):
+                    action = sql.SQL("ENABLE" if notify else "DISABLE")
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} {} TRIGGER head_notify").format(
+                            sql.Identifier(schema, "head"), action
+                        )
+                    )
+                    rate = measure_conditional_appends(store, count, prefix=f"{r}{notify}")
+                    best[notify] = max(best[notify], rate)
+    finally:
+        drop(dsn, schema)
+    return best[True], best[False]
+
+
+def run_stream_suite(
+    dsn: str,
+    *,
+    events: int = 1_000_000,
+    rate: float = 10_000,
+    seconds: float = 10.0,
+    conditional: int = 1_000,
+    keep: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[BenchResult]:
+    """Subscription delivery latency under an append load, `stream_events` throughput over
+    ``events`` events, and what the notifications cost an append, each against a baseline
+    measured in the same run."""
+    results: list[BenchResult] = []
+    progress(f"delivery latency under {rate:,.0f} events/s for {seconds:.0f} s")
+    schema = f"bench_s_{uuid.uuid4().hex[:8]}"
+    try:
+        with EventStore(dsn, schema=schema, cache_size=0) as store:
+            subscriber, raw, reached = measure_delivery(store, rate=rate, seconds=seconds)
+    finally:
+        drop(dsn, schema)
+    results.append(
+        BenchResult(
+            "subscribe.latency",
+            subscriber["p50_ms"],
+            "ms",
+            "listen_notify",
+            subscriber["p50_ms"] / raw["p50_ms"] if raw["p50_ms"] > 0 else None,
+            {
+                **{k: round(v, 3) for k, v in subscriber.items()},
+                "listen_notify": {k: round(v, 3) for k, v in raw.items()},
+                "load_events_per_s": round(reached),
+                "target_p99_ms": 50,
+            },
+        )
+    )
+    progress(f"loading {events:,} events")
+    query_schema = f"bench_q_{events}"
+    store = load_query_store(dsn, query_schema, events, progress)
+    try:
+        progress("stream_events")
+        streamed = measure_stream(store)
+        progress("server-side cursor")
+        cursor = measure_cursor(dsn, query_schema)
+    finally:
+        store.close()
+        if not keep:
+            drop(dsn, query_schema)
+    results.append(
+        BenchResult(
+            "stream_events",
+            streamed,
+            "events/s",
+            "psycopg_server_cursor",
+            streamed / cursor,
+            {"events": events, "cursor_events_per_s": round(cursor)},
+        )
+    )
+    progress("notification cost")
+    with_notify, without = measure_notify_cost(dsn, conditional)
+    results.append(
+        BenchResult(
+            "append.conditional.notify",
+            with_notify,
+            "appends/s",
+            "without_notify",
+            with_notify / without,
+            {"without_notify_per_s": round(without)},
+        )
+    )
+    return results

@@ -230,11 +230,12 @@ def _show_query(store: EventStore) -> None:
 @click.option("--per-thread", default=500, show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["append", "queries"]),
+    type=click.Choice(["append", "queries", "stream"]),
     default="append",
     show_default=True,
     help="append: write throughput; queries: p50/p99 of each query shape over --events "
-    "events (1,000,000 is the reference run).",
+    "events (1,000,000 is the reference run); stream: subscription latency under --rate "
+    "events/s and stream_events throughput over --events events.",
 )
 @click.option(
     "--samples",
@@ -244,9 +245,23 @@ def _show_query(store: EventStore) -> None:
     help="Queries timed per shape (queries suite).",
 )
 @click.option(
+    "--rate",
+    type=click.FloatRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Append load (events/s) while subscription latency is measured (stream suite).",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=1),
+    default=10,
+    show_default=True,
+    help="How long the load runs (stream suite).",
+)
+@click.option(
     "--keep",
     is_flag=True,
-    help="Keep the loaded schema (bench_q_<events>) to reuse it in the next queries run.",
+    help="Keep the loaded schema (bench_q_<events>) for the next queries or stream run.",
 )
 @click.option(
     "--json",
@@ -265,19 +280,31 @@ def bench(
     per_thread: int,
     suite: str,
     samples: int,
+    rate: float,
+    seconds: float,
     keep: bool,
     json_path: str | None,
 ) -> None:
     """Measure append and encode throughput, or query latencies, against baselines from the
     same run."""
-    from .bench import as_json, run_query_suite, run_suite
+    from .bench import as_json, run_query_suite, run_stream_suite, run_suite
 
     with _failures():
         store = obj.open(schema=f"bench_{uuid.uuid4().hex[:8]}", migrate=False)
         dsn = store.dsn
         store.close()
         with console.status("benchmarking") as status:
-            if suite == "queries":
+            if suite == "stream":
+                results = run_stream_suite(
+                    dsn,
+                    events=count,
+                    rate=rate,
+                    seconds=seconds,
+                    conditional=conditional,
+                    keep=keep,
+                    progress=lambda s: status.update(s),
+                )
+            elif suite == "queries":
                 results = run_query_suite(
                     dsn,
                     events=count,

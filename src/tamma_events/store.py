@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
@@ -183,14 +184,33 @@ def _size_of_strings(values: list[str]) -> int:
     return sum(len(value) + 56 for value in values)
 
 
-def _events_document(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> str:
-    """The events a statement selects as `EVENT_JSON` rows, as one JSON array.
+def _event_rows(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> list[str]:
+    """The events a statement selects as `EVENT_JSON` rows, as their JSON texts.
 
     Filter statements are never prepared: a plan made for the actual values (a selective issue
     id or a whole provider, a narrow or a wide window) is worth the planning time, where a
     generic plan can be orders of magnitude off."""
-    rows = cur.execute(text, params, prepare=False).fetchall()
-    return "[" + ",".join([row[0] for row in rows]) + "]"
+    return [row[0] for row in cur.execute(text, params, prepare=False).fetchall()]
+
+
+def _json_array(texts: list[str]) -> str:
+    return "[" + ",".join(texts) + "]"
+
+
+def _events_document(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> str:
+    """The events a statement selects (see `_event_rows`), as one JSON array."""
+    return _json_array(_event_rows(cur, text, params))
+
+
+class _SortKey(msgspec.Struct):
+    """What keyset paging needs of an event, decoded alone from its JSON text."""
+
+    position: int
+    timestamp: datetime
+    event_type: str
+
+
+_decode_key = msgspec.json.Decoder(_SortKey).decode
 
 
 class EventStore:
@@ -814,6 +834,19 @@ class EventStore:
         """The events matching ``criteria`` at positions up to ``until`` (the head now, when
         None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
         the first, when None), at most ``limit`` after skipping ``offset``; and ``until``."""
+        until, rows = self._keyset_rows(criteria, until, last_key, last_position, limit, offset)
+        return until, _decode_events(_json_array(rows))
+
+    def _keyset_rows(
+        self,
+        criteria: Criteria,
+        until: int | None,
+        last_key: Any,
+        last_position: int | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[int, list[str]]:
+        """`_keyset_page`'s events as the server's JSON texts, not decoded."""
         with self._connection() as conn:
             cur = conn.cursor()
             if until is None:
@@ -821,8 +854,8 @@ class EventStore:
                 until = int(row[0]) if row else 0
             select, few = self._select(cur, criteria)
             select.after(until, last_key, last_position)
-            document = _events_document(cur, *select.events(limit=limit, offset=offset, few=few))
-        return until, _decode_events(document)
+            rows = _event_rows(cur, *select.events(limit=limit, offset=offset, few=few))
+        return until, rows
 
     def stream_events(
         self, event_filter: EventFilter | None = None, *, batch_size: int = 1_000
@@ -847,23 +880,37 @@ class EventStore:
         return self._stream(criteria, batch_size)
 
     def _stream(self, criteria: Criteria, batch_size: int) -> Iterator[SequencedEvent]:
-        until: int | None = None
-        last_key: Any = None
-        last_position: int | None = None
-        offset = criteria.offset
+        # While the consumer decodes and takes one batch, a worker reads the next: the server
+        # builds its JSON meanwhile. The next batch's keyset comes from the last row's text,
+        # so it can be asked for before the batch is decoded. Leaving the `with` (the stream
+        # ends, fails or is closed) waits for a read in flight, so its connection is back in
+        # the pool when the stream's close() returns.
         remaining = criteria.limit
-        while remaining is None or remaining > 0:
-            size = batch_size if remaining is None else min(batch_size, remaining)
-            until, events = self._keyset_page(
-                criteria, until, last_key, last_position, size, offset
+        size = batch_size if remaining is None else min(batch_size, remaining)
+        with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-stream") as ahead:
+            reading = ahead.submit(
+                self._keyset_rows, criteria, None, None, None, size, criteria.offset
             )
-            yield from events
-            if len(events) < size:
-                return
-            offset = 0
-            if remaining is not None:
-                remaining -= len(events)
-            last_key, last_position = _sort_key(events[-1], criteria), events[-1].position
+            while True:
+                until, rows = reading.result()
+                if remaining is not None:
+                    remaining -= len(rows)
+                more = len(rows) == size and (remaining is None or remaining > 0)
+                if more:
+                    last = _decode_key(rows[-1])
+                    size = batch_size if remaining is None else min(batch_size, remaining)
+                    reading = ahead.submit(
+                        self._keyset_rows,
+                        criteria,
+                        until,
+                        _sort_key(last, criteria),
+                        last.position,
+                        size,
+                        0,
+                    )
+                yield from _decode_events(_json_array(rows))
+                if not more:
+                    return
 
     def subscribe(
         self,
@@ -1199,7 +1246,7 @@ def _read_with_head(
     params.append(limit)
     rows = conn.execute(statements.read(shape, backwards), params).fetchall()
     store_head = int(rows[0][0]) if rows else 0
-    events = _decode_events("[" + ",".join([row[1] for row in rows if row[1] is not None]) + "]")
+    events = _decode_events(_json_array([row[1] for row in rows if row[1] is not None]))
     return events, store_head
 
 
@@ -1221,7 +1268,7 @@ def _read(
     return ReadResult(events, head)
 
 
-def _sort_key(event: SequencedEvent, criteria: Criteria) -> datetime | str | None:
+def _sort_key(event: SequencedEvent | _SortKey, criteria: Criteria) -> datetime | str | None:
     """The event's key in the criteria's order (besides its position, which breaks ties)."""
     if criteria.order_by == "timestamp":
         return event.timestamp

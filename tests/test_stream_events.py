@@ -1,0 +1,171 @@
+"""`EventStore.stream_events`: every matching event once, in the filter's order, in batches,
+pinned to the head it started at, holding no connection between batches, in constant memory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tamma_events import DomainEvent, EventFilter, EventStore, EventStoreError
+
+BASE = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def _events(count: int) -> list[DomainEvent]:
+    """Types, tags and timestamps that repeat, so orders by time and type have ties."""
+    return [
+        DomainEvent(
+            ("IssueCreated", "PrOpened", "LlmCallCompleted")[n % 3],
+            {"n": n},
+            {"issueId": f"I-{n % 5}", "provider": ("anthropic", "openai")[n % 2]},
+            timestamp=BASE + timedelta(minutes=(n * 7) % 40),
+        )
+        for n in range(count)
+    ]
+
+
+FILTERS = [
+    None,
+    EventFilter(event_types=["PrOpened"]),
+    EventFilter(issue_ids=["I-2", "I-3"], providers=["openai"]),
+    EventFilter(start_time=BASE + timedelta(minutes=5), end_time=BASE + timedelta(minutes=30)),
+    EventFilter(order_by="timestamp"),
+    EventFilter(order_by="timestamp", order_direction="desc", tags={"issueId": "I-1"}),
+    EventFilter(order_by="type", order_direction="desc"),
+    EventFilter(order_direction="desc", limit=17, offset=5),
+    EventFilter(order_by="timestamp", limit=50, offset=13),
+    EventFilter(event_types=["Nothing"]),
+]
+
+
+@pytest.mark.parametrize("event_filter", FILTERS)
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_stream_returns_what_get_events_returns(
+    store: EventStore, event_filter: EventFilter | None, batch_size: int
+) -> None:
+    store.append_batch(_events(120))
+    streamed = list(store.stream_events(event_filter, batch_size=batch_size))
+    expected = store.get_events(event_filter)
+    assert [e.position for e in streamed] == [e.position for e in expected]
+    assert streamed == expected
+
+
+def test_stream_is_pinned_to_the_head_it_started_at(store: EventStore) -> None:
+    store.append_batch(_events(30))
+    stream = store.stream_events(batch_size=4)
+    first = next(stream)
+    store.append_batch(_events(10))  # committed while the stream is open
+    rest = list(stream)
+    assert [e.position for e in [first, *rest]] == list(range(1, 31))
+    assert store.head() == 40
+
+
+def test_no_connection_is_held_between_batches(make_store: Callable[..., EventStore]) -> None:
+    # With a single connection, any other call made while the stream is open would wait for
+    # the pool (and fail after connect_timeout) if the stream kept that connection.
+    store = make_store(max_connections=1, min_connections=1, connect_timeout=5)
+    store.append_batch(_events(25))
+    seen = []
+    for event in store.stream_events(batch_size=3):
+        seen.append((event.position, store.head()))
+    assert seen == [(n, 25) for n in range(1, 26)]
+
+
+def test_stopping_early_leaves_nothing_open(store: EventStore, pg_dsn: str) -> None:
+    store.append_batch(_events(50))
+    stream = store.stream_events(batch_size=10)
+    taken = [next(stream) for _ in range(15)]
+    stream.close()
+    assert [e.position for e in taken] == list(range(1, 16))
+    with pytest.raises(StopIteration):
+        next(stream)
+    stats = store._pool.get_stats()
+    assert stats["pool_size"] == stats["pool_available"]
+    with psycopg.connect(pg_dsn) as conn:
+        open_transactions = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tamma-events'"
+            " AND state <> 'idle'"
+        ).fetchone()
+    assert open_transactions == (0,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -3}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"batch_size": 1.5}, "batch_size"),
+        ({"batch_size": 10**6}, "batch_size"),
+        ({"event_filter": EventFilter(order_by="size")}, "order_by"),  # type: ignore[arg-type]
+        ({"event_filter": EventFilter(limit=-1)}, "limit"),
+    ],
+)
+def test_bad_arguments_fail_at_the_call(
+    store: EventStore, kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(EventStoreError) as raised:
+        store.stream_events(**kwargs)  # no iteration: the call itself raises
+    assert raised.value.code == "QUERY_ERROR"
+    assert raised.value.context["field"] == field
+
+
+# -- constant memory over a million events ---------------------------------------------------
+
+MILLION = 1_000_000
+#: What streaming may add to the process's peak RSS past its first batches. A million of these
+#: events held at once take well over a gigabyte.
+RSS_BOUND_MB = 64
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _stream_in_child(dsn: str, schema: str) -> tuple[int, int, float, float]:
+    """In a fresh process: stream the whole store; the count, the sum of positions, and the
+    peak RSS after the first 20,000 events and at the end."""
+    with EventStore(dsn, schema=schema, migrate=False) as store:
+        count = total = 0
+        warm = 0.0
+        for event in store.stream_events(batch_size=1_000):
+            count += 1
+            total += event.position
+            if count == 20_000:
+                warm = _rss_mb()
+        return count, total, warm, _rss_mb()
+
+
+@pytest.mark.slow
+def test_a_million_events_stream_in_constant_memory(store: EventStore, pg_dsn: str) -> None:
+    # The summaries play no part in a stream of the whole log; not keeping them makes loading
+    # a million events a third faster.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DISABLE TRIGGER events_summarize").format(
+                sql.Identifier(store.schema, "events")
+            )
+        )
+    pad = "x" * 200
+    for start in range(0, MILLION, 20_000):
+        store.append_batch(
+            [
+                DomainEvent("Streamed", {"n": n, "pad": pad}, {"issueId": f"I-{n % 1000}"})
+                for n in range(start, start + 20_000)
+            ]
+        )
+    assert store.head() == MILLION
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        count, total, warm, peak = pool.apply(_stream_in_child, (pg_dsn, store.schema))
+    assert count == MILLION
+    assert total == MILLION * (MILLION + 1) // 2
+    assert warm > 0
+    assert peak - warm < RSS_BOUND_MB, (warm, peak)
