@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -270,7 +271,8 @@ class EventStore:
         self.cache = QueryCache(cache_size, cache_ttl)
         self._closed = False
         self._listener: Listener | None = None
-        self._subscriptions: set[Subscription] = set()
+        # Weak: a subscription dropped without stop() is not kept alive (or counted) by the store.
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._subscriptions_lock = threading.Lock()
         self.embedded: embedded.EmbeddedServer | None = None
         if pool is not None:
@@ -366,10 +368,22 @@ class EventStore:
                 if not self._owns_pool:
                     _configure(conn)
                 yield conn
+        except psycopg.OperationalError as exc:
+            # The connection broke (a restarted server, a terminated backend): the pool's idle
+            # connections are likely broken too. Test them now, so the next call (a retry) gets
+            # a working one rather than the next broken one.
+            self._check_pool()
+            raise _storage_error(exc, "using a connection") from exc
         except psycopg.Error as exc:
             raise _storage_error(exc, "using a connection") from exc
         except PoolTimeout as exc:
             raise _storage_error(exc, "getting a connection") from exc
+
+    def _check_pool(self) -> None:
+        try:
+            self._pool.check()
+        except Exception:  # a closed pool, say: the error being reported says enough
+            pass
 
     # -- appends ---------------------------------------------------------------------------
 
