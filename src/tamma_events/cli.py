@@ -477,7 +477,7 @@ def tail(
     type=click.FloatRange(min=0.1),
     default=15.0,
     show_default=True,
-    help="Seconds of silence before a stream sends a heartbeat comment.",
+    help="Seconds between the keep-alive comments a stream sends.",
 )
 @click.option("--log-level", default="info", show_default=True, help="uvicorn's log level.")
 @click.pass_obj

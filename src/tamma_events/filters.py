@@ -346,6 +346,7 @@ PARAM_LISTS: dict[str, str] = {
     "provider": "providers",
     "platform": "platforms",
 }
+_PARAM_OF_FIELD = {field: name for name, field in PARAM_LISTS.items()} | {"tags": "tag"}
 #: Parameters of `filter_from_params` given at most once.
 PARAM_SCALARS = ("start_time", "end_time", "order_by", "order_direction")
 
@@ -390,5 +391,15 @@ def filter_from_params(
     if not fields:
         return None
     event_filter = EventFilter(**fields)
-    normalize(event_filter)
+    try:
+        normalize(event_filter)
+    except EventStoreError as exc:
+        # Name the parameter the caller gave, not the filter field it filled.
+        field = exc.context.get("field")
+        if field not in _PARAM_OF_FIELD:
+            raise
+        name = _PARAM_OF_FIELD[field]
+        raise EventStoreError(
+            exc.code, exc.message.replace(field, name, 1), {**exc.context, "field": name}
+        ) from None
     return event_filter

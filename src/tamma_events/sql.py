@@ -16,7 +16,7 @@ import msgspec
 from psycopg import sql
 
 from .errors import QUERY_ERROR, EventStoreError
-from .filters import Criteria, GroupBy
+from .filters import MAX_BIGINT, Criteria, GroupBy
 from .model import AppendCondition, Query, QueryItem
 
 __all__ = [
@@ -512,9 +512,11 @@ def after_position(after: int | None) -> int:
     """``after`` as a position (0 for None), or QUERY_ERROR."""
     if after is None:
         return 0
-    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_BIGINT:
         raise EventStoreError(
-            QUERY_ERROR, f"after must be a non-negative int or None, got {after!r}"
+            QUERY_ERROR,
+            f"after must be a position (an int from 0 to 2**63-1) or None, got {after!r}",
+            {"field": "after"},
         )
     return after
 

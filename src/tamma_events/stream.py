@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -42,8 +44,8 @@ logger = logging.getLogger(__name__)
 #: The largest ``buffer`` a subscription takes.
 MAX_BUFFER = 100_000
 
-#: How long the listener waits for notifications before it checks whether it should stop.
-_LISTEN_SLICE = 0.5
+#: Seconds of silence on the LISTEN connection after which the listener checks it.
+_SILENCE_CHECK = 30.0
 #: Backoff between attempts to reconnect or to read again, doubling from the first to the last.
 _FIRST_DELAY = 0.05
 _LAST_DELAY = 2.0
@@ -81,6 +83,8 @@ class Listener:
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self._seen = 0
         self._closing = threading.Event()
+        # `close` writes to this pair to wake the thread from its wait on the connection.
+        self._wake_r, self._wake_w = socket.socketpair()
         self._thread: threading.Thread | None = None
         #: Whether the LISTEN connection is up.
         self.connected = False
@@ -104,11 +108,17 @@ class Listener:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread and close the connection; waiters wake up."""
+        if self._closing.is_set():
+            return
         self._closing.set()
+        self._wake_w.send(b"x")
         self.wake_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        self._wake_w.close()
+        if thread is None or not thread.is_alive():
+            self._wake_r.close()
 
     def _run(self) -> None:
         delay = _FIRST_DELAY
@@ -123,9 +133,19 @@ class Listener:
                     delay = _FIRST_DELAY
                     self.advance(int(row[0]) if row else 0)
                     while not self._closing.is_set():
-                        for note in conn.notifies(timeout=_LISTEN_SLICE):
+                        for note in conn.notifies(timeout=0):
                             if note.channel == channel and note.payload.isdigit():
                                 self.advance(int(note.payload))
+                        # Sleep until the server sends something or `close` wakes us. After a
+                        # long silence, a round trip checks that the connection is still there
+                        # (a peer that vanished without closing it sends nothing).
+                        ready, _, _ = select.select(
+                            [conn.fileno(), self._wake_r.fileno()], [], [], _SILENCE_CHECK
+                        )
+                        if self._wake_r.fileno() in ready:
+                            self._wake_r.recv(64)
+                        elif not ready:
+                            conn.execute("SELECT 1")
             except (psycopg.Error, OSError) as exc:
                 if self._closing.is_set():
                     break

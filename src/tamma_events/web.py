@@ -6,9 +6,9 @@ Routes:
   ``id: <position>``, ``event: <event type>`` and ``data: <the event as JSON>``. It starts after
   the position in the ``Last-Event-ID`` header (what a browser's ``EventSource`` sends when it
   reconnects), else after ``?after=N``, else at the current head (new events only; ``after=0``
-  replays the log). A comment line is sent every ``heartbeat`` seconds of silence, so proxies
-  keep the connection open, and a client that disconnects (or stops reading for
-  ``send_timeout`` seconds) has its subscription closed.
+  replays the log). A comment line is sent every ``heartbeat`` seconds, so proxies keep an idle
+  connection open, and a client that disconnects (or stops reading for ``send_timeout``
+  seconds) has its subscription closed.
 - ``GET /events`` returns one page of events as JSON, ``{"events": [...], "next_token": ...}``;
   pass ``next_token`` as ``?token=`` for the next page, and ``?page_size=`` (default 100).
 - ``GET /health`` returns ``{"status": "ok", "head": ..., "subscriptions": ...}``, or 503 with
@@ -30,12 +30,14 @@ Needs the ``web`` extra: ``pip install "tamma-events[web]"``.
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -45,11 +47,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
-from .filters import filter_from_params
+from .filters import MAX_BIGINT, filter_from_params
 from .store import EventStore
 from .stream import Subscription
 
 __all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
 
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _encode = msgspec.json.Encoder().encode
@@ -103,7 +107,7 @@ def create_app(
             subscription = store.subscribe(event_filter, after=after, buffer=buffer)
         except EventStoreError as exc:
             return _error_response(exc)
-        return EventSourceResponse(
+        return _EventStream(
             _frames(subscription),
             ping=heartbeat,
             send_timeout=send_timeout,
@@ -120,6 +124,19 @@ def create_app(
     if token is not None:
         app.add_middleware(_BearerAuth, token=token)
     return app
+
+
+class _EventStream(EventSourceResponse):
+    """An event stream that drops a client which stopped reading without logging it as an
+    error: that client reconnects with its ``Last-Event-ID`` and loses nothing."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            logger.info("tamma-events: dropped a stream client that stopped reading")
+            if self.background is not None:
+                await self.background()
 
 
 async def _frames(subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
@@ -154,9 +171,11 @@ def _integer(values: list[str] | None, name: str, default: int | None) -> int | 
     value = _single(values, name)
     if value is None:
         return default
-    if not _DIGITS.fullmatch(value):
+    if not _DIGITS.fullmatch(value) or int(value) > MAX_BIGINT:
         raise EventStoreError(
-            QUERY_ERROR, f"{name} must be a non-negative integer, got {value!r}", {"field": name}
+            QUERY_ERROR,
+            f"{name} must be an integer from 0 to 2**63-1, got {value!r}",
+            {"field": name},
         )
     return int(value)
 
