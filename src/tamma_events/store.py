@@ -943,8 +943,9 @@ class EventStore:
         The subscription is an iterator (sync or async) and a context manager; its
         ``position`` is the last position delivered, the ``after`` to resume from. It holds at
         most ``buffer`` events: when its consumer is slow, it reads less often instead of
-        growing. It is woken by the store's notifications (one LISTEN connection per store),
-        and reads anyway every ``poll_interval`` seconds. A read that fails for a lost
+        growing. It is woken by the store's notifications (one LISTEN connection per store,
+        which also reads the head every few seconds of silence); while that connection is
+        down, it reads every ``poll_interval`` seconds. A read that fails for a lost
         connection is retried from the same position for up to ``retry_for`` seconds.
         ``stop()`` (from any thread) or leaving the ``with`` block ends it.
 

@@ -9,8 +9,11 @@ reads them, after the last position it has read, from the store's pool:
 
 - Positions are gapless and commit order is position order (the head lock, docs/design.md), so
   reading ``position > p`` again and again never skips and never repeats an event.
-- The notification only says when to read. A lost one (the listener reconnecting, say) delays a
-  read until the next notification or the subscription's slow fallback poll.
+- The notification only says when to read. The listener also reads the head itself after
+  `HEAD_CHECK_INTERVAL` seconds without one, and after each (re)connection, so an append that
+  notified no one delays a read by at most that; the subscriptions themselves only poll while
+  the listener is disconnected. One store's subscriptions cost the database one poll, not one
+  each.
 - The subscription reads at most ``buffer`` events at a time, and only when its consumer has
   taken the previous ones: a slow consumer holds back the reads instead of growing memory.
 - A read that fails because the connection dropped is retried, with backoff, from the same
@@ -44,8 +47,8 @@ logger = logging.getLogger(__name__)
 #: The largest ``buffer`` a subscription takes.
 MAX_BUFFER = 100_000
 
-#: Seconds of silence on the LISTEN connection after which the listener checks it.
-_SILENCE_CHECK = 30.0
+#: Seconds of silence on the LISTEN connection after which the listener reads the head itself.
+HEAD_CHECK_INTERVAL = 5.0
 #: Backoff between attempts to reconnect or to read again, doubling from the first to the last.
 _FIRST_DELAY = 0.05
 _LAST_DELAY = 2.0
@@ -137,15 +140,18 @@ class Listener:
                             if note.channel == channel and note.payload.isdigit():
                                 self.advance(int(note.payload))
                         # Sleep until the server sends something or `close` wakes us. After a
-                        # long silence, a round trip checks that the connection is still there
-                        # (a peer that vanished without closing it sends nothing).
+                        # silence, read the head: the store's one fallback poll, for appends
+                        # that notified no one (triggers disabled for a restore, or a pooler
+                        # that does not pass notifications on), and a check that a silent
+                        # connection is still there.
                         ready, _, _ = select.select(
-                            [conn.fileno(), self._wake_r.fileno()], [], [], _SILENCE_CHECK
+                            [conn.fileno(), self._wake_r.fileno()], [], [], HEAD_CHECK_INTERVAL
                         )
                         if self._wake_r.fileno() in ready:
                             self._wake_r.recv(64)
                         elif not ready:
-                            conn.execute("SELECT 1")
+                            row = conn.execute(self._head_statement).fetchone()
+                            self.advance(int(row[0]) if row else 0)
             except (psycopg.Error, OSError) as exc:
                 if self._closing.is_set():
                     break
@@ -351,11 +357,11 @@ class Subscription:
 
     def _due(self) -> bool:
         """Whether to read now: more is known to be there, the head moved past what was read, or
-        the fallback poll is due."""
+        the listener is down and ``poll_interval`` has passed since the last read."""
         return (
             self._more
             or self._listener.seen > self._read_up_to
-            or time.monotonic() >= self._next_poll
+            or (not self._listener.connected and time.monotonic() >= self._next_poll)
         )
 
     def _until_poll(self) -> float:
