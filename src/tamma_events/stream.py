@@ -3,9 +3,9 @@
 Every append moves the store's head in its transaction, and a trigger on the head notifies the
 store's channel with the new position (migration 0005). One `Listener` per store holds the only
 LISTEN connection, in a daemon thread: it drains every notification as it arrives (a listener
-that stops reading would hold up PostgreSQL's notification queue for the whole server) and keeps
-the newest head announced. A `Subscription` never learns its events from a notification; it
-reads them, after the last position it has read, from the store's pool:
+that stops reading would hold up PostgreSQL's notification queue for the whole server) and
+counts them as news. A `Subscription` never learns its events from a notification; it reads
+them, after the last position it has read, from the store's pool, whenever there is news:
 
 - Positions are gapless and commit order is position order (the head lock, docs/design.md), so
   reading ``position > p`` again and again never skips and never repeats an event.
@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import PoolTimeout
+from psycopg_pool import PoolClosed, PoolTimeout
 
 from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
 from .model import SequencedEvent
@@ -49,6 +49,8 @@ MAX_BUFFER = 100_000
 
 #: Seconds of silence on the LISTEN connection after which the listener reads the head itself.
 HEAD_CHECK_INTERVAL = 5.0
+#: The shortest wait of a subscription, so that no clock rounding makes it spin.
+_MIN_WAIT = 0.01
 #: Backoff between attempts to reconnect or to read again, doubling from the first to the last.
 _FIRST_DELAY = 0.05
 _LAST_DELAY = 2.0
@@ -59,13 +61,21 @@ _LAST_DELAY = 2.0
 Fetch = Callable[[int, int], tuple[list[SequencedEvent], int]]
 
 
+def _position(payload: str) -> int | None:
+    """The head a notification announces, or None for any other payload (any session may
+    notify the channel)."""
+    if payload.isascii() and payload.isdigit() and len(payload) <= 19:
+        return int(payload)
+    return None
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
 
 class Listener:
-    """The store's LISTEN connection: the newest head announced, and a way to wait for a newer one.
+    """The store's LISTEN connection: news of appends, and a way to wait for more news.
 
     ``connect`` opens a connection in autocommit mode; ``channel`` and ``head`` are statements
     returning the channel to listen on and the current head. The thread starts with `start` and
@@ -85,6 +95,7 @@ class Listener:
         self._cond = threading.Condition()
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self._seen = 0
+        self._news = 0
         self._closing = threading.Event()
         # `close` writes to this pair to wake the thread from its wait on the connection.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -98,8 +109,16 @@ class Listener:
 
     @property
     def seen(self) -> int:
-        """The newest head position announced (or read at connection)."""
+        """The newest head position announced (or read by the listener)."""
         return self._seen
+
+    @property
+    def news(self) -> int:
+        """How many times the listener has had news: a notification, a (re)connection, or a
+        head it read that differs from the last one announced. Subscriptions read when it
+        moves, whatever the payloads say: a notification is only ever a reason to read, so a
+        stray one (any session may notify the channel) costs one read at most."""
+        return self._news
 
     def start(self) -> None:
         with self._cond:
@@ -134,11 +153,11 @@ class Listener:
                     row = conn.execute(self._head_statement).fetchone()
                     self.connected = True
                     delay = _FIRST_DELAY
-                    self.advance(int(row[0]) if row else 0)
+                    self.announce(int(row[0]) if row else 0, always=True)
                     while not self._closing.is_set():
                         for note in conn.notifies(timeout=0):
-                            if note.channel == channel and note.payload.isdigit():
-                                self.advance(int(note.payload))
+                            if note.channel == channel:
+                                self.announce(_position(note.payload), always=True)
                         # Sleep until the server sends something or `close` wakes us. After a
                         # silence, read the head: the store's one fallback poll, for appends
                         # that notified no one (triggers disabled for a restore, or a pooler
@@ -151,7 +170,7 @@ class Listener:
                             self._wake_r.recv(64)
                         elif not ready:
                             row = conn.execute(self._head_statement).fetchone()
-                            self.advance(int(row[0]) if row else 0)
+                            self.announce(int(row[0]) if row else 0)
             except (psycopg.Error, OSError) as exc:
                 if self._closing.is_set():
                     break
@@ -160,15 +179,21 @@ class Listener:
                 logger.warning("tamma-events listener: %s; reconnecting in %.2f s", exc, delay)
             finally:
                 self.connected = False
+                # Waiting subscriptions read on their own while the listener is away.
+                self.wake_all()
             self._closing.wait(delay)
             delay = min(delay * 2, _LAST_DELAY)
 
-    def advance(self, position: int) -> None:
-        """Record that the head reached ``position``, and wake the waiters if that is news."""
+    def announce(self, position: int | None, *, always: bool = False) -> None:
+        """Record news of the head at ``position`` (None: unknown) and wake the waiters; a head
+        read by the listener itself (not ``always``) is news only when it differs from the
+        last one."""
         with self._cond:
-            if position <= self._seen:
+            if not always and position == self._seen:
                 return
-            self._seen = position
+            if position is not None:
+                self._seen = position
+            self._news += 1
         self.wake_all()
 
     def wake_all(self) -> None:
@@ -183,11 +208,11 @@ class Listener:
                 pass
 
     def _ready(self, beyond: int | None, done: Callable[[], bool]) -> bool:
-        return (beyond is not None and self._seen > beyond) or done()
+        return (beyond is not None and self._news > beyond) or done()
 
     def wait(self, beyond: int | None, timeout: float, done: Callable[[], bool]) -> None:
-        """Block until a head beyond ``beyond`` is announced (None: only the other two),
-        ``done()``, or ``timeout``."""
+        """Block until `news` moves beyond ``beyond`` (None: only the other two), ``done()``,
+        or ``timeout``."""
         with self._cond:
             self._cond.wait_for(lambda: self._ready(beyond, done), timeout)
 
@@ -219,8 +244,11 @@ class Listener:
 
 def _transient(exc: EventStoreError) -> bool:
     """Whether a failed read is worth retrying: the connection, not the statement, failed."""
-    return exc.code == STORAGE_ERROR and isinstance(
-        exc.__cause__, (psycopg.OperationalError, PoolTimeout)
+    cause = exc.__cause__
+    return (
+        exc.code == STORAGE_ERROR
+        and isinstance(cause, (psycopg.OperationalError, PoolTimeout))
+        and not isinstance(cause, PoolClosed)
     )
 
 
@@ -272,6 +300,8 @@ class Subscription:
         self._on_close = on_close
         self._position = after
         self._read_up_to = after
+        # The listener's `news` when the last read began: newer news is a reason to read.
+        self._news_read = -1
         self._buffer: deque[SequencedEvent] = deque()
         # Read at once: the subscription starts by catching up.
         self._more = True
@@ -329,7 +359,7 @@ class Subscription:
                 if not self._fill():
                     self._listener.wait(None, self._delay, self._stopped.is_set)
                 continue
-            self._listener.wait(self._read_up_to, self._until_poll(), self._stopped.is_set)
+            self._listener.wait(self._news_read, self._wait_time(), self._stopped.is_set)
 
     def __aiter__(self) -> Subscription:
         return self
@@ -347,7 +377,7 @@ class Subscription:
                     await self._listener.wait_async(None, self._delay, self._stopped.is_set)
                 continue
             await self._listener.wait_async(
-                self._read_up_to, self._until_poll(), self._stopped.is_set
+                self._news_read, self._wait_time(), self._stopped.is_set
             )
 
     def _take(self) -> SequencedEvent:
@@ -356,16 +386,21 @@ class Subscription:
         return event
 
     def _due(self) -> bool:
-        """Whether to read now: more is known to be there, the head moved past what was read, or
-        the listener is down and ``poll_interval`` has passed since the last read."""
+        """Whether to read now: more is known to be there, the listener has had news since the
+        last read began, or the listener is down and ``poll_interval`` has passed since the
+        last read."""
         return (
             self._more
-            or self._listener.seen > self._read_up_to
+            or self._listener.news > self._news_read
             or (not self._listener.connected and time.monotonic() >= self._next_poll)
         )
 
-    def _until_poll(self) -> float:
-        return max(self._next_poll - time.monotonic(), 0.0)
+    def _wait_time(self) -> float:
+        """How long to wait before `_due` may have changed without a wake-up."""
+        if self._listener.connected:
+            # Woken by an announcement, a disconnection or stop(); the bound is a safety net.
+            return HEAD_CHECK_INTERVAL
+        return max(self._next_poll - time.monotonic(), _MIN_WAIT)
 
     def _fill(self) -> bool:
         """Read the next events into the buffer. False when the read failed for a lost
@@ -374,6 +409,7 @@ class Subscription:
         with self._fill_lock:
             if self._stopped.is_set():
                 return True
+            news = self._listener.news
             try:
                 events, read_up_to = self._fetch(self._read_up_to, self._limit)
             except EventStoreError as exc:
@@ -394,6 +430,7 @@ class Subscription:
                 )
                 return False
             self._failing_since = None
+            self._news_read = news
             if self._stopped.is_set():
                 return True
             self._buffer.extend(events)
