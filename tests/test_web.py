@@ -157,6 +157,11 @@ class Frame:
     def is_heartbeat(self) -> bool:
         return bool(self.comments) and (self.id, self.event, self.data) == (None, None, None)
 
+    @property
+    def is_start(self) -> bool:
+        """An id without an event: it sets the client's last event id and dispatches nothing."""
+        return self.id is not None and (self.event, self.data) == (None, None)
+
 
 class StreamEnded(Exception):
     pass
@@ -186,6 +191,10 @@ class Stream:
             self.close()
             raise AssertionError(f"the stream answered {self.response.status_code}: {body}")
         assert self.response.headers["content-type"].startswith("text/event-stream")
+        # The stream opens with an id-only frame: the position it starts after.
+        first = self.frame()
+        assert first.is_start, f"the stream did not open with its start position: {first}"
+        self.start = int(first.id or "")
 
     def close(self) -> None:
         self.response.close()
@@ -855,3 +864,22 @@ def test_a_malformed_value_names_the_parameter(
     _, base = shared
     response = request("GET", f"{base}/events", params={param: value})
     assert_query_error(response, param)
+
+
+def test_a_stream_opens_with_its_start_position_so_an_early_reconnect_loses_nothing(
+    store: EventStore, serve: Callable[[Starlette], str]
+) -> None:
+    append_sample(store, 4)
+    base = serve(create_app(store, heartbeat=HEARTBEAT))
+    with Stream(base, {"after": "2"}) as stream:
+        assert stream.start == 2
+    # No ``after``: the stream starts at the head. The client drops before any event arrives;
+    # events are appended while it is away; it comes back with the id it was given.
+    with Stream(base) as stream:
+        assert stream.start == 4
+        heartbeat = stream.frame()
+        assert heartbeat.is_heartbeat
+    append_sample(store, 3, start=4)
+    with Stream(base, headers={"Last-Event-ID": str(stream.start)}) as resumed:
+        assert resumed.start == 4
+        assert resumed.positions(3) == [5, 6, 7]

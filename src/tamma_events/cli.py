@@ -493,8 +493,9 @@ def serve(
         raise click.ClickException(
             f'serve needs the web extra ({exc.name} is missing): pip install "tamma-events[web]"'
         ) from None
+    token = token or None  # an empty $TAMMA_EVENTS_TOKEN is no token
     with _failures(), obj.open() as store:
-        app = create_app(store, token=token or None, heartbeat=heartbeat)
+        app = create_app(store, token=token, heartbeat=heartbeat)
         if token is None and host not in ("127.0.0.1", "localhost", "::1"):
             err_console.print(
                 f"[yellow]warning[/yellow]: serving on {host} without a token: anyone who can"

@@ -80,7 +80,7 @@ from .sql import (
     tag_matches,
     window_positions,
 )
-from .stream import Listener, Subscription, check_subscription_options
+from .stream import Listener, Subscription, check_subscription_options, connection_lost
 
 __all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
 
@@ -368,16 +368,15 @@ class EventStore:
                 if not self._owns_pool:
                     _configure(conn)
                 yield conn
-        except psycopg.OperationalError as exc:
-            # The connection broke (a restarted server, a terminated backend): the pool's idle
-            # connections are likely broken too. Test them now, so the next call (a retry) gets
-            # a working one rather than the next broken one.
-            self._check_pool()
-            raise _storage_error(exc, "using a connection") from exc
-        except psycopg.Error as exc:
-            raise _storage_error(exc, "using a connection") from exc
-        except PoolTimeout as exc:
+        except PoolTimeout as exc:  # before psycopg.Error: it is an OperationalError
             raise _storage_error(exc, "getting a connection") from exc
+        except psycopg.Error as exc:
+            if connection_lost(exc):
+                # A restarted server or a terminated backend: the pool's idle connections are
+                # likely broken too. Test them now, so the next call (a retry) gets a working
+                # one rather than the next broken one.
+                self._check_pool()
+            raise _storage_error(exc, "using a connection") from exc
 
     def _check_pool(self) -> None:
         try:
@@ -1003,15 +1002,15 @@ class EventStore:
                 raise EventStoreError(STORAGE_ERROR, "the store is closed")
             if self._listener is None:
                 dsn = self.dsn
-                pool_kwargs = self._pool.kwargs
-                if callable(pool_kwargs):
-                    pool_kwargs = pool_kwargs()
-                kwargs = {
-                    **(pool_kwargs or {}),
-                    **_connection_kwargs(dsn, "tamma-events listener"),
-                }
+                pool = self._pool
 
                 def connect() -> psycopg.Connection[Any]:
+                    # The pool's settings as they are now: a callable may rotate credentials.
+                    pool_kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
+                    kwargs = {
+                        **(pool_kwargs or {}),
+                        **_connection_kwargs(dsn, "tamma-events listener"),
+                    }
                     return psycopg.Connection.connect(dsn, **kwargs)
 
                 self._listener = Listener(

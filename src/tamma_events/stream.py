@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from psycopg_pool import PoolClosed, PoolTimeout
 
@@ -171,7 +172,17 @@ class Listener:
                         elif not ready:
                             row = conn.execute(self._head_statement).fetchone()
                             self.announce(int(row[0]) if row else 0)
-            except (psycopg.Error, OSError) as exc:
+            except psycopg.errors.UndefinedFunction as exc:
+                # A schema from before notifications (opened with migrate=False): nothing will
+                # ever be announced. Subscriptions poll on their own.
+                self.last_error = exc
+                logger.error(
+                    "tamma-events listener: %s; the schema needs migrating for notifications;"
+                    " subscriptions fall back to polling",
+                    exc,
+                )
+                break
+            except Exception as exc:
                 if self._closing.is_set():
                     break
                 self.last_error = exc
@@ -242,13 +253,28 @@ class Listener:
                     self._async_waiters.discard(waiter)
 
 
+#: SQLSTATEs of a session the server ended: admin_shutdown, crash_shutdown, cannot_connect_now.
+_ENDED = frozenset({"57P01", "57P02", "57P03"})
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection (not the statement) failed: the session was ended
+    or the link broke, or no connection could be had. A statement timeout, a deadlock or a
+    closed pool is not."""
+    if isinstance(exc, PoolClosed):
+        return False
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    sqlstate = exc.sqlstate
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _ENDED
+
+
 def _transient(exc: EventStoreError) -> bool:
     """Whether a failed read is worth retrying: the connection, not the statement, failed."""
-    cause = exc.__cause__
     return (
-        exc.code == STORAGE_ERROR
-        and isinstance(cause, (psycopg.OperationalError, PoolTimeout))
-        and not isinstance(cause, PoolClosed)
+        exc.code == STORAGE_ERROR and exc.__cause__ is not None and connection_lost(exc.__cause__)
     )
 
 

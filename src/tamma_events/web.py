@@ -2,7 +2,9 @@
 
 Routes:
 
-- ``GET /events/stream`` follows the log as Server-Sent Events. Each event is one frame,
+- ``GET /events/stream`` follows the log as Server-Sent Events. The first frame is ``id: <the
+  position it starts after>`` alone (it sets the client's last event id and dispatches nothing,
+  so a client that drops before any event reconnects from there). Each event is one frame,
   ``id: <position>``, ``event: <event type>`` and ``data: <the event as JSON>``. It starts after
   the position in the ``Last-Event-ID`` header (what a browser's ``EventSource`` sends when it
   reconnects), else after ``?after=N``, else at the current head (new events only; ``after=0``
@@ -72,6 +74,12 @@ def create_app(
     caller keeps ownership of the store and closes it after the server stops."""
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("token must be a non-empty string or None")
+    for name, value in (("heartbeat", heartbeat), ("send_timeout", send_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    for name, value in (("buffer", buffer), ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     async def health(request: Request) -> Response:
         try:
@@ -141,6 +149,9 @@ class _EventStream(EventSourceResponse):
 
 async def _frames(subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
     try:
+        # An id without data sets the client's last event id without dispatching an event, so
+        # a client that reconnects before any event matched resumes from where it started.
+        yield ServerSentEvent(id=str(subscription.position))
         async for event in subscription:
             yield ServerSentEvent(
                 _encode(event).decode(), event=event.event_type, id=str(event.position)
