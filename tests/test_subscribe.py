@@ -29,8 +29,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import psycopg
+import psycopg.errors
 import pytest
 from psycopg.conninfo import make_conninfo
+from psycopg_pool import PoolClosed, PoolTimeout
 
 import _workers
 from tamma_events import (
@@ -49,7 +51,7 @@ from tamma_events import (
     Subscription,
 )
 from tamma_events import stream as stream_module
-from tamma_events.stream import MAX_BUFFER
+from tamma_events.stream import MAX_BUFFER, connection_lost
 
 T = TypeVar("T")
 
@@ -1013,3 +1015,22 @@ def test_the_subscriptions_of_a_store_share_its_listener(store: EventStore) -> N
     for subscription in (first, second):
         subscription.close()
     assert store.subscriptions == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg.errors.AdminShutdown("terminating connection"), True),
+        (psycopg.errors.ConnectionFailure("connection failure"), True),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (PoolTimeout("couldn't get a connection"), True),
+        (psycopg.errors.QueryCanceled("statement timeout"), False),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), False),
+        (PoolClosed("the pool is closed"), False),
+        (psycopg.errors.UndefinedTable("no such table"), False),
+    ],
+)
+def test_only_a_lost_connection_counts_as_one(error: Exception, lost: bool) -> None:
+    # What a subscription retries from its position, and what makes the pool test its idle
+    # connections: the session ended or the link broke, not the statement failed.
+    assert connection_lost(error) is lost

@@ -883,3 +883,19 @@ def test_a_stream_opens_with_its_start_position_so_an_early_reconnect_loses_noth
     with Stream(base, headers={"Last-Event-ID": str(stream.start)}) as resumed:
         assert resumed.start == 4
         assert resumed.positions(3) == [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"token": ""},
+        {"heartbeat": 0},
+        {"send_timeout": -1},
+        {"buffer": 0},
+        {"page_size": True},
+    ],
+)
+def test_create_app_refuses_bad_options(store: EventStore, options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as raised:
+        create_app(store, **options)
+    assert next(iter(options)) in str(raised.value)
