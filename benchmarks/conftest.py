@@ -13,12 +13,17 @@ from typing import Any
 
 import pytest
 
-from tamma_events import DomainEvent, embedded
+from tamma_events import DomainEvent, EventStore, embedded
+from tamma_events.bench import load_query_store
 from tamma_events.schema import drop
 from tamma_events.workload import generate_events
 
 EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_EVENTS", "50000"))
 BATCH = 10_000
+#: Events in the store the query and stream benchmarks read (loading takes minutes at 1M).
+QUERY_EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_QUERY_EVENTS", "1000000"))
+#: Keep that store's schema (bench_q_<events>) for the next run.
+KEEP = os.environ.get("TAMMA_EVENTS_BENCH_KEEP") == "1"
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +40,17 @@ def dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def workload() -> list[DomainEvent]:
     return list(generate_events(EVENTS))
+
+
+@pytest.fixture(scope="session")
+def loaded(dsn: str) -> Iterator[EventStore]:
+    """A store holding ``QUERY_EVENTS`` generated events, vacuumed and analysed."""
+    schema = f"bench_q_{QUERY_EVENTS}"
+    store = load_query_store(dsn, schema, QUERY_EVENTS)
+    yield store
+    store.close()
+    if not KEEP:
+        drop(dsn, schema)
 
 
 @pytest.fixture

@@ -9,19 +9,16 @@ against the same page decoded by psycopg's defaults.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
 from tamma_events import EventStore
-from tamma_events.bench import default_page, latencies, load_query_store, percentiles, query_shapes
-from tamma_events.schema import drop
+from tamma_events.bench import default_page, latencies, percentiles, query_shapes
 
-EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_QUERY_EVENTS", "1000000"))
-KEEP = os.environ.get("TAMMA_EVENTS_BENCH_KEEP") == "1"
+from .conftest import QUERY_EVENTS
+
 ROUNDS = 200
 SHAPES = [
     "by_issue",
@@ -39,16 +36,6 @@ SHAPES = [
 
 
 @pytest.fixture(scope="module")
-def loaded(dsn: str) -> Iterator[EventStore]:
-    schema = f"bench_q_{EVENTS}"
-    store = load_query_store(dsn, schema, EVENTS)
-    yield store
-    store.close()
-    if not KEEP:
-        drop(dsn, schema)
-
-
-@pytest.fixture(scope="module")
 def round_trip(dsn: str) -> float:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return percentiles(latencies(lambda: conn.execute("SELECT 1").fetchall(), ROUNDS))[0]
@@ -63,7 +50,7 @@ def test_query_latency(
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     p50, p99 = percentiles(list(benchmark.stats.stats.data))
     info: dict[str, Any] = {
-        "events": EVENTS,
+        "events": QUERY_EVENTS,
         "p50_ms": p50 * 1e3,
         "p99_ms": p99 * 1e3,
         "round_trip_ms": round_trip * 1e3,
@@ -71,6 +58,6 @@ def test_query_latency(
     }
     if shape == "keyset_page_1000":
         with psycopg.connect(dsn, autocommit=True) as conn:
-            default = percentiles(latencies(default_page(conn, loaded.schema, EVENTS), 50))[0]
+            default = percentiles(latencies(default_page(conn, loaded.schema, QUERY_EVENTS), 50))[0]
         info.update(default_decoding_ms=default * 1e3, ratio_to_default=p50 / default)
     benchmark.extra_info.update(info)

@@ -12,29 +12,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from tamma_events import EventStore
-from tamma_events.bench import load_query_store, measure_cursor, measure_delivery
-from tamma_events.schema import drop
+from tamma_events.bench import measure_cursor, measure_delivery
 
-EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_QUERY_EVENTS", "1000000"))
-KEEP = os.environ.get("TAMMA_EVENTS_BENCH_KEEP") == "1"
 RATE = float(os.environ.get("TAMMA_EVENTS_BENCH_RATE", "10000"))
 SECONDS = float(os.environ.get("TAMMA_EVENTS_BENCH_SECONDS", "10"))
-
-
-@pytest.fixture(scope="module")
-def loaded(dsn: str) -> Iterator[EventStore]:
-    schema = f"bench_q_{EVENTS}"
-    store = load_query_store(dsn, schema, EVENTS)
-    yield store
-    store.close()
-    if not KEEP:
-        drop(dsn, schema)
 
 
 def test_subscription_latency_under_load(benchmark: Any, dsn: str, schema: str) -> None:

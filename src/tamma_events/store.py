@@ -824,9 +824,8 @@ class EventStore:
             until, last_position = decoded.until, decoded.last_position
             last_key = token_key(decoded, criteria)
         # One event more than the page, to know whether another page follows.
-        until, events = self._keyset_page(
-            criteria, until, last_key, last_position, page_size + 1, 0
-        )
+        until, rows = self._keyset_rows(criteria, until, last_key, last_position, page_size + 1, 0)
+        events = _decode_events(_json_array(rows))
         if len(events) <= page_size:
             return Page(events, None)
         del events[page_size:]
@@ -834,21 +833,6 @@ class EventStore:
         if isinstance(key, datetime):
             key = key.isoformat()
         return Page(events, encode_token(criteria, until, key, events[-1].position))
-
-    def _keyset_page(
-        self,
-        criteria: Criteria,
-        until: int | None,
-        last_key: Any,
-        last_position: int | None,
-        limit: int,
-        offset: int,
-    ) -> tuple[int, list[SequencedEvent]]:
-        """The events matching ``criteria`` at positions up to ``until`` (the head now, when
-        None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
-        the first, when None), at most ``limit`` after skipping ``offset``; and ``until``."""
-        until, rows = self._keyset_rows(criteria, until, last_key, last_position, limit, offset)
-        return until, _decode_events(_json_array(rows))
 
     def _keyset_rows(
         self,
@@ -859,7 +843,10 @@ class EventStore:
         limit: int,
         offset: int,
     ) -> tuple[int, list[str]]:
-        """`_keyset_page`'s events as the server's JSON texts, not decoded."""
+        """The events matching ``criteria`` at positions up to ``until`` (the head now, when
+        None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
+        the first, when None), at most ``limit`` after skipping ``offset``, as the server's
+        JSON texts; and ``until``."""
         with self._connection() as conn:
             cur = conn.cursor()
             if until is None:
