@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,9 +23,9 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 
+from _web_support import LiveServer
 from tamma_events import (
     DomainEvent,
     EventFilter,
@@ -71,41 +70,6 @@ def request(method: str, url: str, **kwargs: Any) -> httpx.Response:
 
 
 # -- the server ----------------------------------------------------------------------------------
-
-
-class LiveServer:
-    """An app on a real uvicorn server on 127.0.0.1 (a free port), in a background thread."""
-
-    def __init__(self, app: Starlette) -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            log_config=None,
-            access_log=False,
-            # A stream still open at shutdown (a failing test) is cancelled after this long.
-            timeout_graceful_shutdown=5,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + WAIT_FOR
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("uvicorn did not start")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        if self.thread.is_alive():
-            self.server.force_exit = True
-            self.thread.join(5)
-        assert not self.thread.is_alive(), "uvicorn did not shut down"
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -29,12 +28,12 @@ from typing import Any
 
 import msgspec
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 
+from _web_support import LiveServer
 from tamma_events import DomainEvent, EventStore, SequencedEvent
 from tamma_events.web import create_app
 
@@ -125,36 +124,15 @@ def page_app(store: EventStore, messages: queue.Queue[tuple[str, Any]]) -> Starl
 def serve(store: EventStore) -> Iterator[Any]:
     """Runs an app on uvicorn on 127.0.0.1 in a background thread; returns its base URL.
     Depends on ``store`` so that the server stops before the store is closed."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    servers: list[LiveServer] = []
 
     def start(app: Starlette) -> str:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="uvicorn-browser", daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + WAIT_FOR
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        servers.append(LiveServer(app))
+        return servers[-1].url
 
     yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(15)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(5)
-        assert not thread.is_alive(), "uvicorn did not shut down"
+    for server in servers:
+        server.stop()
 
 
 # -- the browser ---------------------------------------------------------------------------------
