@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any
 
@@ -216,12 +217,24 @@ def test_aggregates_by_type_and_bucket_come_from_summaries(
 
 def test_listings_read_only_summaries(planned: EventStore) -> None:
     with psycopg.connect(planned.dsn, autocommit=True) as conn:
+        _flush_statistics(planned)
         before = _events_reads(conn, planned.schema)
         types = planned.get_event_types()
         tags = planned.get_tags()
+        _flush_statistics(planned)
         after = _events_reads(conn, planned.schema)
     assert len(types) == 9 and set(tags) == {"issueId", "prId", "userId", "provider", "platform"}
     assert after == before
+
+
+def _flush_statistics(store: EventStore) -> None:
+    """Have each of the store's pooled sessions report its scans now. A session reports them
+    at most once a second, and otherwise up to ten seconds after it goes idle, which would
+    count a previous test's scans, or miss this one's."""
+    with ExitStack() as sessions:
+        for _ in range(store._pool.get_stats()["pool_size"]):
+            conn = sessions.enter_context(store._pool.connection())
+            conn.execute("SELECT pg_stat_force_next_flush()")
 
 
 def _events_reads(conn: psycopg.Connection[Any], schema: str) -> tuple[int, int]:

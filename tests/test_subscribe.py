@@ -987,13 +987,17 @@ def test_a_notification_beyond_the_head_does_not_make_subscribers_spin(
     wait_for(lambda: len(consumer.events) == 1 and consumer.waiting, "the consumer to wait")
     listener = store._listener
     assert listener is not None
-    assert len(reads) == 1
+    wait_for(lambda: listener.connected, "the listener to listen")
+    wait_for(lambda: consumer.waiting, "the consumer to wait")
+    # One read, or two when the listener's connection (news too) came after the first began.
+    settled = len(reads)
+    assert settled in (1, 2)
 
     notify(pg_dsn, f"{store.schema}.appended", "1000000")
     wait_for(lambda: listener.seen == 1_000_000, "the listener to take the notification")
-    wait_for(lambda: len(reads) >= 2, "the read the notification wakes")
+    wait_for(lambda: len(reads) > settled, "the read the notification wakes")
     wait_for(lambda: consumer.waiting, "the consumer to wait again", timeout=5)
-    assert len(reads) <= 3, f"{len(reads)} reads of an unchanged log"
+    assert len(reads) <= settled + 2, f"{len(reads) - settled} reads of an unchanged log"
     last = store.append(end)
     assert positions(consumer.join()) == [1, last]
     subscription.close()
