@@ -15,10 +15,12 @@ from .filters import AggregateRow, EventFilter, Page
 from .model import (
     AppendCondition,
     DomainEvent,
+    Projection,
     Query,
     QueryItem,
     ReadResult,
     SequencedEvent,
+    Snapshot,
     new_event_id,
 )
 from .store import EventStore, Transaction
@@ -41,11 +43,13 @@ __all__ = [
     "EventStore",
     "EventStoreError",
     "Page",
+    "Projection",
     "Query",
     "QueryCache",
     "QueryItem",
     "ReadResult",
     "SequencedEvent",
+    "Snapshot",
     "Subscription",
     "Transaction",
     "__impl__",

@@ -20,10 +20,12 @@ import msgspec
 __all__ = [
     "AppendCondition",
     "DomainEvent",
+    "Projection",
     "Query",
     "QueryItem",
     "ReadResult",
     "SequencedEvent",
+    "Snapshot",
     "new_event_id",
     "utcnow",
     "uuid7",
@@ -220,3 +222,20 @@ class ReadResult(Sequence[SequencedEvent]):
 
     def __repr__(self) -> str:
         return f"ReadResult(<{len(self.events)} events>, head={self.head!r})"
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """A state folded from the log up to position ``version``, saved under ``aggregate_id``."""
+
+    aggregate_id: str
+    version: int
+    state: Any
+    created_at: datetime
+
+
+class Projection(msgspec.Struct, frozen=True):
+    """What `EventStore.project` folded: the ``state``, and the ``head`` it is current at (the
+    ``after`` of an `AppendCondition` for a decision taken on it)."""
+
+    state: Any
+    head: int

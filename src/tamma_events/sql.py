@@ -567,6 +567,17 @@ class Statements:
         self.tag_summary = sql.Identifier(schema, "tag_summary")
         self.time_summary = sql.Identifier(schema, "time_summary")
         self.set_head = sql.SQL("UPDATE {} SET position = %s, hash = %s").format(self.head)
+        snapshots = sql.Identifier(schema, "event_snapshots")
+        # The head row is read in the same statement: a version beyond it inserts nothing.
+        self.save_snapshot = sql.SQL(
+            "INSERT INTO {} (aggregate_id, version, data) SELECT %s, %s, %s::jsonb FROM {}"
+            " WHERE position >= %s ON CONFLICT (aggregate_id, version) DO UPDATE"
+            " SET data = excluded.data, created_at = now() RETURNING created_at"
+        ).format(snapshots, self.head)
+        self.latest_snapshot = sql.SQL(
+            "SELECT version, data::text, created_at FROM {} WHERE aggregate_id = %s"
+            " ORDER BY version DESC LIMIT 1"
+        ).format(snapshots)
 
     def set_head_and_commit(self, position: int, hash_: bytes) -> bytes:
         """Move the head and commit in one simple-protocol round trip. The two values are the

@@ -65,7 +65,15 @@ from .filters import (
 )
 from .integrity import IntegrityReport
 from .integrity import verify as _verify
-from .model import AppendCondition, DomainEvent, Query, ReadResult, SequencedEvent
+from .model import (
+    AppendCondition,
+    DomainEvent,
+    Projection,
+    Query,
+    ReadResult,
+    SequencedEvent,
+    Snapshot,
+)
 from .schema import migrate as _migrate
 from .sql import (
     FEW_MATCHES,
@@ -85,6 +93,7 @@ from .stream import Listener, Subscription, check_subscription_options, connecti
 __all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
 
 _T = TypeVar("_T")
+_S = TypeVar("_S")
 
 #: The DSN the store uses when none is passed.
 DSN_ENV = "TAMMA_EVENTS_DSN"
@@ -1112,6 +1121,131 @@ class EventStore:
             self.cache.put(key, head, value, size(value))
         return value
 
+    # -- snapshots -------------------------------------------------------------------------
+
+    def create_snapshot(self, aggregate_id: str, version: int, state: Any) -> Snapshot:
+        """Save ``state`` (any value msgspec encodes as JSON) as folded from the log up to
+        position ``version`` (0 to the head) under ``aggregate_id``. Saving the same version
+        again replaces it. Raises ``VALIDATION_FAILED`` naming the field otherwise."""
+        _check_aggregate_id(aggregate_id)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"version must be a position (an int from 0 to the head), got {version!r}",
+                {"field": "version", "aggregate_id": aggregate_id},
+            )
+        try:
+            data = msgspec.json.encode(state)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"state cannot be encoded as JSON: {exc}",
+                {"field": "state", "aggregate_id": aggregate_id},
+            ) from None
+        with self._connection() as conn:
+            try:
+                row = conn.execute(
+                    self._statements.save_snapshot,
+                    [aggregate_id, version, data.decode(), version],
+                ).fetchone()
+            except psycopg.errors.UntranslatableCharacter:
+                raise EventStoreError(
+                    VALIDATION_FAILED,
+                    "state holds a NUL character, which PostgreSQL's jsonb cannot store",
+                    {"field": "state", "aggregate_id": aggregate_id},
+                ) from None
+            if row is None:
+                head = conn.execute(self._statements.head_position).fetchone()
+                raise EventStoreError(
+                    VALIDATION_FAILED,
+                    f"version {version} is beyond the head ({head[0] if head else 0})",
+                    {"field": "version", "aggregate_id": aggregate_id},
+                )
+        return Snapshot(aggregate_id, version, state, row[0])
+
+    def get_snapshot(self, aggregate_id: str, *, state_type: Any = Any) -> Snapshot | None:
+        """The latest snapshot of ``aggregate_id`` (its highest version), its state decoded as
+        ``state_type`` (plain JSON values by default), or None."""
+        _check_aggregate_id(aggregate_id)
+        with self._connection() as conn:
+            row = conn.execute(self._statements.latest_snapshot, [aggregate_id]).fetchone()
+        if row is None:
+            return None
+        version, data, created_at = row
+        try:
+            state = msgspec.json.decode(data, type=state_type)
+        except msgspec.ValidationError as exc:
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"the snapshot of {aggregate_id!r} at version {version} is not a {state_type}:"
+                f" {exc}",
+                {"field": "state_type", "aggregate_id": aggregate_id, "version": version},
+            ) from None
+        return Snapshot(aggregate_id, int(version), state, created_at)
+
+    def project(
+        self,
+        query: Query | None,
+        initial: _S,
+        fold: Callable[[_S, SequencedEvent], _S],
+        *,
+        key: str | None = None,
+        snapshot_every: int | None = None,
+        state_type: Any = None,
+        batch_size: int = 1_000,
+    ) -> Projection:
+        """Fold the events matching ``query`` into a state: ``fold(state, event)`` for each, in
+        log order, from ``initial``.
+
+        With ``key``, it starts from the latest snapshot saved under that key (its state
+        decoded as ``state_type``, by default the type of ``initial``) and folds only the
+        events after it; with ``snapshot_every`` as well, it saves a snapshot each time that
+        many events have been folded. A key must always name the same query and fold. The
+        result holds the state and the head it is current at."""
+        if snapshot_every is not None and (
+            isinstance(snapshot_every, bool)
+            or not isinstance(snapshot_every, int)
+            or snapshot_every < 1
+        ):
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"snapshot_every must be a positive int or None, got {snapshot_every!r}",
+                {"field": "snapshot_every"},
+            )
+        if snapshot_every is not None and key is None:
+            raise EventStoreError(
+                QUERY_ERROR, "snapshot_every needs a key to save under", {"field": "key"}
+            )
+        check_count(batch_size, "batch_size", allow_none=False)
+        if not 0 < batch_size <= MAX_PAGE_SIZE:
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"batch_size must be between 1 and {MAX_PAGE_SIZE}, got {batch_size}",
+                {"field": "batch_size"},
+            )
+        state: Any = initial
+        after = 0
+        if key is not None:
+            if state_type is None:
+                state_type = Any if initial is None else type(initial)
+            snapshot = self.get_snapshot(key, state_type=state_type)
+            if snapshot is not None:
+                state, after = snapshot.state, snapshot.version
+        folded = 0
+        while True:
+            with self._connection() as conn:
+                events, head = _read_with_head(
+                    conn, self._statements, query, after, batch_size, False
+                )
+            for event in events:
+                state = fold(state, event)
+                folded += 1
+                if snapshot_every is not None and key is not None and folded % snapshot_every == 0:
+                    self.create_snapshot(key, event.position, state)
+            if len(events) < batch_size:
+                return Projection(state, max(head, after))
+            after = events[-1].position
+
     # -- integrity -------------------------------------------------------------------------
 
     def verify(
@@ -1267,6 +1401,16 @@ def _read(
     else:
         head = None
     return ReadResult(events, head)
+
+
+def _check_aggregate_id(aggregate_id: object) -> None:
+    if not isinstance(aggregate_id, str) or not 0 < len(aggregate_id) <= 255:
+        raise EventStoreError(
+            VALIDATION_FAILED,
+            f"aggregate_id must be a string of 1 to 255 characters, got {aggregate_id!r}",
+            {"field": "aggregate_id"},
+        )
+    check_text(aggregate_id, "aggregate_id")
 
 
 def _sort_key(event: SequencedEvent | _SortKey, criteria: Criteria) -> datetime | str | None:
