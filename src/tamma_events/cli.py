@@ -7,6 +7,7 @@ PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -458,8 +459,10 @@ def tail(
                         break
         except KeyboardInterrupt:
             pass
-        except BrokenPipeError:  # the reader went away (`| head`, say)
-            sys.stderr.close()
+        except BrokenPipeError:
+            # The reader went away (`| head`, say): point stdout at /dev/null so that flushing
+            # it at exit does not fail again, and end quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @main.command()
