@@ -818,13 +818,7 @@ class EventStore:
                 "a paged filter may not set limit or offset; use page_size and the page token",
                 {"field": "limit" if criteria.limit is not None else "offset"},
             )
-        check_count(page_size, "page_size", allow_none=False)
-        if not 0 < page_size <= MAX_PAGE_SIZE:
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {page_size}",
-                {"field": "page_size"},
-            )
+        _check_size(page_size, "page_size")
         last_key: Any = None
         last_position: int | None = None
         until: int | None = None
@@ -879,13 +873,7 @@ class EventStore:
         one that stops early (``break``, or ``close()`` on the iterator) leaves nothing open.
         Raises ``QUERY_ERROR`` at the call for a malformed filter or batch size."""
         criteria = normalize(event_filter)
-        check_count(batch_size, "batch_size", allow_none=False)
-        if not 0 < batch_size <= MAX_PAGE_SIZE:
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"batch_size must be between 1 and {MAX_PAGE_SIZE}, got {batch_size}",
-                {"field": "batch_size"},
-            )
+        _check_size(batch_size, "batch_size")
         return self._stream(criteria, batch_size)
 
     def _stream(self, criteria: Criteria, batch_size: int) -> Iterator[SequencedEvent]:
@@ -1216,13 +1204,7 @@ class EventStore:
             raise EventStoreError(
                 QUERY_ERROR, "snapshot_every needs a key to save under", {"field": "key"}
             )
-        check_count(batch_size, "batch_size", allow_none=False)
-        if not 0 < batch_size <= MAX_PAGE_SIZE:
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"batch_size must be between 1 and {MAX_PAGE_SIZE}, got {batch_size}",
-                {"field": "batch_size"},
-            )
+        _check_size(batch_size, "batch_size")
         state: Any = initial
         after = 0
         if key is not None:
@@ -1401,6 +1383,17 @@ def _read(
     else:
         head = None
     return ReadResult(events, head)
+
+
+def _check_size(value: int, field: str) -> None:
+    """QUERY_ERROR unless ``value`` is an int from 1 to `MAX_PAGE_SIZE` (a page or batch)."""
+    check_count(value, field, allow_none=False)
+    if not 0 < value <= MAX_PAGE_SIZE:
+        raise EventStoreError(
+            QUERY_ERROR,
+            f"{field} must be between 1 and {MAX_PAGE_SIZE}, got {value}",
+            {"field": field},
+        )
 
 
 def _check_aggregate_id(aggregate_id: object) -> None:
