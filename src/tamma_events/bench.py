@@ -670,13 +670,16 @@ class Delivery:
 
 
 def _delay_percentiles(
-    log: list[tuple[int, float, float]], received: dict[int, float], per_event: bool
+    log: list[tuple[int, float, float]],
+    first: int,
+    received: dict[int, float],
+    per_event: bool,
 ) -> dict[str, float]:
     """p50/p99 (ms) from each append's commit (and from its start) to receipt, per event or per
-    append (whose last position a notification carries)."""
+    append (whose last position a notification carries); the log's first append starts at
+    position ``first``."""
     from_commit: list[float] = []
     from_start: list[float] = []
-    first = log[0][0] - (log[1][0] - log[0][0]) + 1 if len(log) > 1 else log[0][0]
     for last, before, after in log:
         positions = range(first, last + 1) if per_event else (last,)
         for position in positions:
@@ -748,8 +751,8 @@ def measure_delivery(
         raise RuntimeError(f"the subscriber stopped at {subscription.position}, not {final}")
     reached = (final - head) / (log[-1][2] - log[0][1])
     return (
-        _delay_percentiles(log, delivery.subscriber, per_event=True),
-        _delay_percentiles(log, delivery.notified, per_event=False),
+        _delay_percentiles(log, head + 1, delivery.subscriber, per_event=True),
+        _delay_percentiles(log, head + 1, delivery.notified, per_event=False),
         reached,
     )
 

@@ -207,11 +207,6 @@ def _json_array(texts: list[str]) -> str:
     return "[" + ",".join(texts) + "]"
 
 
-def _events_document(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> str:
-    """The events a statement selects (see `_event_rows`), as one JSON array."""
-    return _json_array(_event_rows(cur, text, params))
-
-
 class _SortKey(msgspec.Struct):
     """What keyset paging needs of an event, decoded alone from its JSON text."""
 
@@ -682,9 +677,8 @@ class EventStore:
 
             def run() -> str:
                 select, few = self._select(cur, criteria)
-                return _events_document(
-                    cur, *select.events(limit=criteria.limit, offset=criteria.offset, few=few)
-                )
+                statement = select.events(limit=criteria.limit, offset=criteria.offset, few=few)
+                return _json_array(_event_rows(cur, *statement))
 
             document = self._cached(cur, ("events", criteria), run, len)
         return _decode_events(document)
@@ -1015,17 +1009,9 @@ class EventStore:
     def _filter_after(
         self, criteria: Criteria, after: int, limit: int
     ) -> tuple[list[SequencedEvent], int]:
-        """`_read_after` for a filter."""
-        with self._connection() as conn:
-            cur = conn.cursor()
-            row = cur.execute(self._statements.head_position).fetchone()
-            head = int(row[0]) if row else 0
-            if head <= after:
-                return [], after
-            select, few = self._select(cur, criteria)
-            select.after(head, None, after)
-            document = _events_document(cur, *select.events(limit=limit, offset=0, few=few))
-        events = _decode_events(document)
+        """`_read_after` for a filter: a keyset page in log order after ``after``."""
+        head, rows = self._keyset_rows(criteria, None, None, after, limit, 0)
+        events = _decode_events(_json_array(rows))
         return events, events[-1].position if len(events) >= limit else head
 
     def paginate(
