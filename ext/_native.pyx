@@ -21,7 +21,7 @@ from cpython.datetime cimport (
     import_datetime,
 )
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLongMask
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
@@ -36,7 +36,7 @@ from cpython.unicode cimport (
     PyUnicode_KIND,
 )
 from libc.math cimport copysign, fabs, isfinite
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memset
 
 import array as _array
@@ -538,3 +538,332 @@ def seal(batch, first_position, prev_hash, *, bint chain=True):
     finally:
         view.release()
     return digest
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding exports: binary COPY rows into Arrow buffers (the reference is _pycodec.decode_rows)
+
+cdef object _decode_error = _pycodec.decode_error
+cdef object _DecodedRows = _pycodec.DecodedRows
+cdef int64_t PG_EPOCH_US = _pycodec.PG_EPOCH_US
+cdef Py_ssize_t EXPORT_FIELDS = len(_pycodec.EXPORT_COLUMNS)
+cdef Py_ssize_t MAX_OFFSET = 2147483647
+cdef int64_t TIME_LIMIT = (<int64_t>1) << 62
+
+cdef enum Field:
+    F_POSITION, F_EVENT_ID, F_EVENT_TYPE, F_TIMESTAMP, F_RECORDED_AT, F_TAGS, F_METADATA,
+    F_DATA, F_HASH
+
+cdef tuple FIELD_NAMES = _pycodec.EXPORT_COLUMNS
+
+
+cdef struct Buf:
+    char *p
+    Py_ssize_t size
+    Py_ssize_t cap
+
+
+cdef int _reserve(Buf *b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap = b.cap if b.cap else 256
+    cdef char *p
+    if b.size + extra <= b.cap:
+        return 0
+    while cap < b.size + extra:
+        cap *= 2
+    p = <char *>PyMem_Realloc(b.p, cap)
+    if p == NULL:
+        raise MemoryError()
+    b.p = p
+    b.cap = cap
+    return 0
+
+
+cdef inline int _append(Buf *b, const char *src, Py_ssize_t n) except -1:
+    if b.size + n > b.cap:
+        _reserve(b, n)
+    memcpy(b.p + b.size, src, n)
+    b.size += n
+    return 0
+
+
+cdef inline int _append_offset(Buf *offsets, Py_ssize_t value) except -1:
+    cdef int32_t v = <int32_t>value
+    return _append(offsets, <const char *>&v, 4)
+
+
+cdef inline int64_t _get64(const unsigned char *p) noexcept nogil:
+    return <int64_t>(
+        (<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40)
+        | (<uint64_t>p[3] << 32) | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16)
+        | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
+
+
+cdef inline int32_t _get32(const unsigned char *p) noexcept nogil:
+    return <int32_t>((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8)
+                     | <uint32_t>p[3])
+
+
+cdef inline int _hex(unsigned char c) noexcept nogil:
+    if c'0' <= c <= c'9':
+        return c - c'0'
+    if c'a' <= c <= c'f':
+        return c - c'a' + 10
+    if c'A' <= c <= c'F':
+        return c - c'A' + 10
+    return -1
+
+
+cdef inline Py_ssize_t _skip_space(const unsigned char *s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (s[i] == c' ' or s[i] == c'\t' or s[i] == c'\n' or s[i] == c'\r'):
+        i += 1
+    return i
+
+
+cdef Py_ssize_t _hex4(const unsigned char *s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The code unit of the four hex digits at ``i``, or -1."""
+    cdef int a, b, c, d
+    if i + 4 > n:
+        return -1
+    a = _hex(s[i]); b = _hex(s[i + 1]); c = _hex(s[i + 2]); d = _hex(s[i + 3])
+    if a < 0 or b < 0 or c < 0 or d < 0:
+        return -1
+    return (a << 12) | (b << 8) | (c << 4) | d
+
+
+cdef Py_ssize_t _json_string(const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
+                             Buf *out) except -2:
+    """Unescape the JSON string starting at ``s[i]`` (its opening quote) onto ``out``; the
+    index after its closing quote, or -1 when it is malformed."""
+    cdef Py_ssize_t start
+    cdef Py_ssize_t unit, low
+    cdef unsigned char c
+    cdef char utf8[4]
+    if i >= n or s[i] != c'"':
+        return -1
+    i += 1
+    while True:
+        start = i
+        while i < n and s[i] != c'"' and s[i] != c'\\' and s[i] >= 0x20:
+            i += 1
+        _append(out, <const char *>(s + start), i - start)
+        if i >= n or s[i] < 0x20:
+            return -1
+        if s[i] == c'"':
+            return i + 1
+        i += 1  # a backslash
+        if i >= n:
+            return -1
+        c = s[i]
+        i += 1
+        if c == c'"' or c == c'\\' or c == c'/':
+            utf8[0] = <char>c
+        elif c == c'b':
+            utf8[0] = c'\b'
+        elif c == c'f':
+            utf8[0] = c'\f'
+        elif c == c'n':
+            utf8[0] = c'\n'
+        elif c == c'r':
+            utf8[0] = c'\r'
+        elif c == c't':
+            utf8[0] = c'\t'
+        elif c == c'u':
+            unit = _hex4(s, i, n)
+            if unit < 0:
+                return -1
+            i += 4
+            if 0xD800 <= unit < 0xDC00:
+                if i + 6 > n or s[i] != c'\\' or s[i + 1] != c'u':
+                    return -1
+                low = _hex4(s, i + 2, n)
+                if not 0xDC00 <= low < 0xE000:
+                    return -1
+                i += 6
+                unit = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+            elif 0xDC00 <= unit < 0xE000:
+                return -1
+            if unit < 0x80:
+                utf8[0] = <char>unit
+                _append(out, utf8, 1)
+            elif unit < 0x800:
+                utf8[0] = <char>(0xC0 | (unit >> 6))
+                utf8[1] = <char>(0x80 | (unit & 0x3F))
+                _append(out, utf8, 2)
+            elif unit < 0x10000:
+                utf8[0] = <char>(0xE0 | (unit >> 12))
+                utf8[1] = <char>(0x80 | ((unit >> 6) & 0x3F))
+                utf8[2] = <char>(0x80 | (unit & 0x3F))
+                _append(out, utf8, 3)
+            else:
+                utf8[0] = <char>(0xF0 | (unit >> 18))
+                utf8[1] = <char>(0x80 | ((unit >> 12) & 0x3F))
+                utf8[2] = <char>(0x80 | ((unit >> 6) & 0x3F))
+                utf8[3] = <char>(0x80 | (unit & 0x3F))
+                _append(out, utf8, 4)
+            continue
+        else:
+            return -1
+        _append(out, utf8, 1)
+
+
+cdef Py_ssize_t _tag_pairs_native(const unsigned char *s, Py_ssize_t n, Buf *key_offsets,
+                                  Buf *key_data, Buf *value_offsets, Buf *value_data) except -2:
+    """Append the pairs of the flat JSON object ``s`` (string values only); how many, -1 when
+    it is anything else, -3 when the batch's keys or values outgrow int32 offsets."""
+    cdef Py_ssize_t i = _skip_space(s, 0, n)
+    cdef Py_ssize_t pairs = 0
+    if i >= n or s[i] != c'{':
+        return -1
+    i = _skip_space(s, i + 1, n)
+    if i < n and s[i] == c'}':
+        return 0 if _skip_space(s, i + 1, n) == n else -1
+    while True:
+        i = _json_string(s, i, n, key_data)
+        if i < 0:
+            return -1
+        if key_data.size > MAX_OFFSET:
+            return -3
+        _append_offset(key_offsets, key_data.size)
+        i = _skip_space(s, i, n)
+        if i >= n or s[i] != c':':
+            return -1
+        i = _json_string(s, _skip_space(s, i + 1, n), n, value_data)
+        if i < 0:
+            return -1
+        if value_data.size > MAX_OFFSET:
+            return -3
+        _append_offset(value_offsets, value_data.size)
+        pairs += 1
+        i = _skip_space(s, i, n)
+        if i < n and s[i] == c',':
+            i = _skip_space(s, i + 1, n)
+            continue
+        if i < n and s[i] == c'}':
+            return pairs if _skip_space(s, i + 1, n) == n else -1
+        return -1
+
+
+cdef bytes _take(Buf *b):
+    return PyBytes_FromStringAndSize(b.p, b.size) if b.size else b""
+
+
+def decode_rows(rows, Py_ssize_t count):
+    """Decode ``count`` binary COPY rows of the export columns into Arrow buffers: see
+    `tamma_events._pycodec.decode_rows`, which this matches byte for byte and error for
+    error."""
+    cdef const unsigned char[::1] view = memoryview(rows).cast("B")
+    cdef const unsigned char *s = &view[0] if view.shape[0] else NULL
+    cdef Py_ssize_t size = view.shape[0]
+    cdef Py_ssize_t at = 0, row, field, length, entries = 0, pairs
+    cdef int16_t fields
+    cdef int64_t value
+    cdef const unsigned char *v
+    cdef Buf bufs[17]
+    cdef Buf *b
+    cdef Py_ssize_t k
+    cdef object problem = None
+    cdef Py_ssize_t bad_row = 0, bad_field = 0
+    # 0 position, 1 event_id, 2/3 type offsets/data, 4 timestamp, 5 recorded_at, 6 tag offsets,
+    # 7/8 key offsets/data, 9/10 value offsets/data, 11/12 metadata, 13/14 data, 15 hash
+    memset(bufs, 0, sizeof(bufs))
+    try:
+        _reserve(&bufs[0], 8 * count)
+        _reserve(&bufs[1], 16 * count)
+        _reserve(&bufs[4], 8 * count)
+        _reserve(&bufs[5], 8 * count)
+        _reserve(&bufs[15], 32 * count)
+        for k in (2, 6, 7, 9, 11, 13):
+            _reserve(&bufs[k], 4 * (count + 1))
+            _append_offset(&bufs[k], 0)
+        for row in range(count):
+            bad_row = row
+            bad_field = -1
+            if at + 2 > size:
+                problem = "is cut short"
+                break
+            fields = <int16_t>((s[at] << 8) | s[at + 1])
+            if fields != EXPORT_FIELDS:
+                problem = f"has {fields} fields, not {EXPORT_FIELDS}"
+                break
+            at += 2
+            for field in range(EXPORT_FIELDS):
+                bad_field = field
+                if at + 4 > size:
+                    problem = "is cut short"
+                    break
+                length = _get32(s + at)
+                at += 4
+                if length < 0:
+                    problem = "is NULL"
+                    break
+                if at + length > size:
+                    problem = "is cut short"
+                    break
+                v = s + at
+                at += length
+                if field == F_POSITION or field == F_TIMESTAMP or field == F_RECORDED_AT:
+                    if length != 8:
+                        problem = f"has {length} bytes, not 8"
+                        break
+                    value = _get64(v)
+                    if field == F_POSITION:
+                        _append(&bufs[0], <const char *>&value, 8)
+                        continue
+                    if not -TIME_LIMIT < value < TIME_LIMIT:
+                        problem = "is not a finite time"
+                        break
+                    value += PG_EPOCH_US
+                    _append(&bufs[4 if field == F_TIMESTAMP else 5], <const char *>&value, 8)
+                elif field == F_EVENT_ID or field == F_HASH:
+                    k = 16 if field == F_EVENT_ID else 32
+                    if length != k:
+                        problem = f"has {length} bytes, not {k}"
+                        break
+                    _append(&bufs[1 if field == F_EVENT_ID else 15], <const char *>v, k)
+                elif field == F_EVENT_TYPE:
+                    _append(&bufs[3], <const char *>v, length)
+                    if bufs[3].size > MAX_OFFSET:
+                        problem = "overflows a 2 GiB batch"
+                        break
+                    _append_offset(&bufs[2], bufs[3].size)
+                else:
+                    if length < 1 or v[0] != 1:
+                        problem = "is not jsonb version 1"
+                        break
+                    if field == F_TAGS:
+                        pairs = _tag_pairs_native(v + 1, length - 1, &bufs[7], &bufs[8],
+                                                  &bufs[9], &bufs[10])
+                        if pairs == -3:
+                            problem = "overflows a 2 GiB batch"
+                            break
+                        if pairs < 0:
+                            problem = "are not an object of strings"
+                            break
+                        entries += pairs
+                        _append_offset(&bufs[6], entries)
+                    else:
+                        b = &bufs[11 if field == F_METADATA else 13]
+                        _append(b + 1, <const char *>(v + 1), length - 1)
+                        if b[1].size > MAX_OFFSET:
+                            problem = "overflows a 2 GiB batch"
+                            break
+                        _append_offset(b, b[1].size)
+            if problem is not None:
+                break
+        if problem is None and at != size:
+            bad_row = count
+            bad_field = -1
+            problem = "follows the last expected row"
+        if problem is not None:
+            raise _decode_error(
+                bad_row, "row" if bad_field < 0 else FIELD_NAMES[bad_field], problem
+            )
+        return _DecodedRows(
+            count, _take(&bufs[0]), _take(&bufs[1]), _take(&bufs[2]), _take(&bufs[3]),
+            _take(&bufs[4]), _take(&bufs[5]), _take(&bufs[6]), _take(&bufs[7]),
+            _take(&bufs[8]), _take(&bufs[9]), _take(&bufs[10]), _take(&bufs[11]),
+            _take(&bufs[12]), _take(&bufs[13]), _take(&bufs[14]), _take(&bufs[15]),
+        )
+    finally:
+        for k in range(17):
+            PyMem_Free(bufs[k].p)

@@ -30,11 +30,11 @@ from array import array
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from .errors import DUPLICATE_EVENT, VALIDATION_FAILED, EventStoreError
+from .errors import DUPLICATE_EVENT, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError
 from .model import DomainEvent
 
 __all__ = [
@@ -42,12 +42,16 @@ __all__ = [
     "COPY_HEADER",
     "COPY_TRAILER",
     "DEFAULT_MAX_EVENT_BYTES",
+    "EXPORT_COLUMNS",
     "GENESIS_HASH",
     "MAX_DEPTH",
     "MAX_EVENT_TYPE_LENGTH",
     "MAX_TAG_KEY_LENGTH",
+    "DecodedRows",
     "PreparedBatch",
     "canonical",
+    "decode_error",
+    "decode_rows",
     "event_error",
     "json_rows",
     "prepare",
@@ -482,3 +486,164 @@ def json_rows(batch: PreparedBatch) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding exports: binary COPY rows into Arrow buffers
+
+#: The columns an export reads, in order (the statement is `tamma_events.arrow.copy_statement`).
+EXPORT_COLUMNS: Final = (
+    "position",
+    "event_id",
+    "event_type",
+    "timestamp",
+    "recorded_at",
+    "tags",
+    "metadata",
+    "data",
+    "hash",
+)
+#: Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+PG_EPOCH_US: Final = 946_684_800_000_000
+_INT16: Final = struct.Struct(">h")
+_MAX_OFFSET: Final = 2**31 - 1
+_FIXED_SIZES: Final = {"position": 8, "event_id": 16, "timestamp": 8, "recorded_at": 8, "hash": 32}
+
+
+class DecodedRows(NamedTuple):
+    """Export rows as the buffers of Arrow arrays (little-endian, no nulls): fixed-width values
+    back to back, and variable-width ones as int32 offsets (one more than the values) into
+    their UTF-8 bytes. ``tag_offsets`` counts map entries per row; the entries' keys and values
+    are ``key_*`` and ``value_*``. Timestamps are microseconds since the Unix epoch."""
+
+    num_rows: int
+    position: bytes
+    event_id: bytes
+    type_offsets: bytes
+    type_data: bytes
+    timestamp: bytes
+    recorded_at: bytes
+    tag_offsets: bytes
+    key_offsets: bytes
+    key_data: bytes
+    value_offsets: bytes
+    value_data: bytes
+    metadata_offsets: bytes
+    metadata_data: bytes
+    data_offsets: bytes
+    data_data: bytes
+    hash: bytes
+
+
+def decode_error(row: int, field: str, problem: str) -> EventStoreError:
+    """The one wording of a malformed export row (both decoders raise it)."""
+    return EventStoreError(
+        STORAGE_ERROR, f"export row {row}: {field} {problem}", {"row": row, "field": field}
+    )
+
+
+class _Column:
+    """Offsets and bytes of a variable-width column being decoded."""
+
+    __slots__ = ("data", "offsets")
+
+    def __init__(self) -> None:
+        self.offsets = array("i", [0])
+        self.data = bytearray()
+
+    def add(self, value: bytes, row: int, field: str) -> None:
+        self.data += value
+        if len(self.data) > _MAX_OFFSET:
+            raise decode_error(row, field, "overflows a 2 GiB batch")
+        self.offsets.append(len(self.data))
+
+
+def _tag_pairs(text: bytes, row: int) -> list[tuple[bytes, bytes]]:
+    try:
+        tags = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        tags = None
+    if type(tags) is not dict or any(type(v) is not str for v in tags.values()):
+        raise decode_error(row, "tags", "are not an object of strings")
+    try:
+        return [(k.encode(), v.encode()) for k, v in tags.items()]
+    except UnicodeEncodeError:
+        raise decode_error(row, "tags", "are not an object of strings") from None
+
+
+def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows:
+    """Decode ``count`` binary COPY rows of `EXPORT_COLUMNS` (no header, no trailer).
+
+    Raises ``STORAGE_ERROR`` naming the row (0-based in ``rows``) and field for anything but
+    exactly ``count`` well-formed rows."""
+    view = memoryview(rows).cast("B")
+    size = len(view)
+    fixed: dict[str, bytearray] = {name: bytearray() for name in _FIXED_SIZES}
+    positions = array("q")
+    times = {"timestamp": array("q"), "recorded_at": array("q")}
+    types, keys, values, metadata, data = _Column(), _Column(), _Column(), _Column(), _Column()
+    tag_offsets = array("i", [0])
+    at = 0
+    for row in range(count):
+        if at + 2 > size:
+            raise decode_error(row, "row", "is cut short")
+        (fields,) = _INT16.unpack_from(view, at)
+        if fields != len(EXPORT_COLUMNS):
+            raise decode_error(row, "row", f"has {fields} fields, not {len(EXPORT_COLUMNS)}")
+        at += 2
+        for field in EXPORT_COLUMNS:
+            if at + 4 > size:
+                raise decode_error(row, field, "is cut short")
+            (length,) = _INT32.unpack_from(view, at)
+            at += 4
+            if length < 0:
+                raise decode_error(row, field, "is NULL")
+            if at + length > size:
+                raise decode_error(row, field, "is cut short")
+            value = bytes(view[at : at + length])
+            at += length
+            expected = _FIXED_SIZES.get(field)
+            if expected is not None and length != expected:
+                raise decode_error(row, field, f"has {length} bytes, not {expected}")
+            if field == "position":
+                positions.append(_INT64.unpack(value)[0])
+            elif field in times:
+                (moment,) = _INT64.unpack(value)
+                if not -(2**62) < moment < 2**62:
+                    raise decode_error(row, field, "is not a finite time")
+                times[field].append(moment + PG_EPOCH_US)
+            elif field in fixed:
+                fixed[field] += value
+            elif field == "event_type":
+                types.add(value, row, field)
+            else:
+                if length < 1 or value[0] != 1:
+                    raise decode_error(row, field, "is not jsonb version 1")
+                if field == "tags":
+                    for key, tag in _tag_pairs(value[1:], row):
+                        keys.add(key, row, field)
+                        values.add(tag, row, field)
+                    tag_offsets.append(len(keys.offsets) - 1)
+                else:
+                    (metadata if field == "metadata" else data).add(value[1:], row, field)
+    if at != size:
+        raise decode_error(count, "row", "follows the last expected row")
+    return DecodedRows(
+        count,
+        positions.tobytes(),
+        bytes(fixed["event_id"]),
+        types.offsets.tobytes(),
+        bytes(types.data),
+        times["timestamp"].tobytes(),
+        times["recorded_at"].tobytes(),
+        tag_offsets.tobytes(),
+        keys.offsets.tobytes(),
+        bytes(keys.data),
+        values.offsets.tobytes(),
+        bytes(values.data),
+        metadata.offsets.tobytes(),
+        bytes(metadata.data),
+        data.offsets.tobytes(),
+        bytes(data.data),
+        bytes(fixed["hash"]),
+    )

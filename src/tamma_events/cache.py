@@ -1,11 +1,12 @@
 """The in-process query result cache.
 
 Entries are keyed by the normalised question (`tamma_events.filters.Criteria` and the method
-asking it) and labelled with the head (position and hash) read just before the answer was
-computed. A lookup reads the current head first (one primary-key read of a one-row table) and
-serves an entry only if the head has not moved since: any append, from this process or another,
-moves the head at its commit, so a hit is exactly what the query would return now, and a caller
-always sees its own appends. Entries also expire after ``ttl`` seconds, and the least recently
+asking it) and labelled with the head (position and hash) and the end of the compacted prefix,
+read just before the answer was computed. A lookup reads the current label first (primary-key
+reads of two small tables) and serves an entry only if it has not changed since: any append,
+from this process or another, moves the head at its commit, and a compaction moves the end of
+the compacted prefix, so a hit is exactly what the query would return now, and a caller always
+sees its own appends. Entries also expire after ``ttl`` seconds, and the least recently
 used ones go when the cache holds more than ``max_entries`` or ``max_bytes``.
 """
 

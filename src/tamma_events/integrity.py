@@ -10,6 +10,7 @@ shows up as the first position where the chain breaks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,6 +19,7 @@ from psycopg import sql
 
 from . import _codec
 from ._pycodec import HASH_SIZE
+from .archive import manifest, verify_archives
 from .errors import EventStoreError
 from .model import DomainEvent
 
@@ -51,12 +53,17 @@ def verify(
     *,
     batch_size: int = 5_000,
     progress: Callable[[int, int], None] | None = None,
+    archives: Path | None = None,
+    check_archives: bool = False,
 ) -> IntegrityReport:
     """Verify positions ``start`` to ``end`` (default: the whole log up to the head) in one
     snapshot, with memory bounded by ``batch_size`` events.
 
-    Verifying from ``start`` > 1 trusts the stored hash of event ``start - 1`` as the anchor.
-    ``progress(done, total)`` is called after every batch.
+    Verifying from ``start`` > 1 trusts the stored hash of event ``start - 1`` as the anchor
+    (for the first live event after compaction, the last archived hash in the manifest).
+    With ``check_archives``, the compacted archive files (in ``archives``, when they were
+    moved) are verified first, from the genesis hash, and the live log is anchored on the last
+    of them. ``progress(done, total)`` is called after every batch.
     """
     events = sql.Identifier(schema, "events")
     with conn.transaction():
@@ -70,9 +77,27 @@ def verify(
         if head_row is None or genesis_row is None:
             raise EventStoreError("STORAGE_ERROR", "the head or chain row is missing")
         head, head_hash = int(head_row[0]), bytes(head_row[1])
-        first = max(1, start or 1)
+        files = [f for f in manifest(conn, schema, archives) if f.compacted]
+        archived = files[-1].last_position if files else 0
+        first = shown = max(1, start or 1)
         last = head if end is None else min(end, head)
-        if first == 1:
+        checked = 0
+        if check_archives and files:
+            total = max(0, last - first + 1)
+            done = [0]
+
+            def step(events: int) -> None:
+                done[0] += events
+                if progress is not None:
+                    progress(done[0], total)
+
+            _, checked, broken = verify_archives(files, step)
+            if broken is not None:
+                return _break(checked, broken[0], broken[1], first, last)
+        if first <= archived + 1 and files:
+            first = archived + 1
+            prev_hash = files[-1].last_hash
+        elif first == 1:
             prev_hash = bytes(genesis_row[0])
         else:
             row = conn.execute(
@@ -84,7 +109,6 @@ def verify(
                 )
             prev_hash = bytes(row[0])
 
-        checked = 0
         expected = first
         with conn.cursor(name="tamma_events_verify", binary=True) as cursor:
             cursor.itersize = batch_size
@@ -95,7 +119,7 @@ def verify(
                 ).format(events),
                 [first, last],
             )
-            total = max(0, last - first + 1)
+            total = max(0, last - shown + 1)
             while True:
                 rows = cursor.fetchmany(batch_size)
                 if not rows:
@@ -170,4 +194,4 @@ def verify(
                 )
             if head == 0 and head_hash != prev_hash:
                 return _break(checked, 0, "the head's hash is not the genesis hash", first, last)
-    return IntegrityReport(True, checked, None, None, first, last)
+    return IntegrityReport(True, checked, None, None, shown, last)

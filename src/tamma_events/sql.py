@@ -195,6 +195,7 @@ class Select:
         *,
         positions: tuple[int | None, int | None] | None = None,
         indexed_tag: int | None = None,
+        archived: bool = False,
     ) -> None:
         """``positions``: the first and last position the criteria's window can match (see
         `window_positions`; None, None: no event can). ``indexed_tag``: only this tag condition
@@ -204,6 +205,10 @@ class Select:
         self.statements = statements
         self.criteria = criteria
         self.indexed_tag = indexed_tag
+        #: What the statement reads: the live log, or with ``archived`` the whole history
+        #: (`Statements.history`: archived events come with a NULL ``event``).
+        self.archived = archived
+        self.source: sql.Composable = statements.history if archived else statements.events
         # The conditions and their parameters, in the order of the text: the window's apart.
         self.where: list[sql.Composable] = []
         self.params: list[Any] = []
@@ -247,7 +252,9 @@ class Select:
                     sql.SQL(
                         "position = ANY(ARRAY(SELECT e.position FROM {} e,"
                         " unnest(%s::jsonb[]) AS wanted (tags) WHERE e.tags @> wanted.tags))"
-                    ).format(self.statements.events)
+                    ).format(
+                        self.statements.event_index if self.archived else self.statements.events
+                    )
                 )
                 self.params.append([_json.encode({key: value}).decode() for value in values])
         if single:
@@ -287,9 +294,15 @@ class Select:
             self.params += [last_key, last_position]
 
     def events(
-        self, *, limit: int | None, offset: int, few: bool = False
+        self,
+        *,
+        limit: int | None,
+        offset: int,
+        few: bool = False,
+        columns: sql.Composable = EVENT_JSON,
     ) -> tuple[sql.Composed, list[Any]]:
-        """The matching events as JSON text, one per row, in the criteria's order.
+        """The matching events as JSON text (or ``columns``), one per row, in the criteria's
+        order.
 
         With ``few`` (the tag summary says the filter matches few events), the matches are
         collected first and ordered afterwards. Left to itself, the planner may walk the whole
@@ -299,7 +312,7 @@ class Select:
         if few:
             source: sql.Composable = sql.SQL(
                 "(SELECT * FROM {} WHERE {} OFFSET 0) AS matches"
-            ).format(self.statements.events, self.predicate())
+            ).format(self.source, self.predicate())
             where: sql.Composable = sql.SQL("TRUE")
             params = self.all_params
         elif self.ranged:
@@ -309,22 +322,25 @@ class Select:
             # time outside the fenced walk keeps it reading the range in order and stopping at
             # the limit.
             source = sql.SQL("(SELECT * FROM {} WHERE {} {} OFFSET 0) AS ranged").format(
-                self.statements.events, _conjunction(self.where), order
+                self.source, _conjunction(self.where), order
             )
             where = _conjunction(self.window)
             params = [*self.params, *self.window_params]
         else:
-            source = self.statements.events
+            source = self.source
             where = self.predicate()
             params = self.all_params
+        if self.archived and columns is EVENT_JSON:
+            columns = sql.SQL("event, position")
         text = sql.SQL("SELECT {} FROM {} WHERE {} {} LIMIT %s OFFSET %s").format(
-            EVENT_JSON, source, where, order
+            columns, source, where, order
         )
         return text, [*params, limit, offset]
 
     def count(self) -> tuple[sql.Composed, list[Any]]:
         text = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-            self.statements.events, self.predicate()
+            self.statements.event_index if self.archived else self.statements.events,
+            self.predicate(),
         )
         return text, self.all_params
 
@@ -345,7 +361,11 @@ class Select:
         text = sql.SQL(
             'SELECT {} AS key, count(*), min("timestamp"), max("timestamp") FROM {}'
             " WHERE {} GROUP BY 1 ORDER BY 1"
-        ).format(key, self.statements.events, self.predicate())
+        ).format(
+            key,
+            self.statements.event_index if self.archived else self.statements.events,
+            self.predicate(),
+        )
         return text, [*key_params, *self.all_params]
 
 
@@ -413,10 +433,11 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
 
 
 def count_statement(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]:
-    """The statement counting the events matching ``c`` (limit and offset aside): from a
-    summary where one can answer, else over the events."""
+    """The statement counting the events matching ``c`` (limit and offset aside) over the
+    whole history, archived events included (as the summaries count them): from a summary
+    where one can answer, else over the events and the archive's index."""
     unpaged = c.unpaged()
-    return summary_count(st, unpaged) or Select(st, unpaged).count()
+    return summary_count(st, unpaged) or Select(st, unpaged, archived=True).count()
 
 
 #: Filters whose tags match at most this many events (per the tag summary) are planned as
@@ -545,9 +566,21 @@ class Statements:
             'COPY {} (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
             " FROM STDIN (FORMAT BINARY)"
         ).format(self.events)
+        # Every event of the history, live or archived (schema/0007_archives.sql).
+        self.event_index = sql.Identifier(schema, "event_index")
+        self.archived_events = sql.Identifier(schema, "archived_events")
+        self.archives = sql.Identifier(schema, "archives")
+        # The events with the archived ones: a live event carries its `EVENT_JSON` as `event`,
+        # an archived one NULL (its payload is in its archive file).
+        self.history = sql.SQL(
+            '(SELECT position, event_id, event_type, "timestamp", tags, {event} AS event'
+            " FROM {events} UNION ALL"
+            ' SELECT position, event_id, event_type, "timestamp", tags, NULL::text'
+            " FROM {archived}) AS history"
+        ).format(event=EVENT_JSON, events=self.events, archived=self.archived_events)
         self.existing_ids = sql.SQL(
             "SELECT event_id FROM {} WHERE event_id = ANY(%s) ORDER BY position"
-        ).format(self.events)
+        ).format(self.event_index)
         self._checks: dict[tuple[Shape, ...], bytes] = {}
         self._reads: dict[tuple[Shape, bool], bytes] = {}
         self.append_group = (
@@ -559,7 +592,12 @@ class Statements:
             EVENT_JSON, self.events
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
-        self.head_label = sql.SQL("SELECT position, hash FROM {}").format(self.head)
+        # What a cached answer is labelled with: the head, and how far the log is compacted
+        # (a compaction changes what the live log holds without moving the head).
+        self.head_label = sql.SQL(
+            "SELECT position, hash, (SELECT max(last_position) FROM {} WHERE compacted_at"
+            " IS NOT NULL) FROM {}"
+        ).format(sql.Identifier(schema, "archives"), self.head)
         self.append_channel = sql.SQL("SELECT {}()").format(
             sql.Identifier(schema, "append_channel")
         )
@@ -595,7 +633,7 @@ class Statements:
         if text is None:
             columns = [
                 sql.SQL("EXISTS (SELECT 1 FROM {} WHERE position > %s AND {})").format(
-                    self.events, _predicate(shape)
+                    self.event_index, _predicate(shape)
                 )
                 for shape in key
             ]
@@ -609,8 +647,8 @@ class Statements:
         head.
 
         Parameters: after, the query's parameters, limit (None for no limit). Each row holds
-        the head and an event as `EVENT_JSON`; a single row with a NULL event means no event
-        matched.
+        the head, an event as `EVENT_JSON` (NULL for an archived event) and its position; a
+        single row with a NULL position means no event matched.
         """
         key = (shape, backwards)
         text = self._reads.get(key)
@@ -618,15 +656,14 @@ class Statements:
             direction = sql.SQL("DESC" if backwards else "ASC")
             text = (
                 sql.SQL(
-                    "SELECT h.position, e.event FROM {head} h LEFT JOIN LATERAL ("
-                    "SELECT position, {event} AS event FROM {events} WHERE position > %s"
+                    "SELECT h.position, e.event, e.position FROM {head} h LEFT JOIN LATERAL ("
+                    "SELECT position, event FROM {history} WHERE position > %s"
                     " AND {predicate} ORDER BY position {direction} LIMIT %s) e ON true"
                     " ORDER BY e.position {direction}"
                 )
                 .format(
                     head=self.head,
-                    event=EVENT_JSON,
-                    events=self.events,
+                    history=self.history,
                     predicate=_predicate(shape),
                     direction=direction,
                 )

@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
+import platformdirs
 import psycopg
 import psycopg.errors
+import pyarrow as pa
 from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
@@ -41,6 +44,9 @@ from ._pycodec import (
     PreparedBatch,
     json_rows,
 )
+from .archive import ArchiveReader
+from .archive import compact as _compact
+from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
 from .cache import CacheStats, QueryCache
 from .errors import (
     APPEND_CONDITION_FAILED,
@@ -203,6 +209,39 @@ def _event_rows(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any])
     return [row[0] for row in cur.execute(text, params, prepare=False).fetchall()]
 
 
+def _history_rows(
+    cur: psycopg.Cursor[Any],
+    archive: ArchiveReader,
+    text: sql.Composed,
+    params: list[Any],
+) -> list[str]:
+    """`_event_rows` for a statement over the whole history (`Select` with ``archived``): its
+    rows are ``(event, position)``, the event NULL when it is archived; those are read from
+    their archive files as the same JSON text."""
+    rows = cur.execute(text, params, prepare=False).fetchall()
+    return _fill_archived(cur.connection, archive, rows, 0, 1)
+
+
+def _fill_archived(
+    conn: psycopg.Connection[Any],
+    archive: ArchiveReader,
+    rows: list[Any],
+    event: int,
+    position: int,
+) -> list[str]:
+    """The JSON texts of ``rows`` (column ``event``, NULL for an archived event, whose
+    position is column ``position``), the archived ones read from their files."""
+    missing = [row[position] for row in rows if row[event] is None and row[position] is not None]
+    if not missing:
+        return [row[event] for row in rows if row[event] is not None]
+    archived = iter(archive.json_texts(conn, missing))
+    return [
+        row[event] if row[event] is not None else next(archived)
+        for row in rows
+        if row[position] is not None
+    ]
+
+
 def _json_array(texts: list[str]) -> str:
     return "[" + ",".join(texts) + "]"
 
@@ -230,6 +269,9 @@ class EventStore:
     Query results are cached in-process (``cache_size`` entries for ``cache_ttl`` seconds; 0
     turns the cache off); see `tamma_events.cache` for why a hit is never stale.
 
+    Events compacted out of the log (`compact_events`) live in Parquet archives under
+    ``archive_dir`` (default: ``archives/<schema>`` in the user data directory).
+
     Use it as a context manager, or call `close`.
     """
 
@@ -249,6 +291,7 @@ class EventStore:
         chunk_events: int = 10_000,
         cache_size: int = 256,
         cache_ttl: float = 5.0,
+        archive_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not schema or not isinstance(schema, str):
             raise EventStoreError(VALIDATION_FAILED, "schema must be a non-empty string")
@@ -273,6 +316,10 @@ class EventStore:
                 {"field": "cache_ttl"},
             )
         self.cache = QueryCache(cache_size, cache_ttl)
+        #: Where `compact_events` writes archives; reads find each file where the manifest says
+        #: it was written, or here when this is set (archives moved as a whole).
+        self.archive_dir = Path(archive_dir) if archive_dir is not None else None
+        self._archive = ArchiveReader(schema, self.archive_dir)
         self._closed = False
         self._listener: Listener | None = None
         # Weak: a subscription dropped without stop() is not kept alive (or counted) by the store.
@@ -644,7 +691,7 @@ class EventStore:
         `AppendCondition` built from what was read. Events and head come from one snapshot.
         """
         with self._connection() as conn:
-            return _read(conn, self._statements, query, after, limit, backwards)
+            return _read(conn, self._statements, self._archive, query, after, limit, backwards)
 
     def get_event(self, event_id: uuid.UUID | str) -> SequencedEvent | None:
         """The stored event with this id, or None."""
@@ -668,19 +715,26 @@ class EventStore:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def get_events(self, event_filter: EventFilter | None = None) -> list[SequencedEvent]:
+    def get_events(
+        self, event_filter: EventFilter | None = None, *, include_archived: bool = False
+    ) -> list[SequencedEvent]:
         """The events matching ``event_filter`` (all events when None), in its order, after its
-        offset and at most its limit. Raises ``QUERY_ERROR`` for a malformed filter."""
+        offset and at most its limit. Raises ``QUERY_ERROR`` for a malformed filter.
+
+        With ``include_archived``, events compacted into archives are read too, so the result
+        is what it was before compaction; without it, only the live log is read."""
         criteria = normalize(event_filter)
         with self._connection() as conn:
             cur = conn.cursor()
 
             def run() -> str:
-                select, few = self._select(cur, criteria)
+                select, few = self._select(cur, criteria, include_archived)
                 statement = select.events(limit=criteria.limit, offset=criteria.offset, few=few)
+                if include_archived:
+                    return _json_array(_history_rows(cur, self._archive, *statement))
                 return _json_array(_event_rows(cur, *statement))
 
-            document = self._cached(cur, ("events", criteria), run, len)
+            document = self._cached(cur, ("events", criteria, include_archived), run, len)
         return _decode_events(document)
 
     def get_events_by_issue_id(self, issue_id: str) -> list[SequencedEvent]:
@@ -779,7 +833,7 @@ class EventStore:
 
             def run() -> list[AggregateRow]:
                 statement = summary_aggregate(self._statements, criteria, group_by) or Select(
-                    self._statements, criteria
+                    self._statements, criteria, archived=True
                 ).aggregate(group_by, tag_key)
                 return [
                     AggregateRow(key, int(count), first, last)
@@ -797,6 +851,7 @@ class EventStore:
         *,
         page_size: int = 1_000,
         token: str | None = None,
+        include_archived: bool = False,
     ) -> Page:
         """One page of the events matching ``event_filter``, in its order; pass the page's
         ``next_token`` to get the next one.
@@ -804,7 +859,8 @@ class EventStore:
         A walk is pinned to the head at its first page: it returns each event stored by then
         exactly once, however many events are appended meanwhile (read those with a new walk,
         or follow the head with ``read(after=...)``). ``next_token`` is None on the last page.
-        The filter may not set limit or offset."""
+        The filter may not set limit or offset. ``include_archived`` reads archived events too
+        (pass it with every page of a walk)."""
         criteria = normalize(event_filter)
         if criteria.limit is not None or criteria.offset:
             raise EventStoreError(
@@ -821,7 +877,9 @@ class EventStore:
             until, last_position = decoded.until, decoded.last_position
             last_key = token_key(decoded, criteria)
         # One event more than the page, to know whether another page follows.
-        until, rows = self._keyset_rows(criteria, until, last_key, last_position, page_size + 1, 0)
+        until, rows = self._keyset_rows(
+            criteria, until, last_key, last_position, page_size + 1, 0, include_archived
+        )
         events = _decode_events(_json_array(rows))
         if len(events) <= page_size:
             return Page(events, None)
@@ -839,23 +897,32 @@ class EventStore:
         last_position: int | None,
         limit: int,
         offset: int,
+        archived: bool = False,
     ) -> tuple[int, list[str]]:
         """The events matching ``criteria`` at positions up to ``until`` (the head now, when
         None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
         the first, when None), at most ``limit`` after skipping ``offset``, as the server's
-        JSON texts; and ``until``."""
+        JSON texts; and ``until``. With ``archived``, over the whole history."""
         with self._connection() as conn:
             cur = conn.cursor()
             if until is None:
                 row = cur.execute(self._statements.head_position).fetchone()
                 until = int(row[0]) if row else 0
-            select, few = self._select(cur, criteria)
+            select, few = self._select(cur, criteria, archived)
             select.after(until, last_key, last_position)
-            rows = _event_rows(cur, *select.events(limit=limit, offset=offset, few=few))
+            statement = select.events(limit=limit, offset=offset, few=few)
+            if archived:
+                rows = _history_rows(cur, self._archive, *statement)
+            else:
+                rows = _event_rows(cur, *statement)
         return until, rows
 
     def stream_events(
-        self, event_filter: EventFilter | None = None, *, batch_size: int = 1_000
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        batch_size: int = 1_000,
+        include_archived: bool = False,
     ) -> Iterator[SequencedEvent]:
         """Every event matching ``event_filter``, in its order, one at a time, in constant
         memory: the events are read ``batch_size`` at a time, each batch after the last event
@@ -865,12 +932,15 @@ class EventStore:
         The stream is pinned to the head when it starts (events appended meanwhile are for
         `subscribe`). No connection is held between batches, so a consumer may take its time;
         one that stops early (``break``, or ``close()`` on the iterator) leaves nothing open.
-        Raises ``QUERY_ERROR`` at the call for a malformed filter or batch size."""
+        Raises ``QUERY_ERROR`` at the call for a malformed filter or batch size.
+        ``include_archived`` streams archived events too, in the same order."""
         criteria = normalize(event_filter)
         _check_size(batch_size, "batch_size")
-        return self._stream(criteria, batch_size)
+        return self._stream(criteria, batch_size, include_archived)
 
-    def _stream(self, criteria: Criteria, batch_size: int) -> Iterator[SequencedEvent]:
+    def _stream(
+        self, criteria: Criteria, batch_size: int, archived: bool
+    ) -> Iterator[SequencedEvent]:
         # While the consumer decodes and takes one batch, a worker reads the next: the server
         # builds its JSON meanwhile. The next batch's keyset comes from the last row's text,
         # so it can be asked for before the batch is decoded. Leaving the `with` (the stream
@@ -880,7 +950,7 @@ class EventStore:
         size = batch_size if remaining is None else min(batch_size, remaining)
         with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-stream") as ahead:
             reading = ahead.submit(
-                self._keyset_rows, criteria, None, None, None, size, criteria.offset
+                self._keyset_rows, criteria, None, None, None, size, criteria.offset, archived
             )
             while True:
                 until, rows = reading.result()
@@ -898,10 +968,156 @@ class EventStore:
                         last.position,
                         size,
                         0,
+                        archived,
                     )
                 yield from _decode_events(_json_array(rows))
                 if not more:
                     return
+
+    def export_arrow(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        batch_size: int = 65_536,
+        include_archived: bool = False,
+    ) -> pa.RecordBatchReader:
+        """The events matching ``event_filter``, in its order, as a stream of Arrow record
+        batches of `tamma_events.arrow.EXPORT_SCHEMA`, in constant memory.
+
+        Each batch is one binary ``COPY`` of at most ``batch_size`` events after the last one
+        of the previous batch (keyset paging, as in `stream_events`), decoded natively into
+        Arrow buffers. The export is pinned to the head when it starts; no connection is held
+        between batches. DuckDB, Polars and ``pyarrow`` read the reader directly. Raises
+        ``QUERY_ERROR`` at the call for a malformed filter or batch size.
+
+        With ``include_archived``, archived events are exported too, in the same order, from
+        their Parquet files."""
+        criteria = normalize(event_filter)
+        _check_size(batch_size, "batch_size")
+        return pa.RecordBatchReader.from_batches(
+            EXPORT_SCHEMA, self._export_batches(criteria, batch_size, include_archived)
+        )
+
+    def _export_batches(
+        self, criteria: Criteria, batch_size: int, archived: bool
+    ) -> Iterator[pa.RecordBatch]:
+        # As in `_stream`: a worker reads and decodes batch n+1 while the consumer takes batch
+        # n, and leaving (end, error, close) waits for the read in flight.
+        remaining = criteria.limit
+        size = batch_size if remaining is None else min(batch_size, remaining)
+        with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-export") as ahead:
+            reading = ahead.submit(
+                self._export_batch, criteria, None, None, None, size, criteria.offset, archived
+            )
+            while True:
+                until, batches = reading.result()
+                count = sum(batch.num_rows for batch in batches)
+                if remaining is not None:
+                    remaining -= count
+                more = count == size and (remaining is None or remaining > 0)
+                if more:
+                    last = batches[-1]
+                    key: Any = None
+                    if criteria.order_by == "timestamp":
+                        key = last.column("timestamp")[-1].as_py()
+                    elif criteria.order_by == "type":
+                        key = last.column("event_type")[-1].as_py()
+                    size = batch_size if remaining is None else min(batch_size, remaining)
+                    reading = ahead.submit(
+                        self._export_batch,
+                        criteria,
+                        until,
+                        key,
+                        last.column("position")[-1].as_py(),
+                        size,
+                        0,
+                        archived,
+                    )
+                yield from batches
+                if not more:
+                    return
+
+    def _export_batch(
+        self,
+        criteria: Criteria,
+        until: int | None,
+        last_key: Any,
+        last_position: int | None,
+        limit: int,
+        offset: int,
+        archived: bool,
+    ) -> tuple[int, list[pa.RecordBatch]]:
+        """`_keyset_rows`, as record batches read by binary COPY."""
+        with self._connection() as conn:
+            cur = conn.cursor()
+            if until is None:
+                row = cur.execute(self._statements.head_position).fetchone()
+                until = int(row[0]) if row else 0
+            select, few = self._select(cur, criteria, archived)
+            select.after(until, last_key, last_position)
+            if not archived:
+                text, params = select.events(
+                    limit=limit, offset=offset, few=few, columns=EXPORT_SELECT
+                )
+                return until, list(copy_batches(conn, text, params))
+            # The batch's positions in order, from one snapshot of the whole history; then the
+            # live ones by COPY and the archived ones from their files. An event compacted
+            # between the two statements is read from its archive.
+            text, params = select.events(
+                limit=limit, offset=offset, few=few, columns=sql.SQL("position, event IS NULL")
+            )
+            order = cur.execute(text, params, prepare=False).fetchall()
+            live = [position for position, is_archived in order if not is_archived]
+            pieces = (
+                list(
+                    copy_batches(
+                        conn,
+                        sql.SQL("SELECT {} FROM {} WHERE position = ANY(%s)").format(
+                            EXPORT_SELECT, self._statements.events
+                        ),
+                        [live],
+                    )
+                )
+                if live
+                else []
+            )
+            found = set()
+            for piece in pieces:
+                found.update(piece.column("position").to_pylist())
+            elsewhere = [position for position, _ in order if position not in found]
+            table = pa.Table.from_batches(
+                [*pieces, *self._archive.table(conn, elsewhere).to_batches()],
+                schema=EXPORT_SCHEMA,
+            )
+            if not table.num_rows:
+                return until, []
+            index = {p: i for i, p in enumerate(table.column("position").to_pylist())}
+            table = table.take(pa.array([index[p] for p, _ in order], pa.int64()))
+            table = table.unify_dictionaries().combine_chunks()
+            return until, table.to_batches()
+
+    def export_parquet(
+        self,
+        event_filter: EventFilter | None,
+        path: str | os.PathLike[str],
+        *,
+        compression: str = "zstd",
+        row_group_size: int = 131_072,
+        batch_size: int = 65_536,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write the events `export_arrow` returns to the Parquet file ``path``; returns how
+        many. The file appears whole or not at all: it is written beside ``path`` and renamed
+        over it once complete and synced. ``progress(events_written)`` is called after every
+        batch."""
+        reader = self.export_arrow(event_filter, batch_size=batch_size)
+        return write_parquet(
+            reader,
+            path,
+            compression=compression,
+            row_group_size=row_group_size,
+            progress=progress,
+        )
 
     def subscribe(
         self,
@@ -1003,14 +1219,16 @@ class EventStore:
         """A subscription's read: at most ``limit`` events matching ``query`` after ``after``,
         and the position read up to (see `tamma_events.stream.Fetch`)."""
         with self._connection() as conn:
-            events, head = _read_with_head(conn, self._statements, query, after, limit, False)
+            events, head = _read_with_head(
+                conn, self._statements, self._archive, query, after, limit, False
+            )
         return events, events[-1].position if len(events) >= limit else head
 
     def _filter_after(
         self, criteria: Criteria, after: int, limit: int
     ) -> tuple[list[SequencedEvent], int]:
         """`_read_after` for a filter: a keyset page in log order after ``after``."""
-        head, rows = self._keyset_rows(criteria, None, None, after, limit, 0)
+        head, rows = self._keyset_rows(criteria, None, None, after, limit, 0, True)
         events = _decode_events(_json_array(rows))
         return events, events[-1].position if len(events) >= limit else head
 
@@ -1050,7 +1268,9 @@ class EventStore:
         plan: dict[str, Any] = row[0][0] if row else {}
         return plan
 
-    def _select(self, cur: psycopg.Cursor[Any], criteria: Criteria) -> tuple[Select, bool]:
+    def _select(
+        self, cur: psycopg.Cursor[Any], criteria: Criteria, archived: bool = False
+    ) -> tuple[Select, bool]:
         """The statement builder for reading events matching ``criteria``, and whether they
         are few (then collected before they are ordered; see `Select.events`).
 
@@ -1064,13 +1284,15 @@ class EventStore:
         statement = tag_matches(self._statements, criteria)
         row = None if statement is None else cur.execute(*statement).fetchone()
         if not row:
-            return Select(self._statements, criteria, positions=positions), False
+            return Select(self._statements, criteria, positions=positions, archived=archived), False
         counts = [int(count) for count in row]
         smallest = min(range(len(counts)), key=counts.__getitem__)
         if counts[smallest] > FEW_MATCHES:
-            return Select(self._statements, criteria, positions=positions), False
+            return Select(self._statements, criteria, positions=positions, archived=archived), False
         indexed = smallest if len(counts) > 1 else None
-        select = Select(self._statements, criteria, positions=positions, indexed_tag=indexed)
+        select = Select(
+            self._statements, criteria, positions=positions, indexed_tag=indexed, archived=archived
+        )
         return select, True
 
     def cache_stats(self) -> CacheStats:
@@ -1203,7 +1425,7 @@ class EventStore:
         while True:
             with self._connection() as conn:
                 events, head = _read_with_head(
-                    conn, self._statements, query, after, batch_size, False
+                    conn, self._statements, self._archive, query, after, batch_size, False
                 )
             for event in events:
                 state = fold(state, event)
@@ -1223,16 +1445,84 @@ class EventStore:
         *,
         batch_size: int = 5_000,
         progress: Callable[[int, int], None] | None = None,
+        include_archived: bool = True,
     ) -> IntegrityReport:
         """Recompute the hash chain over positions ``start`` to ``end`` (default: all) and
-        report the first position where it breaks; see `tamma_events.integrity.verify`."""
+        report the first position where it breaks; see `tamma_events.integrity.verify`.
+
+        When events were compacted and the whole history is verified (no ``start``), each
+        archive file is checked first (its SHA-256 against the manifest, and the chain through
+        every event it holds, from the genesis hash), then the live log from the last archived
+        hash. A broken archive is reported with its range. ``include_archived=False`` checks the
+        live log only, anchored on the manifest's last hash."""
         with self._connection() as conn:
             try:
                 return _verify(
-                    conn, self.schema, start, end, batch_size=batch_size, progress=progress
+                    conn,
+                    self.schema,
+                    start,
+                    end,
+                    batch_size=batch_size,
+                    progress=progress,
+                    archives=self._archive.directory,
+                    check_archives=start is None and include_archived,
                 )
             except psycopg.Error as exc:
                 raise _storage_error(exc, "verifying") from exc
+
+    def compact_events(
+        self,
+        before: datetime | str,
+        *,
+        archive_dir: str | os.PathLike[str] | None = None,
+        file_events: int = 1_000_000,
+        progress: Callable[[int, int], None] | None = None,
+        fault: Callable[[str, int, int], None] | None = None,
+    ) -> int:
+        """Move the events recorded before ``before`` out of PostgreSQL into verified Parquet
+        archives; returns how many events left the log (see `tamma_events.archive`).
+
+        Files go to ``archive_dir`` (default: the store's, else ``archives/<schema>`` in the
+        user data directory), at most ``file_events`` events each. It is idempotent and safe to
+        interrupt: run it again to finish. Only the role that owns the schema can compact (the
+        application role of `grant_app_role` cannot delete). ``progress(done, total)`` follows
+        the events archived; ``fault(step, first, last)`` is called after each step of each
+        file (``"written"``, ``"verified"``, ``"recorded"``, ``"compacted"``), for tests that
+        interrupt a compaction."""
+        moment = _moment(before)
+        _check_size_any(file_events, "file_events")
+        directory = Path(archive_dir) if archive_dir is not None else self.archive_dir
+        if directory is None:
+            directory = Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
+        with self._connection() as conn:
+            lock = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s))", [f"tamma_events:compact:{self.schema}"]
+            ).fetchone()
+            if not lock or not lock[0]:
+                raise EventStoreError(
+                    STORAGE_ERROR, "another compaction of this store is running", {}
+                )
+            try:
+                return _compact(
+                    conn,
+                    self.schema,
+                    moment,
+                    directory,
+                    file_events=file_events,
+                    progress=progress,
+                    fault=fault,
+                )
+            except psycopg.Error as exc:
+                raise _storage_error(exc, "compacting") from exc
+            except OSError as exc:
+                raise EventStoreError(
+                    STORAGE_ERROR, f"compacting failed writing an archive: {exc}", {}
+                ) from exc
+            finally:
+                conn.execute(
+                    "SELECT pg_advisory_unlock(hashtext(%s))",
+                    [f"tamma_events:compact:{self.schema}"],
+                )
 
     def grant_app_role(self, role: str, *, create: bool = True) -> None:
         """Give ``role`` what an application needs and nothing more: read events, append them
@@ -1337,6 +1627,7 @@ def _write_buffer(copy: psycopg.Copy, buffer: bytearray) -> None:
 def _read_with_head(
     conn: psycopg.Connection[Any],
     statements: Statements,
+    archive: ArchiveReader,
     query: Query | None,
     after: int | None,
     limit: int | None,
@@ -1349,19 +1640,20 @@ def _read_with_head(
     params.append(limit)
     rows = conn.execute(statements.read(shape, backwards), params).fetchall()
     store_head = int(rows[0][0]) if rows else 0
-    events = _decode_events(_json_array([row[1] for row in rows if row[1] is not None]))
+    events = _decode_events(_json_array(_fill_archived(conn, archive, rows, 1, 2)))
     return events, store_head
 
 
 def _read(
     conn: psycopg.Connection[Any],
     statements: Statements,
+    archive: ArchiveReader,
     query: Query | None,
     after: int | None,
     limit: int | None,
     backwards: bool,
 ) -> ReadResult:
-    events, store_head = _read_with_head(conn, statements, query, after, limit, backwards)
+    events, store_head = _read_with_head(conn, statements, archive, query, after, limit, backwards)
     if limit is None:
         head: int | None = store_head
     elif events:
@@ -1369,6 +1661,32 @@ def _read(
     else:
         head = None
     return ReadResult(events, head)
+
+
+def _check_size_any(value: int, field: str) -> None:
+    """VALIDATION_FAILED unless ``value`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EventStoreError(
+            VALIDATION_FAILED, f"{field} must be a positive int, got {value!r}", {"field": field}
+        )
+
+
+def _moment(value: datetime | str) -> datetime:
+    """A timezone-aware datetime from a datetime or an ISO 8601 string with an offset."""
+    moment: Any = value
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+    if not isinstance(moment, datetime) or moment.tzinfo is None:
+        raise EventStoreError(
+            VALIDATION_FAILED,
+            f"before must be a datetime with a timezone or an ISO 8601 string with an offset,"
+            f" got {value!r}",
+            {"field": "before"},
+        )
+    return moment
 
 
 def _check_size(value: int, field: str) -> None:
@@ -1498,7 +1816,15 @@ class Transaction:
         """`EventStore.read` inside the transaction: it sees the block's own appends."""
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
-        result = _read(self._conn, self._store._statements, query, after, limit, backwards)
+        result = _read(
+            self._conn,
+            self._store._statements,
+            self._store._archive,
+            query,
+            after,
+            limit,
+            backwards,
+        )
         if limit is None and self._head is not None:
             result.head = self._head
         return result

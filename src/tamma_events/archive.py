@@ -1,0 +1,526 @@
+"""Compaction to Parquet archives, and reading archived events back.
+
+`compact` moves the oldest part of the log (the events recorded before a given time) into
+Parquet files of `tamma_events.arrow.EXPORT_SCHEMA`, one per contiguous range of positions, in
+this order for each file:
+
+1. write it beside its final name, fsync it, rename it into place and fsync the directory;
+2. verify it by reading it back: row count, first and last position, the hash chain from the
+   previous archive's last hash through every event, and the file's SHA-256;
+3. record it in the manifest (the ``archives`` table);
+4. in one transaction, copy each event's id, type, time and tags to ``archived_events`` (which
+   keeps DCB conditions and id uniqueness whole), delete the events from the log (the one delete
+   the immutability trigger lets through: positions covered by the manifest and indexed in
+   ``archived_events``), and mark the manifest row compacted.
+
+A crash at any point leaves every event in the log or in a verified file listed in the
+manifest (or both, until step 4 commits). Running `compact` again finishes the job: a file
+without a manifest row is written again, a manifest row not yet compacted is verified again and
+compacted.
+
+`ArchiveReader` serves the read paths: archived events come back as the same JSON text the log
+would have returned, so every read path decodes them the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import msgspec
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from . import _codec
+from ._pycodec import GENESIS_HASH, HASH_SIZE
+from .arrow import EXPORT_SELECT, copy_batches, write_parquet
+from .errors import STORAGE_ERROR, EventStoreError
+from .model import DomainEvent
+
+__all__ = ["ArchiveFile", "ArchiveReader", "CompactionStep", "compact", "verify_archives"]
+
+#: Events per archive file, and per row group inside it (a read of one archived event decodes
+#: its row group).
+FILE_EVENTS: Final = 1_000_000
+ROW_GROUP_EVENTS: Final = 16_384
+
+#: The steps of compacting one file, in order; a fault hook is called after each.
+CompactionStep = str
+STEPS: Final = ("written", "verified", "recorded", "compacted")
+
+_NO_SIZE_LIMIT: Final = 1 << 62
+_json = msgspec.json.Encoder()
+_READ_COLUMNS: Final = list(EXPORT_SELECT.as_string(None).replace('"', "").split(", "))
+
+
+class ArchiveFile(NamedTuple):
+    """One manifest row."""
+
+    first_position: int
+    last_position: int
+    path: Path
+    events: int
+    size: int
+    sha256: bytes
+    prev_hash: bytes
+    last_hash: bytes
+    compacted: bool
+
+
+def _manifest_statement(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "SELECT first_position, last_position, directory, file_name, events, bytes, sha256,"
+        " prev_hash, last_hash, compacted_at IS NOT NULL FROM {} ORDER BY first_position"
+    ).format(sql.Identifier(schema, "archives"))
+
+
+def manifest(
+    conn: psycopg.Connection[Any], schema: str, directory: Path | None = None
+) -> list[ArchiveFile]:
+    """The manifest, in position order; ``directory`` (when given) replaces the directory each
+    file was written to (archives moved elsewhere as a whole)."""
+    files = []
+    for first, last, where, name, events, size, digest, prev, last_hash, done in conn.execute(
+        _manifest_statement(schema)
+    ).fetchall():
+        base = directory if directory is not None else Path(where)
+        files.append(
+            ArchiveFile(
+                first,
+                last,
+                base / name,
+                events,
+                size,
+                bytes(digest),
+                bytes(prev),
+                bytes(last_hash),
+                done,
+            )
+        )
+    return files
+
+
+def file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
+class _Broken(Exception):
+    """An archive file does not hold what its manifest row says."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(reason)
+        self.position = position
+        self.reason = reason
+
+
+def _check_batch(table: pa.Table, expected: int, prev_hash: bytes) -> bytes:
+    """Recompute the hash chain over the archived events of ``table`` (positions ``expected``
+    on), from ``prev_hash``; returns the last hash. Raises `_Broken` at the first mismatch."""
+    positions = table.column("position").to_pylist()
+    for offset, position in enumerate(positions):
+        if position != expected + offset:
+            raise _Broken(expected + offset, f"event {expected + offset} is missing from it")
+    events = [
+        DomainEvent(
+            row["event_type"],
+            msgspec.json.decode(row["data"]),
+            dict(row["tags"]),
+            msgspec.json.decode(row["metadata"]),
+            row["event_id"],
+            _datetime(row["timestamp_us"]),
+        )
+        for row in table.select(["event_type", "data", "tags", "metadata", "event_id"])
+        .append_column("timestamp_us", pc.cast(table.column("timestamp"), pa.int64()))
+        .to_pylist()
+    ]
+    try:
+        prepared = _codec.prepare(events, _NO_SIZE_LIMIT)
+    except EventStoreError as exc:
+        bad = expected + int(exc.context.get("index", 0))
+        raise _Broken(bad, f"event {bad} cannot be re-encoded: {exc.message}") from None
+    _codec.seal(prepared, expected, prev_hash)
+    hashes = table.column("hash").to_pylist()
+    buffer, offsets = prepared.buffer, prepared.offsets
+    for i, stored in enumerate(hashes):
+        if bytes(buffer[offsets[i + 1] - HASH_SIZE : offsets[i + 1]]) != stored:
+            raise _Broken(
+                expected + i,
+                f"event {expected + i}'s hash does not match its contents and predecessor",
+            )
+    return bytes(hashes[-1]) if hashes else prev_hash
+
+
+_UNIX_EPOCH: Final = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+
+
+def _datetime(us: int) -> datetime:
+    from datetime import timedelta
+
+    return _UNIX_EPOCH + timedelta(microseconds=us)
+
+
+def check_file(
+    file: ArchiveFile, prev_hash: bytes, progress: Callable[[int], None] | None = None
+) -> None:
+    """Verify one archive file against its manifest row; raises `_Broken` naming the first
+    bad position."""
+    try:
+        digest = file_sha256(file.path)
+    except OSError as exc:
+        raise _Broken(file.first_position, f"{file.path} cannot be read: {exc}") from None
+    if digest != file.sha256:
+        raise _Broken(
+            file.first_position,
+            f"{file.path.name} (positions {file.first_position}-{file.last_position}) does"
+            " not match its SHA-256 in the manifest",
+        )
+    if file.prev_hash != prev_hash:
+        raise _Broken(
+            file.first_position,
+            f"{file.path.name} does not chain from the previous archive's last hash",
+        )
+    try:
+        parquet = pq.ParquetFile(file.path)
+        if parquet.metadata.num_rows != file.events:
+            raise _Broken(
+                file.first_position,
+                f"{file.path.name} holds {parquet.metadata.num_rows} events, not {file.events}",
+            )
+        expected = file.first_position
+        chain = prev_hash
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group)
+            chain = _check_batch(table, expected, chain)
+            expected += table.num_rows
+            if progress is not None:
+                progress(table.num_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise _Broken(file.first_position, f"{file.path.name} cannot be read: {exc}") from None
+    if expected != file.last_position + 1:
+        raise _Broken(expected, f"{file.path.name} ends before position {file.last_position}")
+    if chain != file.last_hash:
+        raise _Broken(file.last_position, f"{file.path.name}'s last hash is not the manifest's")
+
+
+def verify_archives(
+    files: list[ArchiveFile], progress: Callable[[int], None] | None = None
+) -> tuple[bytes, int, tuple[int, str] | None]:
+    """Verify the compacted archives in order, from the genesis hash: the last hash, how many
+    events were checked, and the first break (position, reason) if any."""
+    chain = GENESIS_HASH
+    checked = 0
+    expected = 1
+    for file in files:
+        if not file.compacted:
+            break
+        if file.first_position != expected:
+            return chain, checked, (expected, f"no archive holds position {expected}")
+        try:
+            check_file(file, chain, progress)
+        except _Broken as broken:
+            return chain, checked, (broken.position, broken.reason)
+        chain = file.last_hash
+        checked += file.events
+        expected = file.last_position + 1
+    return chain, checked, None
+
+
+class ArchiveReader:
+    """Reads archived events by position, with the manifest and recently used row groups
+    cached (archive files never change)."""
+
+    def __init__(self, schema: str, directory: Path | None = None, cached_groups: int = 8) -> None:
+        self.schema = schema
+        self.directory = directory
+        self._files: list[ArchiveFile] = []
+        self._groups: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
+        self._parquet: dict[Path, tuple[pq.ParquetFile, list[int]]] = {}
+        self._cached_groups = cached_groups
+        self._lock = threading.Lock()
+
+    def _file(self, conn: psycopg.Connection[Any], position: int) -> ArchiveFile:
+        for attempt in range(2):
+            for file in self._files:
+                if file.first_position <= position <= file.last_position and file.compacted:
+                    return file
+            if attempt == 0:
+                self._files = manifest(conn, self.schema, self.directory)
+        raise EventStoreError(
+            STORAGE_ERROR,
+            f"event {position} is neither in the log nor in an archive",
+            {"position": position},
+        )
+
+    def _row(self, file: ArchiveFile, position: int) -> tuple[pa.Table, int]:
+        opened = self._parquet.get(file.path)
+        if opened is None:
+            parquet = pq.ParquetFile(file.path)
+            starts = [0]
+            for group in range(parquet.num_row_groups):
+                starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
+            opened = self._parquet[file.path] = (parquet, starts)
+        parquet, starts = opened
+        row = position - file.first_position
+        group = next(g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1])
+        key = (file.path, group)
+        table = self._groups.get(key)
+        if table is None:
+            table = parquet.read_row_group(group)
+            self._groups[key] = table
+            while len(self._groups) > self._cached_groups:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(key)
+        return table, row - starts[group]
+
+    def table(self, conn: psycopg.Connection[Any], positions: Iterable[int]) -> pa.Table:
+        """The archived events at ``positions``, in that order, as `EXPORT_SCHEMA` rows."""
+        pieces = []
+        try:
+            with self._lock:
+                for position in positions:
+                    table, row = self._row(self._file(conn, position), position)
+                    pieces.append(table.slice(row, 1))
+        except (OSError, pa.ArrowException) as exc:
+            raise EventStoreError(
+                STORAGE_ERROR, f"an archive file cannot be read: {exc}", {}
+            ) from exc
+        if not pieces:
+            from .arrow import EXPORT_SCHEMA
+
+            return EXPORT_SCHEMA.empty_table()
+        return pa.concat_tables(pieces).combine_chunks()
+
+    def json_texts(self, conn: psycopg.Connection[Any], positions: list[int]) -> list[str]:
+        """The archived events at ``positions`` as the JSON texts the log returns for events
+        (`tamma_events.sql.EVENT_JSON`)."""
+        table = self.table(conn, positions)
+        return json_texts(table)
+
+
+def json_texts(table: pa.Table) -> list[str]:
+    """Events of `EXPORT_SCHEMA` as `tamma_events.sql.EVENT_JSON` texts; ``metadata`` and
+    ``data`` are PostgreSQL's own jsonb texts, kept verbatim."""
+    columns = {name: table.column(name) for name in table.column_names}
+    texts = []
+    for position, event_id, event_type, ts, tags, metadata, data, recorded, digest in zip(
+        columns["position"].to_pylist(),
+        columns["event_id"].to_pylist(),
+        columns["event_type"].to_pylist(),
+        pc.cast(columns["timestamp"], pa.int64()).to_pylist(),
+        columns["tags"].to_pylist(),
+        columns["metadata"].to_pylist(),
+        columns["data"].to_pylist(),
+        pc.cast(columns["recorded_at"], pa.int64()).to_pylist(),
+        columns["hash"].to_pylist(),
+        strict=True,
+    ):
+        texts.append(
+            f'{{"position":{position},"event_id":"{event_id}",'
+            f'"event_type":{_json.encode(event_type).decode()},'
+            f'"timestamp":"{_iso(ts)}","tags":{_json.encode(dict(tags)).decode()},'
+            f'"metadata":{metadata},"data":{data},"recorded_at":"{_iso(recorded)}",'
+            f'"hash":"{base64.b64encode(digest).decode()}"}}'
+        )
+    return texts
+
+
+def _iso(us: int) -> str:
+    return _datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# -- compaction --------------------------------------------------------------------------------
+
+
+def _range_to_archive(conn: psycopg.Connection[Any], schema: str, before: datetime) -> int:
+    """The last position of the prefix of the log recorded before ``before``."""
+    events = sql.Identifier(schema, "events")
+    head = sql.Identifier(schema, "head")
+    row = conn.execute(
+        sql.SQL(
+            "SELECT coalesce((SELECT min(position) - 1 FROM {} WHERE recorded_at >= %s),"
+            " (SELECT position FROM {}))"
+        ).format(events, head),
+        [before],
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _write_file(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    directory: Path,
+    first: int,
+    last: int,
+    row_group_size: int,
+) -> Path:
+    events = sql.Identifier(schema, "events")
+    statement = sql.SQL(
+        "SELECT {} FROM {} WHERE position BETWEEN %s AND %s ORDER BY position"
+    ).format(EXPORT_SELECT, events)
+    path = directory / f"events-{first:020d}-{last:020d}.parquet"
+    step = row_group_size * 4
+
+    def batches() -> Iterable[pa.RecordBatch]:
+        for start in range(first, last + 1, step):
+            end = min(start + step - 1, last)
+            yield from copy_batches(conn, statement, [start, end])
+
+    from .arrow import EXPORT_SCHEMA
+
+    reader = pa.RecordBatchReader.from_batches(EXPORT_SCHEMA, batches())
+    written = write_parquet(reader, path, row_group_size=row_group_size)
+    if written != last - first + 1:
+        path.unlink(missing_ok=True)
+        raise EventStoreError(
+            STORAGE_ERROR,
+            f"the log holds {written} events at positions {first}-{last}, not {last - first + 1}",
+            {"first_position": first, "last_position": last},
+        )
+    return path
+
+
+def compact(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    before: datetime,
+    directory: Path,
+    *,
+    file_events: int = FILE_EVENTS,
+    row_group_size: int = ROW_GROUP_EVENTS,
+    progress: Callable[[int, int], None] | None = None,
+    fault: Callable[[CompactionStep, int, int], None] | None = None,
+) -> int:
+    """Archive the events recorded before ``before`` (see the module's docstring); returns how
+    many events left the log. ``progress(done, total)`` follows the events archived;
+    ``fault(step, first, last)`` is called after each step of each file (tests use it to stop
+    a compaction half-way)."""
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    archives = sql.Identifier(schema, "archives")
+    moved = 0
+    # The manifest's unfinished rows first: their files were verified once; verify again.
+    files = manifest(conn, schema)
+    chain = GENESIS_HASH
+    for file in files:
+        if not file.compacted:
+            check_pending(file, chain)
+            moved += _delete(conn, schema, file)
+            if fault is not None:
+                fault("compacted", file.first_position, file.last_position)
+        chain = file.last_hash
+    archived = files[-1].last_position if files else 0
+    target = _range_to_archive(conn, schema, before)
+    total = max(0, target - archived)
+    done = 0
+    first = archived + 1
+    while first <= target:
+        last = min(first + file_events - 1, target)
+        path = _write_file(conn, schema, directory, first, last, row_group_size)
+        if fault is not None:
+            fault("written", first, last)
+        size = path.stat().st_size
+        last_hash = _read_last_hash(path)
+        file = ArchiveFile(
+            first, last, path, last - first + 1, size, file_sha256(path), chain, last_hash, False
+        )
+        check_pending(file, chain)
+        if fault is not None:
+            fault("verified", first, last)
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (first_position, last_position, file_name, directory, events,"
+                " bytes, sha256, prev_hash, last_hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ).format(archives),
+            [
+                first,
+                last,
+                path.name,
+                str(directory),
+                file.events,
+                size,
+                file.sha256,
+                chain,
+                last_hash,
+            ],
+        )
+        if fault is not None:
+            fault("recorded", first, last)
+        moved += _delete(conn, schema, file)
+        if fault is not None:
+            fault("compacted", first, last)
+        chain = last_hash
+        done += file.events
+        if progress is not None:
+            progress(done, total)
+        first = last + 1
+    return moved
+
+
+def _read_last_hash(path: Path) -> bytes:
+    parquet = pq.ParquetFile(path)
+    group = parquet.read_row_group(parquet.num_row_groups - 1, columns=["hash"])
+    return bytes(group.column("hash")[-1].as_py())
+
+
+def check_pending(file: ArchiveFile, prev_hash: bytes) -> None:
+    """Verify a file before its events leave the log; STORAGE_ERROR when it fails."""
+    try:
+        check_file(file, prev_hash)
+    except _Broken as broken:
+        raise EventStoreError(
+            STORAGE_ERROR,
+            f"archive {file.path.name} failed verification: {broken.reason}",
+            {
+                "first_position": file.first_position,
+                "last_position": file.last_position,
+                "position": broken.position,
+            },
+        ) from None
+
+
+def _delete(conn: psycopg.Connection[Any], schema: str, file: ArchiveFile) -> int:
+    """Step 4: index the file's events, delete them from the log, mark the row compacted."""
+    events = sql.Identifier(schema, "events")
+    index = sql.Identifier(schema, "archived_events")
+    archives = sql.Identifier(schema, "archives")
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                'INSERT INTO {} (position, event_id, event_type, "timestamp", tags)'
+                ' SELECT position, event_id, event_type, "timestamp", tags FROM {}'
+                " WHERE position BETWEEN %s AND %s"
+            ).format(index, events),
+            [file.first_position, file.last_position],
+        )
+        deleted = conn.execute(
+            sql.SQL("DELETE FROM {} WHERE position BETWEEN %s AND %s").format(events),
+            [file.first_position, file.last_position],
+        ).rowcount
+        if deleted != file.events:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                f"the log held {deleted} of the {file.events} events archived in"
+                f" {file.path.name}; nothing was deleted",
+                {"first_position": file.first_position, "last_position": file.last_position},
+            )
+        conn.execute(
+            sql.SQL("UPDATE {} SET compacted_at = now() WHERE first_position = %s").format(
+                archives
+            ),
+            [file.first_position],
+        )
+    return deleted

@@ -1,0 +1,167 @@
+"""Events as Apache Arrow: the export schema, and batches decoded from binary COPY.
+
+An export reads ``COPY (SELECT ...) TO STDOUT (FORMAT BINARY)`` and hands the rows to the codec's
+``decode_rows`` (native, or the pure-Python reference), which writes them straight into the
+buffers of Arrow arrays: no Python object is made per event. The column types:
+
+- ``position``: int64;
+- ``event_id``: the ``arrow.uuid`` extension type (16 bytes, the UUID's own): DuckDB, Polars
+  and Parquet's UUID logical type understand it, and it is half the size of text;
+- ``event_type``: dictionary-encoded strings (a log has few types);
+- ``timestamp``, ``recorded_at``: ``timestamp[us, UTC]``, PostgreSQL's own precision;
+- ``tags``: ``map<string, string>``, in the order PostgreSQL's jsonb keeps them;
+- ``metadata``, ``data``: the ``arrow.json`` extension type over strings, PostgreSQL's jsonb
+  text;
+- ``hash``: ``fixed_size_binary(32)``, the event's link in the hash chain.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from . import _codec
+from ._pycodec import COPY_HEADER, COPY_TRAILER, DecodedRows
+from .errors import STORAGE_ERROR, EventStoreError
+
+__all__ = ["EXPORT_SCHEMA", "EXPORT_SELECT", "copy_batches", "to_batch", "write_parquet"]
+
+EXPORT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("position", pa.int64(), nullable=False),
+        pa.field("event_id", pa.uuid(), nullable=False),
+        pa.field("event_type", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("tags", pa.map_(pa.string(), pa.string()), nullable=False),
+        pa.field("metadata", pa.json_(), nullable=False),
+        pa.field("data", pa.json_(), nullable=False),
+        pa.field("hash", pa.binary(32), nullable=False),
+    ]
+)
+
+#: The export's columns as a SELECT list, in the order `decode_rows` reads them.
+EXPORT_SELECT: Final = sql.SQL(
+    'position, event_id, event_type, "timestamp", recorded_at, tags, metadata, data, hash'
+)
+
+# A batch's rows are decoded at most this many bytes at a time (the int32 offsets of its
+# string columns stay far from their limit).
+_MAX_BATCH_BYTES: Final = 256 << 20
+
+
+def _strings(offsets: bytes, data: bytes) -> pa.Array:
+    return pa.Array.from_buffers(
+        pa.string(), len(offsets) // 4 - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+def to_batch(rows: DecodedRows) -> pa.RecordBatch:
+    """The decoded rows as one record batch of `EXPORT_SCHEMA` (zero-copy over their buffers,
+    except for the event types' dictionary)."""
+    n = rows.num_rows
+
+    def fixed(kind: pa.DataType, values: bytes) -> pa.Array:
+        return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(values)])
+
+    tags = pa.MapArray.from_arrays(
+        pa.Array.from_buffers(pa.int32(), n + 1, [None, pa.py_buffer(rows.tag_offsets)]),
+        _strings(rows.key_offsets, rows.key_data),
+        _strings(rows.value_offsets, rows.value_data),
+        type=EXPORT_SCHEMA.field("tags").type,
+    )
+    columns = [
+        fixed(pa.int64(), rows.position),
+        pa.ExtensionArray.from_storage(pa.uuid(), fixed(pa.binary(16), rows.event_id)),
+        _strings(rows.type_offsets, rows.type_data).dictionary_encode(),
+        fixed(pa.timestamp("us", tz="UTC"), rows.timestamp),
+        fixed(pa.timestamp("us", tz="UTC"), rows.recorded_at),
+        tags,
+        pa.ExtensionArray.from_storage(
+            pa.json_(), _strings(rows.metadata_offsets, rows.metadata_data)
+        ),
+        pa.ExtensionArray.from_storage(pa.json_(), _strings(rows.data_offsets, rows.data_data)),
+        fixed(pa.binary(32), rows.hash),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=EXPORT_SCHEMA)
+
+
+def copy_batches(
+    conn: psycopg.Connection[Any], statement: sql.Composable, params: list[Any]
+) -> Iterator[pa.RecordBatch]:
+    """Run ``COPY (statement) TO STDOUT (FORMAT BINARY)``, whose columns are `EXPORT_SELECT`,
+    and yield its rows as record batches (several when they exceed a few hundred MB)."""
+    copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
+    pending = bytearray()
+    count = 0
+    header = True
+    with conn.cursor() as cur, cur.copy(copy_sql, params) as copy:
+        # PostgreSQL sends one message per row; the first starts with the header, and the
+        # trailer comes alone (or after the header, when there are no rows).
+        for message in copy:
+            if header:
+                if bytes(message[: len(COPY_HEADER)]) != COPY_HEADER:
+                    raise EventStoreError(STORAGE_ERROR, "the export's COPY header is not valid")
+                message = message[len(COPY_HEADER) :]
+                header = False
+            if len(message) == 2 and bytes(message) == COPY_TRAILER:
+                continue
+            pending += message
+            count += 1
+            if len(pending) >= _MAX_BATCH_BYTES:
+                yield to_batch(_codec.decode_rows(pending, count))
+                pending.clear()
+                count = 0
+    if count:
+        yield to_batch(_codec.decode_rows(pending, count))
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new file in the directory ``path`` durable (a no-op where the
+    platform cannot open directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet(
+    reader: pa.RecordBatchReader,
+    path: str | os.PathLike[str],
+    *,
+    compression: str = "zstd",
+    row_group_size: int = 131_072,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write ``reader``'s batches to the Parquet file ``path`` atomically and durably: to a
+    temporary file beside it, synced, then renamed over it, and the directory synced. Returns
+    how many rows were written."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    written = 0
+    try:
+        with pq.ParquetWriter(temporary, reader.schema, compression=compression) as writer:
+            for batch in reader:
+                writer.write_batch(batch, row_group_size=row_group_size)
+                written += batch.num_rows
+                if progress is not None:
+                    progress(written)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
+    return written
