@@ -240,3 +240,88 @@ def test_serve_runs_the_http_app(pg_dsn: str, schema: str, tmp_path: Path) -> No
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(30) == 0, (tmp_path / "serve.log").read_text()
+
+
+def test_bench_export_suite_reports_adbc_ratio_and_compaction(pg_dsn: str) -> None:
+    code, out = run(pg_dsn, "bench", "--suite", "export", "--events", "3000", "--json", "-")
+    assert code == 0, out
+    results = {r["name"]: r for r in json.loads(out[out.index("{") :])["results"]}
+    assert set(results) == {"export_arrow", "compact_events"}
+    export = results["export_arrow"]
+    assert export["detail"]["events"] == 3000
+    assert export["ratio"] == pytest.approx(
+        export["value"] / export["detail"]["adbc_events_per_s"], rel=1e-2
+    )
+    compaction = results["compact_events"]["detail"]
+    assert compaction["events"] > 0
+    assert compaction["table_mb_after_vacuum_full"] < compaction["table_mb_before"]
+
+
+def test_export_writes_parquet_arrow_and_jsonl(pg_dsn: str, schema: str, tmp_path: Path) -> None:
+    import pyarrow.ipc
+    import pyarrow.parquet as pq
+
+    with EventStore(pg_dsn, schema=schema) as store:
+        store.append_batch(
+            [DomainEvent("IssueCreated", {"n": n}, {"issueId": f"I-{n % 3}"}) for n in range(30)]
+        )
+        wanted = [e.position for e in store.get_events() if e.tags["issueId"] == "I-1"]
+    parquet = tmp_path / "out.parquet"
+    code, out = run(
+        pg_dsn,
+        "--schema",
+        schema,
+        "export",
+        "--format",
+        "parquet",
+        "-o",
+        str(parquet),
+        "--issue-id",
+        "I-1",
+    )
+    assert code == 0, out
+    assert "exported 10 events" in out
+    assert pq.read_table(parquet).column("position").to_pylist() == wanted
+    arrow_file = tmp_path / "out.arrow"
+    code, out = run(
+        pg_dsn, "--schema", schema, "export", "--format", "arrow", "-o", str(arrow_file)
+    )
+    assert code == 0, out
+    with pyarrow.ipc.open_file(arrow_file) as reader:
+        assert reader.read_all().num_rows == 30
+    code, out = run(
+        pg_dsn, "--schema", schema, "export", "--format", "jsonl", "--tag", "issueId:I-2"
+    )
+    assert code == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [line["tags"]["issueId"] for line in lines] == ["I-2"] * 10
+    code, out = run(pg_dsn, "--schema", schema, "export", "--format", "parquet")
+    assert code == 2 and "--output is required" in out
+
+
+def test_compact_archives_and_reports_bad_times(pg_dsn: str, schema: str, tmp_path: Path) -> None:
+    with EventStore(pg_dsn, schema=schema) as store:
+        store.append_batch([DomainEvent("IssueCreated", {"n": n}) for n in range(20)])
+        everything = store.get_events()
+    code, out = run(
+        pg_dsn,
+        "--schema",
+        schema,
+        "compact",
+        "--before",
+        "2999-01-01T00:00:00Z",
+        "--archive-dir",
+        str(tmp_path),
+        "--file-events",
+        "7",
+    )
+    assert code == 0, out
+    assert "compacted 20 events" in out
+    assert len(list(tmp_path.glob("events-*.parquet"))) == 3
+    with EventStore(pg_dsn, schema=schema) as store:
+        assert store.get_events() == []
+        assert store.get_events(include_archived=True) == everything
+    code, out = run(pg_dsn, "--schema", schema, "verify")
+    assert code == 0 and "20 events verified" in out
+    code, out = run(pg_dsn, "--schema", schema, "compact", "--before", "yesterday")
+    assert code == 1 and "VALIDATION_FAILED" in out

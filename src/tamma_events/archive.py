@@ -86,18 +86,20 @@ def _manifest_statement(schema: str) -> sql.Composed:
 def manifest(
     conn: psycopg.Connection[Any], schema: str, directory: Path | None = None
 ) -> list[ArchiveFile]:
-    """The manifest, in position order; ``directory`` (when given) replaces the directory each
-    file was written to (archives moved elsewhere as a whole)."""
+    """The manifest, in position order. A file missing from the directory it was written to
+    is looked for in ``directory`` (archives moved elsewhere)."""
     files = []
     for first, last, where, name, events, size, digest, prev, last_hash, done in conn.execute(
         _manifest_statement(schema)
     ).fetchall():
-        base = directory if directory is not None else Path(where)
+        path = Path(where) / name
+        if directory is not None and not path.exists() and (directory / name).exists():
+            path = directory / name
         files.append(
             ArchiveFile(
                 first,
                 last,
-                base / name,
+                path,
                 events,
                 size,
                 bytes(digest),

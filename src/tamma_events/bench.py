@@ -8,6 +8,7 @@ Every append is a durable commit (``synchronous_commit`` stays on).
 from __future__ import annotations
 
 import functools
+import os
 import random
 import threading
 import time
@@ -30,22 +31,29 @@ from .workload import EVENT_TYPES, PLATFORMS, PROVIDERS, generate_events
 __all__ = [
     "BATCH_DEFAULT",
     "BenchResult",
+    "copy_log",
     "default_page",
     "fresh_ids",
     "latencies",
     "load_query_store",
+    "measure_adbc",
     "measure_append_batch",
+    "measure_compaction",
     "measure_concurrent_appends",
     "measure_conditional_appends",
     "measure_copy_ceiling",
+    "measure_copy_to",
     "measure_cursor",
     "measure_delivery",
     "measure_encode",
+    "measure_export",
     "measure_notify_cost",
     "measure_stream",
     "paced_writer",
     "percentiles",
     "query_shapes",
+    "relation_bytes",
+    "run_export_suite",
     "run_query_suite",
     "run_stream_suite",
     "run_suite",
@@ -855,3 +863,177 @@ def run_stream_suite(
         )
     )
     return results
+
+
+# -- exports and compaction -------------------------------------------------------------------
+
+_EXPORT_STATEMENT = (
+    'SELECT position, event_id, event_type, "timestamp", recorded_at, tags, metadata, data, hash'
+    " FROM {} ORDER BY position"
+)
+
+
+def measure_export(store: EventStore) -> tuple[int, float]:
+    """Events and events/s of `EventStore.export_arrow` over the whole log, every batch taken."""
+    started = time.perf_counter()
+    count = sum(batch.num_rows for batch in store.export_arrow())
+    return count, count / (time.perf_counter() - started)
+
+
+def measure_copy_to(dsn: str, schema: str) -> tuple[float, float]:
+    """Events/s and MB/s of the export's ``COPY ... TO STDOUT (FORMAT BINARY)`` read by psycopg
+    and dropped: the transfer without any decoding, the ceiling of `measure_export`."""
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(
+        sql.SQL(_EXPORT_STATEMENT).format(sql.Identifier(schema, "events"))
+    )
+    started = time.perf_counter()
+    rows = size = 0
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        with cur.copy(statement) as copy:
+            for message in copy:
+                rows += 1
+                size += len(message)
+    elapsed = time.perf_counter() - started
+    return (rows - 1) / elapsed, size / elapsed / 1e6
+
+
+def measure_adbc(dsn: str, schema: str) -> float:
+    """Events/s of the ADBC PostgreSQL driver's ``fetch_arrow_table`` for the same columns:
+    the baseline of `measure_export` (``adbc-driver-postgresql``, in the test extras)."""
+    import adbc_driver_postgresql.dbapi as adbc
+
+    statement = _EXPORT_STATEMENT.format(f'"{schema}".events')
+    started = time.perf_counter()
+    with adbc.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+        count = int(cur.fetch_arrow_table().num_rows)
+    return count / (time.perf_counter() - started)
+
+
+def copy_log(dsn: str, source: str, target: str) -> EventStore:
+    """A new store on ``target`` holding the events of ``source`` (same positions, hashes and
+    recording times), to compact without touching ``source``."""
+    drop(dsn, target)
+    store = EventStore(dsn, schema=target, cache_size=0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("INSERT INTO {} SELECT * FROM {} ORDER BY position").format(
+                    sql.Identifier(target, "events"), sql.Identifier(source, "events")
+                )
+            )
+            conn.execute(
+                sql.SQL("UPDATE {} SET position = s.position, hash = s.hash FROM {} s").format(
+                    sql.Identifier(target, "head"), sql.Identifier(source, "head")
+                )
+            )
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(target, "events")))
+    return store
+
+
+def relation_bytes(dsn: str, schema: str) -> int:
+    """The on-disk size of the events table with its indexes and TOAST."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_total_relation_size(%s::regclass)", [f'"{schema}".events']
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def measure_compaction(store: EventStore, archive_dir: str) -> dict[str, float]:
+    """Compact all but (about) the newest 1% of ``store``'s events: events/s, and the events table's
+    size before, after a VACUUM (space made reusable, not returned), and after a VACUUM FULL
+    (space returned to the system)."""
+    dsn, schema = store.dsn, store.schema
+    head = store.head()
+    keep = head // 100
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT recorded_at FROM {} WHERE position = %s").format(
+                sql.Identifier(schema, "events")
+            ),
+            [max(1, head - keep)],
+        ).fetchone()
+    assert row is not None
+    before_bytes = relation_bytes(dsn, schema)
+    started = time.perf_counter()
+    # Through the append that wrote that event (a log loaded in one batch: all of it).
+    moved = store.compact_events(row[0] + timedelta(microseconds=1), archive_dir=archive_dir)
+    elapsed = time.perf_counter() - started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(schema, "events")))
+        vacuumed = relation_bytes(dsn, schema)
+        conn.execute(sql.SQL("VACUUM FULL {}").format(sql.Identifier(schema, "events")))
+    full = relation_bytes(dsn, schema)
+    archive_bytes = sum(
+        os.path.getsize(os.path.join(archive_dir, name)) for name in os.listdir(archive_dir)
+    )
+    return {
+        "events": float(moved),
+        "events_per_s": moved / elapsed,
+        "table_mb_before": before_bytes / 1e6,
+        "table_mb_after_vacuum": vacuumed / 1e6,
+        "table_mb_after_vacuum_full": full / 1e6,
+        "reclaimed_mb": (before_bytes - full) / 1e6,
+        "archive_mb": archive_bytes / 1e6,
+    }
+
+
+def run_export_suite(
+    dsn: str,
+    *,
+    events: int = 1_000_000,
+    keep: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[BenchResult]:
+    """`export_arrow` against ADBC and the bare ``COPY TO``, and `compact_events` with the
+    space it gives back, over ``events`` events; baselines from the same run."""
+    import tempfile
+
+    progress(f"loading {events:,} events")
+    query_schema = f"bench_q_{events}"
+    store = load_query_store(dsn, query_schema, events, progress)
+    try:
+        progress("ADBC fetch_arrow_table")
+        adbc = measure_adbc(dsn, query_schema)
+        progress("COPY TO")
+        copy_rate, copy_mb = measure_copy_to(dsn, query_schema)
+        progress("export_arrow")
+        count, exported = measure_export(store)
+        progress("copying the log to compact it")
+        compact_store = copy_log(dsn, query_schema, f"{query_schema}_compact")
+        try:
+            with tempfile.TemporaryDirectory() as directory:
+                progress("compact_events")
+                figures = measure_compaction(compact_store, directory)
+        finally:
+            compact_store.close()
+            drop(dsn, f"{query_schema}_compact")
+    finally:
+        store.close()
+        if not keep:
+            drop(dsn, query_schema)
+    return [
+        BenchResult(
+            "export_arrow",
+            exported,
+            "events/s",
+            "adbc_fetch_arrow_table",
+            exported / adbc,
+            {
+                "events": count,
+                "adbc_events_per_s": round(adbc),
+                "copy_to_events_per_s": round(copy_rate),
+                "copy_to_mb_per_s": round(copy_mb, 1),
+                "ratio_to_copy_to": round(exported / copy_rate, 3),
+            },
+        ),
+        BenchResult(
+            "compact_events",
+            figures["events_per_s"],
+            "events/s",
+            None,
+            None,
+            {k: round(v, 1) for k, v in figures.items()},
+        ),
+    ]

@@ -1,4 +1,5 @@
-"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``verify``, ``tail`` and ``serve``.
+"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``verify``, ``tail``, ``export``,
+``compact`` and ``serve``.
 
 ``--dsn`` (or ``TAMMA_EVENTS_DSN``) selects the server everywhere; without one, the embedded
 PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
@@ -231,12 +232,13 @@ def _show_query(store: EventStore) -> None:
 @click.option("--per-thread", default=500, show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["append", "queries", "stream"]),
+    type=click.Choice(["append", "queries", "stream", "export"]),
     default="append",
     show_default=True,
     help="append: write throughput; queries: p50/p99 of each query shape over --events "
     "events (1,000,000 is the reference run); stream: subscription latency under --rate "
-    "events/s and stream_events throughput over --events events.",
+    "events/s and stream_events throughput over --events events; export: export_arrow "
+    "against ADBC and COPY TO, and compact_events, over --events events.",
 )
 @click.option(
     "--samples",
@@ -288,7 +290,7 @@ def bench(
 ) -> None:
     """Measure append and encode throughput, or query latencies, against baselines from the
     same run."""
-    from .bench import as_json, run_query_suite, run_stream_suite, run_suite
+    from .bench import as_json, run_export_suite, run_query_suite, run_stream_suite, run_suite
 
     with _failures():
         store = obj.open(schema=f"bench_{uuid.uuid4().hex[:8]}", migrate=False)
@@ -304,6 +306,10 @@ def bench(
                     conditional=conditional,
                     keep=keep,
                     progress=lambda s: status.update(s),
+                )
+            elif suite == "export":
+                results = run_export_suite(
+                    dsn, events=count, keep=keep, progress=lambda s: status.update(s)
                 )
             elif suite == "queries":
                 results = run_query_suite(
@@ -434,15 +440,7 @@ def tail(
 
     from .filters import filter_from_params
 
-    params = {
-        "type": list(type_),
-        "tag": list(tag),
-        "issue_id": list(issue_id),
-        "pr_id": list(pr_id),
-        "user_id": list(user_id),
-        "provider": list(provider),
-        "platform": list(platform),
-    }
+    params = _tag_params(type_, tag, issue_id, pr_id, user_id, provider, platform)
     encode = msgspec.json.Encoder().encode
     out = sys.stdout.buffer
     with _failures(), obj.open() as store:
@@ -463,6 +461,189 @@ def tail(
             # The reader went away (`| head`, say): point stdout at /dev/null so that flushing
             # it at exit does not fail again, and end quietly.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _tag_params(
+    type_: tuple[str, ...],
+    tag: tuple[str, ...],
+    issue_id: tuple[str, ...],
+    pr_id: tuple[str, ...],
+    user_id: tuple[str, ...],
+    provider: tuple[str, ...],
+    platform: tuple[str, ...],
+) -> dict[str, list[str]]:
+    return {
+        "type": list(type_),
+        "tag": list(tag),
+        "issue_id": list(issue_id),
+        "pr_id": list(pr_id),
+        "user_id": list(user_id),
+        "provider": list(provider),
+        "platform": list(platform),
+    }
+
+
+@main.command()
+@_filter_options
+@click.option("--start-time", default=None, help="Events at or after this ISO 8601 time.")
+@click.option("--end-time", default=None, help="Events before this ISO 8601 time.")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["parquet", "arrow", "jsonl"]),
+    default="parquet",
+    show_default=True,
+    help="Parquet file, Arrow IPC file, or JSON Lines.",
+)
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    help="File to write (required for parquet and arrow; jsonl defaults to stdout).",
+)
+@click.option("--include-archived", is_flag=True, help="Export compacted (archived) events too.")
+@click.option("--compression", default="zstd", show_default=True, help="Parquet compression codec.")
+@click.pass_obj
+def export(
+    obj: _Context,
+    type_: tuple[str, ...],
+    tag: tuple[str, ...],
+    issue_id: tuple[str, ...],
+    pr_id: tuple[str, ...],
+    user_id: tuple[str, ...],
+    provider: tuple[str, ...],
+    platform: tuple[str, ...],
+    start_time: str | None,
+    end_time: str | None,
+    format_: str,
+    output: str | None,
+    include_archived: bool,
+    compression: str,
+) -> None:
+    """Export the matching events, in log order, with a progress bar (on stderr)."""
+    import msgspec
+
+    from .arrow import write_parquet
+    from .filters import filter_from_params
+
+    if output is None and format_ != "jsonl":
+        raise click.UsageError(f"--output is required with --format {format_}")
+    params = _tag_params(type_, tag, issue_id, pr_id, user_id, provider, platform)
+    params["start_time"] = [start_time] if start_time else []
+    params["end_time"] = [end_time] if end_time else []
+    with _failures(), obj.open() as store:
+        event_filter = filter_from_params(params, ordered=False)
+        total = store.count_events(event_filter) if include_archived else None
+        started = time.perf_counter()
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=err_console,
+        )
+        with progress:
+            task = progress.add_task("exporting", total=total, rate="")
+
+            def advance(done: int) -> None:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, completed=done, rate=f"{rate:,.0f} events/s")
+
+            written = 0
+            if format_ == "jsonl":
+                encode = msgspec.json.Encoder().encode
+                stream = store.stream_events(event_filter, include_archived=include_archived)
+                out = sys.stdout.buffer if output in (None, "-") else open(output, "wb")
+                written = 0
+                try:
+                    for event in stream:
+                        out.write(encode(event) + b"\n")
+                        written += 1
+                        if written % 10_000 == 0:
+                            advance(written)
+                finally:
+                    if out is not sys.stdout.buffer:
+                        out.close()
+                    else:
+                        out.flush()
+            else:
+                assert output is not None
+                reader = store.export_arrow(event_filter, include_archived=include_archived)
+                if format_ == "parquet":
+                    written = write_parquet(
+                        reader, output, compression=compression, progress=advance
+                    )
+                else:
+                    written = _write_arrow_file(reader, output, advance)
+            advance(written)
+    where = "stdout" if output in (None, "-") else output
+    err_console.print(
+        f"[bold green]exported[/bold green] {written:,} events to {where}"
+        f" in {time.perf_counter() - started:.1f} s"
+    )
+
+
+def _write_arrow_file(reader: Any, output: str, advance: Any) -> int:
+    """An Arrow IPC file, written beside ``output`` and renamed over it when complete."""
+    import pyarrow as pa
+
+    from .arrow import fsync_directory
+
+    temporary = f"{output}.{os.getpid()}.tmp"
+    written = 0
+    try:
+        with pa.OSFile(temporary, "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                written += batch.num_rows
+                advance(written)
+        os.replace(temporary, output)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    fsync_directory(os.path.dirname(os.path.abspath(output)))
+    return written
+
+
+@main.command()
+@click.option(
+    "--before",
+    required=True,
+    help="Archive the events recorded before this ISO 8601 time (with an offset, or Z).",
+)
+@click.option(
+    "--archive-dir",
+    default=None,
+    help="Directory of the Parquet archives (default: archives/<schema> in the data dir).",
+)
+@click.option(
+    "--file-events",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Events per archive file.",
+)
+@click.pass_obj
+def compact(obj: _Context, before: str, archive_dir: str | None, file_events: int) -> None:
+    """Move old events into verified Parquet archives and delete them from PostgreSQL.
+
+    Safe to interrupt: run it again to finish."""
+    with _failures(), obj.open(archive_dir=archive_dir) as store:
+        started = time.perf_counter()
+        with _progress() as progress:
+            task = progress.add_task("compacting", total=None, rate="")
+
+            def advance(done: int, total: int) -> None:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, completed=done, total=total, rate=f"{rate:,.0f} events/s")
+
+            moved = store.compact_events(before, file_events=file_events, progress=advance)
+    console.print(
+        f"[bold green]compacted[/bold green] {moved:,} events into archives"
+        f" in {time.perf_counter() - started:.1f} s"
+    )
 
 
 @main.command()

@@ -588,8 +588,8 @@ class Statements:
             .format(sql.Identifier(schema, "append_group"))
             .as_bytes(None)
         )
-        self.get_event = sql.SQL("SELECT {} FROM {} WHERE event_id = %s").format(
-            EVENT_JSON, self.events
+        self.get_event = sql.SQL("SELECT event, position FROM {} WHERE event_id = %s").format(
+            self.history
         )
         self.head_position = sql.SQL("SELECT position FROM {}").format(self.head)
         # What a cached answer is labelled with: the head, and how far the log is compacted

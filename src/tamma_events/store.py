@@ -316,8 +316,8 @@ class EventStore:
                 {"field": "cache_ttl"},
             )
         self.cache = QueryCache(cache_size, cache_ttl)
-        #: Where `compact_events` writes archives; reads find each file where the manifest says
-        #: it was written, or here when this is set (archives moved as a whole).
+        #: Where `compact_events` writes archives. Reads find each file where the manifest says
+        #: it was written or, when it is no longer there, here (archives moved).
         self.archive_dir = Path(archive_dir) if archive_dir is not None else None
         self._archive = ArchiveReader(schema, self.archive_dir)
         self._closed = False
@@ -694,7 +694,7 @@ class EventStore:
             return _read(conn, self._statements, self._archive, query, after, limit, backwards)
 
     def get_event(self, event_id: uuid.UUID | str) -> SequencedEvent | None:
-        """The stored event with this id, or None."""
+        """The stored event with this id (live or archived), or None."""
         try:
             key = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
         except ValueError:
@@ -704,8 +704,9 @@ class EventStore:
                 {"event_id": str(event_id)},
             ) from None
         with self._connection() as conn:
-            row = conn.execute(self._statements.get_event, [key]).fetchone()
-        return None if row is None else _decode_event(row[0])
+            rows = conn.execute(self._statements.get_event, [key]).fetchall()
+            texts = _fill_archived(conn, self._archive, rows, 0, 1)
+        return _decode_event(texts[0]) if texts else None
 
     def head(self) -> int:
         """The last position written (0 for an empty store)."""
