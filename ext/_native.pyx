@@ -630,6 +630,37 @@ cdef Py_ssize_t _hex4(const unsigned char *s, Py_ssize_t i, Py_ssize_t n) noexce
     return (a << 12) | (b << 8) | (c << 4) | d
 
 
+cdef bint _utf8_ok(const unsigned char *s, Py_ssize_t n) noexcept nogil:
+    """Whether ``s`` is well-formed UTF-8 (no overlong forms, surrogates or code points past
+    U+10FFFF), as Python's strict decoder has it."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c
+    while i < n:
+        c = s[i]
+        if c < 0x80:
+            i += 1
+        elif 0xC2 <= c <= 0xDF:
+            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
+                return False
+            i += 2
+        elif 0xE0 <= c <= 0xEF:
+            if i + 2 >= n or (s[i + 1] & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80:
+                return False
+            if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] >= 0xA0):
+                return False
+            i += 3
+        elif 0xF0 <= c <= 0xF4:
+            if (i + 3 >= n or (s[i + 1] & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80
+                    or (s[i + 3] & 0xC0) != 0x80):
+                return False
+            if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] >= 0x90):
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
 cdef Py_ssize_t _json_string(const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
                              Buf *out) except -2:
     """Unescape the JSON string starting at ``s[i]`` (its opening quote) onto ``out``; the
@@ -708,10 +739,12 @@ cdef Py_ssize_t _json_string(const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
 
 cdef Py_ssize_t _tag_pairs_native(const unsigned char *s, Py_ssize_t n, Buf *key_offsets,
                                   Buf *key_data, Buf *value_offsets, Buf *value_data) except -2:
-    """Append the pairs of the flat JSON object ``s`` (string values only); how many, -1 when
-    it is anything else, -3 when the batch's keys or values outgrow int32 offsets."""
+    """Append the pairs of the flat JSON object ``s`` (string values only, every pair kept, as
+    in the reference); how many, -1 when it is anything else (or not UTF-8), -3 when the batch's keys or values outgrow int32 offsets."""
     cdef Py_ssize_t i = _skip_space(s, 0, n)
     cdef Py_ssize_t pairs = 0
+    if not _utf8_ok(s, n):
+        return -1
     if i >= n or s[i] != c'{':
         return -1
     i = _skip_space(s, i + 1, n)

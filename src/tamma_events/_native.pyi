@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from ._pycodec import PreparedBatch
+from ._pycodec import DecodedRows, PreparedBatch
 from .model import DomainEvent
 
 def prepare(
@@ -11,3 +11,4 @@ def prepare(
 def seal(
     batch: PreparedBatch, first_position: int, prev_hash: bytes, *, chain: bool = ...
 ) -> bytes: ...
+def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows: ...

@@ -558,15 +558,21 @@ class _Column:
         self.offsets.append(len(self.data))
 
 
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its pairs, in order."""
+
+
 def _tag_pairs(text: bytes, row: int) -> list[tuple[bytes, bytes]]:
+    """The pairs of a flat JSON object of strings, in order, every pair kept (jsonb has no
+    duplicate keys; should a row have some, the map shows them all)."""
     try:
-        tags = msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        tags = None
-    if type(tags) is not dict or any(type(v) is not str for v in tags.values()):
+        pairs = json.loads(text.decode("utf-8"), object_pairs_hook=_Pairs)
+    except (UnicodeDecodeError, ValueError):
+        pairs = None
+    if type(pairs) is not _Pairs or any(type(v) is not str for _, v in pairs):
         raise decode_error(row, "tags", "are not an object of strings")
     try:
-        return [(k.encode(), v.encode()) for k, v in tags.items()]
+        return [(k.encode(), v.encode()) for k, v in pairs]
     except UnicodeEncodeError:
         raise decode_error(row, "tags", "are not an object of strings") from None
 
