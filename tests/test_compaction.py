@@ -976,3 +976,31 @@ def test_a_second_compaction_at_the_same_time_is_refused(
 
 def test_progress_follows_the_files(history: History) -> None:
     assert history.progress == [(last, ARCHIVED) for _, last in RANGES]
+
+
+def test_a_range_reaching_into_the_archives_checks_them(
+    compacted: tuple[EventStore, Path, list[SequencedEvent]],
+) -> None:
+    store, directory, _ = compacted
+    report = store.verify(1, 50)
+    assert report.ok and report.checked == 600, report
+    path = directory / file_name(251, 500)
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    path.write_bytes(bytes(content))
+    report = store.verify(300, 700)
+    assert (report.ok, report.first_bad_position) == (False, 251), report
+    # A range wholly in the live log does not need the archives.
+    assert store.verify(650, 700).ok
+
+
+def test_paginate_and_export_parquet_include_archived_events(
+    compacted: tuple[EventStore, Path, list[SequencedEvent]], tmp_path: Path
+) -> None:
+    store, _, stored = compacted
+    pages = list(store.paginate(page_size=37, include_archived=True))
+    assert [event for page in pages for event in page] == stored
+    assert [event for page in store.paginate(page_size=37) for event in page] == stored[600:]
+    path = tmp_path / "all.parquet"
+    assert store.export_parquet(None, path, include_archived=True) == len(stored)
+    assert store.export_parquet(None, tmp_path / "live.parquet") == len(stored) - 600

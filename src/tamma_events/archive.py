@@ -25,6 +25,7 @@ would have returned, so every read path decodes them the same way.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import threading
 from collections import OrderedDict
@@ -42,7 +43,7 @@ from psycopg import sql
 
 from . import _codec
 from ._pycodec import GENESIS_HASH, HASH_SIZE
-from .arrow import EXPORT_SELECT, copy_batches, write_parquet
+from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
 from .errors import STORAGE_ERROR, EventStoreError
 from .model import DomainEvent
 
@@ -249,7 +250,7 @@ class ArchiveReader:
         self.directory = directory
         self._files: list[ArchiveFile] = []
         self._groups: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
-        self._parquet: dict[Path, tuple[pq.ParquetFile, list[int]]] = {}
+        self._starts: dict[Path, list[int]] = {}
         self._cached_groups = cached_groups
         self._lock = threading.Lock()
 
@@ -266,43 +267,60 @@ class ArchiveReader:
             {"position": position},
         )
 
-    def _row(self, file: ArchiveFile, position: int) -> tuple[pa.Table, int]:
-        opened = self._parquet.get(file.path)
-        if opened is None:
-            parquet = pq.ParquetFile(file.path)
-            starts = [0]
-            for group in range(parquet.num_row_groups):
-                starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
-            opened = self._parquet[file.path] = (parquet, starts)
-        parquet, starts = opened
-        row = position - file.first_position
-        group = next(g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1])
+    def _group(self, file: ArchiveFile, position: int) -> tuple[pa.Table, int]:
+        """The decoded row group holding ``position``, and the position of its first row."""
+        starts = self._starts.get(file.path)
+        if starts is None:
+            metadata = pq.read_metadata(file.path)
+            starts = [file.first_position]
+            for group in range(metadata.num_row_groups):
+                starts.append(starts[-1] + metadata.row_group(group).num_rows)
+            self._starts[file.path] = starts
+        group = bisect.bisect_right(starts, position) - 1
+        if not 0 <= group < len(starts) - 1:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                f"{file.path.name} does not hold position {position}",
+                {"position": position},
+            )
         key = (file.path, group)
         table = self._groups.get(key)
         if table is None:
-            table = parquet.read_row_group(group)
+            # Opened for the read and closed: no file handle stays open between reads.
+            with pq.ParquetFile(file.path) as parquet:
+                table = parquet.read_row_group(group)
             self._groups[key] = table
             while len(self._groups) > self._cached_groups:
                 self._groups.popitem(last=False)
         else:
             self._groups.move_to_end(key)
-        return table, row - starts[group]
+        return table, starts[group]
 
     def table(self, conn: psycopg.Connection[Any], positions: Iterable[int]) -> pa.Table:
         """The archived events at ``positions``, in that order, as `EXPORT_SCHEMA` rows."""
         pieces = []
         try:
             with self._lock:
-                for position in positions:
-                    table, row = self._row(self._file(conn, position), position)
-                    pieces.append(table.slice(row, 1))
+                wanted = list(positions)
+                i = 0
+                while i < len(wanted):
+                    position = wanted[i]
+                    table, first = self._group(self._file(conn, position), position)
+                    # A run of consecutive positions in the same row group is one slice.
+                    j = i + 1
+                    while (
+                        j < len(wanted)
+                        and wanted[j] == wanted[j - 1] + 1
+                        and wanted[j] - first < table.num_rows
+                    ):
+                        j += 1
+                    pieces.append(table.slice(position - first, j - i))
+                    i = j
         except (OSError, pa.ArrowException) as exc:
             raise EventStoreError(
                 STORAGE_ERROR, f"an archive file cannot be read: {exc}", {}
             ) from exc
         if not pieces:
-            from .arrow import EXPORT_SCHEMA
-
             return EXPORT_SCHEMA.empty_table()
         return pa.concat_tables(pieces).combine_chunks()
 
@@ -380,8 +398,6 @@ def _write_file(
         for start in range(first, last + 1, step):
             end = min(start + step - 1, last)
             yield from copy_batches(conn, statement, [start, end])
-
-    from .arrow import EXPORT_SCHEMA
 
     reader = pa.RecordBatchReader.from_batches(EXPORT_SCHEMA, batches())
     written = write_parquet(reader, path, row_group_size=row_group_size)

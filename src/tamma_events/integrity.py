@@ -61,9 +61,10 @@ def verify(
 
     Verifying from ``start`` > 1 trusts the stored hash of event ``start - 1`` as the anchor
     (for the first live event after compaction, the last archived hash in the manifest).
-    With ``check_archives``, the compacted archive files (in ``archives``, when they were
-    moved) are verified first, from the genesis hash, and the live log is anchored on the last
-    of them. ``progress(done, total)`` is called after every batch.
+    With ``check_archives``, when the range reaches into the compacted prefix, every archive
+    file (in ``archives``, when they were moved) is verified first, whole, from the genesis
+    hash; the live log is anchored on the last of them. ``progress(done, total)`` is called
+    after every batch.
     """
     events = sql.Identifier(schema, "events")
     with conn.transaction():
@@ -82,7 +83,7 @@ def verify(
         first = shown = max(1, start or 1)
         last = head if end is None else min(end, head)
         checked = 0
-        if check_archives and files:
+        if check_archives and files and first <= archived:
             total = max(0, last - first + 1)
             done = [0]
 

@@ -1106,12 +1106,15 @@ class EventStore:
         row_group_size: int = 131_072,
         batch_size: int = 65_536,
         progress: Callable[[int], None] | None = None,
+        include_archived: bool = False,
     ) -> int:
         """Write the events `export_arrow` returns to the Parquet file ``path``; returns how
         many. The file appears whole or not at all: it is written beside ``path`` and renamed
         over it once complete and synced. ``progress(events_written)`` is called after every
         batch."""
-        reader = self.export_arrow(event_filter, batch_size=batch_size)
+        reader = self.export_arrow(
+            event_filter, batch_size=batch_size, include_archived=include_archived
+        )
         return write_parquet(
             reader,
             path,
@@ -1234,12 +1237,18 @@ class EventStore:
         return events, events[-1].position if len(events) >= limit else head
 
     def paginate(
-        self, event_filter: EventFilter | None = None, *, page_size: int = 1_000
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        page_size: int = 1_000,
+        include_archived: bool = False,
     ) -> Iterator[list[SequencedEvent]]:
         """Walk the events matching ``event_filter`` page by page (see `get_page`)."""
         token: str | None = None
         while True:
-            page = self.get_page(event_filter, page_size=page_size, token=token)
+            page = self.get_page(
+                event_filter, page_size=page_size, token=token, include_archived=include_archived
+            )
             if page.events:
                 yield page.events
             if page.next_token is None:
@@ -1451,10 +1460,10 @@ class EventStore:
         """Recompute the hash chain over positions ``start`` to ``end`` (default: all) and
         report the first position where it breaks; see `tamma_events.integrity.verify`.
 
-        When events were compacted and the whole history is verified (no ``start``), each
-        archive file is checked first (its SHA-256 against the manifest, and the chain through
-        every event it holds, from the genesis hash), then the live log from the last archived
-        hash. A broken archive is reported with its range. ``include_archived=False`` checks the
+        When events were compacted and the range reaches into them, every archive file is
+        checked first, whole (its SHA-256 against the manifest, and the chain through every
+        event it holds, from the genesis hash), then the live log from the last archived hash.
+        A broken archive is reported with its range. ``include_archived=False`` checks the
         live log only, anchored on the manifest's last hash."""
         with self._connection() as conn:
             try:
@@ -1466,7 +1475,7 @@ class EventStore:
                     batch_size=batch_size,
                     progress=progress,
                     archives=self._archive.directory,
-                    check_archives=start is None and include_archived,
+                    check_archives=include_archived,
                 )
             except psycopg.Error as exc:
                 raise _storage_error(exc, "verifying") from exc
