@@ -844,33 +844,46 @@ def test_changes_are_refused(
     assert (report.ok, report.checked) == (True, len(stored))
 
 
-def test_a_forged_manifest_row_is_found_by_verify(
+def test_a_forged_manifest_row_is_refused_or_found_by_verify(
     marked: tuple[EventStore, list[SequencedEvent]],
 ) -> None:
-    """The manifest and the archived index refuse changes but take inserts: a forged row in
-    each lets a plain DELETE of a live event through the trigger. `verify` must notice."""
-    store, _ = marked
+    """The manifest only grows by the next contiguous range, not yet compacted, and the archived
+    index only takes events of such a range: a row out of order is refused. An owner who
+    records the next range by hand and deletes its events is found out by `verify`."""
+    store, stored = marked
     schema = store.schema
+    archives = sql.Identifier(schema, "archives")
+    archived = sql.Identifier(schema, "archived_events")
+    events = sql.Identifier(schema, "events")
+    insert = sql.SQL(
+        "INSERT INTO {} (first_position, last_position, file_name, directory, events,"
+        " bytes, sha256, prev_hash, last_hash, compacted_at)"
+        " VALUES (%s, %s, 'forged.parquet', '/nowhere', %s, 1, '', '', '', %s)"
+    ).format(archives)
+    copy = sql.SQL(
+        'INSERT INTO {} SELECT position, event_id, event_type, "timestamp", tags'
+        " FROM {} WHERE position BETWEEN %s AND %s"
+    ).format(archived, events)
+    before = manifest(store)
+    end = max(last for _, last, _ in before)
     with psycopg.connect(store.dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (first_position, last_position, file_name, directory, events,"
-                " bytes, sha256, prev_hash, last_hash, compacted_at)"
-                " VALUES (250, 250, 'forged.parquet', '/nowhere', 1, 1, '', '', '', now())"
-            ).format(sql.Identifier(schema, "archives"))
-        )
-        conn.execute(
-            sql.SQL(
-                'INSERT INTO {} SELECT position, event_id, event_type, "timestamp", tags'
-                " FROM {} WHERE position = 250"
-            ).format(sql.Identifier(schema, "archived_events"), sql.Identifier(schema, "events"))
-        )
-        conn.execute(
-            sql.SQL("DELETE FROM {} WHERE position = 250").format(sql.Identifier(schema, "events"))
-        )
+        for values in (
+            [end + 50, end + 50, 1, None],
+            [end + 1, end + 1, 1, datetime.now(timezone.utc)],
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(insert, values)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(copy, [end + 1, end + 1])
+    assert manifest(store) == before
+    assert store.get_events(include_archived=True) == stored
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        conn.execute(insert, [end + 1, end + 1, 1, None])
+        conn.execute(copy, [end + 1, end + 1])
+        conn.execute(sql.SQL("DELETE FROM {} WHERE position = %s").format(events), [end + 1])
     report = store.verify()
     assert not report.ok
-    assert report.first_bad_position is not None and report.first_bad_position <= 250
+    assert report.first_bad_position == end + 1, report
 
 
 # -- 7. idempotence and arguments ------------------------------------------------------------

@@ -27,10 +27,12 @@ from __future__ import annotations
 import base64
 import bisect
 import hashlib
+import itertools
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -129,25 +131,58 @@ class _Broken(Exception):
         self.reason = reason
 
 
+def _columns(table: pa.Table) -> dict[str, list[Any]]:
+    """The columns of `EXPORT_SCHEMA` rows as Python lists, taken from the arrays' storage
+    (converting extension and map values one by one costs several times more): ``event_id``
+    as 16 bytes, times as microseconds since the Unix epoch, ``metadata`` and ``data`` as
+    JSON text, ``tags`` as dicts."""
+    columns: dict[str, list[Any]] = {}
+    for name in table.column_names:
+        array = table.column(name).combine_chunks()
+        if isinstance(array, pa.ExtensionArray):
+            array = array.storage
+        if pa.types.is_dictionary(array.type):
+            array = array.dictionary_decode()
+        if pa.types.is_timestamp(array.type):
+            array = array.cast(pa.int64())
+        if name == "tags":
+            keys, values = array.keys.to_pylist(), array.items.to_pylist()
+            offsets = array.offsets.to_pylist()
+            columns[name] = [
+                dict(zip(keys[a:b], values[a:b], strict=True))
+                for a, b in itertools.pairwise(offsets)
+            ]
+        else:
+            columns[name] = array.to_pylist()
+    return columns
+
+
 def _check_batch(table: pa.Table, expected: int, prev_hash: bytes) -> bytes:
     """Recompute the hash chain over the archived events of ``table`` (positions ``expected``
     on), from ``prev_hash``; returns the last hash. Raises `_Broken` at the first mismatch."""
-    positions = table.column("position").to_pylist()
-    for offset, position in enumerate(positions):
+    columns = _columns(table)
+    for offset, position in enumerate(columns["position"]):
         if position != expected + offset:
             raise _Broken(expected + offset, f"event {expected + offset} is missing from it")
+    decode = msgspec.json.decode
     events = [
         DomainEvent(
-            row["event_type"],
-            msgspec.json.decode(row["data"]),
-            dict(row["tags"]),
-            msgspec.json.decode(row["metadata"]),
-            row["event_id"],
-            _datetime(row["timestamp_us"]),
+            event_type,
+            decode(data),
+            tags,
+            decode(metadata),
+            uuid.UUID(bytes=event_id),
+            _datetime(us),
         )
-        for row in table.select(["event_type", "data", "tags", "metadata", "event_id"])
-        .append_column("timestamp_us", pc.cast(table.column("timestamp"), pa.int64()))
-        .to_pylist()
+        for event_type, data, tags, metadata, event_id, us in zip(
+            columns["event_type"],
+            columns["data"],
+            columns["tags"],
+            columns["metadata"],
+            columns["event_id"],
+            columns["timestamp"],
+            strict=True,
+        )
     ]
     try:
         prepared = _codec.prepare(events, _NO_SIZE_LIMIT)
@@ -155,7 +190,7 @@ def _check_batch(table: pa.Table, expected: int, prev_hash: bytes) -> bytes:
         bad = expected + int(exc.context.get("index", 0))
         raise _Broken(bad, f"event {bad} cannot be re-encoded: {exc.message}") from None
     _codec.seal(prepared, expected, prev_hash)
-    hashes = table.column("hash").to_pylist()
+    hashes = columns["hash"]
     buffer, offsets = prepared.buffer, prepared.offsets
     for i, stored in enumerate(hashes):
         if bytes(buffer[offsets[i + 1] - HASH_SIZE : offsets[i + 1]]) != stored:
@@ -170,8 +205,6 @@ _UNIX_EPOCH: Final = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
 
 
 def _datetime(us: int) -> datetime:
-    from datetime import timedelta
-
     return _UNIX_EPOCH + timedelta(microseconds=us)
 
 
@@ -334,32 +367,36 @@ class ArchiveReader:
 def json_texts(table: pa.Table) -> list[str]:
     """Events of `EXPORT_SCHEMA` as `tamma_events.sql.EVENT_JSON` texts; ``metadata`` and
     ``data`` are PostgreSQL's own jsonb texts, kept verbatim."""
-    columns = {name: table.column(name) for name in table.column_names}
-    texts = []
-    for position, event_id, event_type, ts, tags, metadata, data, recorded, digest in zip(
-        columns["position"].to_pylist(),
-        columns["event_id"].to_pylist(),
-        columns["event_type"].to_pylist(),
-        pc.cast(columns["timestamp"], pa.int64()).to_pylist(),
-        columns["tags"].to_pylist(),
-        columns["metadata"].to_pylist(),
-        columns["data"].to_pylist(),
-        pc.cast(columns["recorded_at"], pa.int64()).to_pylist(),
-        columns["hash"].to_pylist(),
-        strict=True,
-    ):
-        texts.append(
-            f'{{"position":{position},"event_id":"{event_id}",'
-            f'"event_type":{_json.encode(event_type).decode()},'
-            f'"timestamp":"{_iso(ts)}","tags":{_json.encode(dict(tags)).decode()},'
-            f'"metadata":{metadata},"data":{data},"recorded_at":"{_iso(recorded)}",'
-            f'"hash":"{base64.b64encode(digest).decode()}"}}'
+    c = _columns(table)
+    # Times as ISO 8601 in UTC with microseconds, formatted by Arrow for the whole column.
+    times = [
+        pc.strftime(table.column(name), format="%Y-%m-%dT%H:%M:%SZ").to_pylist()
+        for name in ("timestamp", "recorded_at")
+    ]
+    encode = _json.encode
+    return [
+        f'{{"position":{position},"event_id":"{_uuid_text(event_id.hex())}",'
+        f'"event_type":{encode(event_type).decode()},'
+        f'"timestamp":"{ts}","tags":{encode(tags).decode()},'
+        f'"metadata":{metadata},"data":{data},"recorded_at":"{recorded}",'
+        f'"hash":"{base64.b64encode(digest).decode()}"}}'
+        for position, event_id, event_type, ts, tags, metadata, data, recorded, digest in zip(
+            c["position"],
+            c["event_id"],
+            c["event_type"],
+            times[0],
+            c["tags"],
+            c["metadata"],
+            c["data"],
+            times[1],
+            c["hash"],
+            strict=True,
         )
-    return texts
+    ]
 
 
-def _iso(us: int) -> str:
-    return _datetime(us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _uuid_text(h: str) -> str:
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # -- compaction --------------------------------------------------------------------------------

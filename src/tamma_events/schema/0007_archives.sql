@@ -61,6 +61,27 @@ END
 $$;
 ALTER FUNCTION refuse_event_change() SET search_path FROM CURRENT;
 
+-- An archived event is indexed only by the compaction of a recorded range that holds it.
+CREATE FUNCTION guard_archived_events() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM new_rows n
+               WHERE NOT EXISTS (SELECT 1 FROM archives a
+                                 WHERE a.compacted_at IS NULL
+                                   AND n.position BETWEEN a.first_position AND a.last_position))
+    THEN
+        RAISE EXCEPTION 'tamma-events: % indexes only events of a recorded archive',
+            TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER archived_events_recorded
+    AFTER INSERT ON archived_events
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION guard_archived_events();
+
 -- Archived rows are as immutable as live ones.
 CREATE TRIGGER archived_events_immutable_rows
     BEFORE UPDATE OR DELETE ON archived_events
@@ -69,16 +90,25 @@ CREATE TRIGGER archived_events_immutable_truncate
     BEFORE TRUNCATE ON archived_events
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_event_change();
 
--- A manifest row never changes its range or file, and is never removed; only `compacted_at`
--- is set, once.
-CREATE FUNCTION guard_archive() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The manifest grows by contiguous ranges, each recorded before it is compacted. A row never
+-- changes its range or file and is never removed; only `compacted_at` is set, once, and only
+-- when none of its events is left in the log.
+CREATE FUNCTION guard_archive() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.compacted_at IS NULL AND NEW.compacted_at IS NOT NULL
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.compacted_at IS NULL AND NEW.first_position
+           = coalesce((SELECT max(last_position) FROM archives), 0) + 1 THEN
+            RETURN NEW;
+        END IF;
+    ELSIF TG_OP = 'UPDATE' AND OLD.compacted_at IS NULL AND NEW.compacted_at IS NOT NULL
        AND (NEW.first_position, NEW.last_position, NEW.file_name, NEW.directory, NEW.events,
             NEW.bytes, NEW.sha256, NEW.prev_hash, NEW.last_hash, NEW.created_at)
            IS NOT DISTINCT FROM
            (OLD.first_position, OLD.last_position, OLD.file_name, OLD.directory, OLD.events,
-            OLD.bytes, OLD.sha256, OLD.prev_hash, OLD.last_hash, OLD.created_at) THEN
+            OLD.bytes, OLD.sha256, OLD.prev_hash, OLD.last_hash, OLD.created_at)
+       AND NOT EXISTS (SELECT 1 FROM events
+                       WHERE position BETWEEN OLD.first_position AND OLD.last_position) THEN
         RETURN NEW;
     END IF;
     RAISE EXCEPTION 'tamma-events: the archive manifest of % only records compactions',
@@ -87,7 +117,7 @@ BEGIN
 END
 $$;
 CREATE TRIGGER archives_guard_rows
-    BEFORE UPDATE OR DELETE ON archives
+    BEFORE INSERT OR UPDATE OR DELETE ON archives
     FOR EACH ROW EXECUTE FUNCTION guard_archive();
 CREATE TRIGGER archives_guard_truncate
     BEFORE TRUNCATE ON archives
