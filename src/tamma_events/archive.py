@@ -29,7 +29,6 @@ import bisect
 import hashlib
 import itertools
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -47,7 +46,7 @@ from . import _codec
 from ._pycodec import GENESIS_HASH, HASH_SIZE
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
 from .errors import STORAGE_ERROR, EventStoreError
-from .model import DomainEvent
+from .model import DomainEvent, _uuid_from_int
 
 __all__ = ["ArchiveFile", "ArchiveReader", "CompactionStep", "compact", "verify_archives"]
 
@@ -171,7 +170,7 @@ def _check_batch(table: pa.Table, expected: int, prev_hash: bytes) -> bytes:
             decode(data),
             tags,
             decode(metadata),
-            uuid.UUID(bytes=event_id),
+            _uuid_from_int(int.from_bytes(event_id, "big")),
             _datetime(us),
         )
         for event_type, data, tags, metadata, event_id, us in zip(

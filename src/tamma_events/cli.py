@@ -424,23 +424,14 @@ def _filter_options(command: Any) -> Any:
 )
 @click.pass_obj
 def tail(
-    obj: _Context,
-    type_: tuple[str, ...],
-    tag: tuple[str, ...],
-    issue_id: tuple[str, ...],
-    pr_id: tuple[str, ...],
-    user_id: tuple[str, ...],
-    provider: tuple[str, ...],
-    platform: tuple[str, ...],
-    after: int | None,
-    count: int | None,
+    obj: _Context, /, after: int | None, count: int | None, **filters: tuple[str, ...]
 ) -> None:
     """Follow the log, printing each matching event as one line of JSON (JSON Lines)."""
     import msgspec
 
     from .filters import filter_from_params
 
-    params = _tag_params(type_, tag, issue_id, pr_id, user_id, provider, platform)
+    params = _filter_params(filters)
     encode = msgspec.json.Encoder().encode
     out = sys.stdout.buffer
     with _failures(), obj.open() as store:
@@ -463,24 +454,9 @@ def tail(
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _tag_params(
-    type_: tuple[str, ...],
-    tag: tuple[str, ...],
-    issue_id: tuple[str, ...],
-    pr_id: tuple[str, ...],
-    user_id: tuple[str, ...],
-    provider: tuple[str, ...],
-    platform: tuple[str, ...],
-) -> dict[str, list[str]]:
-    return {
-        "type": list(type_),
-        "tag": list(tag),
-        "issue_id": list(issue_id),
-        "pr_id": list(pr_id),
-        "user_id": list(user_id),
-        "provider": list(provider),
-        "platform": list(platform),
-    }
+def _filter_params(filters: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """The values of `_filter_options` as the parameters of `filter_from_params`."""
+    return {("type" if name == "type_" else name): list(values) for name, values in filters.items()}
 
 
 @main.command()
@@ -506,19 +482,14 @@ def _tag_params(
 @click.pass_obj
 def export(
     obj: _Context,
-    type_: tuple[str, ...],
-    tag: tuple[str, ...],
-    issue_id: tuple[str, ...],
-    pr_id: tuple[str, ...],
-    user_id: tuple[str, ...],
-    provider: tuple[str, ...],
-    platform: tuple[str, ...],
+    /,
     start_time: str | None,
     end_time: str | None,
     format_: str,
     output: str | None,
     include_archived: bool,
     compression: str,
+    **filters: tuple[str, ...],
 ) -> None:
     """Export the matching events, in log order, with a progress bar (on stderr)."""
     import msgspec
@@ -528,7 +499,7 @@ def export(
 
     if output is None and format_ != "jsonl":
         raise click.UsageError(f"--output is required with --format {format_}")
-    params = _tag_params(type_, tag, issue_id, pr_id, user_id, provider, platform)
+    params = _filter_params(filters)
     params["start_time"] = [start_time] if start_time else []
     params["end_time"] = [end_time] if end_time else []
     with _failures(), obj.open() as store:

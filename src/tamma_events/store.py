@@ -942,38 +942,19 @@ class EventStore:
     def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> Iterator[SequencedEvent]:
-        # While the consumer decodes and takes one batch, a worker reads the next: the server
-        # builds its JSON meanwhile. The next batch's keyset comes from the last row's text,
-        # so it can be asked for before the batch is decoded. Leaving the `with` (the stream
-        # ends, fails or is closed) waits for a read in flight, so its connection is back in
-        # the pool when the stream's close() returns.
-        remaining = criteria.limit
-        size = batch_size if remaining is None else min(batch_size, remaining)
-        with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-stream") as ahead:
-            reading = ahead.submit(
-                self._keyset_rows, criteria, None, None, None, size, criteria.offset, archived
-            )
-            while True:
-                until, rows = reading.result()
-                if remaining is not None:
-                    remaining -= len(rows)
-                more = len(rows) == size and (remaining is None or remaining > 0)
-                if more:
-                    last = _decode_key(rows[-1])
-                    size = batch_size if remaining is None else min(batch_size, remaining)
-                    reading = ahead.submit(
-                        self._keyset_rows,
-                        criteria,
-                        until,
-                        _sort_key(last, criteria),
-                        last.position,
-                        size,
-                        0,
-                        archived,
-                    )
-                yield from _decode_events(_json_array(rows))
-                if not more:
-                    return
+        def read(
+            until: int | None, key: Any, position: int | None, limit: int, offset: int
+        ) -> tuple[int, list[str]]:
+            return self._keyset_rows(criteria, until, key, position, limit, offset, archived)
+
+        def last(rows: list[str]) -> tuple[Any, int]:
+            # The keyset comes from the last row's text: the next batch is asked for before
+            # this one is decoded.
+            event = _decode_key(rows[-1])
+            return _sort_key(event, criteria), event.position
+
+        for rows in _keyset_walk(criteria, batch_size, read, len, last, "stream"):
+            yield from _decode_events(_json_array(rows))
 
     def export_arrow(
         self,
@@ -1002,41 +983,25 @@ class EventStore:
     def _export_batches(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> Iterator[pa.RecordBatch]:
-        # As in `_stream`: a worker reads and decodes batch n+1 while the consumer takes batch
-        # n, and leaving (end, error, close) waits for the read in flight.
-        remaining = criteria.limit
-        size = batch_size if remaining is None else min(batch_size, remaining)
-        with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-export") as ahead:
-            reading = ahead.submit(
-                self._export_batch, criteria, None, None, None, size, criteria.offset, archived
-            )
-            while True:
-                until, batches = reading.result()
-                count = sum(batch.num_rows for batch in batches)
-                if remaining is not None:
-                    remaining -= count
-                more = count == size and (remaining is None or remaining > 0)
-                if more:
-                    last = batches[-1]
-                    key: Any = None
-                    if criteria.order_by == "timestamp":
-                        key = last.column("timestamp")[-1].as_py()
-                    elif criteria.order_by == "type":
-                        key = last.column("event_type")[-1].as_py()
-                    size = batch_size if remaining is None else min(batch_size, remaining)
-                    reading = ahead.submit(
-                        self._export_batch,
-                        criteria,
-                        until,
-                        key,
-                        last.column("position")[-1].as_py(),
-                        size,
-                        0,
-                        archived,
-                    )
-                yield from batches
-                if not more:
-                    return
+        def read(
+            until: int | None, key: Any, position: int | None, limit: int, offset: int
+        ) -> tuple[int, list[pa.RecordBatch]]:
+            return self._export_batch(criteria, until, key, position, limit, offset, archived)
+
+        def count(batches: list[pa.RecordBatch]) -> int:
+            return sum(batch.num_rows for batch in batches)
+
+        def last(batches: list[pa.RecordBatch]) -> tuple[Any, int]:
+            batch = batches[-1]
+            key: Any = None
+            if criteria.order_by == "timestamp":
+                key = batch.column("timestamp")[-1].as_py()
+            elif criteria.order_by == "type":
+                key = batch.column("event_type")[-1].as_py()
+            return key, batch.column("position")[-1].as_py()
+
+        for batches in _keyset_walk(criteria, batch_size, read, count, last, "export"):
+            yield from batches
 
     def _export_batch(
         self,
@@ -1671,6 +1636,41 @@ def _read(
     else:
         head = None
     return ReadResult(events, head)
+
+
+def _keyset_walk(
+    criteria: Criteria,
+    batch_size: int,
+    read: Callable[[int | None, Any, int | None, int, int], tuple[int, _T]],
+    count: Callable[[_T], int],
+    last: Callable[[_T], tuple[Any, int]],
+    name: str,
+) -> Iterator[_T]:
+    """The batches of a keyset walk over ``criteria``, pinned to the head at its first read:
+    ``read(until, last_key, last_position, limit, offset)`` returns ``until`` and a batch
+    holding ``count(batch)`` events, ``last(batch)`` the keyset of its last event. The
+    criteria's offset and limit apply to the whole walk.
+
+    A worker reads batch n+1 while the consumer takes batch n. Leaving (the walk ends, fails
+    or is closed) waits for the read in flight, so its connection is back in the pool when
+    the consumer's close() returns."""
+    remaining = criteria.limit
+    size = batch_size if remaining is None else min(batch_size, remaining)
+    with ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-{name}") as ahead:
+        reading = ahead.submit(read, None, None, None, size, criteria.offset)
+        while True:
+            until, batch = reading.result()
+            got = count(batch)
+            if remaining is not None:
+                remaining -= got
+            more = got == size and (remaining is None or remaining > 0)
+            if more:
+                key, position = last(batch)
+                size = batch_size if remaining is None else min(batch_size, remaining)
+                reading = ahead.submit(read, until, key, position, size, 0)
+            yield batch
+            if not more:
+                return
 
 
 def _check_size_any(value: int, field: str) -> None:
