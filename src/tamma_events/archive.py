@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 import psycopg
@@ -48,7 +48,14 @@ from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
 from .errors import STORAGE_ERROR, EventStoreError
 from .model import DomainEvent, _uuid_from_int
 
-__all__ = ["ArchiveFile", "ArchiveReader", "CompactionStep", "compact", "verify_archives"]
+__all__ = [
+    "STEPS",
+    "ArchiveFile",
+    "ArchiveReader",
+    "CompactionStep",
+    "compact",
+    "verify_archives",
+]
 
 #: Events per archive file, and per row group inside it (a read of one archived event decodes
 #: its row group).
@@ -56,12 +63,11 @@ FILE_EVENTS: Final = 1_000_000
 ROW_GROUP_EVENTS: Final = 16_384
 
 #: The steps of compacting one file, in order; a fault hook is called after each.
-CompactionStep = str
-STEPS: Final = ("written", "verified", "recorded", "compacted")
+CompactionStep = Literal["written", "verified", "recorded", "compacted"]
+STEPS: Final[tuple[CompactionStep, ...]] = ("written", "verified", "recorded", "compacted")
 
 _NO_SIZE_LIMIT: Final = 1 << 62
 _json = msgspec.json.Encoder()
-_READ_COLUMNS: Final = list(EXPORT_SELECT.as_string(None).replace('"', "").split(", "))
 
 
 class ArchiveFile(NamedTuple):
@@ -228,20 +234,20 @@ def check_file(
             f"{file.path.name} does not chain from the previous archive's last hash",
         )
     try:
-        parquet = pq.ParquetFile(file.path)
-        if parquet.metadata.num_rows != file.events:
-            raise _Broken(
-                file.first_position,
-                f"{file.path.name} holds {parquet.metadata.num_rows} events, not {file.events}",
-            )
-        expected = file.first_position
-        chain = prev_hash
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group)
-            chain = _check_batch(table, expected, chain)
-            expected += table.num_rows
-            if progress is not None:
-                progress(table.num_rows)
+        with pq.ParquetFile(file.path) as parquet:
+            if parquet.metadata.num_rows != file.events:
+                raise _Broken(
+                    file.first_position,
+                    f"{file.path.name} holds {parquet.metadata.num_rows} events, not {file.events}",
+                )
+            expected = file.first_position
+            chain = prev_hash
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                chain = _check_batch(table, expected, chain)
+                expected += table.num_rows
+                if progress is not None:
+                    progress(table.num_rows)
     except (OSError, pa.ArrowException) as exc:
         raise _Broken(file.first_position, f"{file.path.name} cannot be read: {exc}") from None
     if expected != file.last_position + 1:
@@ -525,8 +531,8 @@ def compact(
 
 
 def _read_last_hash(path: Path) -> bytes:
-    parquet = pq.ParquetFile(path)
-    group = parquet.read_row_group(parquet.num_row_groups - 1, columns=["hash"])
+    with pq.ParquetFile(path) as parquet:
+        group = parquet.read_row_group(parquet.num_row_groups - 1, columns=["hash"])
     return bytes(group.column("hash")[-1].as_py())
 
 
