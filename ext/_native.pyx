@@ -37,7 +37,7 @@ from cpython.unicode cimport (
 )
 from libc.math cimport copysign, fabs, isfinite
 from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 import array as _array
 import hashlib
@@ -900,3 +900,60 @@ def decode_rows(rows, Py_ssize_t count):
     finally:
         for k in range(17):
             PyMem_Free(bufs[k].p)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading COPY TO data straight from libpq (see tamma_events._libpq)
+
+ctypedef int (*get_copy_data_t)(void *conn, char **buffer, int async_) noexcept nogil
+ctypedef void (*freemem_t)(void *ptr) noexcept nogil
+
+cdef bytes COPY_HEADER = _pycodec.COPY_HEADER
+
+
+def read_copy(size_t conn, size_t get_copy_data, size_t freemem, Py_ssize_t max_rows,
+              Py_ssize_t max_bytes, bint first):
+    """Read the rows of a ``COPY ... TO STDOUT (FORMAT BINARY)`` in progress on the libpq
+    connection ``conn`` (a ``PGconn *``), with libpq's own ``PQgetCopyData`` and ``PQfreemem``
+    (their addresses), the GIL released while it waits: at most ``max_rows`` rows, stopping
+    once ``max_bytes`` are read. ``first``: the next message starts with the file header,
+    which is checked and dropped; the trailer is dropped too.
+
+    Returns ``(rows, count, status)``: the rows back to back, how many, and 0 when more may
+    follow, -1 at the end of the data, -2 when libpq failed (its caller reads the error)."""
+    cdef get_copy_data_t get = <get_copy_data_t>get_copy_data
+    cdef freemem_t free_ = <freemem_t>freemem
+    cdef void *pgconn = <void *>conn
+    cdef Buf out
+    cdef char *message = NULL
+    cdef int n = 0
+    cdef Py_ssize_t count = 0, skip
+    cdef int status = 0
+    memset(&out, 0, sizeof(out))
+    try:
+        while count < max_rows and out.size < max_bytes:
+            with nogil:
+                n = get(pgconn, &message, 0)
+            if n < 0:
+                status = n if n == -2 else -1
+                break
+            skip = 0
+            if first:
+                first = False
+                if n < 19 or memcmp(message, <const char *>COPY_HEADER, 19) != 0:
+                    free_(message)
+                    raise _EventStoreError(
+                        "STORAGE_ERROR", "the export's COPY header is not valid"
+                    )
+                skip = 19
+            if (n - skip == 2 and <unsigned char>message[skip] == 0xFF
+                    and <unsigned char>message[skip + 1] == 0xFF):
+                free_(message)
+                continue
+            if n > skip:
+                _append(&out, message + skip, n - skip)
+                count += 1
+            free_(message)
+        return _take(&out), count, status
+    finally:
+        PyMem_Free(out.p)

@@ -1155,3 +1155,59 @@ def test_duplicate_tag_keys_decode_alike() -> None:
     # Today the reference keeps the last pair of a repeated key (a dict), the native decoder
     # every pair. PostgreSQL's jsonb never repeats a key, but the two must still agree.
     assert both(make_row(tags=b'\x01{"a": "1", "a": "2"}'), 1)[0] == "ok"
+
+
+# -- the native COPY reader ------------------------------------------------------------------
+
+
+def _export_statement(schema: str, where: str = "TRUE") -> sql.Composed:
+    return sql.SQL(
+        'SELECT position, event_id, event_type, "timestamp", recorded_at, tags, metadata, data,'
+        " hash FROM {} WHERE " + where + " ORDER BY position"
+    ).format(sql.Identifier(schema, "events"))
+
+
+def test_the_native_reader_is_used_and_reads_what_psycopg_reads(
+    store: EventStore, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tamma_events import _libpq, arrow
+
+    store.append_batch(_events(300))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # The functions found are libpq's own for this connection.
+        functions = _libpq.copy_functions(conn)
+        assert functions is not None and functions[0] == conn.pgconn.pgconn_ptr
+        monkeypatch.setattr(arrow._codec, "IMPL", "native")
+        native_table = pa.Table.from_batches(
+            list(arrow.copy_batches(conn, _export_statement(store.schema), [])), EXPORT_SCHEMA
+        )
+        monkeypatch.setattr(arrow, "copy_functions", lambda _: None)
+        psycopg_table = pa.Table.from_batches(
+            list(arrow.copy_batches(conn, _export_statement(store.schema), [])), EXPORT_SCHEMA
+        )
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert native_table.num_rows == 300
+    assert native_table.equals(psycopg_table)
+    assert_export_is(native_table, store.get_events())
+
+
+@pytest.mark.parametrize("reader", ["native", "psycopg"])
+def test_an_error_after_rows_were_sent_raises_and_leaves_the_connection_usable(
+    store: EventStore, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    from tamma_events import arrow
+
+    store.append_batch(_events(50))
+    monkeypatch.setattr(arrow._codec, "IMPL", "native")
+    if reader == "psycopg":
+        monkeypatch.setattr(arrow, "copy_functions", lambda _: None)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # Rows 1 to 39 are sent before position 40 divides by zero.
+        statement = _export_statement(store.schema, "1 / (position - 40) IS NOT NULL")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            list(arrow.copy_batches(conn, statement, []))
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert (
+            sum(b.num_rows for b in arrow.copy_batches(conn, _export_statement(store.schema), []))
+            == 50
+        )

@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any, Final
 
 import psycopg
+import psycopg.errors
 import pyarrow as pa
 import pyarrow.parquet as pq
+from psycopg import pq as libpq
 from psycopg import sql
 
 from . import _codec
+from ._libpq import copy_functions
 from ._pycodec import COPY_HEADER, COPY_TRAILER, DecodedRows
 from .errors import STORAGE_ERROR, EventStoreError
 
@@ -52,9 +55,10 @@ EXPORT_SELECT: Final = sql.SQL(
     'position, event_id, event_type, "timestamp", recorded_at, tags, metadata, data, hash'
 )
 
-# A batch's rows are decoded at most this many bytes at a time (the int32 offsets of its
-# string columns stay far from their limit).
+# A batch's rows are decoded at most this many bytes (or rows) at a time: the int32 offsets of
+# its string columns stay far from their limit.
 _MAX_BATCH_BYTES: Final = 256 << 20
+_MAX_BATCH_ROWS: Final = 1 << 20
 
 
 def _strings(offsets: bytes, data: bytes) -> pa.Array:
@@ -97,12 +101,19 @@ def copy_batches(
     conn: psycopg.Connection[Any], statement: sql.Composable, params: list[Any]
 ) -> Iterator[pa.RecordBatch]:
     """Run ``COPY (statement) TO STDOUT (FORMAT BINARY)``, whose columns are `EXPORT_SELECT`,
-    and yield its rows as record batches (several when they exceed a few hundred MB)."""
+    and yield its rows as record batches (several when they exceed a few hundred MB).
+
+    With the native codec, the rows are read by its ``read_copy`` straight from libpq (see
+    `tamma_events._libpq`); otherwise through psycopg's ``Copy``, a message per row."""
     copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
-    pending = bytearray()
-    count = 0
-    header = True
     with conn.cursor() as cur, cur.copy(copy_sql, params) as copy:
+        functions = copy_functions(conn) if _codec.IMPL == "native" else None
+        if functions is not None:
+            yield from _native_batches(conn, functions)
+            return
+        pending = bytearray()
+        count = 0
+        header = True
         # PostgreSQL sends one message per row; the first starts with the header, and the
         # trailer comes alone (or after the header, when there are no rows).
         for message in copy:
@@ -121,6 +132,33 @@ def copy_batches(
                 count = 0
     if count:
         yield to_batch(_codec.decode_rows(pending, count))
+
+
+def _native_batches(
+    conn: psycopg.Connection[Any], functions: tuple[int, int, int]
+) -> Iterator[pa.RecordBatch]:
+    """The rows of the COPY in progress on ``conn``, read by the native ``read_copy``; then
+    the command's result, read as psycopg would (its error raised as psycopg's)."""
+    from ._native import read_copy
+
+    first = True
+    while True:
+        rows, count, status = read_copy(*functions, _MAX_BATCH_ROWS, _MAX_BATCH_BYTES, first)
+        first = False
+        if count:
+            yield to_batch(_codec.decode_rows(rows, count))
+        if status == -2:
+            message = conn.pgconn.error_message.decode(errors="replace").strip()
+            raise psycopg.OperationalError(f"reading the export failed: {message}")
+        if status == -1:
+            break
+    # libpq holds the command's result: read it (and any other) so the connection is idle.
+    failure = None
+    while (result := conn.pgconn.get_result()) is not None:
+        if result.status != libpq.ExecStatus.COMMAND_OK and failure is None:
+            failure = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    if failure is not None:
+        raise failure
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:
