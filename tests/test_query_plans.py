@@ -272,3 +272,26 @@ def test_selective_tags_use_the_gin_index_even_with_poor_statistics(
                 sql.SQL("ALTER TABLE {} ALTER COLUMN tags SET STATISTICS -1").format(events)
             )
             conn.execute(sql.SQL("ANALYZE {}").format(events))
+
+
+def test_dcb_reads_are_planned_for_their_values_not_prepared(
+    make_store: Any,
+) -> None:
+    """psycopg prepares a statement run five times; PostgreSQL's generic plan for a DCB read of
+    a selective tag can take hundreds of times longer than a plan for the values. Reads are
+    therefore never prepared."""
+    from tamma_events import DomainEvent, Query
+
+    store = make_store(min_connections=1, max_connections=1)
+    store.append_batch(
+        [DomainEvent("IssueCreated", {"n": n}, {"issueId": f"I-{n % 50}"}) for n in range(500)]
+    )
+    for n in range(12):
+        result = store.read(Query.of(types=["IssueCreated"], tags={"issueId": f"I-{n}"}))
+        assert len(result) == 10
+    with store._connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement ILIKE %s",
+            ["%LEFT JOIN LATERAL%"],
+        ).fetchone()
+    assert row == (0,)

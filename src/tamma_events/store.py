@@ -1657,7 +1657,10 @@ def _read_with_head(
     params: list[Any] = [after_position(after)]
     shape = query_shape(query, params)
     params.append(limit)
-    rows = conn.execute(statements.read(shape, backwards), params).fetchall()
+    # Not prepared, as filter statements are not (see `_event_rows`): after five runs psycopg
+    # would prepare it, and PostgreSQL's generic plan for a selective tag can take 200 times
+    # longer than one planned for the values (0.5 s against 2.5 ms at 1M events).
+    rows = conn.execute(statements.read(shape, backwards), params, prepare=False).fetchall()
     store_head = int(rows[0][0]) if rows else 0
     events = _decode_events(_json_array(_fill_archived(conn, archive, rows, 1, 2)))
     return events, store_head
