@@ -42,8 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg import sql
 
-from . import _codec
-from ._pycodec import GENESIS_HASH, HASH_SIZE
+from ._chain import first_break
+from ._pycodec import GENESIS_HASH
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
 from .errors import STORAGE_ERROR, EventStoreError
 from .model import DomainEvent, _uuid_from_int
@@ -66,7 +66,6 @@ ROW_GROUP_EVENTS: Final = 16_384
 CompactionStep = Literal["written", "verified", "recorded", "compacted"]
 STEPS: Final[tuple[CompactionStep, ...]] = ("written", "verified", "recorded", "compacted")
 
-_NO_SIZE_LIMIT: Final = 1 << 62
 _json = msgspec.json.Encoder()
 
 
@@ -189,20 +188,10 @@ def _check_batch(table: pa.Table, expected: int, prev_hash: bytes) -> bytes:
             strict=True,
         )
     ]
-    try:
-        prepared = _codec.prepare(events, _NO_SIZE_LIMIT)
-    except EventStoreError as exc:
-        bad = expected + int(exc.context.get("index", 0))
-        raise _Broken(bad, f"event {bad} cannot be re-encoded: {exc.message}") from None
-    _codec.seal(prepared, expected, prev_hash)
     hashes = columns["hash"]
-    buffer, offsets = prepared.buffer, prepared.offsets
-    for i, stored in enumerate(hashes):
-        if bytes(buffer[offsets[i + 1] - HASH_SIZE : offsets[i + 1]]) != stored:
-            raise _Broken(
-                expected + i,
-                f"event {expected + i}'s hash does not match its contents and predecessor",
-            )
+    broken = first_break(events, expected, prev_hash, hashes)
+    if broken is not None:
+        raise _Broken(expected + broken.offset, broken.reason)
     return bytes(hashes[-1]) if hashes else prev_hash
 
 

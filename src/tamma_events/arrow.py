@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,7 +35,14 @@ from ._libpq import copy_functions
 from ._pycodec import COPY_HEADER, COPY_TRAILER, DecodedRows
 from .errors import STORAGE_ERROR, EventStoreError
 
-__all__ = ["EXPORT_SCHEMA", "EXPORT_SELECT", "copy_batches", "to_batch", "write_parquet"]
+__all__ = [
+    "EXPORT_SCHEMA",
+    "EXPORT_SELECT",
+    "copy_batches",
+    "to_batch",
+    "write_arrow_file",
+    "write_parquet",
+]
 
 EXPORT_SCHEMA: Final = pa.schema(
     [
@@ -174,6 +182,24 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; once the block ends, the file is synced,
+    renamed over ``path`` and the directory synced, so ``path`` holds the whole file or its
+    old content. When the block fails, the temporary file is removed."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
+
+
 def write_parquet(
     reader: pa.RecordBatchReader,
     path: str | os.PathLike[str],
@@ -182,24 +208,35 @@ def write_parquet(
     row_group_size: int = 131_072,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Write ``reader``'s batches to the Parquet file ``path`` atomically and durably: to a
-    temporary file beside it, synced, then renamed over it, and the directory synced. Returns
-    how many rows were written."""
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    """Write ``reader``'s batches to the Parquet file ``path`` (`atomic_file`); returns how
+    many rows were written."""
     written = 0
-    try:
-        with pq.ParquetWriter(temporary, reader.schema, compression=compression) as writer:
+    with (
+        atomic_file(path) as temporary,
+        pq.ParquetWriter(temporary, reader.schema, compression=compression) as writer,
+    ):
+        for batch in reader:
+            writer.write_batch(batch, row_group_size=row_group_size)
+            written += batch.num_rows
+            if progress is not None:
+                progress(written)
+    return written
+
+
+def write_arrow_file(
+    reader: pa.RecordBatchReader,
+    path: str | os.PathLike[str],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write ``reader``'s batches to the Arrow IPC file ``path`` (`atomic_file`); returns how
+    many rows were written."""
+    written = 0
+    with atomic_file(path) as temporary, pa.OSFile(str(temporary), "wb") as sink:
+        with pa.ipc.new_file(sink, reader.schema) as writer:
             for batch in reader:
-                writer.write_batch(batch, row_group_size=row_group_size)
+                writer.write_batch(batch)
                 written += batch.num_rows
                 if progress is not None:
                     progress(written)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)
     return written

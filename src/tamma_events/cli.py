@@ -494,7 +494,7 @@ def export(
     """Export the matching events, in log order, with a progress bar (on stderr)."""
     import msgspec
 
-    from .arrow import write_parquet
+    from .arrow import write_arrow_file, write_parquet
     from .filters import filter_from_params
 
     if output is None and format_ != "jsonl":
@@ -546,36 +546,13 @@ def export(
                         reader, output, compression=compression, progress=advance
                     )
                 else:
-                    written = _write_arrow_file(reader, output, advance)
+                    written = write_arrow_file(reader, output, progress=advance)
             advance(written)
     where = "stdout" if output in (None, "-") else output
     err_console.print(
         f"[bold green]exported[/bold green] {written:,} events to {where}"
         f" in {time.perf_counter() - started:.1f} s"
     )
-
-
-def _write_arrow_file(reader: Any, output: str, advance: Any) -> int:
-    """An Arrow IPC file, written beside ``output`` and renamed over it when complete."""
-    import pyarrow as pa
-
-    from .arrow import fsync_directory
-
-    temporary = f"{output}.{os.getpid()}.tmp"
-    written = 0
-    try:
-        with pa.OSFile(temporary, "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
-            for batch in reader:
-                writer.write_batch(batch)
-                written += batch.num_rows
-                advance(written)
-        os.replace(temporary, output)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    fsync_directory(os.path.dirname(os.path.abspath(output)))
-    return written
 
 
 @main.command()

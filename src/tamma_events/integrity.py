@@ -17,16 +17,12 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from . import _codec
-from ._pycodec import HASH_SIZE
+from ._chain import first_break
 from .archive import manifest, verify_archives
 from .errors import EventStoreError
 from .model import DomainEvent
 
 __all__ = ["IntegrityReport", "verify"]
-
-# Re-encoding must never reject what was stored for size: the limit is the writer's policy.
-_NO_SIZE_LIMIT = 1 << 62
 
 
 class IntegrityReport(msgspec.Struct, frozen=True):
@@ -139,31 +135,15 @@ def verify(
                     DomainEvent(event_type, data, tags, metadata, event_id, timestamp)
                     for _, event_id, event_type, timestamp, tags, metadata, data, _ in rows
                 ]
-                try:
-                    prepared = _codec.prepare(batch, _NO_SIZE_LIMIT)
-                except EventStoreError as exc:
-                    bad = expected + int(exc.context.get("index", 0))
+                failed = first_break(batch, expected, prev_hash, [row[7] for row in rows])
+                if failed is not None:
                     return _break(
-                        checked,
-                        bad,
-                        f"event {bad} cannot be re-encoded: {exc.message}",
+                        checked + failed.offset if failed.hashed else checked,
+                        expected + failed.offset,
+                        failed.reason,
                         first,
                         last,
                     )
-                _codec.seal(prepared, expected, prev_hash)
-                buffer = prepared.buffer
-                offsets = prepared.offsets
-                for i, row in enumerate(rows):
-                    computed = bytes(buffer[offsets[i + 1] - HASH_SIZE : offsets[i + 1]])
-                    if computed != bytes(row[7]):
-                        position = expected + i
-                        return _break(
-                            checked + i,
-                            position,
-                            f"event {position}'s hash does not match its contents and predecessor",
-                            first,
-                            last,
-                        )
                 prev_hash = bytes(rows[-1][7])
                 checked += len(rows)
                 expected += len(rows)

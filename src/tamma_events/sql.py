@@ -209,6 +209,8 @@ class Select:
         #: (`Statements.history`: archived events come with a NULL ``event``).
         self.archived = archived
         self.source: sql.Composable = statements.history if archived else statements.events
+        #: The same rows without their JSON, for counts and lookups.
+        self.index = statements.event_index if archived else statements.events
         # The conditions and their parameters, in the order of the text: the window's apart.
         self.where: list[sql.Composable] = []
         self.params: list[Any] = []
@@ -252,9 +254,7 @@ class Select:
                     sql.SQL(
                         "position = ANY(ARRAY(SELECT e.position FROM {} e,"
                         " unnest(%s::jsonb[]) AS wanted (tags) WHERE e.tags @> wanted.tags))"
-                    ).format(
-                        self.statements.event_index if self.archived else self.statements.events
-                    )
+                    ).format(self.index)
                 )
                 self.params.append([_json.encode({key: value}).decode() for value in values])
         if single:
@@ -339,7 +339,7 @@ class Select:
 
     def count(self) -> tuple[sql.Composed, list[Any]]:
         text = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-            self.statements.event_index if self.archived else self.statements.events,
+            self.index,
             self.predicate(),
         )
         return text, self.all_params
@@ -363,7 +363,7 @@ class Select:
             " WHERE {} GROUP BY 1 ORDER BY 1"
         ).format(
             key,
-            self.statements.event_index if self.archived else self.statements.events,
+            self.index,
             self.predicate(),
         )
         return text, [*key_params, *self.all_params]

@@ -67,6 +67,7 @@ from .filters import (
     decode_token,
     encode_token,
     normalize,
+    parse_time,
     token_key,
 )
 from .integrity import IntegrityReport
@@ -908,17 +909,33 @@ class EventStore:
         JSON texts; and ``until``. With ``archived``, over the whole history."""
         with self._connection() as conn:
             cur = conn.cursor()
-            if until is None:
-                row = cur.execute(self._statements.head_position).fetchone()
-                until = int(row[0]) if row else 0
-            select, few = self._select(cur, criteria, archived)
-            select.after(until, last_key, last_position)
+            until, select, few = self._keyset_select(
+                cur, criteria, until, last_key, last_position, archived
+            )
             statement = select.events(limit=limit, offset=offset, few=few)
             if archived:
                 rows = _history_rows(cur, self._archive, *statement)
             else:
                 rows = _event_rows(cur, *statement)
         return until, rows
+
+    def _keyset_select(
+        self,
+        cur: psycopg.Cursor[Any],
+        criteria: Criteria,
+        until: int | None,
+        last_key: Any,
+        last_position: int | None,
+        archived: bool,
+    ) -> tuple[int, Select, bool]:
+        """The statement builder of a keyset batch (see `_keyset_rows`), whether its matches
+        are few (see `_select`), and ``until``, read from the head when None."""
+        if until is None:
+            row = cur.execute(self._statements.head_position).fetchone()
+            until = int(row[0]) if row else 0
+        select, few = self._select(cur, criteria, archived)
+        select.after(until, last_key, last_position)
+        return until, select, few
 
     def stream_events(
         self,
@@ -1021,9 +1038,7 @@ class EventStore:
         positions up to the head at the start, two read at once (each its own COPY and
         connection) and yielded in order. The server producing COPY rows is the bottleneck of
         a single stream; two keep it busy on two cores while the batches are decoded."""
-        with self._connection() as conn:
-            row = conn.execute(self._statements.head_position).fetchone()
-        until = int(row[0]) if row else 0
+        until = self.head()
         in_flight: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
         start = 0
         with ThreadPoolExecutor(_EXPORT_STREAMS, thread_name_prefix="tamma-events-export") as pool:
@@ -1062,11 +1077,9 @@ class EventStore:
         """`_keyset_rows`, as record batches read by binary COPY."""
         with self._connection() as conn:
             cur = conn.cursor()
-            if until is None:
-                row = cur.execute(self._statements.head_position).fetchone()
-                until = int(row[0]) if row else 0
-            select, few = self._select(cur, criteria, archived)
-            select.after(until, last_key, last_position)
+            until, select, few = self._keyset_select(
+                cur, criteria, until, last_key, last_position, archived
+            )
             if not archived:
                 text, params = select.events(
                     limit=limit, offset=offset, few=few, columns=EXPORT_SELECT
@@ -1734,18 +1747,16 @@ def _check_size_any(value: int, field: str) -> None:
 
 
 def _moment(value: datetime | str) -> datetime:
-    """A timezone-aware datetime from a datetime or an ISO 8601 string with an offset."""
-    moment: Any = value
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            moment = None
-    if not isinstance(moment, datetime) or moment.tzinfo is None:
+    """`compact_events`'s ``before``, read as a filter's time bound is (`parse_time`), but
+    required and refused as VALIDATION_FAILED: it is an argument, not a query."""
+    try:
+        moment = parse_time(value, "before")
+    except EventStoreError as exc:
+        raise EventStoreError(VALIDATION_FAILED, exc.message, exc.context) from None
+    if moment is None:
         raise EventStoreError(
             VALIDATION_FAILED,
-            f"before must be a datetime with a timezone or an ISO 8601 string with an offset,"
-            f" got {value!r}",
+            "before must be a datetime or an ISO-8601 string, got None",
             {"field": "before"},
         )
     return moment
