@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from ._chain import first_break
+from ._ops import Op, Run
 from ._pycodec import GENESIS_HASH
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
 from .errors import STORAGE_ERROR, EventStoreError
@@ -95,10 +96,12 @@ def manifest(
 ) -> list[ArchiveFile]:
     """The manifest, in position order. A file missing from the directory it was written to
     is looked for in ``directory`` (archives moved elsewhere)."""
+    return _manifest_files(conn.execute(_manifest_statement(schema)).fetchall(), directory)
+
+
+def _manifest_files(rows: list[Any], directory: Path | None) -> list[ArchiveFile]:
     files = []
-    for first, last, where, name, events, size, digest, prev, last_hash, done in conn.execute(
-        _manifest_statement(schema)
-    ).fetchall():
+    for first, last, where, name, events, size, digest, prev, last_hash, done in rows:
         path = Path(where) / name
         if directory is not None and not path.exists() and (directory / name).exists():
             path = directory / name
@@ -281,18 +284,21 @@ class ArchiveReader:
         self._cached_groups = cached_groups
         self._lock = threading.Lock()
 
-    def _file(self, conn: psycopg.Connection[Any], position: int) -> ArchiveFile:
-        for attempt in range(2):
-            for file in self._files:
-                if file.first_position <= position <= file.last_position and file.compacted:
-                    return file
-            if attempt == 0:
-                self._files = manifest(conn, self.schema, self.directory)
-        raise EventStoreError(
-            STORAGE_ERROR,
-            f"event {position} is neither in the log nor in an archive",
-            {"position": position},
-        )
+    def _find(self, position: int) -> ArchiveFile | None:
+        for file in self._files:
+            if file.first_position <= position <= file.last_position and file.compacted:
+                return file
+        return None
+
+    def _file(self, position: int) -> ArchiveFile:
+        file = self._find(position)
+        if file is None:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                f"event {position} is neither in the log nor in an archive",
+                {"position": position},
+            )
+        return file
 
     def _group(self, file: ArchiveFile, position: int) -> tuple[pa.Table, int]:
         """The decoded row group holding ``position``, and the position of its first row."""
@@ -323,16 +329,20 @@ class ArchiveReader:
             self._groups.move_to_end(key)
         return table, starts[group]
 
-    def table(self, conn: psycopg.Connection[Any], positions: Iterable[int]) -> pa.Table:
-        """The archived events at ``positions``, in that order, as `EXPORT_SCHEMA` rows."""
+    def table(self, positions: Iterable[int]) -> Op[pa.Table]:
+        """The archived events at ``positions``, in that order, as `EXPORT_SCHEMA` rows (an
+        operation: the manifest is read again when it does not cover them)."""
+        wanted = list(positions)
+        if any(self._find(position) is None for position in wanted):
+            rows = yield Run(_manifest_statement(self.schema))
+            self._files = _manifest_files(rows, self.directory)
         pieces = []
         try:
             with self._lock:
-                wanted = list(positions)
                 i = 0
                 while i < len(wanted):
                     position = wanted[i]
-                    table, first = self._group(self._file(conn, position), position)
+                    table, first = self._group(self._file(position), position)
                     # A run of consecutive positions in the same row group is one slice.
                     j = i + 1
                     while (
@@ -351,10 +361,10 @@ class ArchiveReader:
             return EXPORT_SCHEMA.empty_table()
         return pa.concat_tables(pieces).combine_chunks()
 
-    def json_texts(self, conn: psycopg.Connection[Any], positions: list[int]) -> list[str]:
+    def json_texts(self, positions: list[int]) -> Op[list[str]]:
         """The archived events at ``positions`` as the JSON texts the log returns for events
         (`tamma_events.sql.EVENT_JSON`)."""
-        table = self.table(conn, positions)
+        table = yield from self.table(positions)
         return json_texts(table)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "EXPORT_SCHEMA",
     "EXPORT_SELECT",
     "copy_batches",
+    "copy_batches_async",
     "to_batch",
     "write_arrow_file",
     "write_parquet",
@@ -105,6 +106,45 @@ def to_batch(rows: DecodedRows) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=EXPORT_SCHEMA)
 
 
+class _CopyMessages:
+    """Collects the messages of a binary COPY out (one per row; the first starts with the
+    header, and the trailer comes alone, or after the header when there are no rows) into
+    batches of decoded rows."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+        self.count = 0
+        self.header = True
+
+    def add(self, message: memoryview | bytes | bytearray) -> pa.RecordBatch | None:
+        """Take one message; a batch when enough rows have gathered."""
+        if self.header:
+            if bytes(message[: len(COPY_HEADER)]) != COPY_HEADER:
+                raise EventStoreError(STORAGE_ERROR, "the export's COPY header is not valid")
+            message = message[len(COPY_HEADER) :]
+            self.header = False
+        if len(message) == 2 and bytes(message) == COPY_TRAILER:
+            return None
+        self.pending += message
+        self.count += 1
+        if len(self.pending) >= _MAX_BATCH_BYTES:
+            return self.flush()
+        return None
+
+    def flush(self) -> pa.RecordBatch | None:
+        """The rows gathered and not yet returned, as a batch (None when there are none)."""
+        if not self.count:
+            return None
+        batch = to_batch(_codec.decode_rows(self.pending, self.count))
+        self.pending = bytearray()
+        self.count = 0
+        return batch
+
+
+def _copy_out(statement: sql.Composable) -> sql.Composed:
+    return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
+
+
 def copy_batches(
     conn: psycopg.Connection[Any], statement: sql.Composable, params: list[Any]
 ) -> Iterator[pa.RecordBatch]:
@@ -113,33 +153,33 @@ def copy_batches(
 
     With the native codec, the rows are read by its ``read_copy`` straight from libpq (see
     `tamma_events._libpq`); otherwise through psycopg's ``Copy``, a message per row."""
-    copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
-    with conn.cursor() as cur, cur.copy(copy_sql, params) as copy:
+    messages = _CopyMessages()
+    with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
         functions = copy_functions(conn) if _codec.IMPL == "native" else None
         if functions is not None:
             yield from _native_batches(conn, functions)
             return
-        pending = bytearray()
-        count = 0
-        header = True
-        # PostgreSQL sends one message per row; the first starts with the header, and the
-        # trailer comes alone (or after the header, when there are no rows).
         for message in copy:
-            if header:
-                if bytes(message[: len(COPY_HEADER)]) != COPY_HEADER:
-                    raise EventStoreError(STORAGE_ERROR, "the export's COPY header is not valid")
-                message = message[len(COPY_HEADER) :]
-                header = False
-            if len(message) == 2 and bytes(message) == COPY_TRAILER:
-                continue
-            pending += message
-            count += 1
-            if len(pending) >= _MAX_BATCH_BYTES:
-                yield to_batch(_codec.decode_rows(pending, count))
-                pending.clear()
-                count = 0
-    if count:
-        yield to_batch(_codec.decode_rows(pending, count))
+            if (batch := messages.add(message)) is not None:
+                yield batch
+    if (batch := messages.flush()) is not None:
+        yield batch
+
+
+async def copy_batches_async(
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composable, params: list[Any]
+) -> list[pa.RecordBatch]:
+    """`copy_batches` on an async connection, through psycopg's ``AsyncCopy`` (the event
+    loop runs between messages)."""
+    messages = _CopyMessages()
+    batches = []
+    async with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
+        async for message in copy:
+            if (batch := messages.add(message)) is not None:
+                batches.append(batch)
+    if (batch := messages.flush()) is not None:
+        batches.append(batch)
+    return batches
 
 
 def _native_batches(

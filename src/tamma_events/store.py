@@ -7,16 +7,23 @@ the commit makes commit order equal position order, so a reader resuming after p
 skips an event, and a condition checked under it cannot be invalidated before the commit.
 Concurrent appends from the threads of one process share transactions (group commit); each
 keeps its own condition and its own outcome.
+
+The database work itself is written once, in `tamma_events._core`, for this store and for
+`tamma_events.aio.AsyncEventStore`; this module drives it on pooled connections, with threads
+for group commit, read-ahead and subscriptions.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import logging
 import os
+import select
 import threading
+import time
 import uuid
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,47 +38,44 @@ import psycopg
 import psycopg.errors
 import pyarrow as pa
 from psycopg import pq, sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import _codec, embedded
-from ._group import AppendRequest, GroupCommit
-from ._pycodec import (
-    COPY_HEADER,
-    COPY_TRAILER,
-    DEFAULT_MAX_EVENT_BYTES,
-    PreparedBatch,
-    json_rows,
+from ._core import (
+    MAX_PAGE_SIZE,
+    DuplicateInGroup,
+    Keyset,
+    StoreCore,
+    TxState,
+    Walk,
+    check_size,
+    check_size_any,
+    connection_kwargs,
+    decode_document,
+    decode_events,
+    event_key,
+    moment,
+    pool_stats,
+    retryable,
+    storage_error,
+    subscription_criteria,
 )
-from .archive import ArchiveReader
+from ._group import AppendRequest, GroupCommit
+from ._ops import Op, rollback, run
+from ._pycodec import DEFAULT_MAX_EVENT_BYTES
 from .archive import compact as _compact
-from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
-from .cache import CacheStats, QueryCache
+from .arrow import EXPORT_SCHEMA, write_parquet
 from .errors import (
-    APPEND_CONDITION_FAILED,
-    DUPLICATE_EVENT,
     QUERY_ERROR,
     STORAGE_ERROR,
     VALIDATION_FAILED,
     EventStoreError,
 )
-from .filters import (
-    AggregateRow,
-    Criteria,
-    EventFilter,
-    GroupBy,
-    Page,
-    check_count,
-    check_text,
-    decode_token,
-    encode_token,
-    normalize,
-    parse_time,
-    token_key,
-)
+from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
 from .integrity import verify as _verify
+from .metrics import prometheus_registry
 from .model import (
     AppendCondition,
     DomainEvent,
@@ -81,23 +85,14 @@ from .model import (
     SequencedEvent,
     Snapshot,
 )
+from .replicas import Behind, Consistency, Replica, ReplicaSet, redact
 from .schema import migrate as _migrate
-from .sql import (
-    FEW_MATCHES,
-    Check,
-    Select,
-    Statements,
-    after_position,
-    condition_check,
-    count_statement,
-    query_shape,
-    summary_aggregate,
-    tag_matches,
-    window_positions,
-)
+from .sql import after_position, query_shape
 from .stream import Listener, Subscription, check_subscription_options, connection_lost
 
 __all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _S = TypeVar("_S")
@@ -105,175 +100,55 @@ _S = TypeVar("_S")
 #: The DSN the store uses when none is passed.
 DSN_ENV = "TAMMA_EVENTS_DSN"
 
-_EVENT_ID_CONSTRAINT = "events_event_id_key"
-# COPY data is handed to psycopg in slices of this size, so libpq sends while we slice.
-_COPY_SLICE = 1 << 20
-# Groups up to these sizes are written by the append function in one round trip. Measured here,
-# it saves a quarter of a single append's latency; from about four events (or requests) on, the
-# per-row work in PL/pgSQL and in building its parameters costs more than COPY's round trips.
-_FUNCTION_MAX_EVENTS = 2
-_FUNCTION_MAX_BYTES = 64 << 10
 # COPY streams a log-ordered export reads at once (see `EventStore._export_ranges`).
 _EXPORT_STREAMS = 2
-
-
-def _connection_kwargs(dsn: str, application_name: str = "tamma-events") -> dict[str, Any]:
-    """Connection settings; the application name shows in ``pg_stat_activity`` unless the DSN
-    names one."""
-    kwargs: dict[str, Any] = {"autocommit": True, "options": "-c TimeZone=UTC"}
-    if "application_name" not in conninfo_to_dict(dsn):
-        kwargs["application_name"] = application_name
-    return kwargs
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
     set_json_loads(msgspec.json.decode, conn)
 
 
-def _as_events(events: Iterable[DomainEvent | dict[str, Any]]) -> list[DomainEvent]:
-    """The batch as a list; mappings (from JSON input) are converted to `DomainEvent`s."""
-    batch = list(events)
-    for index, event in enumerate(batch):
-        if isinstance(event, dict):
-            try:
-                batch[index] = msgspec.convert(event, DomainEvent)
-            except msgspec.ValidationError as exc:
-                raise EventStoreError(
-                    VALIDATION_FAILED, f"event {index}: {exc}", {"index": index, "field": None}
-                ) from None
-    return batch  # type: ignore[return-value]
+def _check_idle(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection it hands out: an idle connection the server has
+    written to (a backend terminated or a server shut down sends its FATAL message then) is
+    tested with a query, so a broken one is replaced before an operation uses it. Costs one
+    zero-timeout ``select`` otherwise."""
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
 
 
-def _storage_error(exc: BaseException, action: str, **context: Any) -> EventStoreError:
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate is not None:
-        context["sqlstate"] = sqlstate
-    message = str(exc).strip() or type(exc).__name__
-    return EventStoreError(STORAGE_ERROR, f"{action} failed: {message}", context)
+def _replica_failure(exc: BaseException) -> bool:
+    """Whether a read on a replica failed for the replica, not the statement: its connection
+    is lost, or the standby cancelled the query for a conflict with recovery."""
+    return connection_lost(exc) or getattr(exc, "sqlstate", None) == "40001"
 
 
-def _condition_error(condition: AppendCondition, head: int) -> EventStoreError:
-    after = condition.after
-    where = "in the store" if after is None else f"after position {after}"
-    return EventStoreError(
-        APPEND_CONDITION_FAILED,
-        f"an event matching the append condition exists {where}; nothing was written",
-        {"after": after, "head": head},
-    )
-
-
-def _violated_in_group(condition: AppendCondition, earlier: list[AppendRequest]) -> bool:
-    """Whether events accepted earlier in the same transaction violate ``condition``."""
-    after = condition.after or 0
-    query = condition.fail_if_events_match
-    for request in earlier:
-        for offset, event in enumerate(request.events):
-            if request.first_position + offset > after and query.matches(
-                event.event_type, event.tags
-            ):
-                return True
-    return False
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise EventStoreError(
-            QUERY_ERROR, f"limit must be a non-negative int or None, got {limit!r}"
-        )
-
-
-def _rollback(conn: psycopg.Connection[Any]) -> None:
-    """Leave the connection idle (or let the pool discard it if it is broken)."""
-    if conn.closed or conn.info.transaction_status == pq.TransactionStatus.IDLE:
-        return
-    try:
-        conn.execute("ROLLBACK")
-    except psycopg.Error:
-        conn.close()
-
-
-_decode_events = msgspec.json.Decoder(list[SequencedEvent]).decode
-_decode_event = msgspec.json.Decoder(SequencedEvent).decode
-_GROUPS = ("event_type", "tag", "minute", "hour", "day")
-#: The largest page `get_page` serves.
-MAX_PAGE_SIZE = 100_000
-
-
-def _size_of_strings(values: list[str]) -> int:
-    return sum(len(value) + 56 for value in values)
-
-
-def _event_rows(cur: psycopg.Cursor[Any], text: sql.Composed, params: list[Any]) -> list[str]:
-    """The events a statement selects as `EVENT_JSON` rows, as their JSON texts.
-
-    Filter statements are never prepared: a plan made for the actual values (a selective issue
-    id or a whole provider, a narrow or a wide window) is worth the planning time, where a
-    generic plan can be orders of magnitude off."""
-    return [row[0] for row in cur.execute(text, params, prepare=False).fetchall()]
-
-
-def _history_rows(
-    cur: psycopg.Cursor[Any],
-    archive: ArchiveReader,
-    text: sql.Composed,
-    params: list[Any],
-) -> list[str]:
-    """`_event_rows` for a statement over the whole history (`Select` with ``archived``): its
-    rows are ``(event, position)``, the event NULL when it is archived; those are read from
-    their archive files as the same JSON text."""
-    rows = cur.execute(text, params, prepare=False).fetchall()
-    return _fill_archived(cur.connection, archive, rows, 0, 1)
-
-
-def _fill_archived(
-    conn: psycopg.Connection[Any],
-    archive: ArchiveReader,
-    rows: list[Any],
-    event: int,
-    position: int,
-) -> list[str]:
-    """The JSON texts of ``rows`` (column ``event``, NULL for an archived event, whose
-    position is column ``position``), the archived ones read from their files."""
-    missing = [row[position] for row in rows if row[event] is None and row[position] is not None]
-    if not missing:
-        return [row[event] for row in rows if row[event] is not None]
-    archived = iter(archive.json_texts(conn, missing))
-    return [
-        row[event] if row[event] is not None else next(archived)
-        for row in rows
-        if row[position] is not None
-    ]
-
-
-def _json_array(texts: list[str]) -> str:
-    return "[" + ",".join(texts) + "]"
-
-
-class _SortKey(msgspec.Struct):
-    """What keyset paging needs of an event, decoded alone from its JSON text."""
-
-    position: int
-    timestamp: datetime
-    event_type: str
-
-
-_decode_key = msgspec.json.Decoder(_SortKey).decode
-
-
-class EventStore:
+class EventStore(StoreCore):
     """A DCB event store on PostgreSQL.
 
     ``dsn`` selects the server; without it, ``$TAMMA_EVENTS_DSN``; without that, an embedded
-    PostgreSQL 18 started in ``data_dir`` (default: the user data directory). ``pool`` lets a
-    caller share its own `psycopg_pool.ConnectionPool`; the store then sets ``autocommit`` on the
-    connections it borrows. Everything lives in the PostgreSQL schema ``schema``, migrated on open
-    unless ``migrate=False``.
+    PostgreSQL 18 started in ``data_dir`` (default: the user data directory). Everything lives in
+    the PostgreSQL schema ``schema``, migrated on open unless ``migrate=False``.
+
+    Connections come from a `psycopg_pool.ConnectionPool` of ``min_connections`` to
+    ``max_connections``, each replaced after ``max_lifetime`` seconds or ``max_idle`` seconds
+    unused; a call waits up to ``connect_timeout`` seconds for one, then fails with
+    ``STORAGE_ERROR``. ``pool`` lets a caller share its own pool instead; the store then sets
+    ``autocommit`` on the connections it borrows. `pool_stats` reports the pool.
+
+    ``replicas`` are DSNs of streaming replicas of the server: queries, streams and exports go
+    to them in turn, reading your own writes unless ``consistency="eventual"`` (see
+    `tamma_events.replicas` for ``replica_wait``, ``replica_retry`` and ``replica_timeout``).
 
     Query results are cached in-process (``cache_size`` entries for ``cache_ttl`` seconds; 0
     turns the cache off); see `tamma_events.cache` for why a hit is never stale.
 
     Events compacted out of the log (`compact_events`) live in Parquet archives under
     ``archive_dir`` (default: ``archives/<schema>`` in the user data directory).
+
+    `metrics` counts what the store does; `prometheus_registry` exposes it to Prometheus.
 
     Use it as a context manager, or call `close`.
     """
@@ -287,6 +162,8 @@ class EventStore:
         min_connections: int = 1,
         max_connections: int = 10,
         connect_timeout: float = 30.0,
+        max_lifetime: float = 3600.0,
+        max_idle: float = 600.0,
         data_dir: str | os.PathLike[str] | None = None,
         migrate: bool = True,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
@@ -295,39 +172,34 @@ class EventStore:
         cache_size: int = 256,
         cache_ttl: float = 5.0,
         archive_dir: str | os.PathLike[str] | None = None,
+        replicas: Iterable[str] = (),
+        consistency: Consistency = "read_your_writes",
+        replica_wait: float = 1.0,
+        replica_retry: float = 2.0,
+        replica_timeout: float = 1.0,
     ) -> None:
-        if not schema or not isinstance(schema, str):
-            raise EventStoreError(VALIDATION_FAILED, "schema must be a non-empty string")
-        self.schema = schema
-        self.max_event_bytes = max_event_bytes
-        self.chunk_events = chunk_events
-        self._statements = Statements(schema)
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise EventStoreError(
-                VALIDATION_FAILED,
-                f"cache_size must be a non-negative int, got {cache_size!r}",
-                {"field": "cache_size"},
-            )
-        if (
-            isinstance(cache_ttl, bool)
-            or not isinstance(cache_ttl, (int, float))
-            or not 0 <= cache_ttl < math.inf
-        ):
-            raise EventStoreError(
-                VALIDATION_FAILED,
-                f"cache_ttl must be a finite non-negative number of seconds, got {cache_ttl!r}",
-                {"field": "cache_ttl"},
-            )
-        self.cache = QueryCache(cache_size, cache_ttl)
-        #: Where `compact_events` writes archives. Reads find each file where the manifest says
-        #: it was written or, when it is no longer there, here (archives moved).
-        self.archive_dir = Path(archive_dir) if archive_dir is not None else None
-        self._archive = ArchiveReader(schema, self.archive_dir)
+        self._setup(
+            schema=schema,
+            max_event_bytes=max_event_bytes,
+            chunk_events=chunk_events,
+            cache_size=cache_size,
+            cache_ttl=cache_ttl,
+            archive_dir=archive_dir,
+        )
+        replica_dsns = [replicas] if isinstance(replicas, str) else list(replicas)
+        self._replicas = ReplicaSet(
+            [],
+            consistency=consistency,
+            wait=replica_wait,
+            retry=replica_retry,
+            timeout=replica_timeout,
+        )
         self._closed = False
         self._listener: Listener | None = None
         # Weak: a subscription dropped without stop() is not kept alive (or counted) by the store.
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._subscriptions_lock = threading.Lock()
+        self._registry: Any = None
         self.embedded: embedded.EmbeddedServer | None = None
         if pool is not None:
             self._pool = pool
@@ -338,25 +210,37 @@ class EventStore:
             if dsn is None:
                 self.embedded = embedded.start(data_dir)
                 dsn = self.embedded.dsn
-            self._pool = ConnectionPool(
+            self._pool = self._make_pool(
                 dsn,
-                min_size=min_connections,
-                max_size=max_connections,
-                kwargs=_connection_kwargs(dsn),
-                configure=_configure,
-                timeout=connect_timeout,
-                name=f"tamma-events:{schema}",
-                open=False,
+                f"tamma-events:{schema}",
+                min_connections,
+                max_connections,
+                connect_timeout,
+                max_lifetime,
+                max_idle,
             )
             self._owns_pool = True
             try:
                 self._pool.open(wait=True, timeout=connect_timeout)
             except Exception as exc:
                 self._pool.close()
-                raise _storage_error(exc, "connecting to PostgreSQL") from exc
+                raise storage_error(
+                    exc, "connecting to PostgreSQL", dsn=redact(dsn)
+                ).with_traceback(None) from None
+        for replica_dsn in replica_dsns:
+            # Opened without waiting: a replica that is down must not stop the store opening.
+            replica_pool = self._make_pool(
+                replica_dsn,
+                f"tamma-events:{schema}:replica",
+                min_connections,
+                max_connections,
+                replica_timeout,
+                max_lifetime,
+                max_idle,
+            )
+            replica_pool.open(wait=False)
+            self._replicas.members.append(Replica(replica_dsn, replica_pool))
         self._group = GroupCommit(self._write_group, max_group_events)
-        # The benchmarks swap this for a sealer without the chain, to measure what it costs.
-        self._seal = _codec.seal
         if migrate:
             try:
                 self.migrate()
@@ -364,18 +248,48 @@ class EventStore:
                 self.close()
                 raise
 
+    @staticmethod
+    def _make_pool(
+        dsn: str,
+        name: str,
+        min_size: int,
+        max_size: int,
+        timeout: float,
+        max_lifetime: float,
+        max_idle: float,
+    ) -> ConnectionPool[Any]:
+        try:
+            return ConnectionPool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                kwargs=connection_kwargs(dsn),
+                configure=_configure,
+                check=_check_idle,
+                timeout=timeout,
+                max_lifetime=max_lifetime,
+                max_idle=max_idle,
+                name=name,
+                open=False,
+            )
+        except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
+            raise EventStoreError(
+                VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
+            ) from None
+
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
     def dsn(self) -> str:
-        """The connection string of the store's server."""
+        """The connection string of the store's server (with its password: do not log it;
+        ``repr(store)`` shows it without)."""
         conninfo = self._pool.conninfo
         return conninfo() if callable(conninfo) else conninfo
 
-    @property
-    def impl(self) -> str:
-        """Which codec encodes appends: ``"native"`` or ``"python"``."""
-        return _codec.IMPL
+    def __repr__(self) -> str:
+        replicas = f", replicas={len(self._replicas.members)}" if self._replicas else ""
+        state = " closed" if self._closed else ""
+        return f"<EventStore{state} {redact(self.dsn)!r} schema={self.schema!r}{replicas}>"
 
     def migrate(self) -> list[int]:
         """Apply the schema migrations not applied yet; returns their versions."""
@@ -383,10 +297,10 @@ class EventStore:
             try:
                 return _migrate(conn, self.schema)
             except psycopg.Error as exc:
-                raise _storage_error(exc, "migrating the schema", schema=self.schema) from exc
+                raise storage_error(exc, "migrating the schema", schema=self.schema) from exc
 
     def close(self) -> None:
-        """End the store's subscriptions and close its pool (a caller's own pool stays
+        """End the store's subscriptions and close its pools (a caller's own pool stays
         open)."""
         if self._closed:
             return
@@ -397,6 +311,8 @@ class EventStore:
             subscription.stop()
         if self._listener is not None:
             self._listener.close()
+        for replica in self._replicas.members:
+            replica.pool.close()
         if self._owns_pool:
             self._pool.close()
 
@@ -422,15 +338,26 @@ class EventStore:
                 if not self._owns_pool:
                     _configure(conn)
                 yield conn
+        except EventStoreError as exc:
+            if retryable(exc):
+                self._check_pool()
+            raise
         except PoolTimeout as exc:  # before psycopg.Error: it is an OperationalError
-            raise _storage_error(exc, "getting a connection") from exc
+            stats = self._pool.get_stats()
+            raise storage_error(
+                exc,
+                "getting a connection",
+                pool_size=stats.get("pool_size", 0),
+                pool_max=stats.get("pool_max", 0),
+                waiting=stats.get("requests_waiting", 0),
+            ) from exc
         except psycopg.Error as exc:
             if connection_lost(exc):
                 # A restarted server or a terminated backend: the pool's idle connections are
                 # likely broken too. Test them now, so the next call (a retry) gets a working
                 # one rather than the next broken one.
                 self._check_pool()
-            raise _storage_error(exc, "using a connection") from exc
+            raise storage_error(exc, "using a connection") from exc
 
     def _check_pool(self) -> None:
         try:
@@ -438,23 +365,150 @@ class EventStore:
         except Exception:  # a closed pool, say: the error being reported says enough
             pass
 
+    def _run(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
+        """Run the operation ``make()`` on the primary, timed as a query of ``kind``. When the
+        connection turns out to be lost before anything was committed (a restarted server, a
+        terminated backend), the pool is checked and the operation runs once more."""
+        start = time.perf_counter()
+        failed = True
+        try:
+            try:
+                with self._connection() as conn:
+                    result = run(conn, make())
+            except EventStoreError as exc:
+                if not retryable(exc):
+                    raise
+                logger.info("tamma-events: %s; running the %s again", exc.message, kind)
+                with self._connection() as conn:
+                    result = run(conn, make())
+            failed = False
+            return result
+        finally:
+            self._metrics.queried(kind, time.perf_counter() - start, failed)
+
+    def _query(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
+        """Run the operation ``make()`` on a replica in turn (caught up with this store's
+        appends, unless consistency is eventual), else on the primary; timed as ``kind``."""
+        if not self._replicas:
+            return self._run(kind, make)
+        start = time.perf_counter()
+        failed = True
+        try:
+            result = self._on_replica(make)
+            failed = False
+            return result
+        finally:
+            self._metrics.queried(kind, time.perf_counter() - start, failed)
+
+    def _on_replica(self, make: Callable[[], Op[_T]]) -> _T:
+        replicas = self._replicas
+        for replica in replicas.order():
+            try:
+                with replica.pool.connection(timeout=replicas.timeout) as conn:
+                    if not run(conn, self._op_caught_up(replica)):
+                        break  # behind for longer than the wait: the primary answers
+                    result = run(conn, make())
+            except Behind:
+                break
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not _replica_failure(exc):
+                    raise storage_error(exc, "reading from a replica") from exc
+                replicas.failed(replica, exc)
+                if connection_lost(exc):
+                    try:
+                        replica.pool.check()
+                    except Exception:
+                        pass
+                continue
+            replicas.served(replica)
+            return result
+        replicas.fell_back()
+        with self._connection() as conn:
+            return run(conn, make())
+
+    def pool_stats(self) -> dict[str, int]:
+        """The primary's connection pool: ``size`` (open connections), ``idle``, ``waiting``
+        (requests waiting for one), ``min``, ``max``, and since the store opened: ``requests``,
+        ``request_timeouts``, ``connections`` opened, ``connection_errors`` (attempts that
+        failed) and ``connections_lost`` (found broken and replaced)."""
+        return pool_stats(self._pool.get_stats())
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot of the store's metrics: ``appends`` (events, batches, bytes,
+        conflicts, duplicates, errors, latency), ``queries`` (count, errors and latency by
+        kind), ``cache``, ``pool`` (see `pool_stats`), ``subscriptions`` (open, lag in
+        positions and seconds), ``replicas`` (each: up, reads served, replay lag in bytes and
+        seconds) and ``replica_fallbacks``. Latencies are histograms: ``count``, ``sum`` and
+        cumulative ``buckets`` by upper bound in seconds."""
+        snapshot = self._metrics.snapshot()
+        cache = self.cache.stats()
+        snapshot["cache"] = msgspec.structs.asdict(cache)
+        snapshot["pool"] = self.pool_stats()
+        with self._subscriptions_lock:
+            positions = [s.position for s in self._subscriptions if not s.stopped]
+        snapshot["subscriptions"] = self._subscription_lag(self._listener, positions)
+        snapshot["replicas"] = [self._replica_status(r) for r in self._replicas.members]
+        snapshot["replica_fallbacks"] = self._replicas.fallbacks
+        return snapshot
+
+    def _replica_status(self, replica: Replica) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "name": replica.name,
+            "up": False,
+            "reads": replica.reads,
+            "lag_bytes": None,
+            "lag_seconds": None,
+        }
+        try:
+            with self._connection() as conn:
+                row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+            primary = int(row[0]) if row else 0
+            with replica.pool.connection(timeout=self._replicas.timeout) as conn:
+                row = conn.execute(
+                    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn, CASE WHEN"
+                    " pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 ELSE"
+                    " extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
+                ).fetchone()
+        except (psycopg.Error, PoolTimeout, EventStoreError):
+            return status
+        if row is not None and row[0] is not None:
+            status["up"] = True
+            status["lag_bytes"] = max(primary - int(row[0]), 0)
+            status["lag_seconds"] = float(row[1] or 0)
+        return status
+
+    @property
+    def prometheus_registry(self) -> Any:
+        """A ``prometheus_client.CollectorRegistry`` of the store's own, collecting `metrics`
+        at each scrape: serve it with ``prometheus_client.generate_latest(registry)`` (the
+        web app does, at ``/metrics``)."""
+        if self._registry is None:
+            self._registry = prometheus_registry(self.metrics)
+        return self._registry
+
     # -- appends ---------------------------------------------------------------------------
 
     def append(
-        self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None
+        self,
+        event: DomainEvent | dict[str, Any],
+        condition: AppendCondition | None = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
     ) -> int:
         """Append one event; returns its position.
 
         Raises `EventStoreError` with ``APPEND_CONDITION_FAILED`` when ``condition`` is violated,
         ``DUPLICATE_EVENT`` when its ``event_id`` is already stored, ``VALIDATION_FAILED`` for a
-        bad event; nothing is written in any of these cases.
+        bad event; nothing is written in any of these cases. ``conn``: see `append_batch`.
         """
-        return self.append_batch([event], condition)
+        return self.append_batch([event], condition, conn=conn)
 
     def append_batch(
         self,
         events: Iterable[DomainEvent | dict[str, Any]],
         condition: AppendCondition | None = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
     ) -> int:
         """Append events atomically at consecutive positions; returns the last position.
 
@@ -462,25 +516,76 @@ class EventStore:
         validated and encoded before any database work; a larger batch is encoded chunk by chunk
         while earlier chunks stream to the server, and an error in a later chunk rolls the whole
         batch back.
-        """
-        batch = _as_events(events)
-        check = self._check(condition)
-        if len(batch) <= self.chunk_events:
-            prepared = _codec.prepare(batch, self.max_event_bytes)
-            return self._group.submit(AppendRequest(batch, prepared, condition, check))
-        return self._append_large(batch, condition, check)
 
-    @staticmethod
-    def _check(condition: AppendCondition | None) -> Check | None:
-        """The condition's SQL parameters, validated before the append queues up."""
-        return None if condition is None else condition_check(condition)
+        With ``conn``, a psycopg connection of the caller's to the same database, the events
+        are written in the caller's transaction (outbox style): they commit or roll back with
+        the caller's own work, and the head lock is held until then, so keep that transaction
+        short. A connection in autocommit with no transaction open gets one of its own,
+        committed before this returns. A failed append leaves the caller's transaction usable.
+        """
+        start = time.perf_counter()
+        try:
+            batch, check, prepared = self._request(events, condition)
+            if conn is not None:
+                if prepared is None:
+                    raise EventStoreError(
+                        VALIDATION_FAILED,
+                        f"a batch in a caller's transaction holds at most chunk_events"
+                        f" ({self.chunk_events}) events, got {len(batch)}",
+                        {"field": "events"},
+                    )
+                request = AppendRequest(batch, prepared, condition, check)
+                position = self._append_in(conn, request)
+                size = len(prepared.buffer)
+            elif prepared is not None:
+                position = self._group.submit(AppendRequest(batch, prepared, condition, check))
+                size = len(prepared.buffer)
+            else:
+                with self._connection() as own:
+                    position, size = run(own, self._op_append_large(batch, condition, check))
+        except EventStoreError as exc:
+            self._metrics.append_failed(exc.code, time.perf_counter() - start)
+            raise
+        except BaseException:
+            self._metrics.append_failed(STORAGE_ERROR, time.perf_counter() - start)
+            raise
+        self._metrics.appended(len(batch), size, time.perf_counter() - start)
+        return position
+
+    def _append_in(self, conn: psycopg.Connection[Any], request: AppendRequest) -> int:
+        """An append in the caller's transaction on ``conn``."""
+        if not isinstance(conn, psycopg.Connection):
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"conn must be a psycopg.Connection, got {type(conn).__name__}",
+                {"field": "conn"},
+            )
+        try:
+            if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                with conn.transaction():
+                    return run(conn, self._op_tx_append(TxState(), request, True), owned=False)
+            return run(conn, self._op_tx_append(TxState(), request, True), owned=False)
+        except psycopg.Error as exc:
+            raise storage_error(exc, "appending in the caller's transaction") from exc
 
     def _write_group(self, requests: list[AppendRequest]) -> None:
         """Write ``requests`` in one transaction; settles every one of them."""
         try:
-            with self._connection() as conn:
-                self._write(conn, requests)
-        except _DuplicateInGroup:
+            try:
+                with self._connection() as conn:
+                    run(conn, self._op_write(requests))
+            except EventStoreError as exc:
+                if not retryable(exc):
+                    raise
+                # Lost before the commit was sent: nothing was written; once more, on a
+                # connection the pool has checked.
+                logger.info("tamma-events: %s; appending again", exc.message)
+                for request in requests:
+                    request.done = False
+                    request.error = None
+                with self._connection() as conn:
+                    run(conn, self._op_write(requests))
+        except DuplicateInGroup:
             # Find out whose events were duplicates: each request alone, conditions re-checked.
             for request in requests:
                 request.done = False
@@ -488,192 +593,13 @@ class EventStore:
             for request in requests:
                 try:
                     with self._connection() as conn:
-                        self._write(conn, [request])
+                        run(conn, self._op_write([request]))
                 except EventStoreError as exc:
                     request.fail(exc)
         except EventStoreError as exc:
             for request in requests:
                 if not request.done:
                     request.fail(exc)
-
-    def _write(self, conn: psycopg.Connection[Any], requests: list[AppendRequest]) -> None:
-        """One transaction: lock the head, check the conditions, write the accepted requests'
-        events, move the head and commit.
-
-        Small groups (single appends, mostly) take one round trip: the ``append_group``
-        function does it all server-side, committing as the statement ends. Larger ones lock
-        and check, then send their rows by binary COPY, with the chain computed here.
-        """
-        statements = self._statements
-        cur = conn.cursor()
-        committing = False
-        try:
-            if sum(r.count for r in requests) <= _FUNCTION_MAX_EVENTS and (
-                sum(len(r.batch.buffer) for r in requests) <= _FUNCTION_MAX_BYTES
-            ):
-                committing = True
-                self._write_by_function(cur, requests)
-                return
-            head, head_hash, verdicts = self._lock_and_check(cur, requests)
-            accepted = _accept(requests, head, verdicts)
-            if not accepted:
-                cur.execute("ROLLBACK")
-                return
-            last_hash = head_hash
-            for request in accepted:
-                last_hash = self._seal(request.batch, request.first_position, last_hash)
-            position = accepted[-1].last_position
-            with cur.copy(statements.copy_events) as copy:
-                copy.write(COPY_HEADER)
-                for request in accepted:
-                    _write_buffer(copy, request.batch.buffer)
-                copy.write(COPY_TRAILER)
-            committing = True
-            cur.execute(statements.set_head_and_commit(position, last_hash))
-        except psycopg.errors.UniqueViolation as exc:
-            _rollback(conn)
-            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
-                raise _storage_error(exc, "appending") from exc
-            error = self._duplicates_error(conn, requests)
-            if len(requests) > 1:
-                raise _DuplicateInGroup(error) from exc
-            requests[0].fail(error)
-            return
-        except psycopg.Error as exc:
-            _rollback(conn)
-            context = {"outcome": "unknown"} if committing else {}
-            raise _storage_error(exc, "appending", **context) from exc
-        except BaseException:
-            _rollback(conn)
-            raise
-        for request in accepted:
-            request.succeed(request.first_position)
-
-    def _write_by_function(self, cur: psycopg.Cursor[Any], requests: list[AppendRequest]) -> None:
-        """One statement, in autocommit: ``append_group`` (schema/0003_append_function.sql)."""
-        statements = self._statements
-        counts: list[int] = []
-        conditions: list[str | None] = []
-        events: list[list[Any]] = []
-        rows = bytearray()
-        offsets = [0]
-        for request in requests:
-            counts.append(request.count)
-            conditions.append(_condition_json(request.condition))
-            events += json_rows(request.batch)
-            base = len(rows)
-            rows += request.batch.buffer
-            offsets += [base + offset for offset in request.batch.offsets[1:]]
-        params = [counts, conditions, msgspec.json.encode(events).decode(), bytes(rows), offsets]
-        cur.execute(statements.append_group, params)
-        result = cur.fetchone()
-        if result is None:  # pragma: no cover - the function always returns its array
-            raise EventStoreError(STORAGE_ERROR, "the append function returned nothing")
-        head, *firsts = result[0]
-        for request, first in zip(requests, firsts, strict=True):
-            if first is None:
-                assert request.condition is not None
-                request.fail(_condition_error(request.condition, head))
-            else:
-                request.succeed(first)
-
-    def _lock_and_check(
-        self, cur: psycopg.Cursor[Any], requests: list[AppendRequest]
-    ) -> tuple[int, bytes, list[bool]]:
-        """BEGIN and lock the head row (one round trip), then check the requests' conditions
-        against the stored events (one more, if any). Returns the head, its hash and one verdict
-        per condition (True: violated).
-
-        The checks are a statement of their own, run after the lock is granted, so under READ
-        COMMITTED they see every append committed before it: one statement taking the lock and
-        checking would check against a snapshot from before the wait.
-        """
-        statements = self._statements
-        cur.execute(statements.begin_and_lock_head)
-        cur.nextset()  # past BEGIN's result
-        row = cur.fetchone()
-        if row is None:
-            raise EventStoreError(STORAGE_ERROR, "the head row is missing: is the schema migrated?")
-        checks = [r.check for r in requests if r.check is not None]
-        verdicts = list(cur.execute(*statements.checks(checks)).fetchone() or ()) if checks else []
-        return int(row[0]), bytes(row[1]), verdicts
-
-    def _duplicates_error(
-        self, conn: psycopg.Connection[Any], requests: list[AppendRequest]
-    ) -> EventStoreError:
-        """Name the ids that made an append fail: those already stored, and those that occur
-        twice among ``requests`` (across the chunks of a large batch, or across a group)."""
-        ids = [event.event_id for request in requests for event in request.events]
-        ids = [i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids]
-        try:
-            rows = conn.execute(self._statements.existing_ids, [ids]).fetchall()
-        except psycopg.Error as exc:
-            return _storage_error(exc, "looking up duplicate event ids")
-        existing = [str(row[0]) for row in rows]
-        repeated = [str(i) for i, n in Counter(ids).items() if n > 1]
-        parts = []
-        if existing:
-            parts.append(f"{len(existing)} already stored")
-        if repeated:
-            parts.append(f"{len(repeated)} given twice")
-        return EventStoreError(
-            DUPLICATE_EVENT,
-            f"duplicate event ids ({', '.join(parts) or 'none found'}); nothing was written",
-            {"event_ids": list(dict.fromkeys(existing + repeated))},
-        )
-
-    def _append_large(
-        self,
-        batch: list[DomainEvent],
-        condition: AppendCondition | None,
-        check: Check | None,
-    ) -> int:
-        """One transaction for a batch above ``chunk_events``, encoded chunk by chunk."""
-        size = self.chunk_events
-        first = _codec.prepare(batch[:size], self.max_event_bytes)
-        request = AppendRequest(batch, first, condition, check)
-        statements = self._statements
-        with self._connection() as conn:
-            cur = conn.cursor()
-            committing = False
-            try:
-                head, last_hash, verdicts = self._lock_and_check(cur, [request])
-                # The request's count is that of its first chunk; the condition concerns stored
-                # events only, so the verdict is the same.
-                if not _accept([request], head, verdicts):
-                    cur.execute("ROLLBACK")
-                    return request.result()
-                position = head + 1
-                with cur.copy(statements.copy_events) as copy:
-                    copy.write(COPY_HEADER)
-                    prepared: PreparedBatch = first
-                    for start in range(0, len(batch), size):
-                        if start:
-                            prepared = _codec.prepare(
-                                batch[start : start + size], self.max_event_bytes, start
-                            )
-                        last_hash = self._seal(prepared, position, last_hash)
-                        _write_buffer(copy, prepared.buffer)
-                        position += prepared.count
-                    copy.write(COPY_TRAILER)
-                committing = True
-                cur.execute(statements.set_head_and_commit(position - 1, last_hash))
-            except EventStoreError as exc:
-                _rollback(conn)
-                raise exc.with_traceback(None) from None
-            except psycopg.errors.UniqueViolation as exc:
-                _rollback(conn)
-                if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
-                    raise _storage_error(exc, "appending") from exc
-                raise self._duplicates_error(conn, [request]) from exc
-            except psycopg.Error as exc:
-                _rollback(conn)
-                context = {"outcome": "unknown"} if committing else {}
-                raise _storage_error(exc, "appending", **context) from exc
-            except BaseException:
-                _rollback(conn)
-                raise
-        return position - 1
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -691,31 +617,19 @@ class EventStore:
         The result's ``head`` is the store's last position at the time of the read; when
         ``limit`` is given it is instead the newest position returned (None when nothing was),
         since later matching events may exist. Either way it is the ``after`` to put in an
-        `AppendCondition` built from what was read. Events and head come from one snapshot.
+        `AppendCondition` built from what was read. Events and head come from one snapshot,
+        always the primary's: decisions are made on it.
         """
-        with self._connection() as conn:
-            return _read(conn, self._statements, self._archive, query, after, limit, backwards)
+        return self._run("read", lambda: self._op_read(query, after, limit, backwards))
 
     def get_event(self, event_id: uuid.UUID | str) -> SequencedEvent | None:
         """The stored event with this id (live or archived), or None."""
-        try:
-            key = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
-        except ValueError:
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"event_id must be a UUID, got {event_id!r}",
-                {"event_id": str(event_id)},
-            ) from None
-        with self._connection() as conn:
-            rows = conn.execute(self._statements.get_event, [key]).fetchall()
-            texts = _fill_archived(conn, self._archive, rows, 0, 1)
-        return _decode_event(texts[0]) if texts else None
+        key = event_key(event_id)
+        return self._query("get_event", lambda: self._op_get_event(key))
 
     def head(self) -> int:
-        """The last position written (0 for an empty store)."""
-        with self._connection() as conn:
-            row = conn.execute(self._statements.head_position).fetchone()
-        return int(row[0]) if row else 0
+        """The last position written (0 for an empty store), on the primary."""
+        return self._run("head", lambda: self._op_head())
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -728,18 +642,10 @@ class EventStore:
         With ``include_archived``, events compacted into archives are read too, so the result
         is what it was before compaction; without it, only the live log is read."""
         criteria = normalize(event_filter)
-        with self._connection() as conn:
-            cur = conn.cursor()
-
-            def run() -> str:
-                select, few = self._select(cur, criteria, include_archived)
-                statement = select.events(limit=criteria.limit, offset=criteria.offset, few=few)
-                if include_archived:
-                    return _json_array(_history_rows(cur, self._archive, *statement))
-                return _json_array(_event_rows(cur, *statement))
-
-            document = self._cached(cur, ("events", criteria, include_archived), run, len)
-        return _decode_events(document)
+        document = self._query(
+            "get_events", lambda: self._op_get_events(criteria, include_archived)
+        )
+        return decode_document(document)
 
     def get_events_by_issue_id(self, issue_id: str) -> list[SequencedEvent]:
         """The events tagged ``issueId=issue_id``, in log order."""
@@ -758,49 +664,16 @@ class EventStore:
         minutes come from summaries kept by the appends, at a cost that does not grow with the
         log."""
         criteria = normalize(event_filter)
-        unpaged = criteria.unpaged()
-        with self._connection() as conn:
-            cur = conn.cursor()
-
-            def run() -> int:
-                row = cur.execute(
-                    *count_statement(self._statements, unpaged), prepare=False
-                ).fetchone()
-                return int(row[0]) if row else 0
-
-            total: int = self._cached(cur, ("count", unpaged), run, lambda _: 64)
-        total = max(total - criteria.offset, 0)
-        return total if criteria.limit is None else min(total, criteria.limit)
+        total = self._query("count", lambda: self._op_count(criteria))
+        return self._count_result(criteria, total)
 
     def get_event_types(self) -> list[str]:
         """Every event type stored, sorted."""
-        with self._connection() as conn:
-            cur = conn.cursor()
-            text = sql.SQL("SELECT event_type FROM {} ORDER BY 1").format(
-                self._statements.type_summary
-            )
-
-            def run() -> list[str]:
-                return [row[0] for row in cur.execute(text).fetchall()]
-
-            types: list[str] = self._cached(cur, ("types",), run, _size_of_strings)
-        return list(types)
+        return self._query("event_types", self._op_event_types)
 
     def get_tags(self) -> dict[str, list[str]]:
         """Every tag key stored, with its distinct values, both sorted."""
-        with self._connection() as conn:
-            cur = conn.cursor()
-            text = sql.SQL(
-                "SELECT key, array_agg(value ORDER BY value) FROM {} GROUP BY key ORDER BY key"
-            ).format(self._statements.tag_summary)
-
-            def run() -> dict[str, list[str]]:
-                return {key: values for key, values in cur.execute(text).fetchall()}
-
-            tags: dict[str, list[str]] = self._cached(
-                cur, ("tags",), run, lambda t: sum(_size_of_strings(v) for v in t.values())
-            )
-        return {key: list(values) for key, values in tags.items()}
+        return self._query("tags", self._op_tags)
 
     def aggregate(
         self,
@@ -817,37 +690,9 @@ class EventStore:
 
         Grouped by type or bucket, for a filter of types and a window on the bucket boundaries,
         the answer comes from the summaries."""
-        if group_by not in _GROUPS:
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"group_by must be one of {', '.join(_GROUPS)}, got {group_by!r}",
-                {"field": "group_by"},
-            )
-        if (group_by == "tag") != (tag_key is not None):
-            raise EventStoreError(
-                QUERY_ERROR,
-                "tag_key is required with group_by='tag', and only with it",
-                {"field": "tag_key"},
-            )
-        if tag_key is not None:
-            check_text(tag_key, "tag_key")
+        self._aggregate_args(group_by, tag_key)
         criteria = normalize(event_filter).unpaged()
-        with self._connection() as conn:
-            cur = conn.cursor()
-
-            def run() -> list[AggregateRow]:
-                statement = summary_aggregate(self._statements, criteria, group_by) or Select(
-                    self._statements, criteria, archived=True
-                ).aggregate(group_by, tag_key)
-                return [
-                    AggregateRow(key, int(count), first, last)
-                    for key, count, first, last in cur.execute(*statement, prepare=False).fetchall()
-                ]
-
-            rows: list[AggregateRow] = self._cached(
-                cur, ("aggregate", criteria, group_by, tag_key), run, lambda r: 128 * len(r)
-            )
-        return list(rows)
+        return self._query("aggregate", lambda: self._op_aggregate(criteria, group_by, tag_key))
 
     def get_page(
         self,
@@ -865,77 +710,15 @@ class EventStore:
         or follow the head with ``read(after=...)``). ``next_token`` is None on the last page.
         The filter may not set limit or offset. ``include_archived`` reads archived events too
         (pass it with every page of a walk)."""
-        criteria = normalize(event_filter)
-        if criteria.limit is not None or criteria.offset:
-            raise EventStoreError(
-                QUERY_ERROR,
-                "a paged filter may not set limit or offset; use page_size and the page token",
-                {"field": "limit" if criteria.limit is not None else "offset"},
-            )
-        _check_size(page_size, "page_size")
-        last_key: Any = None
-        last_position: int | None = None
-        until: int | None = None
-        if token is not None:
-            decoded = decode_token(token, criteria)
-            until, last_position = decoded.until, decoded.last_position
-            last_key = token_key(decoded, criteria)
+        criteria, until, key, position = self._page_start(event_filter, page_size, token)
         # One event more than the page, to know whether another page follows.
-        until, rows = self._keyset_rows(
-            criteria, until, last_key, last_position, page_size + 1, 0, include_archived
+        until, rows = self._query(
+            "page",
+            lambda: self._op_keyset_rows(
+                criteria, until, key, position, page_size + 1, 0, include_archived
+            ),
         )
-        events = _decode_events(_json_array(rows))
-        if len(events) <= page_size:
-            return Page(events, None)
-        del events[page_size:]
-        key = _sort_key(events[-1], criteria)
-        if isinstance(key, datetime):
-            key = key.isoformat()
-        return Page(events, encode_token(criteria, until, key, events[-1].position))
-
-    def _keyset_rows(
-        self,
-        criteria: Criteria,
-        until: int | None,
-        last_key: Any,
-        last_position: int | None,
-        limit: int,
-        offset: int,
-        archived: bool = False,
-    ) -> tuple[int, list[str]]:
-        """The events matching ``criteria`` at positions up to ``until`` (the head now, when
-        None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
-        the first, when None), at most ``limit`` after skipping ``offset``, as the server's
-        JSON texts; and ``until``. With ``archived``, over the whole history."""
-        with self._connection() as conn:
-            cur = conn.cursor()
-            until, select, few = self._keyset_select(
-                cur, criteria, until, last_key, last_position, archived
-            )
-            statement = select.events(limit=limit, offset=offset, few=few)
-            if archived:
-                rows = _history_rows(cur, self._archive, *statement)
-            else:
-                rows = _event_rows(cur, *statement)
-        return until, rows
-
-    def _keyset_select(
-        self,
-        cur: psycopg.Cursor[Any],
-        criteria: Criteria,
-        until: int | None,
-        last_key: Any,
-        last_position: int | None,
-        archived: bool,
-    ) -> tuple[int, Select, bool]:
-        """The statement builder of a keyset batch (see `_keyset_rows`), whether its matches
-        are few (see `_select`), and ``until``, read from the head when None."""
-        if until is None:
-            row = cur.execute(self._statements.head_position).fetchone()
-            until = int(row[0]) if row else 0
-        select, few = self._select(cur, criteria, archived)
-        select.after(until, last_key, last_position)
-        return until, select, few
+        return self._page(criteria, until, rows, page_size)
 
     def stream_events(
         self,
@@ -955,25 +738,23 @@ class EventStore:
         Raises ``QUERY_ERROR`` at the call for a malformed filter or batch size.
         ``include_archived`` streams archived events too, in the same order."""
         criteria = normalize(event_filter)
-        _check_size(batch_size, "batch_size")
+        check_size(batch_size, "batch_size")
         return self._stream(criteria, batch_size, include_archived)
 
     def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> Iterator[SequencedEvent]:
-        def read(
-            until: int | None, key: Any, position: int | None, limit: int, offset: int
-        ) -> tuple[int, list[str]]:
-            return self._keyset_rows(criteria, until, key, position, limit, offset, archived)
+        def read(args: Keyset) -> tuple[int, list[str]]:
+            return self._query("stream", lambda: self._op_keyset_rows(criteria, *args, archived))
 
-        def last(rows: list[str]) -> tuple[Any, int]:
-            # The keyset comes from the last row's text: the next batch is asked for before
-            # this one is decoded.
-            event = _decode_key(rows[-1])
-            return _sort_key(event, criteria), event.position
-
-        for rows in _keyset_walk(criteria, batch_size, read, len, last, "stream"):
-            yield from _decode_events(_json_array(rows))
+        for rows in _keyset_walk(
+            Walk(criteria, batch_size),
+            read,
+            len,
+            functools.partial(self._stream_last, criteria),
+            "stream",
+        ):
+            yield from decode_events(rows)
 
     def export_arrow(
         self,
@@ -996,7 +777,7 @@ class EventStore:
         With ``include_archived``, archived events are exported too, in the same order, from
         their Parquet files."""
         criteria = normalize(event_filter)
-        _check_size(batch_size, "batch_size")
+        check_size(batch_size, "batch_size")
         return pa.RecordBatchReader.from_batches(
             EXPORT_SCHEMA, self._export_batches(criteria, batch_size, include_archived)
         )
@@ -1004,33 +785,20 @@ class EventStore:
     def _export_batches(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> Iterator[pa.RecordBatch]:
-        def read(
-            until: int | None, key: Any, position: int | None, limit: int, offset: int
-        ) -> tuple[int, list[pa.RecordBatch]]:
-            return self._export_batch(criteria, until, key, position, limit, offset, archived)
-
-        def count(batches: list[pa.RecordBatch]) -> int:
-            return sum(batch.num_rows for batch in batches)
-
-        def last(batches: list[pa.RecordBatch]) -> tuple[Any, int]:
-            batch = batches[-1]
-            key: Any = None
-            if criteria.order_by == "timestamp":
-                key = batch.column("timestamp")[-1].as_py()
-            elif criteria.order_by == "type":
-                key = batch.column("event_type")[-1].as_py()
-            return key, batch.column("position")[-1].as_py()
-
-        if (
-            criteria.order_by == "position"
-            and not criteria.descending
-            and criteria.limit is None
-            and not criteria.offset
-            and not archived
-        ):
+        if self._export_by_ranges(criteria, archived):
             yield from self._export_ranges(criteria, batch_size)
             return
-        for batches in _keyset_walk(criteria, batch_size, read, count, last, "export"):
+
+        def read(args: Keyset) -> tuple[int, list[pa.RecordBatch]]:
+            return self._query("export", lambda: self._op_export_batch(criteria, *args, archived))
+
+        for batches in _keyset_walk(
+            Walk(criteria, batch_size),
+            read,
+            _rows_in,
+            functools.partial(self._export_last, criteria),
+            "export",
+        ):
             yield from batches
 
     def _export_ranges(self, criteria: Criteria, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -1039,6 +807,13 @@ class EventStore:
         connection) and yielded in order. The server producing COPY rows is the bottleneck of
         a single stream; two keep it busy on two cores while the batches are decoded."""
         until = self.head()
+
+        def read(start: int, end: int) -> tuple[int, list[pa.RecordBatch]]:
+            return self._query(
+                "export",
+                lambda: self._op_export_batch(criteria, end, None, start, end - start, 0, False),
+            )
+
         in_flight: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
         start = 0
         with ThreadPoolExecutor(_EXPORT_STREAMS, thread_name_prefix="tamma-events-export") as pool:
@@ -1046,80 +821,12 @@ class EventStore:
                 while start < until or in_flight:
                     while start < until and len(in_flight) < _EXPORT_STREAMS:
                         end = min(start + batch_size, until)
-                        in_flight.append(
-                            pool.submit(
-                                self._export_batch,
-                                criteria,
-                                end,
-                                None,
-                                start,
-                                end - start,
-                                0,
-                                False,
-                            )
-                        )
+                        in_flight.append(pool.submit(read, start, end))
                         start = end
                     yield from in_flight.popleft().result()[1]
             finally:
                 for reading in in_flight:
                     reading.cancel()
-
-    def _export_batch(
-        self,
-        criteria: Criteria,
-        until: int | None,
-        last_key: Any,
-        last_position: int | None,
-        limit: int,
-        offset: int,
-        archived: bool,
-    ) -> tuple[int, list[pa.RecordBatch]]:
-        """`_keyset_rows`, as record batches read by binary COPY."""
-        with self._connection() as conn:
-            cur = conn.cursor()
-            until, select, few = self._keyset_select(
-                cur, criteria, until, last_key, last_position, archived
-            )
-            if not archived:
-                text, params = select.events(
-                    limit=limit, offset=offset, few=few, columns=EXPORT_SELECT
-                )
-                return until, list(copy_batches(conn, text, params))
-            # The batch's positions in order, from one snapshot of the whole history; then the
-            # live ones by COPY and the archived ones from their files. An event compacted
-            # between the two statements is read from its archive.
-            text, params = select.events(
-                limit=limit, offset=offset, few=few, columns=sql.SQL("position, event IS NULL")
-            )
-            order = cur.execute(text, params, prepare=False).fetchall()
-            live = [position for position, is_archived in order if not is_archived]
-            pieces = (
-                list(
-                    copy_batches(
-                        conn,
-                        sql.SQL("SELECT {} FROM {} WHERE position = ANY(%s)").format(
-                            EXPORT_SELECT, self._statements.events
-                        ),
-                        [live],
-                    )
-                )
-                if live
-                else []
-            )
-            found = set()
-            for piece in pieces:
-                found.update(piece.column("position").to_pylist())
-            elsewhere = [position for position, _ in order if position not in found]
-            table = pa.Table.from_batches(
-                [*pieces, *self._archive.table(conn, elsewhere).to_batches()],
-                schema=EXPORT_SCHEMA,
-            )
-            if not table.num_rows:
-                return until, []
-            index = {p: i for i, p in enumerate(table.column("position").to_pylist())}
-            table = table.take(pa.array([index[p] for p, _ in order], pa.int64()))
-            table = table.unify_dictionaries().combine_chunks()
-            return until, table.to_batches()
 
     def export_parquet(
         self,
@@ -1180,13 +887,15 @@ class EventStore:
             query_shape(query, [])  # validates it now, not at the first read
 
             def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
-                return self._read_after(query, after, limit)
+                return self._run("subscription", lambda: self._op_read_after(query, after, limit))
 
         elif isinstance(query_or_filter, EventFilter):
-            criteria = _subscription_criteria(query_or_filter)
+            criteria = subscription_criteria(query_or_filter)
 
             def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
-                return self._filter_after(criteria, after, limit)
+                return self._run(
+                    "subscription", lambda: self._op_filter_after(criteria, after, limit)
+                )
 
         else:
             raise EventStoreError(
@@ -1231,7 +940,7 @@ class EventStore:
                     pool_kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
                     kwargs = {
                         **(pool_kwargs or {}),
-                        **_connection_kwargs(dsn, "tamma-events listener"),
+                        **connection_kwargs(dsn, "tamma-events listener"),
                     }
                     return psycopg.Connection.connect(dsn, **kwargs)
 
@@ -1240,25 +949,6 @@ class EventStore:
                 )
                 self._listener.start()
             return self._listener
-
-    def _read_after(
-        self, query: Query | None, after: int, limit: int
-    ) -> tuple[list[SequencedEvent], int]:
-        """A subscription's read: at most ``limit`` events matching ``query`` after ``after``,
-        and the position read up to (see `tamma_events.stream.Fetch`)."""
-        with self._connection() as conn:
-            events, head = _read_with_head(
-                conn, self._statements, self._archive, query, after, limit, False
-            )
-        return events, events[-1].position if len(events) >= limit else head
-
-    def _filter_after(
-        self, criteria: Criteria, after: int, limit: int
-    ) -> tuple[list[SequencedEvent], int]:
-        """`_read_after` for a filter: a keyset page in log order after ``after``."""
-        head, rows = self._keyset_rows(criteria, None, None, after, limit, 0, True)
-        events = _decode_events(_json_array(rows))
-        return events, events[-1].position if len(events) >= limit else head
 
     def paginate(
         self,
@@ -1290,66 +980,7 @@ class EventStore:
         statement `get_events` (or, with ``count``, `count_events`) runs for ``event_filter``:
         to see which index serves a filter."""
         criteria = normalize(event_filter)
-        if count:
-            statement = count_statement(self._statements, criteria)
-        options = sql.SQL("ANALYZE, BUFFERS, " if analyze else "")
-        with self._connection() as conn:
-            if not count:
-                select, few = self._select(conn.cursor(), criteria)
-                statement = select.events(limit=criteria.limit, offset=criteria.offset, few=few)
-            text = sql.SQL("EXPLAIN ({}FORMAT JSON) {}").format(options, statement[0])
-            row = conn.execute(text, statement[1], prepare=False).fetchone()
-        plan: dict[str, Any] = row[0][0] if row else {}
-        return plan
-
-    def _select(
-        self, cur: psycopg.Cursor[Any], criteria: Criteria, archived: bool = False
-    ) -> tuple[Select, bool]:
-        """The statement builder for reading events matching ``criteria``, and whether they
-        are few (then collected before they are ordered; see `Select.events`).
-
-        With tag conditions, the tag summary's exact counts decide: when one condition matches
-        few events, only it goes to the GIN index."""
-        positions = None
-        if criteria.order_by == "position":
-            window = window_positions(self._statements, criteria)
-            if window is not None:
-                positions = cur.execute(*window).fetchone()
-        statement = tag_matches(self._statements, criteria)
-        row = None if statement is None else cur.execute(*statement).fetchone()
-        if not row:
-            return Select(self._statements, criteria, positions=positions, archived=archived), False
-        counts = [int(count) for count in row]
-        smallest = min(range(len(counts)), key=counts.__getitem__)
-        if counts[smallest] > FEW_MATCHES:
-            return Select(self._statements, criteria, positions=positions, archived=archived), False
-        indexed = smallest if len(counts) > 1 else None
-        select = Select(
-            self._statements, criteria, positions=positions, indexed_tag=indexed, archived=archived
-        )
-        return select, True
-
-    def cache_stats(self) -> CacheStats:
-        """Hits, misses, evictions and size of the query result cache."""
-        return self.cache.stats()
-
-    def _cached(
-        self,
-        cur: psycopg.Cursor[Any],
-        key: tuple[Any, ...],
-        compute: Callable[[], _T],
-        size: Callable[[_T], int],
-    ) -> _T:
-        """``compute()``, or the cache's answer computed at the current head."""
-        if not self.cache.enabled:
-            return compute()
-        # The head's hash too: a schema dropped and refilled may reach the same position.
-        head = cur.execute(self._statements.head_label).fetchone()
-        value = self.cache.get(key, head)
-        if value is None:
-            value = compute()
-            self.cache.put(key, head, value, size(value))
-        return value
+        return self._run("explain", lambda: self._op_explain(criteria, count, analyze))
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -1357,61 +988,12 @@ class EventStore:
         """Save ``state`` (any value msgspec encodes as JSON) as folded from the log up to
         position ``version`` (0 to the head) under ``aggregate_id``. Saving the same version
         again replaces it. Raises ``VALIDATION_FAILED`` naming the field otherwise."""
-        _check_aggregate_id(aggregate_id)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise EventStoreError(
-                VALIDATION_FAILED,
-                f"version must be a position (an int from 0 to the head), got {version!r}",
-                {"field": "version", "aggregate_id": aggregate_id},
-            )
-        try:
-            data = msgspec.json.encode(state)
-        except (TypeError, ValueError, msgspec.EncodeError) as exc:
-            raise EventStoreError(
-                VALIDATION_FAILED,
-                f"state cannot be encoded as JSON: {exc}",
-                {"field": "state", "aggregate_id": aggregate_id},
-            ) from None
-        with self._connection() as conn:
-            try:
-                row = conn.execute(
-                    self._statements.save_snapshot,
-                    [aggregate_id, version, data.decode(), version],
-                ).fetchone()
-            except psycopg.errors.UntranslatableCharacter:
-                raise EventStoreError(
-                    VALIDATION_FAILED,
-                    "state holds a NUL character, which PostgreSQL's jsonb cannot store",
-                    {"field": "state", "aggregate_id": aggregate_id},
-                ) from None
-            if row is None:
-                head = conn.execute(self._statements.head_position).fetchone()
-                raise EventStoreError(
-                    VALIDATION_FAILED,
-                    f"version {version} is beyond the head ({head[0] if head else 0})",
-                    {"field": "version", "aggregate_id": aggregate_id},
-                )
-        return Snapshot(aggregate_id, version, state, row[0])
+        return self._run("snapshot", lambda: self._op_create_snapshot(aggregate_id, version, state))
 
     def get_snapshot(self, aggregate_id: str, *, state_type: Any = Any) -> Snapshot | None:
         """The latest snapshot of ``aggregate_id`` (its highest version), its state decoded as
         ``state_type`` (plain JSON values by default), or None."""
-        _check_aggregate_id(aggregate_id)
-        with self._connection() as conn:
-            row = conn.execute(self._statements.latest_snapshot, [aggregate_id]).fetchone()
-        if row is None:
-            return None
-        version, data, created_at = row
-        try:
-            state = msgspec.json.decode(data, type=state_type)
-        except msgspec.ValidationError as exc:
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"the snapshot of {aggregate_id!r} at version {version} is not a {state_type}:"
-                f" {exc}",
-                {"field": "state_type", "aggregate_id": aggregate_id, "version": version},
-            ) from None
-        return Snapshot(aggregate_id, int(version), state, created_at)
+        return self._run("snapshot", lambda: self._op_get_snapshot(aggregate_id, state_type))
 
     def project(
         self,
@@ -1431,44 +1013,15 @@ class EventStore:
         decoded as ``state_type``, by default the type of ``initial``) and folds only the
         events after it; with ``snapshot_every`` as well, it saves a snapshot each time that
         many events have been folded. A key must always name the same query and fold. The
-        result holds the state and the head it is current at."""
-        if snapshot_every is not None and (
-            isinstance(snapshot_every, bool)
-            or not isinstance(snapshot_every, int)
-            or snapshot_every < 1
-        ):
-            raise EventStoreError(
-                QUERY_ERROR,
-                f"snapshot_every must be a positive int or None, got {snapshot_every!r}",
-                {"field": "snapshot_every"},
-            )
-        if snapshot_every is not None and key is None:
-            raise EventStoreError(
-                QUERY_ERROR, "snapshot_every needs a key to save under", {"field": "key"}
-            )
-        _check_size(batch_size, "batch_size")
-        state: Any = initial
-        after = 0
-        if key is not None:
-            if state_type is None:
-                state_type = Any if initial is None else type(initial)
-            snapshot = self.get_snapshot(key, state_type=state_type)
-            if snapshot is not None:
-                state, after = snapshot.state, snapshot.version
-        folded = 0
-        while True:
-            with self._connection() as conn:
-                events, head = _read_with_head(
-                    conn, self._statements, self._archive, query, after, batch_size, False
-                )
-            for event in events:
-                state = fold(state, event)
-                folded += 1
-                if snapshot_every is not None and key is not None and folded % snapshot_every == 0:
-                    self.create_snapshot(key, event.position, state)
-            if len(events) < batch_size:
-                return Projection(state, max(head, after))
-            after = events[-1].position
+        result holds the state and the head it is current at. It reads the primary, on one
+        connection, ``batch_size`` events at a time."""
+        self._project_args(key, snapshot_every, batch_size)
+        return self._run(
+            "project",
+            lambda: self._op_project(
+                query, initial, fold, key, snapshot_every, state_type, batch_size
+            ),
+        )
 
     # -- integrity -------------------------------------------------------------------------
 
@@ -1502,7 +1055,7 @@ class EventStore:
                     check_archives=include_archived,
                 )
             except psycopg.Error as exc:
-                raise _storage_error(exc, "verifying") from exc
+                raise storage_error(exc, "verifying") from exc
 
     def compact_events(
         self,
@@ -1523,8 +1076,8 @@ class EventStore:
         the events archived; ``fault(step, first, last)`` is called after each step of each
         file (``"written"``, ``"verified"``, ``"recorded"``, ``"compacted"``), for tests that
         interrupt a compaction."""
-        moment = _moment(before)
-        _check_size_any(file_events, "file_events")
+        when = moment(before)
+        check_size_any(file_events, "file_events")
         directory = Path(archive_dir) if archive_dir is not None else self.archive_dir
         if directory is None:
             directory = Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
@@ -1540,14 +1093,14 @@ class EventStore:
                 return _compact(
                     conn,
                     self.schema,
-                    moment,
+                    when,
                     directory,
                     file_events=file_events,
                     progress=progress,
                     fault=fault,
                 )
             except psycopg.Error as exc:
-                raise _storage_error(exc, "compacting") from exc
+                raise storage_error(exc, "compacting") from exc
             except OSError as exc:
                 raise EventStoreError(
                     STORAGE_ERROR, f"compacting failed writing an archive: {exc}", {}
@@ -1606,215 +1159,45 @@ class EventStore:
             tx = Transaction(self, conn)
             try:
                 yield tx
-                tx._commit()
+                run(conn, self._op_tx_commit(tx._state))
             except psycopg.Error as exc:
-                _rollback(conn)
-                raise _storage_error(exc, "the transaction") from exc
+                rollback(conn)
+                raise storage_error(exc, "the transaction") from exc
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
             finally:
                 tx._closed = True
 
 
-def _condition_json(condition: AppendCondition | None) -> str | None:
-    """A (validated) condition as the append function takes it."""
-    if condition is None:
-        return None
-    items: list[dict[str, Any]] = []
-    for item in condition.fail_if_events_match.items:
-        if not item.types and not item.tags:
-            items = []  # an item matching everything: so does the query
-            break
-        entry: dict[str, Any] = {"types": list(item.types)}
-        if item.tags:
-            entry["tags"] = item.tags
-        items.append(entry)
-    return msgspec.json.encode({"after": condition.after or 0, "items": items}).decode()
-
-
-def _accept(requests: list[AppendRequest], head: int, verdicts: list[bool]) -> list[AppendRequest]:
-    """Settle the requests whose condition is violated (by a stored event, per ``verdicts``,
-    one per conditional request, or by an event accepted earlier in the same transaction);
-    give the others consecutive positions after ``head``."""
-    violated = iter(verdicts)
-    accepted: list[AppendRequest] = []
-    position = head
-    for request in requests:
-        condition = request.condition
-        if condition is not None:
-            if next(violated) or _violated_in_group(condition, accepted):
-                request.fail(_condition_error(condition, head))
-                continue
-        request.first_position = position + 1
-        position += request.count
-        accepted.append(request)
-    return accepted
-
-
-def _write_buffer(copy: psycopg.Copy, buffer: bytearray) -> None:
-    view = memoryview(buffer)
-    try:
-        for start in range(0, len(view), _COPY_SLICE):
-            copy.write(view[start : start + _COPY_SLICE])
-    finally:
-        view.release()
-
-
-def _read_with_head(
-    conn: psycopg.Connection[Any],
-    statements: Statements,
-    archive: ArchiveReader,
-    query: Query | None,
-    after: int | None,
-    limit: int | None,
-    backwards: bool,
-) -> tuple[list[SequencedEvent], int]:
-    """The events `EventStore.read` returns, and the store's head in the same snapshot."""
-    _check_limit(limit)
-    params: list[Any] = [after_position(after)]
-    shape = query_shape(query, params)
-    params.append(limit)
-    # Not prepared, as filter statements are not (see `_event_rows`): after five runs psycopg
-    # would prepare it, and PostgreSQL's generic plan for a selective tag took 365 ms at 1M
-    # events where one planned for the values takes 1.7 ms.
-    rows = conn.execute(statements.read(shape, backwards), params, prepare=False).fetchall()
-    store_head = int(rows[0][0]) if rows else 0
-    events = _decode_events(_json_array(_fill_archived(conn, archive, rows, 1, 2)))
-    return events, store_head
-
-
-def _read(
-    conn: psycopg.Connection[Any],
-    statements: Statements,
-    archive: ArchiveReader,
-    query: Query | None,
-    after: int | None,
-    limit: int | None,
-    backwards: bool,
-) -> ReadResult:
-    events, store_head = _read_with_head(conn, statements, archive, query, after, limit, backwards)
-    if limit is None:
-        head: int | None = store_head
-    elif events:
-        head = events[0].position if backwards else events[-1].position
-    else:
-        head = None
-    return ReadResult(events, head)
+def _rows_in(batches: list[pa.RecordBatch]) -> int:
+    return sum(batch.num_rows for batch in batches)
 
 
 def _keyset_walk(
-    criteria: Criteria,
-    batch_size: int,
-    read: Callable[[int | None, Any, int | None, int, int], tuple[int, _T]],
+    walk: Walk,
+    read: Callable[[Keyset], tuple[int, _T]],
     count: Callable[[_T], int],
-    last: Callable[[_T], tuple[Any, int]],
+    last: Callable[[_T], Callable[[], tuple[Any, int]]],
     name: str,
 ) -> Iterator[_T]:
-    """The batches of a keyset walk over ``criteria``, pinned to the head at its first read:
-    ``read(until, last_key, last_position, limit, offset)`` returns ``until`` and a batch
-    holding ``count(batch)`` events, ``last(batch)`` the keyset of its last event. The
-    criteria's offset and limit apply to the whole walk.
+    """The batches of a keyset walk (`tamma_events._core.Walk`), pinned to the head at its
+    first read: ``read(args)`` returns ``until`` and a batch holding ``count(batch)`` events,
+    ``last(batch)()`` the keyset of its last event.
 
     A worker reads batch n+1 while the consumer takes batch n. Leaving (the walk ends, fails
     or is closed) waits for the read in flight, so its connection is back in the pool when
     the consumer's close() returns."""
-    remaining = criteria.limit
-    size = batch_size if remaining is None else min(batch_size, remaining)
     with ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-{name}") as ahead:
-        reading = ahead.submit(read, None, None, None, size, criteria.offset)
+        reading = ahead.submit(read, walk.first)
         while True:
             until, batch = reading.result()
-            got = count(batch)
-            if remaining is not None:
-                remaining -= got
-            more = got == size and (remaining is None or remaining > 0)
-            if more:
-                key, position = last(batch)
-                size = batch_size if remaining is None else min(batch_size, remaining)
-                reading = ahead.submit(read, until, key, position, size, 0)
+            following = walk.after(until, count(batch), last(batch))
+            if following is not None:
+                reading = ahead.submit(read, following)
             yield batch
-            if not more:
+            if following is None:
                 return
-
-
-def _check_size_any(value: int, field: str) -> None:
-    """VALIDATION_FAILED unless ``value`` is a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EventStoreError(
-            VALIDATION_FAILED, f"{field} must be a positive int, got {value!r}", {"field": field}
-        )
-
-
-def _moment(value: datetime | str) -> datetime:
-    """`compact_events`'s ``before``, read as a filter's time bound is (`parse_time`), but
-    required and refused as VALIDATION_FAILED: it is an argument, not a query."""
-    try:
-        moment = parse_time(value, "before")
-    except EventStoreError as exc:
-        raise EventStoreError(VALIDATION_FAILED, exc.message, exc.context) from None
-    if moment is None:
-        raise EventStoreError(
-            VALIDATION_FAILED,
-            "before must be a datetime or an ISO-8601 string, got None",
-            {"field": "before"},
-        )
-    return moment
-
-
-def _check_size(value: int, field: str) -> None:
-    """QUERY_ERROR unless ``value`` is an int from 1 to `MAX_PAGE_SIZE` (a page or batch)."""
-    check_count(value, field, allow_none=False)
-    if not 0 < value <= MAX_PAGE_SIZE:
-        raise EventStoreError(
-            QUERY_ERROR,
-            f"{field} must be between 1 and {MAX_PAGE_SIZE}, got {value}",
-            {"field": field},
-        )
-
-
-def _check_aggregate_id(aggregate_id: object) -> None:
-    if not isinstance(aggregate_id, str) or not 0 < len(aggregate_id) <= 255:
-        raise EventStoreError(
-            VALIDATION_FAILED,
-            f"aggregate_id must be a string of 1 to 255 characters, got {aggregate_id!r}",
-            {"field": "aggregate_id"},
-        )
-    check_text(aggregate_id, "aggregate_id")
-
-
-def _sort_key(event: SequencedEvent | _SortKey, criteria: Criteria) -> datetime | str | None:
-    """The event's key in the criteria's order (besides its position, which breaks ties)."""
-    if criteria.order_by == "timestamp":
-        return event.timestamp
-    if criteria.order_by == "type":
-        return event.event_type
-    return None
-
-
-def _subscription_criteria(event_filter: EventFilter) -> Criteria:
-    """The filter of a subscription: it selects events; the log decides their order."""
-    criteria = normalize(event_filter)
-    for field, ok in (
-        ("limit", criteria.limit is None),
-        ("offset", not criteria.offset),
-        ("order_by", criteria.order_by == "position"),
-        ("order_direction", not criteria.descending),
-    ):
-        if not ok:
-            raise EventStoreError(
-                QUERY_ERROR,
-                "a subscription delivers events in log order, all of them: its filter may not"
-                " set limit, offset, order_by or order_direction",
-                {"field": field},
-            )
-    return criteria
-
-
-class _DuplicateInGroup(Exception):
-    def __init__(self, error: EventStoreError) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 class Transaction:
@@ -1823,8 +1206,7 @@ class Transaction:
     def __init__(self, store: EventStore, conn: psycopg.Connection[Any]) -> None:
         self._store = store
         self._conn = conn
-        self._head: int | None = None
-        self._hash = b""
+        self._state = TxState()
         self._closed = False
 
     def append(
@@ -1843,40 +1225,11 @@ class Transaction:
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
         store = self._store
-        batch = _as_events(events)
-        check = store._check(condition)
-        prepared = _codec.prepare(batch, store.max_event_bytes)
+        batch, check, prepared = store._request(events, condition)
+        if prepared is None:
+            prepared = _codec.prepare(batch, store.max_event_bytes)
         request = AppendRequest(batch, prepared, condition, check)
-        statements = store._statements
-        cur = self._conn.cursor()
-        if self._head is None:
-            self._head, self._hash = cur.execute(statements.lock_head).fetchone()  # type: ignore[misc]
-        # A savepoint per append keeps the transaction usable after a failed one.
-        cur.execute("SAVEPOINT tamma_append")
-        try:
-            verdicts: list[bool] = []
-            if request.check is not None:
-                checks = statements.checks([request.check])
-                verdicts = list(cur.execute(*checks).fetchone() or ())
-            if not _accept([request], self._head, verdicts):
-                cur.execute("RELEASE SAVEPOINT tamma_append")
-                return request.result()
-            with cur.copy(statements.copy_events) as copy:
-                copy.write(COPY_HEADER)
-                last_hash = store._seal(prepared, request.first_position, self._hash)
-                _write_buffer(copy, prepared.buffer)
-                copy.write(COPY_TRAILER)
-            cur.execute("RELEASE SAVEPOINT tamma_append")
-        except psycopg.errors.UniqueViolation as exc:
-            cur.execute("ROLLBACK TO SAVEPOINT tamma_append")
-            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
-                raise _storage_error(exc, "appending") from exc
-            raise store._duplicates_error(self._conn, [request]) from exc
-        except psycopg.Error as exc:
-            raise _storage_error(exc, "appending") from exc
-        self._head = request.last_position
-        self._hash = last_hash
-        return request.last_position
+        return run(self._conn, store._op_tx_append(self._state, request, False), owned=False)
 
     def read(
         self,
@@ -1889,23 +1242,7 @@ class Transaction:
         """`EventStore.read` inside the transaction: it sees the block's own appends."""
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
-        result = _read(
-            self._conn,
-            self._store._statements,
-            self._store._archive,
-            query,
-            after,
-            limit,
-            backwards,
-        )
-        if limit is None and self._head is not None:
-            result.head = self._head
+        result = run(self._conn, self._store._op_read(query, after, limit, backwards), owned=False)
+        if limit is None and self._state.head is not None:
+            result.head = self._state.head
         return result
-
-    def _commit(self) -> None:
-        statements = self._store._statements
-        if self._head is None:
-            self._conn.execute("COMMIT")
-        else:
-            self._conn.execute(statements.set_head, [self._head, self._hash])
-            self._conn.execute("COMMIT")

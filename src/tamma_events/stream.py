@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -41,7 +41,7 @@ from psycopg_pool import PoolClosed, PoolTimeout
 from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
 from .model import SequencedEvent
 
-__all__ = ["MAX_BUFFER", "Listener", "Subscription"]
+__all__ = ["MAX_BUFFER", "AsyncListener", "Listener", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ _LAST_DELAY = 2.0
 #: to which the log has been read (the last event's when the read was cut at the limit, else the
 #: head the read saw).
 Fetch = Callable[[int, int], tuple[list[SequencedEvent], int]]
+#: `Fetch` as a coroutine (the async store's subscriptions).
+AsyncFetch = Callable[[int, int], Awaitable[tuple[list[SequencedEvent], int]]]
 
 
 def _position(payload: str) -> int | None:
@@ -97,6 +99,8 @@ class Listener:
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self._seen = 0
         self._news = 0
+        # (head, monotonic time) of recent announcements, for the subscriptions' lag.
+        self._announced: deque[tuple[int, float]] = deque(maxlen=1024)
         self._closing = threading.Event()
         # `close` writes to this pair to wake the thread from its wait on the connection.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -203,9 +207,20 @@ class Listener:
             if not always and position == self._seen:
                 return
             if position is not None:
+                if position > self._seen:
+                    self._announced.append((position, time.monotonic()))
                 self._seen = position
             self._news += 1
         self.wake_all()
+
+    def behind_since(self, position: int) -> float | None:
+        """When (``time.monotonic()``) the first head beyond ``position`` was announced, as
+        far as the recent announcements tell; None when none is beyond it."""
+        with self._cond:
+            for head, at in self._announced:
+                if head > position:
+                    return at
+        return None
 
     def wake_all(self) -> None:
         """Wake every waiter, to check its own condition again."""
@@ -251,6 +266,101 @@ class Listener:
             finally:
                 with self._cond:
                     self._async_waiters.discard(waiter)
+
+
+class AsyncListener(Listener):
+    """`Listener` as an asyncio task on a ``psycopg.AsyncConnection``: the async store's
+    LISTEN connection, without a thread. ``connect`` is a coroutine function."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
+        channel: sql.Composed,
+        head: sql.Composed,
+    ) -> None:
+        super().__init__(_no_sync_connection, channel, head)
+        self._connect_async = connect
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the task on the running event loop."""
+        if self._task is None and not self._closing.is_set():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run_async(), name="tamma-events-listener"
+            )
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the task (it ends at its next step); waiters wake up. `aclose` also waits for
+        it to end."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self.wake_all()
+        if self._task is not None:
+            self._task.cancel()
+        self._wake_w.close()
+        self._wake_r.close()
+
+    async def aclose(self) -> None:
+        task = self._task
+        self.close()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run_async(self) -> None:
+        delay = _FIRST_DELAY
+        while not self._closing.is_set():
+            try:
+                async with await self._connect_async() as conn:
+                    cur = await conn.execute(self._channel_statement)
+                    row = await cur.fetchone()
+                    channel = str(row[0]) if row else ""
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    cur = await conn.execute(self._head_statement)
+                    row = await cur.fetchone()
+                    self.connected = True
+                    delay = _FIRST_DELAY
+                    self.announce(int(row[0]) if row else 0, always=True)
+                    while not self._closing.is_set():
+                        heard = False
+                        # Returns with the first notifications, or after a silence: then the
+                        # head is read, as the thread's listener does.
+                        async for note in conn.notifies(timeout=HEAD_CHECK_INTERVAL, stop_after=1):
+                            heard = True
+                            if note.channel == channel:
+                                self.announce(_position(note.payload), always=True)
+                        if not heard:
+                            cur = await conn.execute(self._head_statement)
+                            row = await cur.fetchone()
+                            self.announce(int(row[0]) if row else 0)
+            except asyncio.CancelledError:
+                break
+            except psycopg.errors.UndefinedFunction as exc:
+                self.last_error = exc
+                logger.error(
+                    "tamma-events listener: %s; the schema needs migrating for notifications;"
+                    " subscriptions fall back to polling",
+                    exc,
+                )
+                break
+            except Exception as exc:
+                if self._closing.is_set():
+                    break
+                self.last_error = exc
+                self.reconnects += 1
+                logger.warning("tamma-events listener: %s; reconnecting in %.2f s", exc, delay)
+            finally:
+                self.connected = False
+                self.wake_all()
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                break
+            delay = min(delay * 2, _LAST_DELAY)
+
+
+def _no_sync_connection() -> psycopg.Connection[Any]:  # pragma: no cover - never called
+    raise RuntimeError("the async listener has no sync connection")
 
 
 #: SQLSTATEs of a session the server ended: admin_shutdown, crash_shutdown, cannot_connect_now.
@@ -317,8 +427,10 @@ class Subscription:
         poll_interval: float,
         retry_for: float,
         on_close: Callable[[Subscription], None] | None = None,
+        fetch_async: AsyncFetch | None = None,
     ) -> None:
         self._fetch = fetch
+        self._fetch_async = fetch_async
         self._listener = listener
         self._limit = buffer
         self._poll_interval = poll_interval
@@ -375,6 +487,8 @@ class Subscription:
         return self
 
     def __next__(self) -> SequencedEvent:
+        if self._fetch_async is not None:
+            raise TypeError("a subscription of the async store is iterated with `async for`")
         while True:
             if self._stopped.is_set():
                 self._buffer.clear()
@@ -398,8 +512,12 @@ class Subscription:
             if self._buffer:
                 return self._take()
             if self._due():
-                # The read blocks on the database, so it runs in a worker thread.
-                if not await asyncio.to_thread(self._fill):
+                if self._fetch_async is not None:
+                    filled = await self._fill_async()
+                else:
+                    # The read blocks on the database, so it runs in a worker thread.
+                    filled = await asyncio.to_thread(self._fill)
+                if not filled:
                     await self._listener.wait_async(None, self._delay, self._stopped.is_set)
                 continue
             await self._listener.wait_async(
@@ -439,28 +557,46 @@ class Subscription:
             try:
                 events, read_up_to = self._fetch(self._read_up_to, self._limit)
             except EventStoreError as exc:
-                now = time.monotonic()
-                if self._failing_since is None:
-                    self._failing_since = now
-                    self._delay = _FIRST_DELAY
-                else:
-                    self._delay = min(self._delay * 2, _LAST_DELAY)
-                if not _transient(exc) or now - self._failing_since >= self._retry_for:
-                    self.stop()
-                    raise
-                self.retries += 1
-                logger.warning(
-                    "tamma-events subscription: reading after %d failed (%s); retrying",
-                    self._read_up_to,
-                    exc.message,
-                )
-                return False
-            self._failing_since = None
-            self._news_read = news
-            if self._stopped.is_set():
-                return True
-            self._buffer.extend(events)
-            self._more = len(events) >= self._limit
-            self._read_up_to = max(self._read_up_to, read_up_to)
-            self._next_poll = time.monotonic() + self._poll_interval
+                return self._failed(exc)
+            self._filled(news, events, read_up_to)
             return True
+
+    async def _fill_async(self) -> bool:
+        """`_fill` with the async store's fetch (one task iterates a subscription)."""
+        if self._stopped.is_set() or self._fetch_async is None:
+            return True
+        news = self._listener.news
+        try:
+            events, read_up_to = await self._fetch_async(self._read_up_to, self._limit)
+        except EventStoreError as exc:
+            return self._failed(exc)
+        self._filled(news, events, read_up_to)
+        return True
+
+    def _failed(self, exc: EventStoreError) -> bool:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._delay = _FIRST_DELAY
+        else:
+            self._delay = min(self._delay * 2, _LAST_DELAY)
+        if not _transient(exc) or now - self._failing_since >= self._retry_for:
+            self.stop()
+            raise exc
+        self.retries += 1
+        logger.warning(
+            "tamma-events subscription: reading after %d failed (%s); retrying",
+            self._read_up_to,
+            exc.message,
+        )
+        return False
+
+    def _filled(self, news: int, events: list[SequencedEvent], read_up_to: int) -> None:
+        self._failing_since = None
+        self._news_read = news
+        if self._stopped.is_set():
+            return
+        self._buffer.extend(events)
+        self._more = len(events) >= self._limit
+        self._read_up_to = max(self._read_up_to, read_up_to)
+        self._next_poll = time.monotonic() + self._poll_interval

@@ -13,6 +13,8 @@ Routes:
   seconds) has its subscription closed.
 - ``GET /events`` returns one page of events as JSON, ``{"events": [...], "next_token": ...}``;
   pass ``next_token`` as ``?token=`` for the next page, and ``?page_size=`` (default 100).
+- ``GET /metrics`` is the store's metrics in Prometheus' text format (`EventStore.metrics`,
+  through `EventStore.prometheus_registry`).
 - ``GET /health`` returns ``{"status": "ok", "head": ..., "subscriptions": ...}``, or 503 with
   ``"status": "unavailable"`` when PostgreSQL cannot be reached.
 
@@ -122,9 +124,17 @@ def create_app(
             background=BackgroundTask(subscription.stop),
         )
 
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        # The collector reads the pool and the replicas: off the event loop.
+        body = await run_in_threadpool(generate_latest, store.prometheus_registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/events", events, methods=["GET"]),
             Route("/events/stream", stream, methods=["GET"]),
         ]

@@ -14,7 +14,9 @@ from typing import NamedTuple
 import psycopg
 from psycopg import sql
 
-__all__ = ["Migration", "drop", "migrate", "migrations"]
+from .._ops import Op, Run, run
+
+__all__ = ["Migration", "drop", "migrate", "migrate_op", "migrations"]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -38,31 +40,42 @@ def migrations() -> list[Migration]:
 
 def migrate(conn: psycopg.Connection[object], schema: str) -> list[int]:
     """Bring ``schema`` up to date on ``conn``; returns the versions applied now."""
+    return run(conn, migrate_op(schema))
+
+
+def migrate_op(schema: str) -> Op[list[int]]:
+    """`migrate` as an operation (`tamma_events._ops`), for the sync and the async store."""
     applied_now: list[int] = []
-    with conn.transaction():
-        # Whatever the server's default: a migration that adds a trigger and backfills from the
-        # log must see the appends that committed while it waited for its locks.
-        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tamma_events:{schema}"])
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY,"
-            " name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
+    yield Run("BEGIN", fetch="none")
+    # Whatever the server's default: a migration that adds a trigger and backfills from the
+    # log must see the appends that committed while it waited for its locks.
+    yield Run("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", fetch="none")
+    yield Run(
+        "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tamma_events:{schema}"], fetch="none"
+    )
+    yield Run(
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)), fetch="none"
+    )
+    yield Run(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)), fetch="none")
+    yield Run(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version integer PRIMARY KEY,"
+        " name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())",
+        fetch="none",
+    )
+    done = {row[0] for row in (yield Run("SELECT version FROM schema_migrations"))}
+    for migration in migrations():
+        if migration.version in done:
+            continue
+        yield Run(migration.text.encode(), fetch="none")
+        yield Run(
+            "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+            [migration.version, migration.name],
+            fetch="none",
         )
-        cur = conn.execute("SELECT version FROM schema_migrations")
-        done = {row[0] for row in cur.fetchall()}  # type: ignore[index]
-        for migration in migrations():
-            if migration.version in done:
-                continue
-            conn.execute(migration.text.encode())
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                [migration.version, migration.name],
-            )
-            applied_now.append(migration.version)
+        applied_now.append(migration.version)
+    yield Run("COMMIT", fetch="none")
     return applied_now
 
 

@@ -1,0 +1,1000 @@
+"""`AsyncEventStore`: the store for asyncio services, on psycopg's async connections.
+
+It is `EventStore`'s API with ``async def``: appends, DCB reads, queries, pages, snapshots and
+projections, transactions and appends in a caller's transaction; ``stream_events``,
+``paginate``, ``export_arrow`` and ``subscribe`` are async iterators. No thread is involved:
+connections come from a `psycopg_pool.AsyncConnectionPool`, the LISTEN connection of its
+subscriptions is a task, and the read-ahead of streams and exports is a task.
+
+Its database work is the sync store's own code: every operation is a generator in
+`tamma_events._core`, driven here by `tamma_events._ops.run_async`. Two things differ:
+
+- Concurrent appends from many tasks each take their own transaction (they serialize on the
+  head lock, as appends from several processes do); the sync store's group commit batches the
+  appends of its threads.
+- Maintenance (``verify``, ``compact_events``, ``grant_app_role``) is `EventStore`'s (or the
+  CLI's) job: it reads files and whole ranges of the log, and belongs in a job, not a service.
+
+    async with AsyncEventStore(dsn) as store:
+        await store.append(DomainEvent(...))
+        async for event in store.stream_events(EventFilter(event_types=["X"])):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import select
+import time
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg
+import pyarrow as pa
+from psycopg import pq
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from . import _codec, embedded
+from ._core import (
+    DuplicateInGroup,
+    Keyset,
+    StoreCore,
+    TxState,
+    Walk,
+    check_size,
+    connection_kwargs,
+    decode_document,
+    decode_events,
+    event_key,
+    pool_stats,
+    retryable,
+    storage_error,
+    subscription_criteria,
+)
+from ._group import AppendRequest
+from ._ops import Op, rollback_async, run_async
+from ._pycodec import DEFAULT_MAX_EVENT_BYTES
+from .errors import QUERY_ERROR, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError
+from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
+from .metrics import prometheus_registry
+from .model import (
+    AppendCondition,
+    DomainEvent,
+    Projection,
+    Query,
+    ReadResult,
+    SequencedEvent,
+    Snapshot,
+)
+from .replicas import Behind, Consistency, Replica, ReplicaSet, redact
+from .schema import migrate_op
+from .sql import after_position, query_shape
+from .stream import AsyncListener, Subscription, check_subscription_options, connection_lost
+
+__all__ = ["AsyncEventStore", "AsyncTransaction"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_S = TypeVar("_S")
+
+_EXPORT_STREAMS = 2
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    set_json_loads(msgspec.json.decode, conn)
+
+
+async def _check_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    """`tamma_events.store._check_idle` for the async pool."""
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _replica_failure(exc: BaseException) -> bool:
+    return connection_lost(exc) or getattr(exc, "sqlstate", None) == "40001"
+
+
+class AsyncEventStore(StoreCore):
+    """A DCB event store on PostgreSQL, for asyncio.
+
+    Takes `EventStore`'s arguments (``pool`` is then a caller's `AsyncConnectionPool`).
+    Nothing connects until `open` (or ``async with``), which starts the embedded server when
+    no DSN is given, opens the pools and migrates the schema.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "tamma_events",
+        pool: AsyncConnectionPool[Any] | None = None,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout: float = 30.0,
+        max_lifetime: float = 3600.0,
+        max_idle: float = 600.0,
+        data_dir: str | os.PathLike[str] | None = None,
+        migrate: bool = True,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        chunk_events: int = 10_000,
+        cache_size: int = 256,
+        cache_ttl: float = 5.0,
+        archive_dir: str | os.PathLike[str] | None = None,
+        replicas: Iterable[str] = (),
+        consistency: Consistency = "read_your_writes",
+        replica_wait: float = 1.0,
+        replica_retry: float = 2.0,
+        replica_timeout: float = 1.0,
+    ) -> None:
+        self._setup(
+            schema=schema,
+            max_event_bytes=max_event_bytes,
+            chunk_events=chunk_events,
+            cache_size=cache_size,
+            cache_ttl=cache_ttl,
+            archive_dir=archive_dir,
+        )
+        self._replicas = ReplicaSet(
+            [],
+            consistency=consistency,
+            wait=replica_wait,
+            retry=replica_retry,
+            timeout=replica_timeout,
+        )
+        self._replica_dsns = [replicas] if isinstance(replicas, str) else list(replicas)
+        self._dsn = dsn
+        self._data_dir = data_dir
+        self._pool_settings = (
+            min_connections,
+            max_connections,
+            connect_timeout,
+            max_lifetime,
+            max_idle,
+        )
+        self._migrate_on_open = migrate
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._opened = False
+        self._closed = False
+        self._listener: AsyncListener | None = None
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._registry: Any = None
+        self.embedded: embedded.EmbeddedServer | None = None
+
+    def _make_pool(self, dsn: str, name: str, timeout: float) -> AsyncConnectionPool[Any]:
+        min_size, max_size, _, max_lifetime, max_idle = self._pool_settings
+        try:
+            return AsyncConnectionPool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                kwargs=connection_kwargs(dsn),
+                configure=_configure,
+                check=_check_idle,
+                timeout=timeout,
+                max_lifetime=max_lifetime,
+                max_idle=max_idle,
+                name=name,
+                open=False,
+            )
+        except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
+            raise EventStoreError(
+                VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
+            ) from None
+
+    async def open(self) -> AsyncEventStore:
+        """Connect (and migrate, unless ``migrate=False``); returns the store."""
+        if self._opened:
+            return self
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+        self._opened = True
+        timeout = self._pool_settings[2]
+        if self._pool is None:
+            dsn = self._dsn or os.environ.get("TAMMA_EVENTS_DSN") or None
+            if dsn is None:
+                # Starting a server is a one-off subprocess wait, done before any service work.
+                self.embedded = embedded.start(self._data_dir)
+                dsn = self.embedded.dsn
+            self._pool = self._make_pool(dsn, f"tamma-events:{self.schema}", timeout)
+            try:
+                await self._pool.open(wait=True, timeout=timeout)
+            except Exception as exc:
+                await self._pool.close()
+                self._closed = True
+                raise storage_error(
+                    exc, "connecting to PostgreSQL", dsn=redact(dsn)
+                ).with_traceback(None) from None
+        for replica_dsn in self._replica_dsns:
+            replica_pool = self._make_pool(
+                replica_dsn, f"tamma-events:{self.schema}:replica", self._replicas.timeout
+            )
+            await replica_pool.open(wait=False)
+            self._replicas.members.append(Replica(replica_dsn, replica_pool))
+        if self._migrate_on_open:
+            try:
+                await self.migrate()
+            except BaseException:
+                await self.close()
+                raise
+        return self
+
+    @property
+    def dsn(self) -> str:
+        """The connection string of the store's server (with its password: do not log it)."""
+        pool = self._require_pool()
+        conninfo = pool.conninfo
+        return conninfo() if callable(conninfo) else conninfo  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        where = redact(self.dsn) if self._pool is not None else "not open"
+        state = " closed" if self._closed else ""
+        return f"<AsyncEventStore{state} {where!r} schema={self.schema!r}>"
+
+    def _require_pool(self) -> AsyncConnectionPool[Any]:
+        if self._pool is None or not self._opened:
+            raise EventStoreError(
+                STORAGE_ERROR, "the store is not open: use `async with` or `await store.open()`"
+            )
+        return self._pool
+
+    async def migrate(self) -> list[int]:
+        """Apply the schema migrations not applied yet; returns their versions."""
+        try:
+            async with self._connection() as conn:
+                return await run_async(conn, migrate_op(self.schema))
+        except EventStoreError as exc:
+            exc.context.setdefault("schema", self.schema)
+            raise
+
+    async def close(self) -> None:
+        """End the store's subscriptions and close its pools (a caller's own pool stays
+        open)."""
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in list(self._subscriptions):
+            subscription.stop()
+        if self._listener is not None:
+            await self._listener.aclose()
+        for replica in self._replicas.members:
+            await replica.pool.close()
+        if self._owns_pool and self._pool is not None:
+            await self._pool.close()
+
+    async def __aenter__(self) -> AsyncEventStore:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+        pool = self._require_pool()
+        try:
+            async with pool.connection() as conn:
+                if not conn.autocommit:
+                    await conn.set_autocommit(True)
+                if not self._owns_pool:
+                    await _configure(conn)
+                yield conn
+        except EventStoreError as exc:
+            if retryable(exc):
+                with suppress(Exception):
+                    await pool.check()
+            raise
+        except PoolTimeout as exc:
+            stats = pool.get_stats()
+            raise storage_error(
+                exc,
+                "getting a connection",
+                pool_size=stats.get("pool_size", 0),
+                pool_max=stats.get("pool_max", 0),
+                waiting=stats.get("requests_waiting", 0),
+            ) from exc
+        except psycopg.Error as exc:
+            if connection_lost(exc):
+                with suppress(Exception):
+                    await pool.check()
+            raise storage_error(exc, "using a connection") from exc
+
+    async def _run(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
+        """`EventStore._run`: on the primary, timed, run once more after a connection lost
+        before anything was committed."""
+        start = time.perf_counter()
+        failed = True
+        try:
+            try:
+                async with self._connection() as conn:
+                    result = await run_async(conn, make())
+            except EventStoreError as exc:
+                if not retryable(exc):
+                    raise
+                logger.info("tamma-events: %s; running the %s again", exc.message, kind)
+                async with self._connection() as conn:
+                    result = await run_async(conn, make())
+            failed = False
+            return result
+        finally:
+            self._metrics.queried(kind, time.perf_counter() - start, failed)
+
+    async def _query(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
+        if not self._replicas:
+            return await self._run(kind, make)
+        start = time.perf_counter()
+        failed = True
+        try:
+            result = await self._on_replica(make)
+            failed = False
+            return result
+        finally:
+            self._metrics.queried(kind, time.perf_counter() - start, failed)
+
+    async def _on_replica(self, make: Callable[[], Op[_T]]) -> _T:
+        replicas = self._replicas
+        for replica in replicas.order():
+            try:
+                async with replica.pool.connection(timeout=replicas.timeout) as conn:
+                    if not await run_async(conn, self._op_caught_up(replica)):
+                        break
+                    result = await run_async(conn, make())
+            except Behind:
+                break
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not _replica_failure(exc):
+                    raise storage_error(exc, "reading from a replica") from exc
+                replicas.failed(replica, exc)
+                if connection_lost(exc):
+                    with suppress(Exception):
+                        await replica.pool.check()
+                continue
+            replicas.served(replica)
+            return result
+        replicas.fell_back()
+        async with self._connection() as conn:
+            return await run_async(conn, make())
+
+    def pool_stats(self) -> dict[str, int]:
+        """The primary's connection pool (see `EventStore.pool_stats`)."""
+        return pool_stats(self._require_pool().get_stats())
+
+    async def metrics(self) -> dict[str, Any]:
+        """A snapshot of the store's metrics (see `EventStore.metrics`)."""
+        snapshot = self._metrics.snapshot()
+        snapshot["cache"] = msgspec.structs.asdict(self.cache.stats())
+        snapshot["pool"] = self.pool_stats()
+        positions = [s.position for s in self._subscriptions if not s.stopped]
+        snapshot["subscriptions"] = self._subscription_lag(self._listener, positions)
+        snapshot["replicas"] = [await self._replica_status(r) for r in self._replicas.members]
+        snapshot["replica_fallbacks"] = self._replicas.fallbacks
+        return snapshot
+
+    async def _replica_status(self, replica: Replica) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "name": replica.name,
+            "up": False,
+            "reads": replica.reads,
+            "lag_bytes": None,
+            "lag_seconds": None,
+        }
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+                row = await cur.fetchone()
+            primary = int(row[0]) if row else 0
+            async with replica.pool.connection(timeout=self._replicas.timeout) as conn:
+                cur = await conn.execute(
+                    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn, CASE WHEN"
+                    " pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 ELSE"
+                    " extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
+                )
+                row = await cur.fetchone()
+        except (psycopg.Error, PoolTimeout, EventStoreError):
+            return status
+        if row is not None and row[0] is not None:
+            status["up"] = True
+            status["lag_bytes"] = max(primary - int(row[0]), 0)
+            status["lag_seconds"] = float(row[1] or 0)
+        return status
+
+    # -- appends ---------------------------------------------------------------------------
+
+    async def append(
+        self,
+        event: DomainEvent | dict[str, Any],
+        condition: AppendCondition | None = None,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> int:
+        """Append one event; returns its position (see `EventStore.append`)."""
+        return await self.append_batch([event], condition, conn=conn)
+
+    async def append_batch(
+        self,
+        events: Iterable[DomainEvent | dict[str, Any]],
+        condition: AppendCondition | None = None,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> int:
+        """Append events atomically at consecutive positions; returns the last position (see
+        `EventStore.append_batch`; ``conn`` is a caller's ``AsyncConnection``)."""
+        start = time.perf_counter()
+        try:
+            batch, check, prepared = self._request(events, condition)
+            if prepared is None:
+                if conn is not None:
+                    raise EventStoreError(
+                        VALIDATION_FAILED,
+                        f"a batch in a caller's transaction holds at most chunk_events"
+                        f" ({self.chunk_events}) events, got {len(batch)}",
+                        {"field": "events"},
+                    )
+                async with self._connection() as own:
+                    position, size = await run_async(
+                        own, self._op_append_large(batch, condition, check)
+                    )
+            else:
+                request = AppendRequest(batch, prepared, condition, check)
+                if conn is not None:
+                    position = await self._append_in(conn, request)
+                else:
+                    position = await self._write(request)
+                size = len(prepared.buffer)
+        except EventStoreError as exc:
+            self._metrics.append_failed(exc.code, time.perf_counter() - start)
+            raise
+        except BaseException:
+            self._metrics.append_failed(STORAGE_ERROR, time.perf_counter() - start)
+            raise
+        self._metrics.appended(len(batch), size, time.perf_counter() - start)
+        return position
+
+    async def _write(self, request: AppendRequest) -> int:
+        try:
+            try:
+                async with self._connection() as conn:
+                    await run_async(conn, self._op_write([request]))
+            except EventStoreError as exc:
+                if not retryable(exc):
+                    raise
+                logger.info("tamma-events: %s; appending again", exc.message)
+                request.done = False
+                request.error = None
+                async with self._connection() as conn:
+                    await run_async(conn, self._op_write([request]))
+        except DuplicateInGroup as exc:  # pragma: no cover - a group of one raises its error
+            raise exc.error from None
+        return request.result()
+
+    async def _append_in(self, conn: psycopg.AsyncConnection[Any], request: AppendRequest) -> int:
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}",
+                {"field": "conn"},
+            )
+        op = self._op_tx_append(TxState(), request, True)
+        try:
+            if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                async with conn.transaction():
+                    return await run_async(conn, op, owned=False)
+            return await run_async(conn, op, owned=False)
+        except psycopg.Error as exc:
+            raise storage_error(exc, "appending in the caller's transaction") from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """A block whose appends commit together when it exits normally, or not at all (see
+        `EventStore.transaction`)."""
+        async with self._connection() as conn:
+            await conn.execute("BEGIN")
+            tx = AsyncTransaction(self, conn)
+            try:
+                yield tx
+                await run_async(conn, self._op_tx_commit(tx._state))
+            except psycopg.Error as exc:
+                await rollback_async(conn)
+                raise storage_error(exc, "the transaction") from exc
+            except BaseException:
+                await rollback_async(conn)
+                raise
+            finally:
+                tx._closed = True
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def read(
+        self,
+        query: Query | None = None,
+        *,
+        after: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> ReadResult:
+        """The events matching ``query`` after ``after`` (see `EventStore.read`)."""
+        return await self._run("read", lambda: self._op_read(query, after, limit, backwards))
+
+    async def get_event(self, event_id: uuid.UUID | str) -> SequencedEvent | None:
+        """The stored event with this id (live or archived), or None."""
+        key = event_key(event_id)
+        return await self._query("get_event", lambda: self._op_get_event(key))
+
+    async def head(self) -> int:
+        """The last position written (0 for an empty store), on the primary."""
+        return await self._run("head", lambda: self._op_head())
+
+    async def get_events(
+        self, event_filter: EventFilter | None = None, *, include_archived: bool = False
+    ) -> list[SequencedEvent]:
+        """The events matching ``event_filter`` (see `EventStore.get_events`)."""
+        criteria = normalize(event_filter)
+        document = await self._query(
+            "get_events", lambda: self._op_get_events(criteria, include_archived)
+        )
+        return decode_document(document)
+
+    async def get_events_by_issue_id(self, issue_id: str) -> list[SequencedEvent]:
+        """The events tagged ``issueId=issue_id``, in log order."""
+        return await self.get_events(EventFilter(issue_ids=[issue_id]))
+
+    async def get_events_by_time_range(
+        self, start: datetime | str, end: datetime | str
+    ) -> list[SequencedEvent]:
+        """The events with ``start <= timestamp < end``, in timestamp order."""
+        return await self.get_events(
+            EventFilter(start_time=start, end_time=end, order_by="timestamp")
+        )
+
+    async def count_events(self, event_filter: EventFilter | None = None) -> int:
+        """How many events `get_events` would return for ``event_filter``."""
+        criteria = normalize(event_filter)
+        total = await self._query("count", lambda: self._op_count(criteria))
+        return self._count_result(criteria, total)
+
+    async def get_event_types(self) -> list[str]:
+        """Every event type stored, sorted."""
+        return await self._query("event_types", self._op_event_types)
+
+    async def get_tags(self) -> dict[str, list[str]]:
+        """Every tag key stored, with its distinct values, both sorted."""
+        return await self._query("tags", self._op_tags)
+
+    async def aggregate(
+        self,
+        event_filter: EventFilter | None = None,
+        group_by: GroupBy = "event_type",
+        *,
+        tag_key: str | None = None,
+    ) -> list[AggregateRow]:
+        """Count the events matching ``event_filter`` per group (see `EventStore.aggregate`)."""
+        self._aggregate_args(group_by, tag_key)
+        criteria = normalize(event_filter).unpaged()
+        return await self._query(
+            "aggregate", lambda: self._op_aggregate(criteria, group_by, tag_key)
+        )
+
+    async def get_page(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        page_size: int = 1_000,
+        token: str | None = None,
+        include_archived: bool = False,
+    ) -> Page:
+        """One page of the events matching ``event_filter`` (see `EventStore.get_page`)."""
+        criteria, until, key, position = self._page_start(event_filter, page_size, token)
+        pinned, rows = await self._query(
+            "page",
+            lambda: self._op_keyset_rows(
+                criteria, until, key, position, page_size + 1, 0, include_archived
+            ),
+        )
+        return self._page(criteria, pinned, rows, page_size)
+
+    async def paginate(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        page_size: int = 1_000,
+        include_archived: bool = False,
+    ) -> AsyncIterator[list[SequencedEvent]]:
+        """Walk the events matching ``event_filter`` page by page."""
+        token: str | None = None
+        while True:
+            page = await self.get_page(
+                event_filter, page_size=page_size, token=token, include_archived=include_archived
+            )
+            if page.events:
+                yield page.events
+            if page.next_token is None:
+                return
+            token = page.next_token
+
+    def stream_events(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        batch_size: int = 1_000,
+        include_archived: bool = False,
+    ) -> AsyncIterator[SequencedEvent]:
+        """Every event matching ``event_filter``, in its order, in constant memory, as an
+        async iterator (see `EventStore.stream_events`). Malformed arguments raise at the
+        call."""
+        criteria = normalize(event_filter)
+        check_size(batch_size, "batch_size")
+        return self._stream(criteria, batch_size, include_archived)
+
+    async def _stream(
+        self, criteria: Criteria, batch_size: int, archived: bool
+    ) -> AsyncIterator[SequencedEvent]:
+        async def read(args: Keyset) -> tuple[int, list[str]]:
+            return await self._query(
+                "stream", lambda: self._op_keyset_rows(criteria, *args, archived)
+            )
+
+        walk = _keyset_walk(
+            Walk(criteria, batch_size), read, len, lambda rows: self._stream_last(criteria, rows)
+        )
+        try:
+            async for rows in walk:
+                for event in decode_events(rows):
+                    yield event
+        finally:
+            await walk.aclose()
+
+    def export_arrow(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        batch_size: int = 65_536,
+        include_archived: bool = False,
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """The events matching ``event_filter`` as Arrow record batches of
+        `tamma_events.arrow.EXPORT_SCHEMA`, in its order, as an async iterator (see
+        `EventStore.export_arrow`; here rows come through psycopg's ``AsyncCopy``)."""
+        criteria = normalize(event_filter)
+        check_size(batch_size, "batch_size")
+        return self._export(criteria, batch_size, include_archived)
+
+    async def _export(
+        self, criteria: Criteria, batch_size: int, archived: bool
+    ) -> AsyncIterator[pa.RecordBatch]:
+        if self._export_by_ranges(criteria, archived):
+            async for batch in self._export_ranges(criteria, batch_size):
+                yield batch
+            return
+
+        async def read(args: Keyset) -> tuple[int, list[pa.RecordBatch]]:
+            return await self._query(
+                "export", lambda: self._op_export_batch(criteria, *args, archived)
+            )
+
+        walk = _keyset_walk(
+            Walk(criteria, batch_size),
+            read,
+            lambda batches: sum(b.num_rows for b in batches),
+            lambda batches: self._export_last(criteria, batches),
+        )
+        try:
+            async for batches in walk:
+                for batch in batches:
+                    yield batch
+        finally:
+            await walk.aclose()
+
+    async def _export_ranges(
+        self, criteria: Criteria, batch_size: int
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """`EventStore._export_ranges` with tasks: two ranges read at once, yielded in
+        order."""
+        until = await self.head()
+
+        async def read(start: int, end: int) -> tuple[int, list[pa.RecordBatch]]:
+            return await self._query(
+                "export",
+                lambda: self._op_export_batch(criteria, end, None, start, end - start, 0, False),
+            )
+
+        in_flight: list[asyncio.Task[tuple[int, list[pa.RecordBatch]]]] = []
+        start = 0
+        try:
+            while start < until or in_flight:
+                while start < until and len(in_flight) < _EXPORT_STREAMS:
+                    end = min(start + batch_size, until)
+                    in_flight.append(asyncio.ensure_future(read(start, end)))
+                    start = end
+                _, batches = await in_flight.pop(0)
+                for batch in batches:
+                    yield batch
+        finally:
+            await _cancel(in_flight)
+
+    async def export_parquet(
+        self,
+        event_filter: EventFilter | None,
+        path: str | os.PathLike[str],
+        *,
+        compression: str = "zstd",
+        row_group_size: int = 131_072,
+        batch_size: int = 65_536,
+        progress: Callable[[int], None] | None = None,
+        include_archived: bool = False,
+    ) -> int:
+        """Write the events `export_arrow` yields to the Parquet file ``path`` (see
+        `EventStore.export_parquet`); returns how many."""
+        import pyarrow.parquet as parquet
+
+        from .arrow import EXPORT_SCHEMA, atomic_file
+
+        written = 0
+        batches = self.export_arrow(
+            event_filter, batch_size=batch_size, include_archived=include_archived
+        )
+        with (
+            atomic_file(path) as temporary,
+            parquet.ParquetWriter(temporary, EXPORT_SCHEMA, compression=compression) as writer,
+        ):
+            async for batch in batches:
+                writer.write_batch(batch, row_group_size=row_group_size)
+                written += batch.num_rows
+                if progress is not None:
+                    progress(written)
+        return written
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        query_or_filter: Query | EventFilter | None = None,
+        *,
+        after: int | None = None,
+        buffer: int = 1_000,
+        poll_interval: float = 5.0,
+        retry_for: float = 60.0,
+    ) -> Subscription:
+        """Follow the log (see `EventStore.subscribe`); iterate it with ``async for``. Call
+        it inside the event loop: it starts the store's listener task."""
+        start = after_position(after)
+        check_subscription_options(buffer, poll_interval, retry_for)
+        fetch: Callable[[int, int], Awaitable[tuple[list[SequencedEvent], int]]]
+        if query_or_filter is None or isinstance(query_or_filter, Query):
+            query = query_or_filter
+            query_shape(query, [])
+
+            async def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
+                return await self._run(
+                    "subscription", lambda: self._op_read_after(query, after, limit)
+                )
+
+        elif isinstance(query_or_filter, EventFilter):
+            criteria = subscription_criteria(query_or_filter)
+
+            async def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
+                return await self._run(
+                    "subscription", lambda: self._op_filter_after(criteria, after, limit)
+                )
+
+        else:
+            raise EventStoreError(
+                QUERY_ERROR,
+                "subscribe takes a Query, an EventFilter or None,"
+                f" not {type(query_or_filter).__name__}",
+            )
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+        subscription = Subscription(
+            _unused_fetch,
+            self._ensure_listener(),
+            after=start,
+            buffer=buffer,
+            poll_interval=poll_interval,
+            retry_for=retry_for,
+            on_close=self._subscriptions.discard,
+            fetch_async=fetch,
+        )
+        self._subscriptions.add(subscription)
+        return subscription
+
+    @property
+    def subscriptions(self) -> int:
+        """How many subscriptions are open."""
+        return len(self._subscriptions)
+
+    def _ensure_listener(self) -> AsyncListener:
+        if self._listener is None:
+            dsn = self.dsn
+            pool = self._require_pool()
+
+            async def connect() -> psycopg.AsyncConnection[Any]:
+                pool_kwargs: Any = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
+                if inspect.isawaitable(pool_kwargs):
+                    pool_kwargs = await pool_kwargs
+                kwargs = {
+                    **(pool_kwargs or {}),
+                    **connection_kwargs(dsn, "tamma-events listener"),
+                }
+                return await psycopg.AsyncConnection.connect(dsn, **kwargs)
+
+            self._listener = AsyncListener(
+                connect, self._statements.append_channel, self._statements.head_position
+            )
+            self._listener.start()
+        return self._listener
+
+    # -- more ------------------------------------------------------------------------------
+
+    async def explain(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        count: bool = False,
+        analyze: bool = False,
+    ) -> dict[str, Any]:
+        """PostgreSQL's plan for ``event_filter`` (see `EventStore.explain`)."""
+        return await self._run(
+            "explain", lambda: self._op_explain(normalize(event_filter), count, analyze)
+        )
+
+    async def create_snapshot(self, aggregate_id: str, version: int, state: Any) -> Snapshot:
+        """Save a snapshot (see `EventStore.create_snapshot`)."""
+        return await self._run(
+            "snapshot", lambda: self._op_create_snapshot(aggregate_id, version, state)
+        )
+
+    async def get_snapshot(self, aggregate_id: str, *, state_type: Any = Any) -> Snapshot | None:
+        """The latest snapshot of ``aggregate_id``, or None."""
+        return await self._run("snapshot", lambda: self._op_get_snapshot(aggregate_id, state_type))
+
+    async def project(
+        self,
+        query: Query | None,
+        initial: _S,
+        fold: Callable[[_S, SequencedEvent], _S],
+        *,
+        key: str | None = None,
+        snapshot_every: int | None = None,
+        state_type: Any = None,
+        batch_size: int = 1_000,
+    ) -> Projection:
+        """Fold the events matching ``query`` into a state (see `EventStore.project`)."""
+        self._project_args(key, snapshot_every, batch_size)
+        return await self._run(
+            "project",
+            lambda: self._op_project(
+                query, initial, fold, key, snapshot_every, state_type, batch_size
+            ),
+        )
+
+    @property
+    def prometheus_registry(self) -> Any:
+        """A ``prometheus_client.CollectorRegistry`` of the store's own. Its collector runs at
+        scrape time, outside the event loop, so it reports what is known without a query:
+        replica lag as last measured is not included (see `metrics`)."""
+        if self._registry is None:
+            self._registry = prometheus_registry(self._metrics_now)
+        return self._registry
+
+    def _metrics_now(self) -> dict[str, Any]:
+        snapshot = self._metrics.snapshot()
+        snapshot["cache"] = msgspec.structs.asdict(self.cache.stats())
+        snapshot["pool"] = self.pool_stats()
+        positions = [s.position for s in self._subscriptions if not s.stopped]
+        snapshot["subscriptions"] = self._subscription_lag(self._listener, positions)
+        snapshot["replicas"] = [
+            {
+                "name": r.name,
+                "up": not r.down,
+                "reads": r.reads,
+                "lag_bytes": None,
+                "lag_seconds": None,
+            }
+            for r in self._replicas.members
+        ]
+        snapshot["replica_fallbacks"] = self._replicas.fallbacks
+        return snapshot
+
+
+class AsyncTransaction:
+    """Appends and reads inside `AsyncEventStore.transaction`; they commit together."""
+
+    def __init__(self, store: AsyncEventStore, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._store = store
+        self._conn = conn
+        self._state = TxState()
+        self._closed = False
+
+    async def append(
+        self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None
+    ) -> int:
+        """Append one event in the transaction; returns its position."""
+        return await self.append_batch([event], condition)
+
+    async def append_batch(
+        self,
+        events: Iterable[DomainEvent | dict[str, Any]],
+        condition: AppendCondition | None = None,
+    ) -> int:
+        """Append a batch in the transaction; returns its last position. A failed append
+        raises and leaves the transaction usable."""
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+        store = self._store
+        batch, check, prepared = store._request(events, condition)
+        if prepared is None:
+            prepared = _codec.prepare(batch, store.max_event_bytes)
+        request = AppendRequest(batch, prepared, condition, check)
+        return await run_async(
+            self._conn, store._op_tx_append(self._state, request, False), owned=False
+        )
+
+    async def read(
+        self,
+        query: Query | None = None,
+        *,
+        after: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> ReadResult:
+        """`AsyncEventStore.read` inside the transaction: it sees the block's own appends."""
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+        result = await run_async(
+            self._conn, self._store._op_read(query, after, limit, backwards), owned=False
+        )
+        if limit is None and self._state.head is not None:
+            result.head = self._state.head
+        return result
+
+
+def _unused_fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:  # pragma: no cover
+    raise RuntimeError("an async subscription reads with its async fetch")
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _keyset_walk(
+    walk: Walk,
+    read: Callable[[Keyset], Awaitable[tuple[int, _T]]],
+    count: Callable[[_T], int],
+    last: Callable[[_T], Callable[[], tuple[Any, int]]],
+) -> AsyncGenerator[_T, None]:
+    """The batches of a keyset walk (`tamma_events._core.Walk`), batch n+1 read by a task
+    while the consumer takes batch n; leaving cancels the read in flight."""
+    reading = asyncio.ensure_future(read(walk.first))
+    try:
+        while True:
+            until, batch = await reading
+            following = walk.after(until, count(batch), last(batch))
+            if following is not None:
+                reading = asyncio.ensure_future(read(following))
+            yield batch
+            if following is None:
+                return
+    finally:
+        await _cancel([reading])

@@ -1,0 +1,165 @@
+"""Read replicas: which server serves a read.
+
+A store given ``replicas=[dsn, ...]`` (PostgreSQL streaming replicas of its server) sends its
+queries, streams and exports to them in turn; appends, the DCB ``read`` that decisions are made
+on, conditions, snapshots and subscriptions stay on the primary.
+
+- **Read your writes.** After each append it commits, the store notes the primary's WAL
+  position (one more round trip per append, only when replicas are configured). A read sent to a
+  replica first waits until the replica has replayed that position, checking every few
+  milliseconds for up to ``replica_wait`` seconds; a replica still behind then hands the read to
+  the primary. ``consistency="eventual"`` skips the wait: a replica answers with what it has.
+- **Walks stay whole.** A page token and the batches of a stream or an export carry the head
+  they are pinned to; a replica whose head is behind it hands the batch to the primary, so a
+  walk never ends early on a lagging replica.
+- **Down and back.** A replica whose connection fails (or that has no connection to give
+  within ``replica_timeout``) is left out for ``replica_retry`` seconds and the read goes to
+  the next one, or the primary; after that it is tried again, and used if it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import VALIDATION_FAILED, EventStoreError
+
+__all__ = ["Consistency", "Replica", "ReplicaSet", "redact"]
+
+logger = logging.getLogger(__name__)
+
+Consistency = Literal["read_your_writes", "eventual"]
+
+#: The WAL positions, as numbers of bytes.
+PRIMARY_LSN = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+REPLAY_LSN = (
+    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn,"
+    " CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
+    " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
+)
+
+
+def redact(dsn: str) -> str:
+    """``dsn`` without its password, for logs, errors and ``repr``."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return "<unparsable DSN>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+class Replica:
+    """One replica: its pool (a `psycopg_pool` pool, sync or async) and what the store knows
+    of it."""
+
+    def __init__(self, dsn: str, pool: Any) -> None:
+        self.name = redact(dsn)
+        self.pool = pool
+        #: The WAL position it was last seen to have replayed.
+        self.replayed = 0
+        self.down_until = 0.0
+        self.down = False
+        self.reads = 0
+        self.last_error: BaseException | None = None
+
+
+class ReplicaSet:
+    """The replicas of a store, taken in turn, and the WAL position its reads must see."""
+
+    def __init__(
+        self,
+        replicas: list[Replica],
+        *,
+        consistency: Consistency,
+        wait: float,
+        retry: float,
+        timeout: float,
+    ) -> None:
+        if consistency not in ("read_your_writes", "eventual"):
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"consistency must be 'read_your_writes' or 'eventual', got {consistency!r}",
+                {"field": "consistency"},
+            )
+        for name, value in (
+            ("replica_wait", wait),
+            ("replica_retry", retry),
+            ("replica_timeout", timeout),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
+                raise EventStoreError(
+                    VALIDATION_FAILED,
+                    f"{name} must be a finite non-negative number of seconds, got {value!r}",
+                    {"field": name},
+                )
+        self.members = replicas
+        self.consistency = consistency
+        self.wait = wait
+        self.retry = retry
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._next = 0
+        self._written = 0
+        #: Reads meant for a replica that the primary served.
+        self.fallbacks = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.members)
+
+    def wrote(self, lsn: int) -> None:
+        """Note the primary's WAL position after an append committed."""
+        with self._lock:
+            if lsn > self._written:
+                self._written = lsn
+
+    @property
+    def target(self) -> int:
+        """The WAL position a replica must have replayed to serve a read (0: any)."""
+        return 0 if self.consistency == "eventual" else self._written
+
+    def order(self) -> list[Replica]:
+        """The replicas to try for the next read: the next in turn first, those left out
+        for failing skipped until their time is up."""
+        now = time.monotonic()
+        with self._lock:
+            n = len(self.members)
+            start = self._next
+            self._next = (self._next + 1) % n if n else 0
+        turn = [self.members[(start + i) % n] for i in range(n)]
+        return [replica for replica in turn if replica.down_until <= now]
+
+    def failed(self, replica: Replica, exc: BaseException) -> None:
+        """Leave ``replica`` out for ``retry`` seconds."""
+        replica.down_until = time.monotonic() + self.retry
+        replica.last_error = exc
+        if not replica.down:
+            replica.down = True
+            logger.warning(
+                "tamma-events: replica %s is unavailable (%s); reads go elsewhere",
+                replica.name,
+                str(exc).strip() or type(exc).__name__,
+            )
+
+    def served(self, replica: Replica) -> None:
+        replica.reads += 1
+        if replica.down:
+            replica.down = False
+            logger.info("tamma-events: replica %s is back", replica.name)
+
+    def fell_back(self) -> None:
+        with self._lock:
+            self.fallbacks += 1
+
+
+class Behind(Exception):
+    """A replica has not replayed what a read must see; the read goes to the primary."""
