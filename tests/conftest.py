@@ -48,14 +48,16 @@ def drop_schema(dsn: str, schema: str) -> None:
 
 @pytest.fixture
 def make_store(pg_dsn: str) -> Iterator[Callable[..., EventStore]]:
-    """Opens stores on fresh schemas (or on ``schema=...``); closes and drops them afterwards."""
+    """Opens stores on fresh schemas (or on ``schema=...``; ``dsn=...`` for the test server
+    under other connection settings); closes and drops them afterwards."""
     opened: list[EventStore] = []
     schemas: set[str] = set()
 
     def make(**kwargs: Any) -> EventStore:
         kwargs.setdefault("schema", f"t_{uuid.uuid4().hex[:12]}")
         kwargs.setdefault("max_connections", 12)
-        store = EventStore(pg_dsn, **kwargs)
+        dsn = kwargs.pop("dsn", pg_dsn)  # the test server, under another application name, say
+        store = EventStore(dsn, **kwargs)
         opened.append(store)
         schemas.add(store.schema)
         return store

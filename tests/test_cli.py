@@ -18,6 +18,7 @@ import httpx
 import psycopg
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from tamma_events import DomainEvent, EventStore
@@ -237,6 +238,19 @@ def test_serve_runs_the_http_app(pg_dsn: str, schema: str, tmp_path: Path) -> No
         )
         assert page.status_code == 200
         assert [e["position"] for e in page.json()["events"]] == [4]
+        # Prometheus metrics, behind the same token, parsed with prometheus-client's parser.
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        scraped = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer sesame"})
+        assert scraped.status_code == 200
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(scraped.text)
+            for sample in family.samples
+            if not sample.labels
+        }
+        assert samples["tamma_events_pool_size"] >= 1
+        assert samples["tamma_events_append_events_total"] == 0  # this process appended none
+        assert samples["tamma_events_subscriptions"] == 0
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(30) == 0, (tmp_path / "serve.log").read_text()
@@ -255,6 +269,25 @@ def test_bench_export_suite_reports_adbc_ratio_and_compaction(pg_dsn: str) -> No
     compaction = results["compact_events"]["detail"]
     assert compaction["events"] > 0
     assert compaction["table_mb_after_vacuum_full"] < compaction["table_mb_before"]
+
+
+def test_bench_replicas_suite_compares_a_replica_with_the_primary_alone(pg_dsn: str) -> None:
+    code, out = run(
+        pg_dsn, "bench", "--suite", "replicas", "--events", "2000", "--seconds", "1", "--json", "-"
+    )
+    assert code == 0, out
+    results = {r["name"]: r for r in json.loads(out[out.index("{") :])["results"]}
+    alone = results["reads, primary alone"]
+    assert alone["value"] > 0
+    for name in ("reads, one replica (read your writes)", "reads, one replica (eventual)"):
+        replica = results[name]
+        assert replica["baseline"] == "primary_alone"
+        assert replica["ratio"] == pytest.approx(replica["value"] / alone["value"], rel=1e-2)
+        assert replica["detail"]["replica_reads"] > 0
+        assert (
+            replica["detail"]["replica_reads"] + replica["detail"]["fallbacks"]
+            >= (replica["detail"]["queries"])
+        )
 
 
 def test_export_writes_parquet_arrow_and_jsonl(pg_dsn: str, schema: str, tmp_path: Path) -> None:

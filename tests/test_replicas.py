@@ -264,7 +264,7 @@ def test_the_async_store_reads_from_the_replica(
             primary.dsn, schema=schema, replicas=[replica.dsn], cache_size=0
         ) as store:
             counts = []
-            for n in range(1, 6):
+            for _ in range(5):
                 await store.append(DomainEvent(event_type="Async"))
                 counts.append(await store.count_events())
             member = store._replicas.members[0]

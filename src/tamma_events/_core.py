@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import platformdirs
 import psycopg
 import psycopg.errors
 import pyarrow as pa
@@ -32,6 +33,7 @@ from ._group import AppendRequest
 from ._ops import CopyIn, CopyOut, Op, Rollback, Run, Sleep
 from ._pycodec import COPY_HEADER, COPY_TRAILER, PreparedBatch, json_rows
 from .archive import ArchiveReader
+from .archive import compact as _compact
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT
 from .cache import CacheStats, QueryCache
 from .errors import (
@@ -56,6 +58,8 @@ from .filters import (
     parse_time,
     token_key,
 )
+from .integrity import IntegrityReport
+from .integrity import verify as _verify
 from .metrics import Metrics
 from .model import (
     AppendCondition,
@@ -596,6 +600,21 @@ class StoreCore:
         for request in accepted:
             request.succeed(request.first_position)
         yield from self._op_note_commit()
+
+    def _op_write_group(self, requests: list[AppendRequest]) -> Op[None]:
+        """`_op_write` for a group commit's requests: when an event id of the group is
+        already stored (or given twice), the transaction fails for all of them, so each is
+        then written alone, its condition checked again, to find out whose it was."""
+        try:
+            yield from self._op_write(requests)
+        except DuplicateInGroup:
+            for request in requests:
+                request.reset()
+            for request in requests:
+                try:
+                    yield from self._op_write([request])
+                except EventStoreError as exc:
+                    request.fail(exc)
 
     def _op_note_commit(self) -> Op[None]:
         """With replicas, note the primary's WAL position after a commit: reads wait for a
@@ -1165,6 +1184,99 @@ class StoreCore:
                 return Projection(state, max(head, after))
             after = events[-1].position
 
+    # -- maintenance -----------------------------------------------------------------------
+
+    def _verify_on(
+        self,
+        conn: psycopg.Connection[Any],
+        start: int | None,
+        end: int | None,
+        batch_size: int,
+        progress: Callable[[int, int], None] | None,
+        include_archived: bool,
+    ) -> IntegrityReport:
+        """`EventStore.verify` on a sync connection (the async store runs it in a worker
+        thread: it reads whole ranges of the log through a server-side cursor, and files)."""
+        try:
+            return _verify(
+                conn,
+                self.schema,
+                start,
+                end,
+                batch_size=batch_size,
+                progress=progress,
+                archives=self._archive.directory,
+                check_archives=include_archived,
+            )
+        except psycopg.Error as exc:
+            raise storage_error(exc, "verifying") from exc
+
+    def _compact_on(
+        self,
+        conn: psycopg.Connection[Any],
+        when: datetime,
+        archive_dir: str | os.PathLike[str] | None,
+        file_events: int,
+        progress: Callable[[int, int], None] | None,
+        fault: Callable[[str, int, int], None] | None,
+    ) -> int:
+        """`EventStore.compact_events` on a sync connection, under the store's advisory lock
+        (one compaction at a time)."""
+        directory = Path(archive_dir) if archive_dir is not None else self.archive_dir
+        if directory is None:
+            directory = Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
+        key = f"tamma_events:compact:{self.schema}"
+        lock = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
+        if not lock or not lock[0]:
+            raise EventStoreError(STORAGE_ERROR, "another compaction of this store is running", {})
+        try:
+            return _compact(
+                conn,
+                self.schema,
+                when,
+                directory,
+                file_events=file_events,
+                progress=progress,
+                fault=fault,
+            )
+        except psycopg.Error as exc:
+            raise storage_error(exc, "compacting") from exc
+        except OSError as exc:
+            raise EventStoreError(
+                STORAGE_ERROR, f"compacting failed writing an archive: {exc}", {}
+            ) from exc
+        finally:
+            try:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+            except psycopg.Error:
+                pass  # a lost connection took its session lock with it
+
+    def _op_grant(self, role: str, create: bool) -> Op[None]:
+        """`EventStore.grant_app_role`, in one transaction."""
+        schema = sql.Identifier(self.schema)
+        name = sql.Identifier(role)
+        statements: list[sql.Composed] = []
+        if create:
+            statements.append(
+                sql.SQL(
+                    "DO $$BEGIN CREATE ROLE {} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL;"
+                    " END$$"
+                ).format(name)
+            )
+        statements += [
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, name),
+            sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(schema, name),
+            sql.SQL("GRANT INSERT ON {} TO {}").format(self._statements.events, name),
+            sql.SQL("GRANT UPDATE ON {} TO {}").format(self._statements.head, name),
+            sql.SQL("GRANT INSERT, UPDATE ON {} TO {}").format(
+                sql.Identifier(self.schema, "event_snapshots"), name
+            ),
+        ]
+        yield Run("BEGIN", fetch="none")
+        for statement in statements:
+            yield Run(statement, fetch="none")
+        yield Run("COMMIT", fetch="none")
+
     # -- replicas --------------------------------------------------------------------------
 
     def _op_caught_up(self, replica: Replica) -> Op[bool]:
@@ -1214,6 +1326,7 @@ def pool_stats(stats: dict[str, int]) -> dict[str, int]:
         "connections": stats.get("connections_num", 0),
         "connection_errors": stats.get("connections_errors", 0),
         "connections_lost": stats.get("connections_lost", 0),
+        "connections_discarded": stats.get("returns_bad", 0),
     }
 
 

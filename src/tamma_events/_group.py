@@ -10,9 +10,10 @@ its own condition and gets its own position or error.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .errors import STORAGE_ERROR, EventStoreError
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from .model import AppendCondition, DomainEvent
     from .sql import Check
 
-__all__ = ["AppendRequest", "GroupCommit"]
+__all__ = ["AppendRequest", "AsyncGroupCommit", "GroupCommit"]
 
 
 class AppendRequest:
@@ -64,6 +65,11 @@ class AppendRequest:
     @property
     def last_position(self) -> int:
         return self.first_position + self.batch.count - 1
+
+    def reset(self) -> None:
+        """Unsettled again, to be written once more."""
+        self.done = False
+        self.error = None
 
     def fail(self, error: EventStoreError) -> None:
         self.error = error
@@ -134,6 +140,77 @@ class GroupCommit:
                 events += request.count
                 group.append(request)
         return group
+
+
+class AsyncGroupCommit:
+    """`GroupCommit` for the tasks of one event loop: the first append to find no transaction
+    running leads, writing its request and those queued meanwhile (up to the event limit) in
+    one transaction; the others await it. A queued task that is cancelled leaves the queue,
+    and a leader that is cancelled hands the lead on, so no one waits forever."""
+
+    def __init__(
+        self, write: Callable[[list[AppendRequest]], Awaitable[None]], max_group_events: int
+    ) -> None:
+        self._write = write
+        self._max_group_events = max_group_events
+        self._queue: deque[tuple[AppendRequest, asyncio.Future[None]]] = deque()
+        self._leading = False
+
+    async def submit(self, request: AppendRequest) -> int:
+        if self._leading:
+            waiter = (request, asyncio.get_running_loop().create_future())
+            self._queue.append(waiter)
+            try:
+                await waiter[1]
+            except asyncio.CancelledError:
+                if waiter in self._queue:
+                    self._queue.remove(waiter)
+                elif not waiter[1].cancelled() and not request.done:
+                    # Handed the lead (its future completed) as it was cancelled: hand it on.
+                    # A waiter taken into a group being written has its future cancelled, and
+                    # that group's leader still holds the lead.
+                    self._hand_over()
+                raise
+            if request.done:
+                return request.result()
+            # Not settled: handed the lead by the previous leader.
+        else:
+            self._leading = True
+        group = [(request, None), *self._take(request.count)]
+        members = [member for member, _ in group]
+        try:
+            await self._write(members)
+        except BaseException as exc:
+            for member in members:
+                if not member.done:
+                    member.fail(_unsettled(exc))
+            if not isinstance(exc, Exception):
+                self._release(group)
+                raise
+        self._release(group)
+        return request.result()
+
+    def _take(self, events: int) -> list[tuple[AppendRequest, asyncio.Future[None] | None]]:
+        taken: list[tuple[AppendRequest, asyncio.Future[None] | None]] = []
+        while self._queue and events + self._queue[0][0].count <= self._max_group_events:
+            member, future = self._queue.popleft()
+            events += member.count
+            taken.append((member, future))
+        return taken
+
+    def _release(self, group: list[tuple[AppendRequest, asyncio.Future[None] | None]]) -> None:
+        for _, future in group:
+            if future is not None and not future.done():
+                future.set_result(None)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._queue:
+            _, future = self._queue.popleft()
+            if not future.done():
+                future.set_result(None)  # the oldest waiter leads next
+                return
+        self._leading = False
 
 
 def _unsettled(exc: BaseException) -> EventStoreError:

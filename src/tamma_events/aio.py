@@ -2,18 +2,19 @@
 
 It is `EventStore`'s API with ``async def``: appends, DCB reads, queries, pages, snapshots and
 projections, transactions and appends in a caller's transaction; ``stream_events``,
-``paginate``, ``export_arrow`` and ``subscribe`` are async iterators. No thread is involved:
-connections come from a `psycopg_pool.AsyncConnectionPool`, the LISTEN connection of its
-subscriptions is a task, and the read-ahead of streams and exports is a task.
+``paginate``, ``export_arrow`` and ``subscribe`` are async iterators. No thread is involved
+(but for the two maintenance jobs below): connections come from a
+`psycopg_pool.AsyncConnectionPool`, the LISTEN connection of its subscriptions is a task, and
+the read-ahead of streams and exports is a task.
 
 Its database work is the sync store's own code: every operation is a generator in
-`tamma_events._core`, driven here by `tamma_events._ops.run_async`. Two things differ:
+`tamma_events._core`, driven here by `tamma_events._ops.run_async`. Two things to know:
 
-- Concurrent appends from many tasks each take their own transaction (they serialize on the
-  head lock, as appends from several processes do); the sync store's group commit batches the
-  appends of its threads.
-- Maintenance (``verify``, ``compact_events``, ``grant_app_role``) is `EventStore`'s (or the
-  CLI's) job: it reads files and whole ranges of the log, and belongs in a job, not a service.
+- Concurrent appends from the tasks of one event loop share transactions (group commit), as
+  the sync store's threads do.
+- The maintenance jobs ``verify`` and ``compact_events`` read whole ranges of the log through a
+  server-side cursor and read or write archive files: they run in a worker thread, on a sync
+  connection of their own, and are awaited like the rest.
 
     async with AsyncEventStore(dsn) as store:
         await store.append(DomainEvent(...))
@@ -46,26 +47,28 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import _codec, embedded
 from ._core import (
-    DuplicateInGroup,
     Keyset,
     StoreCore,
     TxState,
     Walk,
     check_size,
+    check_size_any,
     connection_kwargs,
     decode_document,
     decode_events,
     event_key,
+    moment,
     pool_stats,
     retryable,
     storage_error,
     subscription_criteria,
 )
-from ._group import AppendRequest
+from ._group import AppendRequest, AsyncGroupCommit
 from ._ops import Op, rollback_async, run_async
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
 from .errors import QUERY_ERROR, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
+from .integrity import IntegrityReport
 from .metrics import prometheus_registry
 from .model import (
     AppendCondition,
@@ -129,6 +132,7 @@ class AsyncEventStore(StoreCore):
         data_dir: str | os.PathLike[str] | None = None,
         migrate: bool = True,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_group_events: int = 2_000,
         chunk_events: int = 10_000,
         cache_size: int = 256,
         cache_ttl: float = 5.0,
@@ -172,6 +176,7 @@ class AsyncEventStore(StoreCore):
         self._listener: AsyncListener | None = None
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._registry: Any = None
+        self._group = AsyncGroupCommit(self._write_group, max_group_events)
         self.embedded: embedded.EmbeddedServer | None = None
 
     def _make_pool(self, dsn: str, name: str, timeout: float) -> AsyncConnectionPool[Any]:
@@ -240,7 +245,9 @@ class AsyncEventStore(StoreCore):
         return conninfo() if callable(conninfo) else conninfo  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        where = redact(self.dsn) if self._pool is not None else "not open"
+        where = "not open"
+        if self._pool is not None and isinstance(self._pool.conninfo, str):
+            where = redact(self._pool.conninfo)
         state = " closed" if self._closed else ""
         return f"<AsyncEventStore{state} {where!r} schema={self.schema!r}>"
 
@@ -323,6 +330,7 @@ class AsyncEventStore(StoreCore):
         before anything was committed."""
         start = time.perf_counter()
         failed = True
+        retried = False
         try:
             try:
                 async with self._connection() as conn:
@@ -330,13 +338,19 @@ class AsyncEventStore(StoreCore):
             except EventStoreError as exc:
                 if not retryable(exc):
                     raise
-                logger.info("tamma-events: %s; running the %s again", exc.message, kind)
+                retried = True
+                logger.info(
+                    "tamma-events: %s; running the %s again",
+                    exc.message,
+                    kind,
+                    extra={"kind": kind},
+                )
                 async with self._connection() as conn:
                     result = await run_async(conn, make())
             failed = False
             return result
         finally:
-            self._metrics.queried(kind, time.perf_counter() - start, failed)
+            self._metrics.queried(kind, time.perf_counter() - start, failed, retried)
 
     async def _query(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
         if not self._replicas:
@@ -458,7 +472,7 @@ class AsyncEventStore(StoreCore):
                 if conn is not None:
                     position = await self._append_in(conn, request)
                 else:
-                    position = await self._write(request)
+                    position = await self._group.submit(request)
                 size = len(prepared.buffer)
         except EventStoreError as exc:
             self._metrics.append_failed(exc.code, time.perf_counter() - start)
@@ -469,22 +483,24 @@ class AsyncEventStore(StoreCore):
         self._metrics.appended(len(batch), size, time.perf_counter() - start)
         return position
 
-    async def _write(self, request: AppendRequest) -> int:
+    async def _write_group(self, requests: list[AppendRequest]) -> None:
+        """`EventStore._write_group` on an async connection."""
         try:
             try:
                 async with self._connection() as conn:
-                    await run_async(conn, self._op_write([request]))
+                    await run_async(conn, self._op_write_group(requests))
             except EventStoreError as exc:
                 if not retryable(exc):
                     raise
                 logger.info("tamma-events: %s; appending again", exc.message)
-                request.done = False
-                request.error = None
+                for request in requests:
+                    request.reset()
                 async with self._connection() as conn:
-                    await run_async(conn, self._op_write([request]))
-        except DuplicateInGroup as exc:  # pragma: no cover - a group of one raises its error
-            raise exc.error from None
-        return request.result()
+                    await run_async(conn, self._op_write_group(requests))
+        except EventStoreError as exc:
+            for request in requests:
+                if not request.done:
+                    request.fail(exc)
 
     async def _append_in(self, conn: psycopg.AsyncConnection[Any], request: AppendRequest) -> int:
         if not isinstance(conn, psycopg.AsyncConnection):
@@ -884,6 +900,63 @@ class AsyncEventStore(StoreCore):
                 query, initial, fold, key, snapshot_every, state_type, batch_size
             ),
         )
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    async def verify(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        batch_size: int = 5_000,
+        progress: Callable[[int, int], None] | None = None,
+        include_archived: bool = True,
+    ) -> IntegrityReport:
+        """Recompute the hash chain (see `EventStore.verify`). A maintenance job that reads
+        whole ranges of the log and the archive files: it runs in a worker thread, on a sync
+        connection of its own, and ``progress`` is called from that thread."""
+        return await asyncio.to_thread(
+            self._maintenance,
+            lambda conn: self._verify_on(conn, start, end, batch_size, progress, include_archived),
+        )
+
+    async def compact_events(
+        self,
+        before: datetime | str,
+        *,
+        archive_dir: str | os.PathLike[str] | None = None,
+        file_events: int = 1_000_000,
+        progress: Callable[[int, int], None] | None = None,
+        fault: Callable[[str, int, int], None] | None = None,
+    ) -> int:
+        """Move the events recorded before ``before`` into verified Parquet archives (see
+        `EventStore.compact_events`); like `verify`, in a worker thread on a connection of its
+        own."""
+        when = moment(before)
+        check_size_any(file_events, "file_events")
+        return await asyncio.to_thread(
+            self._maintenance,
+            lambda conn: self._compact_on(conn, when, archive_dir, file_events, progress, fault),
+        )
+
+    async def grant_app_role(self, role: str, *, create: bool = True) -> None:
+        """Give ``role`` what an application needs and nothing more (see
+        `EventStore.grant_app_role`)."""
+        await self._run("grant", lambda: self._op_grant(role, create))
+
+    def _maintenance(self, job: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        if self._closed:
+            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+        dsn = self.dsn
+        try:
+            conn = psycopg.Connection.connect(
+                dsn, **connection_kwargs(dsn, "tamma-events maintenance")
+            )
+        except psycopg.Error as exc:
+            raise storage_error(exc, "connecting to PostgreSQL") from exc
+        with conn:
+            set_json_loads(msgspec.json.decode, conn)
+            return job(conn)
 
     @property
     def prometheus_registry(self) -> Any:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -48,6 +49,7 @@ __all__ = [
     "measure_encode",
     "measure_export",
     "measure_notify_cost",
+    "measure_read_throughput",
     "measure_stream",
     "paced_writer",
     "percentiles",
@@ -55,6 +57,7 @@ __all__ = [
     "relation_bytes",
     "run_export_suite",
     "run_query_suite",
+    "run_replica_suite",
     "run_stream_suite",
     "run_suite",
     "without_summaries",
@@ -1035,5 +1038,131 @@ def run_export_suite(
             None,
             None,
             {k: round(v, 1) for k, v in figures.items()},
+        ),
+    ]
+
+
+def measure_read_throughput(
+    store: EventStore, *, threads: int, seconds: float, types: Sequence[str]
+) -> tuple[float, int]:
+    """Queries per second from ``threads`` threads for ``seconds``: a mix of a LIMIT-100 page
+    of one event type, a count by type and a first page, as a read-mostly service asks.
+    Returns the rate and how many queries ran."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+    failures: list[BaseException] = []
+
+    def work(slot: int) -> None:
+        n = 0
+        try:
+            while time.perf_counter() < stop:
+                kind = types[n % len(types)]
+                store.get_events(EventFilter(event_types=[kind], limit=100))
+                store.count_events(EventFilter(event_types=[kind]))
+                store.get_page(EventFilter(event_types=[kind]), page_size=100)
+                n += 3
+        except BaseException as exc:  # reported after the run
+            failures.append(exc)
+        counts[slot] = n
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(slot,)) for slot in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failures:
+        raise failures[0]
+    return sum(counts) / (time.perf_counter() - started), sum(counts)
+
+
+def run_replica_suite(
+    *,
+    events: int = 200_000,
+    threads: int = 4,
+    seconds: float = 10.0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[BenchResult]:
+    """Read throughput with one streaming replica against the primary alone, in the same run.
+
+    It starts its own embedded primary and a replica of it (`embedded.start_replica`) in a
+    temporary directory: a replica needs a primary whose binaries and files are at hand. Both
+    servers share this machine's cores, so the figure shows what routing costs and what a
+    second server's caches give, not what a second machine would add."""
+    import tempfile
+
+    from . import embedded
+
+    with tempfile.TemporaryDirectory(prefix="tamma-events-replica-bench-") as base:
+        progress("starting a primary and a replica")
+        primary = embedded.start(Path(base) / "primary", cleanup="delete")
+        replica = embedded.start_replica(primary, Path(base) / "replica", port=5439)
+        try:
+            progress(f"loading {events:,} events")
+            store = load_query_store(primary.dsn, "bench_replica", events, progress)
+            types = store.get_event_types()
+            store.close()
+            with psycopg.connect(primary.dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+            target = int(row[0]) if row else 0
+            deadline = time.monotonic() + 120
+            with psycopg.connect(replica.dsn, autocommit=True) as conn:
+                while time.monotonic() < deadline:
+                    replayed = conn.execute(
+                        "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn"
+                    ).fetchone()
+                    if replayed and int(replayed[0]) >= target:
+                        break
+                    time.sleep(0.1)
+            figures: dict[str, tuple[float, int, dict[str, Any]]] = {}
+            for name, options in (
+                ("primary", {}),
+                ("replica", {"replicas": [replica.dsn]}),
+                ("replica_eventual", {"replicas": [replica.dsn], "consistency": "eventual"}),
+            ):
+                progress(f"reading: {name}")
+                with EventStore(
+                    primary.dsn,
+                    schema="bench_replica",
+                    cache_size=0,
+                    migrate=False,
+                    max_connections=threads + 2,
+                    **options,
+                ) as reader:
+                    measure_read_throughput(reader, threads=threads, seconds=1.0, types=types)
+                    rate, count = measure_read_throughput(
+                        reader, threads=threads, seconds=seconds, types=types
+                    )
+                    members = reader.metrics()
+                    served = sum(r["reads"] for r in members["replicas"])
+                    figures[name] = (
+                        rate,
+                        count,
+                        {"replica_reads": served, "fallbacks": members["replica_fallbacks"]},
+                    )
+        finally:
+            if replica.running:
+                replica.stop()
+            primary.stop()
+    base_rate = figures["primary"][0]
+    return [
+        BenchResult(
+            "reads, primary alone",
+            base_rate,
+            "queries/s",
+            None,
+            None,
+            {"queries": figures["primary"][1], "threads": threads, "events": events},
+        ),
+        *(
+            BenchResult(
+                f"reads, one replica ({'eventual' if 'eventual' in name else 'read your writes'})",
+                figures[name][0],
+                "queries/s",
+                "primary_alone",
+                figures[name][0] / base_rate,
+                {"queries": figures[name][1], "threads": threads, **figures[name][2]},
+            )
+            for name in ("replica", "replica_eventual")
         ),
     ]

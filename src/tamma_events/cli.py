@@ -232,13 +232,15 @@ def _show_query(store: EventStore) -> None:
 @click.option("--per-thread", default=500, show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["append", "queries", "stream", "export"]),
+    type=click.Choice(["append", "queries", "stream", "export", "replicas"]),
     default="append",
     show_default=True,
     help="append: write throughput; queries: p50/p99 of each query shape over --events "
     "events (1,000,000 is the reference run); stream: subscription latency under --rate "
     "events/s and stream_events throughput over --events events; export: export_arrow "
-    "against ADBC and COPY TO, and compact_events, over --events events.",
+    "against ADBC and COPY TO, and compact_events, over --events events; replicas: read "
+    "throughput of 4 threads for --seconds with one streaming replica against the primary "
+    "alone (on an embedded primary and replica of its own, whatever the DSN).",
 )
 @click.option(
     "--samples",
@@ -290,7 +292,14 @@ def bench(
 ) -> None:
     """Measure append and encode throughput, or query latencies, against baselines from the
     same run."""
-    from .bench import as_json, run_export_suite, run_query_suite, run_stream_suite, run_suite
+    from .bench import (
+        as_json,
+        run_export_suite,
+        run_query_suite,
+        run_replica_suite,
+        run_stream_suite,
+        run_suite,
+    )
 
     with _failures():
         store = obj.open(schema=f"bench_{uuid.uuid4().hex[:8]}", migrate=False)
@@ -306,6 +315,10 @@ def bench(
                     conditional=conditional,
                     keep=keep,
                     progress=lambda s: status.update(s),
+                )
+            elif suite == "replicas":
+                results = run_replica_suite(
+                    events=count, threads=4, seconds=seconds, progress=lambda s: status.update(s)
                 )
             elif suite == "export":
                 results = run_export_suite(
@@ -612,11 +625,24 @@ def compact(obj: _Context, before: str, archive_dir: str | None, file_events: in
     help="Seconds between the keep-alive comments a stream sends.",
 )
 @click.option("--log-level", default="info", show_default=True, help="uvicorn's log level.")
+@click.option(
+    "--replica",
+    "replicas",
+    multiple=True,
+    help="DSN of a streaming replica to read from (repeat for several).",
+)
 @click.pass_obj
 def serve(
-    obj: _Context, host: str, port: int, token: str | None, heartbeat: float, log_level: str
+    obj: _Context,
+    host: str,
+    port: int,
+    token: str | None,
+    heartbeat: float,
+    log_level: str,
+    replicas: tuple[str, ...],
 ) -> None:
-    """Serve the store over HTTP: /events, /events/stream (Server-Sent Events), /health."""
+    """Serve the store over HTTP: /events, /events/stream (Server-Sent Events), /health and
+    /metrics (Prometheus)."""
     try:
         import uvicorn
 
@@ -626,7 +652,7 @@ def serve(
             f'serve needs the web extra ({exc.name} is missing): pip install "tamma-events[web]"'
         ) from None
     token = token or None  # an empty $TAMMA_EVENTS_TOKEN is no token
-    with _failures(), obj.open() as store:
+    with _failures(), obj.open(replicas=list(replicas)) as store:
         app = create_app(store, token=token, heartbeat=heartbeat)
         if token is None and host not in ("127.0.0.1", "localhost", "::1"):
             err_console.print(

@@ -65,10 +65,11 @@ class Histogram:
 
 
 class _Kind:
-    __slots__ = ("errors", "latency")
+    __slots__ = ("errors", "latency", "retries")
 
     def __init__(self) -> None:
         self.errors = 0
+        self.retries = 0
         self.latency = Histogram()
 
 
@@ -104,7 +105,11 @@ class Metrics:
                 self.errors += 1
             self.append_latency.observe(seconds)
 
-    def queried(self, kind: str, seconds: float, failed: bool = False) -> None:
+    def queried(
+        self, kind: str, seconds: float, failed: bool = False, retried: bool = False
+    ) -> None:
+        """A query of ``kind`` took ``seconds``; it ``failed``, or was ``retried`` (run once
+        more after its connection was lost)."""
         with self._lock:
             entry = self._queries.get(kind)
             if entry is None:
@@ -112,6 +117,8 @@ class Metrics:
             entry.latency.observe(seconds)
             if failed:
                 entry.errors += 1
+            if retried:
+                entry.retries += 1
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -129,6 +136,7 @@ class Metrics:
                     kind: {
                         "count": entry.latency.count,
                         "errors": entry.errors,
+                        "retries": entry.retries,
                         "latency": entry.latency.snapshot(),
                     }
                     for kind, entry in sorted(self._queries.items())
@@ -180,9 +188,16 @@ def prometheus_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
             errors = CounterMetricFamily(
                 "tamma_events_query_errors", "Queries that failed, by kind", labels=["kind"]
             )
+            retries = CounterMetricFamily(
+                "tamma_events_query_retries",
+                "Queries run once more after their connection was lost, by kind",
+                labels=["kind"],
+            )
             for kind, entry in queries.items():
                 errors.add_metric([kind], entry["errors"])
+                retries.add_metric([kind], entry["retries"])
             yield errors
+            yield retries
             yield histogram(
                 "tamma_events_query_latency_seconds",
                 "Latency of queries, by kind",

@@ -148,13 +148,16 @@ class ReplicaSet:
                 "tamma-events: replica %s is unavailable (%s); reads go elsewhere",
                 replica.name,
                 str(exc).strip() or type(exc).__name__,
+                extra={"replica": replica.name, "retry_in": self.retry},
             )
 
     def served(self, replica: Replica) -> None:
         replica.reads += 1
         if replica.down:
             replica.down = False
-            logger.info("tamma-events: replica %s is back", replica.name)
+            logger.info(
+                "tamma-events: replica %s is back", replica.name, extra={"replica": replica.name}
+            )
 
     def fell_back(self) -> None:
         with self._lock:

@@ -28,23 +28,20 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
-import platformdirs
 import psycopg
 import psycopg.errors
 import pyarrow as pa
-from psycopg import pq, sql
+from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import _codec, embedded
 from ._core import (
     MAX_PAGE_SIZE,
-    DuplicateInGroup,
     Keyset,
     StoreCore,
     TxState,
@@ -64,7 +61,6 @@ from ._core import (
 from ._group import AppendRequest, GroupCommit
 from ._ops import Op, rollback, run
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
-from .archive import compact as _compact
 from .arrow import EXPORT_SCHEMA, write_parquet
 from .errors import (
     QUERY_ERROR,
@@ -74,7 +70,6 @@ from .errors import (
 )
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
-from .integrity import verify as _verify
 from .metrics import prometheus_registry
 from .model import (
     AppendCondition,
@@ -371,6 +366,7 @@ class EventStore(StoreCore):
         terminated backend), the pool is checked and the operation runs once more."""
         start = time.perf_counter()
         failed = True
+        retried = False
         try:
             try:
                 with self._connection() as conn:
@@ -378,13 +374,19 @@ class EventStore(StoreCore):
             except EventStoreError as exc:
                 if not retryable(exc):
                     raise
-                logger.info("tamma-events: %s; running the %s again", exc.message, kind)
+                retried = True
+                logger.info(
+                    "tamma-events: %s; running the %s again",
+                    exc.message,
+                    kind,
+                    extra={"kind": kind},
+                )
                 with self._connection() as conn:
                     result = run(conn, make())
             failed = False
             return result
         finally:
-            self._metrics.queried(kind, time.perf_counter() - start, failed)
+            self._metrics.queried(kind, time.perf_counter() - start, failed, retried)
 
     def _query(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
         """Run the operation ``make()`` on a replica in turn (caught up with this store's
@@ -430,7 +432,9 @@ class EventStore(StoreCore):
         """The primary's connection pool: ``size`` (open connections), ``idle``, ``waiting``
         (requests waiting for one), ``min``, ``max``, and since the store opened: ``requests``,
         ``request_timeouts``, ``connections`` opened, ``connection_errors`` (attempts that
-        failed) and ``connections_lost`` (found broken and replaced)."""
+        failed), ``connections_lost`` (found broken by a check and replaced) and
+        ``connections_discarded`` (found closed or broken when handed out or given back, and
+        replaced)."""
         return pool_stats(self._pool.get_stats())
 
     def metrics(self) -> dict[str, Any]:
@@ -569,33 +573,21 @@ class EventStore(StoreCore):
             raise storage_error(exc, "appending in the caller's transaction") from exc
 
     def _write_group(self, requests: list[AppendRequest]) -> None:
-        """Write ``requests`` in one transaction; settles every one of them."""
+        """Write ``requests`` in one transaction (`StoreCore._op_write_group`); settles every
+        one of them. Run once more on a checked connection when the first was lost before
+        anything was sent for commit."""
         try:
             try:
                 with self._connection() as conn:
-                    run(conn, self._op_write(requests))
+                    run(conn, self._op_write_group(requests))
             except EventStoreError as exc:
                 if not retryable(exc):
                     raise
-                # Lost before the commit was sent: nothing was written; once more, on a
-                # connection the pool has checked.
                 logger.info("tamma-events: %s; appending again", exc.message)
                 for request in requests:
-                    request.done = False
-                    request.error = None
+                    request.reset()
                 with self._connection() as conn:
-                    run(conn, self._op_write(requests))
-        except DuplicateInGroup:
-            # Find out whose events were duplicates: each request alone, conditions re-checked.
-            for request in requests:
-                request.done = False
-                request.error = None
-            for request in requests:
-                try:
-                    with self._connection() as conn:
-                        run(conn, self._op_write([request]))
-                except EventStoreError as exc:
-                    request.fail(exc)
+                    run(conn, self._op_write_group(requests))
         except EventStoreError as exc:
             for request in requests:
                 if not request.done:
@@ -1043,19 +1035,7 @@ class EventStore(StoreCore):
         A broken archive is reported with its range. ``include_archived=False`` checks the
         live log only, anchored on the manifest's last hash."""
         with self._connection() as conn:
-            try:
-                return _verify(
-                    conn,
-                    self.schema,
-                    start,
-                    end,
-                    batch_size=batch_size,
-                    progress=progress,
-                    archives=self._archive.directory,
-                    check_archives=include_archived,
-                )
-            except psycopg.Error as exc:
-                raise storage_error(exc, "verifying") from exc
+            return self._verify_on(conn, start, end, batch_size, progress, include_archived)
 
     def compact_events(
         self,
@@ -1078,41 +1058,8 @@ class EventStore(StoreCore):
         interrupt a compaction."""
         when = moment(before)
         check_size_any(file_events, "file_events")
-        directory = Path(archive_dir) if archive_dir is not None else self.archive_dir
-        if directory is None:
-            directory = Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
         with self._connection() as conn:
-            lock = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtext(%s))", [f"tamma_events:compact:{self.schema}"]
-            ).fetchone()
-            if not lock or not lock[0]:
-                raise EventStoreError(
-                    STORAGE_ERROR, "another compaction of this store is running", {}
-                )
-            try:
-                return _compact(
-                    conn,
-                    self.schema,
-                    when,
-                    directory,
-                    file_events=file_events,
-                    progress=progress,
-                    fault=fault,
-                )
-            except psycopg.Error as exc:
-                raise storage_error(exc, "compacting") from exc
-            except OSError as exc:
-                raise EventStoreError(
-                    STORAGE_ERROR, f"compacting failed writing an archive: {exc}", {}
-                ) from exc
-            finally:
-                try:
-                    conn.execute(
-                        "SELECT pg_advisory_unlock(hashtext(%s))",
-                        [f"tamma_events:compact:{self.schema}"],
-                    )
-                except psycopg.Error:
-                    pass  # a lost connection took its session lock with it
+            return self._compact_on(conn, when, archive_dir, file_events, progress, fault)
 
     def grant_app_role(self, role: str, *, create: bool = True) -> None:
         """Give ``role`` what an application needs and nothing more: read events, append them
@@ -1121,28 +1068,7 @@ class EventStore(StoreCore):
         With ``create`` the role is created (NOLOGIN) if it does not exist; give it a login and
         password yourself, or grant it to a login role. Skip this if you manage roles yourself.
         """
-        schema = sql.Identifier(self.schema)
-        name = sql.Identifier(role)
-        statements = []
-        if create:
-            statements.append(
-                sql.SQL(
-                    "DO $$BEGIN CREATE ROLE {} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL;"
-                    " END$$"
-                ).format(name)
-            )
-        statements += [
-            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, name),
-            sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(schema, name),
-            sql.SQL("GRANT INSERT ON {} TO {}").format(self._statements.events, name),
-            sql.SQL("GRANT UPDATE ON {} TO {}").format(self._statements.head, name),
-            sql.SQL("GRANT INSERT, UPDATE ON {} TO {}").format(
-                sql.Identifier(self.schema, "event_snapshots"), name
-            ),
-        ]
-        with self._connection() as conn, conn.transaction():
-            for statement in statements:
-                conn.execute(statement)
+        self._run("grant", lambda: self._op_grant(role, create))
 
     # -- transactions ----------------------------------------------------------------------
 
