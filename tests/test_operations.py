@@ -168,6 +168,29 @@ def test_a_failed_append_leaves_the_callers_transaction_usable(
     assert store.verify().ok
 
 
+def test_a_lock_timeout_in_the_callers_transaction_undoes_that_append_alone(
+    pg_dsn: str, store: EventStore
+) -> None:
+    store.append(DomainEvent(event_type="First"))
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("CREATE TEMP TABLE work (note text)")
+        conn.execute("INSERT INTO work VALUES ('kept')")
+        conn.execute("SET lock_timeout = '100ms'")
+        with store.transaction() as tx:  # another writer holds the head lock meanwhile
+            tx.append(DomainEvent(event_type="Other"))
+            with pytest.raises(EventStoreError) as info:
+                store.append(DomainEvent(event_type="Waited"), conn=conn)
+            assert info.value.code == STORAGE_ERROR
+            assert info.value.context["sqlstate"] == "55P03"  # lock_not_available
+        # The caller's transaction is still usable, its own work intact; the append, tried
+        # again once the lock is free, commits with it.
+        assert conn.execute("SELECT note FROM work").fetchall() == [("kept",)]
+        assert store.append(DomainEvent(event_type="Waited"), conn=conn) == 3
+        conn.commit()
+    assert [e.event_type for e in store.get_events()] == ["First", "Other", "Waited"]
+    assert store.verify().ok
+
+
 def test_an_autocommit_connection_gets_a_transaction_of_its_own(
     pg_dsn: str, store: EventStore
 ) -> None:

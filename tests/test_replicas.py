@@ -278,3 +278,25 @@ def test_the_async_store_reads_from_the_replica(
     assert counts == [1, 2, 3, 4, 5]
     assert reads + fallbacks == 5
     assert reads > 0
+
+
+def test_an_append_whose_wal_position_cannot_be_read_is_not_reported_failed(
+    make_replicated: Callable[..., EventStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the commit, the store reads the primary's WAL position for read-your-writes. If
+    that read fails, the append still succeeded: it must say so (a retry would store the
+    events twice), and the next read asks the primary for the position instead."""
+    import tamma_events._core
+
+    store = make_replicated()
+    monkeypatch.setattr(tamma_events._core, "PRIMARY_LSN", "SELECT no_such_function()")
+    assert store.append(DomainEvent(event_type="Committed")) == 1
+    assert store.append_batch(_events(5)) == 6
+    assert store._replicas.pending
+    monkeypatch.undo()
+    # The next query settles the position first; it then sees both appends.
+    assert store.count_events() == 6
+    assert not store._replicas.pending
+    assert store._replicas.target > 0
+    assert store.head() == 6
+    assert store.verify().ok

@@ -1,6 +1,7 @@
 """tamma-events: a DCB event store on PostgreSQL with a native hot path."""
 
 from ._codec import IMPL as __impl__
+from .aio import AsyncEventStore, AsyncTransaction
 from .cache import CacheStats, QueryCache
 from .errors import (
     APPEND_CONDITION_FAILED,
@@ -36,6 +37,8 @@ __all__ = [
     "VALIDATION_FAILED",
     "AggregateRow",
     "AppendCondition",
+    "AsyncEventStore",
+    "AsyncTransaction",
     "CacheStats",
     "DomainEvent",
     "ErrorCode",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import time
 import uuid
 from collections import Counter
@@ -88,6 +89,7 @@ from .stream import connection_lost
 
 _T = TypeVar("_T")
 _S = TypeVar("_S")
+_P = TypeVar("_P")
 
 _EVENT_ID_CONSTRAINT = "events_event_id_key"
 # COPY data is handed to psycopg in slices of this size, so libpq sends while we slice.
@@ -112,6 +114,29 @@ def connection_kwargs(dsn: str, application_name: str = "tamma-events") -> dict[
     if "application_name" not in conninfo_to_dict(dsn):
         kwargs["application_name"] = application_name
     return kwargs
+
+
+def make_pool(pool_class: type[_P], dsn: str, name: str, **options: Any) -> _P:
+    """A pool (`psycopg_pool.ConnectionPool` or ``AsyncConnectionPool``) of the store's
+    connections, not open yet; bad settings are a VALIDATION_FAILED error."""
+    try:
+        return pool_class(  # type: ignore[call-arg]
+            dsn, kwargs=connection_kwargs(dsn), name=name, open=False, **options
+        )
+    except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
+        raise EventStoreError(
+            VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
+        ) from None
+
+
+def server_wrote(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server has written to an idle connection (a backend terminated or a server
+    shut down sends its FATAL message then): the pools' check, one zero-timeout ``select``,
+    tests such a connection with a query, so that a broken one is replaced before an
+    operation uses it."""
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    return bool(select.select([conn.fileno()], [], [], 0)[0])
 
 
 def as_events(events: Iterable[DomainEvent | dict[str, Any]]) -> list[DomainEvent]:
@@ -459,6 +484,15 @@ class StoreCore:
             return batch, check, _codec.prepare(batch, self.max_event_bytes)
         return batch, check, None
 
+    def _full_request(
+        self, events: Iterable[DomainEvent | dict[str, Any]], condition: AppendCondition | None
+    ) -> AppendRequest:
+        """A request with the whole batch encoded at once (appends in a transaction)."""
+        batch, check, prepared = self._request(events, condition)
+        if prepared is None:
+            prepared = _codec.prepare(batch, self.max_event_bytes)
+        return AppendRequest(batch, prepared, condition, check)
+
     @staticmethod
     def _page_start(
         event_filter: EventFilter | None, page_size: int, token: str | None
@@ -620,7 +654,14 @@ class StoreCore:
         """With replicas, note the primary's WAL position after a commit: reads wait for a
         replica to have replayed it (read your writes)."""
         if self._replicas:
-            row = yield Run(PRIMARY_LSN, fetch="one")
+            try:
+                row = yield Run(PRIMARY_LSN, fetch="one")
+            except psycopg.Error:
+                # The append committed; only its position is unknown. The next read asks the
+                # primary for it before choosing a replica. Raising here would make the
+                # append look failed, and a retry store it twice.
+                self._replicas.pending = True
+                return
             self._replicas.wrote(int(row[0]))
 
     def _op_write_by_function(self, requests: list[AppendRequest]) -> Op[None]:
@@ -752,18 +793,21 @@ class StoreCore:
     def _op_tx_append(self, state: TxState, request: AppendRequest, move_head: bool) -> Op[int]:
         """An append inside a transaction the store does not commit: lock the head (once per
         transaction), check, COPY; with ``move_head``, move the head row now (a caller's
-        transaction), else when the store's transaction commits. A savepoint per append keeps
-        the transaction usable after a failed one."""
+        transaction), else when the store's transaction commits. Each append runs in a
+        savepoint, its lock included, so a failed one (a lock timeout, say) is undone alone and
+        leaves the transaction usable."""
         statements = self._statements
-        if state.head is None:
-            row = yield Run(statements.lock_head, fetch="one")
-            if row is None:
-                raise EventStoreError(
-                    STORAGE_ERROR, "the head row is missing: is the schema migrated?"
-                )
-            state.head, state.hash = int(row[0]), bytes(row[1])
+        locked_here = False
         yield Run("SAVEPOINT tamma_append", fetch="none")
         try:
+            if state.head is None:
+                row = yield Run(statements.lock_head, fetch="one")
+                if row is None:
+                    raise EventStoreError(
+                        STORAGE_ERROR, "the head row is missing: is the schema migrated?"
+                    )
+                state.head, state.hash = int(row[0]), bytes(row[1])
+                locked_here = True
             verdicts: list[bool] = []
             if request.check is not None:
                 found = yield Run(*statements.checks([request.check]), fetch="one")
@@ -779,12 +823,20 @@ class StoreCore:
             if move_head:
                 yield Run(statements.set_head, [request.last_position, last_hash], fetch="none")
             yield Run("RELEASE SAVEPOINT tamma_append", fetch="none")
-        except psycopg.errors.UniqueViolation as exc:
-            yield Run("ROLLBACK TO SAVEPOINT tamma_append", fetch="none")
-            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
-                raise storage_error(exc, "appending") from exc
-            raise (yield from self._op_duplicates_error([request])) from exc
         except psycopg.Error as exc:
+            # Undo this append only (the head lock too, when it took it), so the transaction
+            # stays usable when the connection is.
+            if locked_here:
+                state.head = None
+            try:
+                yield Run("ROLLBACK TO SAVEPOINT tamma_append", fetch="none")
+            except psycopg.Error:
+                pass
+            if (
+                isinstance(exc, psycopg.errors.UniqueViolation)
+                and exc.diag.constraint_name == _EVENT_ID_CONSTRAINT
+            ):
+                raise (yield from self._op_duplicates_error([request])) from exc
             raise storage_error(exc, "appending") from exc
         state.head = request.last_position
         state.hash = last_hash
@@ -1296,6 +1348,18 @@ class StoreCore:
                 return False
             yield Sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def _snapshot(
+        self, pool: dict[str, int], listener: Any, positions: list[int], replicas: list[Any]
+    ) -> dict[str, Any]:
+        """`EventStore.metrics`, from what the store counted and what the caller read."""
+        snapshot = self._metrics.snapshot()
+        snapshot["cache"] = msgspec.structs.asdict(self.cache.stats())
+        snapshot["pool"] = pool
+        snapshot["subscriptions"] = self._subscription_lag(listener, positions)
+        snapshot["replicas"] = replicas
+        snapshot["replica_fallbacks"] = self._replicas.fallbacks
+        return snapshot
 
     @staticmethod
     def _subscription_lag(listener: Any, positions: list[int]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import asyncio
 import inspect
 import logging
 import os
-import select
 import time
 import uuid
 import weakref
@@ -45,7 +44,7 @@ from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import _codec, embedded
+from . import embedded
 from ._core import (
     Keyset,
     StoreCore,
@@ -57,15 +56,18 @@ from ._core import (
     decode_document,
     decode_events,
     event_key,
+    make_pool,
     moment,
     pool_stats,
     retryable,
+    server_wrote,
     storage_error,
     subscription_criteria,
 )
 from ._group import AppendRequest, AsyncGroupCommit
 from ._ops import Op, rollback_async, run_async
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
+from .arrow import EXPORT_SCHEMA, parquet_writer
 from .errors import QUERY_ERROR, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
@@ -79,7 +81,15 @@ from .model import (
     SequencedEvent,
     Snapshot,
 )
-from .replicas import Behind, Consistency, Replica, ReplicaSet, redact
+from .replicas import (
+    Behind,
+    Consistency,
+    Replica,
+    ReplicaSet,
+    redact,
+    replay_state,
+    wal_position,
+)
 from .schema import migrate_op
 from .sql import after_position, query_shape
 from .stream import AsyncListener, Subscription, check_subscription_options, connection_lost
@@ -99,10 +109,8 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def _check_idle(conn: psycopg.AsyncConnection[Any]) -> None:
-    """`tamma_events.store._check_idle` for the async pool."""
-    if conn.closed:
-        raise psycopg.OperationalError("the connection is closed")
-    if select.select([conn.fileno()], [], [], 0)[0]:
+    """The pool's check of a connection it hands out (see `tamma_events._core.server_wrote`)."""
+    if server_wrote(conn):
         await AsyncConnectionPool.check_connection(conn)
 
 
@@ -181,24 +189,18 @@ class AsyncEventStore(StoreCore):
 
     def _make_pool(self, dsn: str, name: str, timeout: float) -> AsyncConnectionPool[Any]:
         min_size, max_size, _, max_lifetime, max_idle = self._pool_settings
-        try:
-            return AsyncConnectionPool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                kwargs=connection_kwargs(dsn),
-                configure=_configure,
-                check=_check_idle,
-                timeout=timeout,
-                max_lifetime=max_lifetime,
-                max_idle=max_idle,
-                name=name,
-                open=False,
-            )
-        except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
-            raise EventStoreError(
-                VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
-            ) from None
+        return make_pool(
+            AsyncConnectionPool,
+            dsn,
+            name,
+            timeout=timeout,
+            min_size=min_size,
+            max_size=max_size,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            configure=_configure,
+            check=_check_idle,
+        )
 
     async def open(self) -> AsyncEventStore:
         """Connect (and migrate, unless ``migrate=False``); returns the store."""
@@ -366,6 +368,15 @@ class AsyncEventStore(StoreCore):
 
     async def _on_replica(self, make: Callable[[], Op[_T]]) -> _T:
         replicas = self._replicas
+        if replicas.pending:
+            # Cleared first: an append that sets it meanwhile is covered by the next read.
+            replicas.pending = False
+            try:
+                async with self._connection() as conn:
+                    replicas.wrote(await run_async(conn, wal_position()))
+            except BaseException:
+                replicas.pending = True
+                raise
         for replica in replicas.order():
             try:
                 async with replica.pool.connection(timeout=replicas.timeout) as conn:
@@ -394,42 +405,22 @@ class AsyncEventStore(StoreCore):
 
     async def metrics(self) -> dict[str, Any]:
         """A snapshot of the store's metrics (see `EventStore.metrics`)."""
-        snapshot = self._metrics.snapshot()
-        snapshot["cache"] = msgspec.structs.asdict(self.cache.stats())
-        snapshot["pool"] = self.pool_stats()
-        positions = [s.position for s in self._subscriptions if not s.stopped]
-        snapshot["subscriptions"] = self._subscription_lag(self._listener, positions)
-        snapshot["replicas"] = [await self._replica_status(r) for r in self._replicas.members]
-        snapshot["replica_fallbacks"] = self._replicas.fallbacks
-        return snapshot
+        replicas = [await self._replica_status(r) for r in self._replicas.members]
+        return self._snapshot(self.pool_stats(), self._listener, self._positions(), replicas)
+
+    def _positions(self) -> list[int]:
+        return [s.position for s in self._subscriptions if not s.stopped]
 
     async def _replica_status(self, replica: Replica) -> dict[str, Any]:
-        status: dict[str, Any] = {
-            "name": replica.name,
-            "up": False,
-            "reads": replica.reads,
-            "lag_bytes": None,
-            "lag_seconds": None,
-        }
+        if replica.left_out:
+            return replica.status()
         try:
             async with self._connection() as conn:
-                cur = await conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
-                row = await cur.fetchone()
-            primary = int(row[0]) if row else 0
+                primary = await run_async(conn, wal_position())
             async with replica.pool.connection(timeout=self._replicas.timeout) as conn:
-                cur = await conn.execute(
-                    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn, CASE WHEN"
-                    " pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 ELSE"
-                    " extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
-                )
-                row = await cur.fetchone()
+                return replica.status(primary, await run_async(conn, replay_state()))
         except (psycopg.Error, PoolTimeout, EventStoreError):
-            return status
-        if row is not None and row[0] is not None:
-            status["up"] = True
-            status["lag_bytes"] = max(primary - int(row[0]), 0)
-            status["lag_seconds"] = float(row[1] or 0)
-        return status
+            return replica.status()
 
     # -- appends ---------------------------------------------------------------------------
 
@@ -758,23 +749,19 @@ class AsyncEventStore(StoreCore):
     ) -> int:
         """Write the events `export_arrow` yields to the Parquet file ``path`` (see
         `EventStore.export_parquet`); returns how many."""
-        import pyarrow.parquet as parquet
-
-        from .arrow import EXPORT_SCHEMA, atomic_file
-
         written = 0
         batches = self.export_arrow(
             event_filter, batch_size=batch_size, include_archived=include_archived
         )
-        with (
-            atomic_file(path) as temporary,
-            parquet.ParquetWriter(temporary, EXPORT_SCHEMA, compression=compression) as writer,
-        ):
+        with parquet_writer(
+            path,
+            EXPORT_SCHEMA,
+            compression=compression,
+            row_group_size=row_group_size,
+            progress=progress,
+        ) as write:
             async for batch in batches:
-                writer.write_batch(batch, row_group_size=row_group_size)
-                written += batch.num_rows
-                if progress is not None:
-                    progress(written)
+                written = write(batch)
         return written
 
     # -- subscriptions ---------------------------------------------------------------------
@@ -968,23 +955,11 @@ class AsyncEventStore(StoreCore):
         return self._registry
 
     def _metrics_now(self) -> dict[str, Any]:
-        snapshot = self._metrics.snapshot()
-        snapshot["cache"] = msgspec.structs.asdict(self.cache.stats())
-        snapshot["pool"] = self.pool_stats()
-        positions = [s.position for s in self._subscriptions if not s.stopped]
-        snapshot["subscriptions"] = self._subscription_lag(self._listener, positions)
-        snapshot["replicas"] = [
-            {
-                "name": r.name,
-                "up": not r.down,
-                "reads": r.reads,
-                "lag_bytes": None,
-                "lag_seconds": None,
-            }
-            for r in self._replicas.members
+        # No query from the collector's thread: replicas as the store last found them.
+        replicas = [
+            r.status() | {"up": not r.down, "reads": r.reads} for r in self._replicas.members
         ]
-        snapshot["replica_fallbacks"] = self._replicas.fallbacks
-        return snapshot
+        return self._snapshot(self.pool_stats(), self._listener, self._positions(), replicas)
 
 
 class AsyncTransaction:
@@ -1011,13 +986,9 @@ class AsyncTransaction:
         raises and leaves the transaction usable."""
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
-        store = self._store
-        batch, check, prepared = store._request(events, condition)
-        if prepared is None:
-            prepared = _codec.prepare(batch, store.max_event_bytes)
-        request = AppendRequest(batch, prepared, condition, check)
+        request = self._store._full_request(events, condition)
         return await run_async(
-            self._conn, store._op_tx_append(self._state, request, False), owned=False
+            self._conn, self._store._op_tx_append(self._state, request, False), owned=False
         )
 
     async def read(

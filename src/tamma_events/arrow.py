@@ -40,6 +40,7 @@ __all__ = [
     "EXPORT_SELECT",
     "copy_batches",
     "copy_batches_async",
+    "parquet_writer",
     "to_batch",
     "write_arrow_file",
     "write_parquet",
@@ -240,6 +241,34 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_directory(target.parent)
 
 
+@contextmanager
+def parquet_writer(
+    path: str | os.PathLike[str],
+    schema: pa.Schema,
+    *,
+    compression: str = "zstd",
+    row_group_size: int = 131_072,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[Callable[[pa.RecordBatch], int]]:
+    """A function writing record batches to the Parquet file ``path`` (`atomic_file`); it
+    returns how many rows were written so far, and calls ``progress`` with that."""
+    written = 0
+    with (
+        atomic_file(path) as temporary,
+        pq.ParquetWriter(temporary, schema, compression=compression) as writer,
+    ):
+
+        def write(batch: pa.RecordBatch) -> int:
+            nonlocal written
+            writer.write_batch(batch, row_group_size=row_group_size)
+            written += int(batch.num_rows)
+            if progress is not None:
+                progress(written)
+            return written
+
+        yield write
+
+
 def write_parquet(
     reader: pa.RecordBatchReader,
     path: str | os.PathLike[str],
@@ -251,15 +280,15 @@ def write_parquet(
     """Write ``reader``'s batches to the Parquet file ``path`` (`atomic_file`); returns how
     many rows were written."""
     written = 0
-    with (
-        atomic_file(path) as temporary,
-        pq.ParquetWriter(temporary, reader.schema, compression=compression) as writer,
-    ):
+    with parquet_writer(
+        path,
+        reader.schema,
+        compression=compression,
+        row_group_size=row_group_size,
+        progress=progress,
+    ) as write:
         for batch in reader:
-            writer.write_batch(batch, row_group_size=row_group_size)
-            written += batch.num_rows
-            if progress is not None:
-                progress(written)
+            written = write(batch)
     return written
 
 

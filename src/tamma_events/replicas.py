@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ._ops import Op, Run
 from .errors import VALIDATION_FAILED, EventStoreError
 
 __all__ = ["Consistency", "Replica", "ReplicaSet", "redact"]
@@ -67,6 +68,27 @@ class Replica:
         self.down = False
         self.reads = 0
         self.last_error: BaseException | None = None
+
+    def status(self, primary: int | None = None, replay: Any = None) -> dict[str, Any]:
+        """What `EventStore.metrics` reports of it: from the primary's WAL position and the
+        replica's `REPLAY_LSN` row when both could be read, else as down."""
+        status: dict[str, Any] = {
+            "name": self.name,
+            "up": False,
+            "reads": self.reads,
+            "lag_bytes": None,
+            "lag_seconds": None,
+        }
+        if primary is not None and replay is not None and replay[0] is not None:
+            status["up"] = True
+            status["lag_bytes"] = max(primary - int(replay[0]), 0)
+            status["lag_seconds"] = float(replay[1] or 0)
+        return status
+
+    @property
+    def left_out(self) -> bool:
+        """Whether it failed lately and is not to be tried yet."""
+        return self.down_until > time.monotonic()
 
 
 class ReplicaSet:
@@ -112,6 +134,8 @@ class ReplicaSet:
         self._written = 0
         #: Reads meant for a replica that the primary served.
         self.fallbacks = 0
+        #: An append committed but its WAL position could not be read: the next read asks.
+        self.pending = False
 
     def __bool__(self) -> bool:
         return bool(self.members)
@@ -142,6 +166,8 @@ class ReplicaSet:
         """Leave ``replica`` out for ``retry`` seconds."""
         replica.down_until = time.monotonic() + self.retry
         replica.last_error = exc
+        # What it had replayed is asked again when it is back (it may be another server).
+        replica.replayed = 0
         if not replica.down:
             replica.down = True
             logger.warning(
@@ -162,6 +188,17 @@ class ReplicaSet:
     def fell_back(self) -> None:
         with self._lock:
             self.fallbacks += 1
+
+
+def wal_position() -> Op[int]:
+    """The primary's WAL position, in bytes."""
+    row = yield Run(PRIMARY_LSN, fetch="one")
+    return int(row[0]) if row else 0
+
+
+def replay_state() -> Op[Any]:
+    """A replica's `REPLAY_LSN` row: the position it replayed, and seconds behind."""
+    return (yield Run(REPLAY_LSN, fetch="one"))
 
 
 class Behind(Exception):

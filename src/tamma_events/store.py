@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import select
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import _codec, embedded
+from . import embedded
 from ._core import (
     MAX_PAGE_SIZE,
     Keyset,
@@ -52,9 +51,11 @@ from ._core import (
     decode_document,
     decode_events,
     event_key,
+    make_pool,
     moment,
     pool_stats,
     retryable,
+    server_wrote,
     storage_error,
     subscription_criteria,
 )
@@ -80,7 +81,15 @@ from .model import (
     SequencedEvent,
     Snapshot,
 )
-from .replicas import Behind, Consistency, Replica, ReplicaSet, redact
+from .replicas import (
+    Behind,
+    Consistency,
+    Replica,
+    ReplicaSet,
+    redact,
+    replay_state,
+    wal_position,
+)
 from .schema import migrate as _migrate
 from .sql import after_position, query_shape
 from .stream import Listener, Subscription, check_subscription_options, connection_lost
@@ -104,13 +113,8 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 
 
 def _check_idle(conn: psycopg.Connection[Any]) -> None:
-    """The pool's check of a connection it hands out: an idle connection the server has
-    written to (a backend terminated or a server shut down sends its FATAL message then) is
-    tested with a query, so a broken one is replaced before an operation uses it. Costs one
-    zero-timeout ``select`` otherwise."""
-    if conn.closed:
-        raise psycopg.OperationalError("the connection is closed")
-    if select.select([conn.fileno()], [], [], 0)[0]:
+    """The pool's check of a connection it hands out (see `tamma_events._core.server_wrote`)."""
+    if server_wrote(conn):
         ConnectionPool.check_connection(conn)
 
 
@@ -196,6 +200,14 @@ class EventStore(StoreCore):
         self._subscriptions_lock = threading.Lock()
         self._registry: Any = None
         self.embedded: embedded.EmbeddedServer | None = None
+        settings: dict[str, Any] = {
+            "min_size": min_connections,
+            "max_size": max_connections,
+            "max_lifetime": max_lifetime,
+            "max_idle": max_idle,
+            "configure": _configure,
+            "check": _check_idle,
+        }
         if pool is not None:
             self._pool = pool
             self._owns_pool = False
@@ -205,14 +217,12 @@ class EventStore(StoreCore):
             if dsn is None:
                 self.embedded = embedded.start(data_dir)
                 dsn = self.embedded.dsn
-            self._pool = self._make_pool(
+            self._pool = make_pool(
+                ConnectionPool,
                 dsn,
                 f"tamma-events:{schema}",
-                min_connections,
-                max_connections,
-                connect_timeout,
-                max_lifetime,
-                max_idle,
+                timeout=connect_timeout,
+                **settings,
             )
             self._owns_pool = True
             try:
@@ -224,14 +234,12 @@ class EventStore(StoreCore):
                 ).with_traceback(None) from None
         for replica_dsn in replica_dsns:
             # Opened without waiting: a replica that is down must not stop the store opening.
-            replica_pool = self._make_pool(
+            replica_pool = make_pool(
+                ConnectionPool,
                 replica_dsn,
                 f"tamma-events:{schema}:replica",
-                min_connections,
-                max_connections,
-                replica_timeout,
-                max_lifetime,
-                max_idle,
+                timeout=replica_timeout,
+                **settings,
             )
             replica_pool.open(wait=False)
             self._replicas.members.append(Replica(replica_dsn, replica_pool))
@@ -242,35 +250,6 @@ class EventStore(StoreCore):
             except BaseException:
                 self.close()
                 raise
-
-    @staticmethod
-    def _make_pool(
-        dsn: str,
-        name: str,
-        min_size: int,
-        max_size: int,
-        timeout: float,
-        max_lifetime: float,
-        max_idle: float,
-    ) -> ConnectionPool[Any]:
-        try:
-            return ConnectionPool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                kwargs=connection_kwargs(dsn),
-                configure=_configure,
-                check=_check_idle,
-                timeout=timeout,
-                max_lifetime=max_lifetime,
-                max_idle=max_idle,
-                name=name,
-                open=False,
-            )
-        except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
-            raise EventStoreError(
-                VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
-            ) from None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -404,6 +383,15 @@ class EventStore(StoreCore):
 
     def _on_replica(self, make: Callable[[], Op[_T]]) -> _T:
         replicas = self._replicas
+        if replicas.pending:
+            # Cleared first: an append that sets it meanwhile is covered by the next read.
+            replicas.pending = False
+            try:
+                with self._connection() as conn:
+                    replicas.wrote(run(conn, wal_position()))
+            except BaseException:
+                replicas.pending = True
+                raise
         for replica in replicas.order():
             try:
                 with replica.pool.connection(timeout=replicas.timeout) as conn:
@@ -444,42 +432,21 @@ class EventStore(StoreCore):
         positions and seconds), ``replicas`` (each: up, reads served, replay lag in bytes and
         seconds) and ``replica_fallbacks``. Latencies are histograms: ``count``, ``sum`` and
         cumulative ``buckets`` by upper bound in seconds."""
-        snapshot = self._metrics.snapshot()
-        cache = self.cache.stats()
-        snapshot["cache"] = msgspec.structs.asdict(cache)
-        snapshot["pool"] = self.pool_stats()
         with self._subscriptions_lock:
             positions = [s.position for s in self._subscriptions if not s.stopped]
-        snapshot["subscriptions"] = self._subscription_lag(self._listener, positions)
-        snapshot["replicas"] = [self._replica_status(r) for r in self._replicas.members]
-        snapshot["replica_fallbacks"] = self._replicas.fallbacks
-        return snapshot
+        replicas = [self._replica_status(r) for r in self._replicas.members]
+        return self._snapshot(self.pool_stats(), self._listener, positions, replicas)
 
     def _replica_status(self, replica: Replica) -> dict[str, Any]:
-        status: dict[str, Any] = {
-            "name": replica.name,
-            "up": False,
-            "reads": replica.reads,
-            "lag_bytes": None,
-            "lag_seconds": None,
-        }
+        if replica.left_out:
+            return replica.status()  # not asked again until its retry is due
         try:
             with self._connection() as conn:
-                row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
-            primary = int(row[0]) if row else 0
+                primary = run(conn, wal_position())
             with replica.pool.connection(timeout=self._replicas.timeout) as conn:
-                row = conn.execute(
-                    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn, CASE WHEN"
-                    " pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 ELSE"
-                    " extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
-                ).fetchone()
+                return replica.status(primary, run(conn, replay_state()))
         except (psycopg.Error, PoolTimeout, EventStoreError):
-            return status
-        if row is not None and row[0] is not None:
-            status["up"] = True
-            status["lag_bytes"] = max(primary - int(row[0]), 0)
-            status["lag_seconds"] = float(row[1] or 0)
-        return status
+            return replica.status()
 
     @property
     def prometheus_registry(self) -> Any:
@@ -1150,12 +1117,8 @@ class Transaction:
         raises and leaves the transaction usable; nothing of that append is written."""
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
-        store = self._store
-        batch, check, prepared = store._request(events, condition)
-        if prepared is None:
-            prepared = _codec.prepare(batch, store.max_event_bytes)
-        request = AppendRequest(batch, prepared, condition, check)
-        return run(self._conn, store._op_tx_append(self._state, request, False), owned=False)
+        request = self._store._full_request(events, condition)
+        return run(self._conn, self._store._op_tx_append(self._state, request, False), owned=False)
 
     def read(
         self,

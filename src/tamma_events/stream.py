@@ -176,28 +176,33 @@ class Listener:
                         elif not ready:
                             row = conn.execute(self._head_statement).fetchone()
                             self.announce(int(row[0]) if row else 0)
-            except psycopg.errors.UndefinedFunction as exc:
-                # A schema from before notifications (opened with migrate=False): nothing will
-                # ever be announced. Subscriptions poll on their own.
-                self.last_error = exc
-                logger.error(
-                    "tamma-events listener: %s; the schema needs migrating for notifications;"
-                    " subscriptions fall back to polling",
-                    exc,
-                )
-                break
             except Exception as exc:
-                if self._closing.is_set():
+                if not self._lost(exc, delay):
                     break
-                self.last_error = exc
-                self.reconnects += 1
-                logger.warning("tamma-events listener: %s; reconnecting in %.2f s", exc, delay)
             finally:
                 self.connected = False
                 # Waiting subscriptions read on their own while the listener is away.
                 self.wake_all()
             self._closing.wait(delay)
             delay = min(delay * 2, _LAST_DELAY)
+
+    def _lost(self, exc: Exception, delay: float) -> bool:
+        """Note why the connection failed; whether to connect again (after ``delay``)."""
+        if self._closing.is_set():
+            return False
+        self.last_error = exc
+        if isinstance(exc, psycopg.errors.UndefinedFunction):
+            # A schema from before notifications (opened with migrate=False): nothing will
+            # ever be announced. Subscriptions poll on their own.
+            logger.error(
+                "tamma-events listener: %s; the schema needs migrating for notifications;"
+                " subscriptions fall back to polling",
+                exc,
+            )
+            return False
+        self.reconnects += 1
+        logger.warning("tamma-events listener: %s; reconnecting in %.2f s", exc, delay)
+        return True
 
     def announce(self, position: int | None, *, always: bool = False) -> None:
         """Record news of the head at ``position`` (None: unknown) and wake the waiters; a head
@@ -335,20 +340,9 @@ class AsyncListener(Listener):
                             self.announce(int(row[0]) if row else 0)
             except asyncio.CancelledError:
                 break
-            except psycopg.errors.UndefinedFunction as exc:
-                self.last_error = exc
-                logger.error(
-                    "tamma-events listener: %s; the schema needs migrating for notifications;"
-                    " subscriptions fall back to polling",
-                    exc,
-                )
-                break
             except Exception as exc:
-                if self._closing.is_set():
+                if not self._lost(exc, delay):
                     break
-                self.last_error = exc
-                self.reconnects += 1
-                logger.warning("tamma-events listener: %s; reconnecting in %.2f s", exc, delay)
             finally:
                 self.connected = False
                 self.wake_all()
