@@ -27,6 +27,7 @@ import itertools
 import threading
 import uuid
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Coroutine,
@@ -96,7 +97,7 @@ ALL = [1, 2, 3, 4, 5, 6]
 # -- the sync store behind the async API ----------------------------------------------------
 
 
-async def _aiter(items: Iterable[T]) -> AsyncIterator[T]:
+async def _aiter(items: Iterable[T]) -> AsyncGenerator[T, None]:
     """``items`` as an async iterator; closes them (a generator, a RecordBatchReader) when it
     ends, however it ends."""
     try:
@@ -237,18 +238,18 @@ class SyncStore:
 
     def paginate(
         self, event_filter: EventFilter | None = None, *, page_size: int = 1_000
-    ) -> AsyncIterator[list[SequencedEvent]]:
+    ) -> AsyncGenerator[list[SequencedEvent], None]:
         return _aiter(self.sync.paginate(event_filter, page_size=page_size))
 
     def stream_events(
         self, event_filter: EventFilter | None = None, *, batch_size: int = 1_000
-    ) -> AsyncIterator[SequencedEvent]:
+    ) -> AsyncGenerator[SequencedEvent, None]:
         # Called now, so that malformed arguments raise at the call, as the async store's do.
         return _aiter(self.sync.stream_events(event_filter, batch_size=batch_size))
 
     def export_arrow(
         self, event_filter: EventFilter | None = None, *, batch_size: int = 65_536
-    ) -> AsyncIterator[pa.RecordBatch]:
+    ) -> AsyncGenerator[pa.RecordBatch, None]:
         return _aiter(self.sync.export_arrow(event_filter, batch_size=batch_size))
 
     def subscribe(
@@ -294,6 +295,9 @@ class SyncStore:
             state_type=state_type,
             batch_size=batch_size,
         )
+
+    def pool_stats(self) -> dict[str, int]:
+        return self.sync.pool_stats()
 
     async def metrics(self) -> dict[str, Any]:
         return self.sync.metrics()
@@ -896,6 +900,27 @@ async def test_stream_events_returns_what_get_events_returns(store: Store, batch
     assert await store.append_batch(many(3)) == 43  # appended while the stream is open
     rest = [e async for e in stream]
     assert positions([first, *rest]) == list(range(1, 41))
+
+
+@contract
+async def test_streams_closed_early_leave_no_connection_in_use(store: Store) -> None:
+    """A stream or an export left after a few events, and closed, has nothing in flight: every
+    connection of the pool is idle again, and the store serves as before."""
+    await store.append_batch(many(50))
+    stream = store.stream_events(batch_size=10)
+    taken = [await anext(stream) for _ in range(15)]
+    await stream.aclose()
+    assert positions(taken) == list(range(1, 16))
+    export = store.export_arrow(batch_size=10)
+    first = await anext(export)
+    await export.aclose()
+    assert first.num_rows == 10
+    ordered = store.export_arrow(EventFilter(order_direction="desc"), batch_size=10)
+    assert (await anext(ordered)).column("position").to_pylist()[0] == 50
+    await ordered.aclose()
+    stats = store.pool_stats()
+    assert stats["idle"] == stats["size"]
+    assert await store.count_events() == 50
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 65_536])

@@ -624,7 +624,7 @@ class AsyncEventStore(StoreCore):
         *,
         page_size: int = 1_000,
         include_archived: bool = False,
-    ) -> AsyncIterator[list[SequencedEvent]]:
+    ) -> AsyncGenerator[list[SequencedEvent], None]:
         """Walk the events matching ``event_filter`` page by page."""
         token: str | None = None
         while True:
@@ -643,17 +643,19 @@ class AsyncEventStore(StoreCore):
         *,
         batch_size: int = 1_000,
         include_archived: bool = False,
-    ) -> AsyncIterator[SequencedEvent]:
+    ) -> AsyncGenerator[SequencedEvent, None]:
         """Every event matching ``event_filter``, in its order, in constant memory, as an
         async iterator (see `EventStore.stream_events`). Malformed arguments raise at the
-        call."""
+        call. A consumer that stops early should ``await stream.aclose()`` (or iterate inside
+        ``contextlib.aclosing``): the batch being read ahead is then cancelled at once rather
+        than when the event loop collects the generator."""
         criteria = normalize(event_filter)
         check_size(batch_size, "batch_size")
         return self._stream(criteria, batch_size, include_archived)
 
     async def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
-    ) -> AsyncIterator[SequencedEvent]:
+    ) -> AsyncGenerator[SequencedEvent, None]:
         async def read(args: Keyset) -> tuple[int, list[str]]:
             return await self._query(
                 "stream", lambda: self._op_keyset_rows(criteria, *args, archived)
@@ -675,20 +677,25 @@ class AsyncEventStore(StoreCore):
         *,
         batch_size: int = 65_536,
         include_archived: bool = False,
-    ) -> AsyncIterator[pa.RecordBatch]:
+    ) -> AsyncGenerator[pa.RecordBatch, None]:
         """The events matching ``event_filter`` as Arrow record batches of
         `tamma_events.arrow.EXPORT_SCHEMA`, in its order, as an async iterator (see
-        `EventStore.export_arrow`; here rows come through psycopg's ``AsyncCopy``)."""
+        `EventStore.export_arrow`; here rows come through psycopg's ``AsyncCopy``). Close it
+        with ``aclose()`` when stopping early, as `stream_events`."""
         criteria = normalize(event_filter)
         check_size(batch_size, "batch_size")
         return self._export(criteria, batch_size, include_archived)
 
     async def _export(
         self, criteria: Criteria, batch_size: int, archived: bool
-    ) -> AsyncIterator[pa.RecordBatch]:
+    ) -> AsyncGenerator[pa.RecordBatch, None]:
         if self._export_by_ranges(criteria, archived):
-            async for batch in self._export_ranges(criteria, batch_size):
-                yield batch
+            ranges = self._export_ranges(criteria, batch_size)
+            try:
+                async for batch in ranges:
+                    yield batch
+            finally:
+                await ranges.aclose()  # its reads in flight are cancelled at once
             return
 
         async def read(args: Keyset) -> tuple[int, list[pa.RecordBatch]]:
@@ -711,7 +718,7 @@ class AsyncEventStore(StoreCore):
 
     async def _export_ranges(
         self, criteria: Criteria, batch_size: int
-    ) -> AsyncIterator[pa.RecordBatch]:
+    ) -> AsyncGenerator[pa.RecordBatch, None]:
         """`EventStore._export_ranges` with tasks: two ranges read at once, yielded in
         order."""
         until = await self.head()
