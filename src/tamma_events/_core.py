@@ -130,12 +130,12 @@ def make_pool(pool_class: type[_P], dsn: str, name: str, **options: Any) -> _P:
 
 
 def server_wrote(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-    """Whether the server has written to an idle connection (a backend terminated or a server
-    shut down sends its FATAL message then): the pools' check, one zero-timeout ``select``,
-    tests such a connection with a query, so that a broken one is replaced before an
-    operation uses it."""
+    """Whether the server has written to an idle connection, or it is closed: a backend
+    terminated or a server shut down sends its FATAL message then. One zero-timeout
+    ``select``, no round trip; the stores test such a connection before using it (see
+    `tamma_events.store.live_connection`)."""
     if conn.closed:
-        raise psycopg.OperationalError("the connection is closed")
+        return True
     return bool(select.select([conn.fileno()], [], [], 0)[0])
 
 

@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -108,10 +108,24 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     set_json_loads(msgspec.json.decode, conn)
 
 
-async def _check_idle(conn: psycopg.AsyncConnection[Any]) -> None:
-    """The pool's check of a connection it hands out (see `tamma_events._core.server_wrote`)."""
-    if server_wrote(conn):
-        await AsyncConnectionPool.check_connection(conn)
+@asynccontextmanager
+async def live_connection(
+    pool: AsyncConnectionPool[Any], timeout: float | None = None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """`tamma_events.store.live_connection` for an async pool."""
+    tries = pool.max_size + 1
+    for attempt in range(tries):
+        stack = AsyncExitStack()
+        conn = await stack.enter_async_context(pool.connection(timeout=timeout))
+        if attempt + 1 < tries and server_wrote(conn):
+            try:
+                await AsyncConnectionPool.check_connection(conn)
+            except Exception:
+                await stack.aclose()
+                continue
+        async with stack:
+            yield conn
+        return
 
 
 def _replica_failure(exc: BaseException) -> bool:
@@ -199,7 +213,6 @@ class AsyncEventStore(StoreCore):
             max_lifetime=max_lifetime,
             max_idle=max_idle,
             configure=_configure,
-            check=_check_idle,
         )
 
     async def open(self) -> AsyncEventStore:
@@ -301,7 +314,7 @@ class AsyncEventStore(StoreCore):
             raise EventStoreError(STORAGE_ERROR, "the store is closed")
         pool = self._require_pool()
         try:
-            async with pool.connection() as conn:
+            async with live_connection(pool) as conn:
                 if not conn.autocommit:
                     await conn.set_autocommit(True)
                 if not self._owns_pool:
@@ -379,7 +392,7 @@ class AsyncEventStore(StoreCore):
                 raise
         for replica in replicas.order():
             try:
-                async with replica.pool.connection(timeout=replicas.timeout) as conn:
+                async with live_connection(replica.pool, replicas.timeout) as conn:
                     if not await run_async(conn, self._op_caught_up(replica)):
                         break
                     result = await run_async(conn, make())
@@ -417,7 +430,7 @@ class AsyncEventStore(StoreCore):
         try:
             async with self._connection() as conn:
                 primary = await run_async(conn, wal_position())
-            async with replica.pool.connection(timeout=self._replicas.timeout) as conn:
+            async with live_connection(replica.pool, self._replicas.timeout) as conn:
                 return replica.status(primary, await run_async(conn, replay_state()))
         except (psycopg.Error, PoolTimeout, EventStoreError):
             return replica.status()

@@ -25,7 +25,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -112,10 +112,30 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     set_json_loads(msgspec.json.decode, conn)
 
 
-def _check_idle(conn: psycopg.Connection[Any]) -> None:
-    """The pool's check of a connection it hands out (see `tamma_events._core.server_wrote`)."""
-    if server_wrote(conn):
-        ConnectionPool.check_connection(conn)
+@contextmanager
+def live_connection(
+    pool: ConnectionPool[Any], timeout: float | None = None
+) -> Iterator[psycopg.Connection[Any]]:
+    """A connection from ``pool``, passing over those the server closed while they sat in it.
+
+    A connection the server has written to while idle (`tamma_events._core.server_wrote`) is
+    tested with an empty query; a broken one goes back to the pool, which discards it and opens
+    another, and the next is taken at once. (The pool's own ``check`` would back off a second,
+    then two, between broken connections: after a server restart, the first call would wait
+    seconds.)"""
+    tries = pool.max_size + 1
+    for attempt in range(tries):
+        stack = ExitStack()
+        conn = stack.enter_context(pool.connection(timeout=timeout))
+        if attempt + 1 < tries and server_wrote(conn):
+            try:
+                ConnectionPool.check_connection(conn)
+            except Exception:
+                stack.close()
+                continue
+        with stack:
+            yield conn
+        return
 
 
 def _replica_failure(exc: BaseException) -> bool:
@@ -206,7 +226,6 @@ class EventStore(StoreCore):
             "max_lifetime": max_lifetime,
             "max_idle": max_idle,
             "configure": _configure,
-            "check": _check_idle,
         }
         if pool is not None:
             self._pool = pool
@@ -306,7 +325,7 @@ class EventStore(StoreCore):
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the store is closed")
         try:
-            with self._pool.connection() as conn:
+            with live_connection(self._pool) as conn:
                 if not conn.autocommit:
                     conn.autocommit = True
                 if not self._owns_pool:
@@ -394,7 +413,7 @@ class EventStore(StoreCore):
                 raise
         for replica in replicas.order():
             try:
-                with replica.pool.connection(timeout=replicas.timeout) as conn:
+                with live_connection(replica.pool, replicas.timeout) as conn:
                     if not run(conn, self._op_caught_up(replica)):
                         break  # behind for longer than the wait: the primary answers
                     result = run(conn, make())
@@ -443,7 +462,7 @@ class EventStore(StoreCore):
         try:
             with self._connection() as conn:
                 primary = run(conn, wal_position())
-            with replica.pool.connection(timeout=self._replicas.timeout) as conn:
+            with live_connection(replica.pool, self._replicas.timeout) as conn:
                 return replica.status(primary, run(conn, replay_state()))
         except (psycopg.Error, PoolTimeout, EventStoreError):
             return replica.status()
