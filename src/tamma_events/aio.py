@@ -88,6 +88,7 @@ from .replicas import (
     ReplicaSet,
     redact,
     replay_state,
+    replica_failure,
     wal_position,
 )
 from .schema import migrate_op
@@ -126,10 +127,6 @@ async def live_connection(
         async with stack:
             yield conn
         return
-
-
-def _replica_failure(exc: BaseException) -> bool:
-    return connection_lost(exc) or getattr(exc, "sqlstate", None) == "40001"
 
 
 class AsyncEventStore(StoreCore):
@@ -399,7 +396,7 @@ class AsyncEventStore(StoreCore):
             except Behind:
                 break
             except (psycopg.Error, PoolTimeout) as exc:
-                if not _replica_failure(exc):
+                if not replica_failure(exc):
                     raise storage_error(exc, "reading from a replica") from exc
                 replicas.failed(replica, exc)
                 if connection_lost(exc):
@@ -418,18 +415,27 @@ class AsyncEventStore(StoreCore):
 
     async def metrics(self) -> dict[str, Any]:
         """A snapshot of the store's metrics (see `EventStore.metrics`)."""
-        replicas = [await self._replica_status(r) for r in self._replicas.members]
+        replicas = await self._replica_statuses()
         return self._snapshot(self.pool_stats(), self._listener, self._positions(), replicas)
 
     def _positions(self) -> list[int]:
         return [s.position for s in self._subscriptions if not s.stopped]
 
-    async def _replica_status(self, replica: Replica) -> dict[str, Any]:
-        if replica.left_out:
-            return replica.status()
+    async def _replica_statuses(self) -> list[dict[str, Any]]:
+        """`EventStore._replica_statuses`."""
+        if not self._replicas:
+            return []
         try:
             async with self._connection() as conn:
-                primary = await run_async(conn, wal_position())
+                primary: int | None = await run_async(conn, wal_position())
+        except (psycopg.Error, EventStoreError):
+            primary = None
+        return [await self._replica_status(r, primary) for r in self._replicas.members]
+
+    async def _replica_status(self, replica: Replica, primary: int | None) -> dict[str, Any]:
+        if replica.left_out or primary is None:
+            return replica.status()
+        try:
             async with live_connection(replica.pool, self._replicas.timeout) as conn:
                 return replica.status(primary, await run_async(conn, replay_state()))
         except (psycopg.Error, PoolTimeout, EventStoreError):

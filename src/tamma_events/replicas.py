@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._ops import Op, Run
 from .errors import VALIDATION_FAILED, EventStoreError
+from .stream import connection_lost
 
 __all__ = ["Consistency", "Replica", "ReplicaSet", "redact"]
 
@@ -199,6 +200,12 @@ def wal_position() -> Op[int]:
 def replay_state() -> Op[Any]:
     """A replica's `REPLAY_LSN` row: the position it replayed, and seconds behind."""
     return (yield Run(REPLAY_LSN, fetch="one"))
+
+
+def replica_failure(exc: BaseException) -> bool:
+    """Whether a read on a replica failed for the replica, not the statement: its connection
+    is lost, or the standby cancelled the query for a conflict with recovery."""
+    return connection_lost(exc) or getattr(exc, "sqlstate", None) == "40001"
 
 
 class Behind(Exception):

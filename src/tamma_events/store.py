@@ -88,6 +88,7 @@ from .replicas import (
     ReplicaSet,
     redact,
     replay_state,
+    replica_failure,
     wal_position,
 )
 from .schema import migrate as _migrate
@@ -136,12 +137,6 @@ def live_connection(
         with stack:
             yield conn
         return
-
-
-def _replica_failure(exc: BaseException) -> bool:
-    """Whether a read on a replica failed for the replica, not the statement: its connection
-    is lost, or the standby cancelled the query for a conflict with recovery."""
-    return connection_lost(exc) or getattr(exc, "sqlstate", None) == "40001"
 
 
 class EventStore(StoreCore):
@@ -420,7 +415,7 @@ class EventStore(StoreCore):
             except Behind:
                 break
             except (psycopg.Error, PoolTimeout) as exc:
-                if not _replica_failure(exc):
+                if not replica_failure(exc):
                     raise storage_error(exc, "reading from a replica") from exc
                 replicas.failed(replica, exc)
                 if connection_lost(exc):
@@ -453,15 +448,24 @@ class EventStore(StoreCore):
         cumulative ``buckets`` by upper bound in seconds."""
         with self._subscriptions_lock:
             positions = [s.position for s in self._subscriptions if not s.stopped]
-        replicas = [self._replica_status(r) for r in self._replicas.members]
+        replicas = self._replica_statuses()
         return self._snapshot(self.pool_stats(), self._listener, positions, replicas)
 
-    def _replica_status(self, replica: Replica) -> dict[str, Any]:
-        if replica.left_out:
-            return replica.status()  # not asked again until its retry is due
+    def _replica_statuses(self) -> list[dict[str, Any]]:
+        """Each replica's status, against one reading of the primary's WAL position."""
+        if not self._replicas:
+            return []
         try:
             with self._connection() as conn:
-                primary = run(conn, wal_position())
+                primary: int | None = run(conn, wal_position())
+        except (psycopg.Error, EventStoreError):
+            primary = None
+        return [self._replica_status(r, primary) for r in self._replicas.members]
+
+    def _replica_status(self, replica: Replica, primary: int | None) -> dict[str, Any]:
+        if replica.left_out or primary is None:
+            return replica.status()  # not asked again until its retry is due
+        try:
             with live_connection(replica.pool, self._replicas.timeout) as conn:
                 return replica.status(primary, run(conn, replay_state()))
         except (psycopg.Error, PoolTimeout, EventStoreError):
