@@ -22,6 +22,8 @@ EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_EVENTS", "50000"))
 BATCH = 10_000
 #: Events in the store the query and stream benchmarks read (loading takes minutes at 1M).
 QUERY_EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_QUERY_EVENTS", "1000000"))
+#: Single appends timed per measure (conditional appends; per thread: a third of it).
+SINGLE = int(os.environ.get("TAMMA_EVENTS_BENCH_SINGLE", "900"))
 #: Keep that store's schema (bench_q_<events>) for the next run.
 KEEP = os.environ.get("TAMMA_EVENTS_BENCH_KEEP") == "1"
 

@@ -25,7 +25,7 @@ from tamma_events.bench import (
 )
 from tamma_events.schema import drop
 
-from .conftest import BATCH
+from .conftest import BATCH, SINGLE
 
 
 def _rate(benchmark: Any, count: int) -> float:
@@ -84,8 +84,8 @@ def test_encode(benchmark: Any, impl: str, workload: list) -> None:
 
 def test_conditional_appends(benchmark: Any, dsn: str, schema: str, workload: list) -> None:
     """Against the durable-commit floor: one-row INSERTs, each its own commit."""
-    floor = measure_commit_floor(dsn, 1_000, schema + "_floor")
-    count = 1_000
+    floor = measure_commit_floor(dsn, SINGLE, schema + "_floor")
+    count = SINGLE
     with EventStore(dsn, schema=schema) as store:
         benchmark.pedantic(
             lambda: measure_conditional_appends(store, count, str(uuid.uuid4())),
@@ -99,7 +99,7 @@ def test_conditional_appends(benchmark: Any, dsn: str, schema: str, workload: li
 def test_appends_from_16_threads(benchmark: Any, dsn: str, schema: str, workload: list) -> None:
     ceiling = measure_copy_ceiling(dsn, workload[:20_000], BATCH, schema + "_ceiling")
     drop(dsn, schema + "_ceiling")
-    threads, per_thread = 16, 300
+    threads, per_thread = 16, max(1, SINGLE // 3)
     with EventStore(dsn, schema=schema, max_connections=threads + 2) as store:
         benchmark.pedantic(
             lambda: measure_concurrent_appends(store, threads, per_thread), rounds=2, iterations=1

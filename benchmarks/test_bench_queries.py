@@ -9,6 +9,7 @@ against the same page decoded by psycopg's defaults.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psycopg
@@ -19,7 +20,7 @@ from tamma_events.bench import default_page, latencies, percentiles, query_shape
 
 from .conftest import QUERY_EVENTS
 
-ROUNDS = 200
+ROUNDS = int(os.environ.get("TAMMA_EVENTS_BENCH_SAMPLES", "200"))
 SHAPES = [
     "by_issue",
     "type_window",

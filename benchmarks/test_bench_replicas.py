@@ -15,11 +15,12 @@ from typing import Any
 from tamma_events.bench import run_replica_suite
 
 EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_REPLICA_EVENTS", "200000"))
+SECONDS = float(os.environ.get("TAMMA_EVENTS_BENCH_SECONDS", "10"))
 
 
 def test_replica_read_throughput(benchmark: Any) -> None:
     results = benchmark.pedantic(
-        lambda: run_replica_suite(events=EVENTS, threads=4, seconds=10.0), rounds=1, iterations=1
+        lambda: run_replica_suite(events=EVENTS, threads=4, seconds=SECONDS), rounds=1, iterations=1
     )
     for result in results:
         benchmark.extra_info[result.name] = {

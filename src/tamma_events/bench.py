@@ -17,17 +17,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
 from . import _codec, _pycodec
+from ._usage import measured
 from .filters import EventFilter, encode_token, normalize
 from .model import AppendCondition, DomainEvent, Query, SequencedEvent
 from .schema import drop
 from .store import EventStore
 from .workload import EVENT_TYPES, PLATFORMS, PROVIDERS, generate_events
+
+T = TypeVar("T")
 
 __all__ = [
     "BATCH_DEFAULT",
@@ -95,7 +98,7 @@ def fresh_ids(events: Sequence[DomainEvent], salt: int) -> list[DomainEvent]:
     ]
 
 
-def _batches(events: Sequence[DomainEvent], size: int) -> list[Sequence[DomainEvent]]:
+def _batches(events: Sequence[T], size: int) -> list[Sequence[T]]:
     return [events[i : i + size] for i in range(0, len(events), size)]
 
 
@@ -551,7 +554,8 @@ def run_query_suite(
         for name, call in query_shapes(store).items():
             progress(name)
             runs = samples if name != "get_tags" else max(5, samples // 20)
-            p50, p99 = percentiles(latencies(call, runs))
+            with measured(dsn) as usage:
+                p50, p99 = percentiles(latencies(call, runs))
             results.append(
                 BenchResult(
                     f"query.{name}",
@@ -559,7 +563,12 @@ def run_query_suite(
                     "ms",
                     "round_trip",
                     p50 / floor[0],
-                    {"p99_ms": round(p99 * 1e3, 3), "samples": runs, "events": events},
+                    {
+                        "p99_ms": round(p99 * 1e3, 3),
+                        "samples": runs,
+                        "events": events,
+                        **usage.per(runs + 1, "query"),
+                    },
                 )
             )
             if name == "keyset_page_1000":

@@ -216,7 +216,19 @@ def _show_query(store: EventStore) -> None:
 
 @main.command()
 @click.option(
-    "--events", "count", default=100_000, show_default=True, help="Events in the generated set."
+    "--events",
+    "count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Events in the generated set. [default: 1,000,000 for full, 10,000,000 for "
+    "load-curve, 100,000 otherwise]",
+)
+@click.option(
+    "--append-events",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Events appended by each append measure of the full suite.",
 )
 @click.option("--batch-size", default=10_000, show_default=True)
 @click.option(
@@ -232,10 +244,14 @@ def _show_query(store: EventStore) -> None:
 @click.option("--per-thread", default=500, show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["append", "queries", "stream", "export", "replicas"]),
+    type=click.Choice(["full", "append", "queries", "stream", "export", "replicas", "load-curve"]),
     default="append",
     show_default=True,
-    help="append: write throughput; queries: p50/p99 of each query shape over --events "
+    help="full: every figure over a store of --events events (appends over --append-events), "
+    "beside psycopg executemany, eventsourcing's recorders, ADBC and COPY TO, with client and "
+    "server CPU and WAL per measure; load-curve: append --events events and report the rate "
+    "of each 1M slice against the first; append: write throughput; queries: p50/p99 of each "
+    "query shape over --events "
     "events (1,000,000 is the reference run); stream: subscription latency under --rate "
     "events/s and stream_events throughput over --events events; export: export_arrow "
     "against ADBC and COPY TO, and compact_events, over --events events; replicas: read "
@@ -277,7 +293,8 @@ def _show_query(store: EventStore) -> None:
 @click.pass_obj
 def bench(
     obj: _Context,
-    count: int,
+    count: int | None,
+    append_events: int,
     batch_size: int,
     rounds: int,
     conditional: int,
@@ -300,13 +317,42 @@ def bench(
         run_stream_suite,
         run_suite,
     )
+    from .bench_full import run_full_suite, run_load_curve
+
+    if count is None:
+        count = {"full": 1_000_000, "load-curve": 10_000_000}.get(suite, 100_000)
 
     with _failures():
         store = obj.open(schema=f"bench_{uuid.uuid4().hex[:8]}", migrate=False)
         dsn = store.dsn
         store.close()
         with console.status("benchmarking") as status:
-            if suite == "stream":
+            if suite == "full":
+                results = run_full_suite(
+                    dsn,
+                    events=count,
+                    append_events=append_events,
+                    batch_size=batch_size,
+                    rounds=rounds,
+                    conditional=conditional,
+                    threads=threads,
+                    per_thread=per_thread,
+                    samples=samples,
+                    rate=rate,
+                    seconds=seconds,
+                    keep=keep,
+                    progress=lambda s: status.update(s),
+                )
+            elif suite == "load-curve":
+                results = run_load_curve(
+                    dsn,
+                    events=count,
+                    slice_events=max(1, count // 10),
+                    batch_size=batch_size,
+                    keep=keep,
+                    progress=lambda s: console.log(s),
+                )
+            elif suite == "stream":
                 results = run_stream_suite(
                     dsn,
                     events=count,
@@ -350,8 +396,16 @@ def bench(
         "p99",
         "baseline",
         "ratio",
+        "client CPU µs",
+        "server CPU µs",
+        "WAL bytes",
         title=f"tamma-events bench {suite} ({__impl__} codec)",
     )
+
+    def per_unit(r: Any, prefix: str) -> str:
+        value = next((v for k, v in r.detail.items() if k.startswith(prefix)), None)
+        return f"{value:,.1f}" if isinstance(value, (int, float)) else ""
+
     for r in results:
         value = f"{r.value:,.2f}" if r.unit == "ms" else f"{r.value:,.0f}"
         p99 = r.detail.get("p99_ms")
@@ -362,6 +416,9 @@ def bench(
             f"{p99:,.2f}" if p99 is not None else "",
             r.baseline or "",
             f"{r.ratio:.2f}" if r.ratio else "",
+            per_unit(r, "client_cpu_us_per_"),
+            per_unit(r, "server_cpu_us_per_"),
+            per_unit(r, "wal_bytes_per_"),
         )
     console.print(table)
     if json_path:

@@ -1,0 +1,118 @@
+"""What a benchmark measure costs besides its time: client CPU, server CPU and WAL volume.
+
+The server's CPU is read from ``/proc`` and is known only when PostgreSQL runs on this machine
+(otherwise it is None); the WAL volume is the distance the server's WAL position moved.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+__all__ = ["Usage", "measured", "server_cpu_seconds"]
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _postmaster(conn: psycopg.Connection[Any]) -> int | None:
+    """The pid of the server's postmaster, when it runs on this machine."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    fields = _proc_stat(int(row[0])) if row else None
+    if fields is None:
+        return None
+    return int(fields[1])
+
+
+def server_cpu_seconds(postmaster: int) -> float | None:
+    """CPU seconds used so far by a local PostgreSQL server: the postmaster and every live child,
+    user and system, including the children they have reaped (a backend that ended is counted
+    in its parent's ``cutime``/``cstime``)."""
+    root = _proc_stat(postmaster)
+    if root is None:
+        return None
+    ticks = sum(int(x) for x in root[11:15])
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _proc_stat(int(entry))
+        if fields is not None and int(fields[1]) == postmaster:
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / _TICK
+
+
+def _client_cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _wal_lsn(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    return int(row[0]) if row else 0
+
+
+@dataclass
+class Usage:
+    """What one measure cost: wall time, client CPU (this process and the children it waited
+    for), server CPU (None for a server on another machine) and WAL bytes written."""
+
+    wall_s: float = 0.0
+    client_cpu_s: float = 0.0
+    server_cpu_s: float | None = None
+    wal_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def per(self, count: float, unit: str = "event") -> dict[str, Any]:
+        """The figures per ``unit`` (µs of CPU, bytes of WAL), for a result's detail."""
+        if count <= 0:
+            return {}
+        out: dict[str, Any] = {
+            f"client_cpu_us_per_{unit}": round(self.client_cpu_s / count * 1e6, 2),
+            f"server_cpu_us_per_{unit}": (
+                round(self.server_cpu_s / count * 1e6, 2) if self.server_cpu_s is not None else None
+            ),
+            f"wal_bytes_per_{unit}": round(self.wal_bytes / count, 1),
+            "client_cpu_s": round(self.client_cpu_s, 3),
+            "server_cpu_s": round(self.server_cpu_s, 3) if self.server_cpu_s is not None else None,
+            "wal_mb": round(self.wal_bytes / 1e6, 2),
+        }
+        return out
+
+
+@contextmanager
+def measured(dsn: str) -> Iterator[Usage]:
+    """Measure the resources the block uses: ``with measured(dsn) as usage: ...``."""
+    usage = Usage()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        postmaster = _postmaster(conn)
+        server = server_cpu_seconds(postmaster) if postmaster else None
+        wal = _wal_lsn(conn)
+        client = _client_cpu()
+        started = time.perf_counter()
+    try:
+        yield usage
+    finally:
+        usage.wall_s = time.perf_counter() - started
+        usage.client_cpu_s = _client_cpu() - client
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            usage.wal_bytes = _wal_lsn(conn) - wal
+        if server is not None and postmaster is not None:
+            now = server_cpu_seconds(postmaster)
+            usage.server_cpu_s = now - server if now is not None else None

@@ -1,0 +1,133 @@
+"""Every benchmark entry point runs at a tiny size, so none of them rots: ``tamma-events bench
+--suite full`` and ``--suite load-curve`` through the command line, and the pytest-benchmark
+suites in ``benchmarks/`` in a child pytest. No timing is asserted: only that each figure is
+there, beside its baseline, with the resources it used."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tamma_events.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(pg_dsn: str, *args: str) -> dict[str, dict[str, Any]]:
+    result = CliRunner().invoke(
+        main, ["--dsn", pg_dsn, "bench", *args, "--json", "-"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    summary = json.loads(out[out.index("{") :])
+    return {r["name"]: r for r in summary["results"]}
+
+
+def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> None:
+    results = bench(
+        pg_dsn,
+        "--suite",
+        "full",
+        "--events",
+        "3000",
+        "--append-events",
+        "2000",
+        "--batch-size",
+        "1000",
+        "--rounds",
+        "1",
+        "--conditional",
+        "20",
+        "--threads",
+        "4",
+        "--per-thread",
+        "5",
+        "--samples",
+        "3",
+        "--seconds",
+        "1",
+        "--rate",
+        "500",
+    )
+    expected_baselines = {
+        "encode.native": "encode.python",
+        "append_batch": "copy_ceiling",
+        "append_batch.vs.executemany": "executemany",
+        "append_batch.vs.eventsourcing.application": "eventsourcing.application",
+        "append_batch.vs.eventsourcing.dcb": "eventsourcing.dcb",
+        "append.conditional": "commit_floor",
+        "append.conditional.threads": "append.conditional",
+        "append.conditional.vs.eventsourcing.dcb": "eventsourcing.dcb.conditional",
+        "verify": "read",
+        "export_arrow": "adbc_fetch_arrow_table",
+        "query.by_issue": "round_trip",
+        "query.count_by_type": "round_trip",
+        "subscribe.latency_p99": "listen_notify_p99",
+    }
+    for name, baseline in expected_baselines.items():
+        result = results[name]
+        assert result["baseline"] == baseline, name
+        assert result["value"] > 0, name
+        if name.startswith(("query.", "subscribe.")):
+            # Latency against a floor measured alongside (a round trip, a bare listener).
+            assert result["ratio"] is None or result["ratio"] > 0, name
+        else:
+            base = results[baseline]["value"]
+            assert result["ratio"] == pytest.approx(result["value"] / base, rel=1e-6), name
+    for name in ("copy_to", "commit_floor", "load", "append.threads", "read"):
+        assert results[name]["value"] > 0, name
+    # Resources per measure: client and server CPU (the server is local here) and WAL.
+    append = results["append_batch"]["detail"]
+    assert append["client_cpu_us_per_event"] > 0
+    assert append["server_cpu_us_per_event"] > 0
+    assert append["wal_bytes_per_event"] > 0
+    assert results["query.by_issue"]["detail"]["client_cpu_us_per_query"] > 0
+    assert results["verify"]["detail"]["server_cpu_us_per_event"] is not None
+
+
+def test_load_curve_reports_each_slice_against_the_first(pg_dsn: str) -> None:
+    results = bench(pg_dsn, "--suite", "load-curve", "--events", "3000", "--batch-size", "100")
+    slices = [results[f"load.slice_{n}"] for n in range(1, 11)]
+    assert [s["detail"]["through"] for s in slices] == list(range(300, 3001, 300))
+    first = slices[0]["value"]
+    for piece in slices:
+        assert piece["baseline"] == "load.slice_1"
+        assert piece["ratio"] == pytest.approx(piece["value"] / first)
+        assert piece["detail"]["wal_bytes_per_event"] > 0
+    assert slices[-1]["detail"]["table_mb"] >= 0
+
+
+def test_pytest_benchmarks_run_at_a_tiny_size(pg_dsn: str) -> None:
+    env = {
+        **os.environ,
+        "TAMMA_EVENTS_TEST_DSN": pg_dsn,
+        "TAMMA_EVENTS_BENCH_EVENTS": "2000",
+        "TAMMA_EVENTS_BENCH_QUERY_EVENTS": "3000",
+        "TAMMA_EVENTS_BENCH_SINGLE": "30",
+        "TAMMA_EVENTS_BENCH_SAMPLES": "3",
+        "TAMMA_EVENTS_BENCH_SECONDS": "1",
+        "TAMMA_EVENTS_BENCH_RATE": "1000",
+        "TAMMA_EVENTS_BENCH_REPLICA_EVENTS": "2000",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    summary = re.search(r"(\d+) passed", out)
+    assert summary is not None and int(summary.group(1)) >= 20, out[-2000:]
+    assert not re.search(r"\d+ (skipped|failed|error)", out), out[-2000:]
+    assert "ratios against baselines from this run" in out
