@@ -957,3 +957,217 @@ def read_copy(size_t conn, size_t get_copy_data, size_t freemem, Py_ssize_t max_
         return _take(&out), count, status
     finally:
         PyMem_Free(out.p)
+
+
+# ---------------------------------------------------------------------------------------------
+# verifying: the hash chain recomputed over rows read back (the reference is _pycodec.rehash)
+
+cdef object _Rehashed = _pycodec.Rehashed
+cdef object _stored_row_error = _pycodec.stored_row_error
+cdef object _stored_json_error = _pycodec.stored_json_error
+cdef object _read_stored_json = _pycodec.read_stored_json
+cdef object _decode_json = msgspec.json.Decoder().decode
+cdef object _MsgspecError = msgspec.MsgspecError
+cdef tuple STORED_NAMES = _pycodec.COPY_COLUMNS
+# Field numbers of COPY_COLUMNS.
+cdef enum:
+    S_POSITION = 0
+    S_EVENT_ID = 1
+    S_EVENT_TYPE = 2
+    S_TIMESTAMP = 3
+    S_TAGS = 4
+    S_METADATA = 5
+    S_DATA = 6
+    S_HASH = 7
+    S_FIELDS = 8
+
+
+def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
+    """Recompute the hash chain over stored rows; see `tamma_events._pycodec.rehash`.
+
+    The rows are cut natively; the JSON of the whole chunk is decoded by one msgspec call and
+    encoded again by another, and each row is put back together around it and hashed."""
+    cdef const unsigned char[::1] view = rows
+    cdef const unsigned char *data = &view[0] if view.shape[0] else <const unsigned char *>b""
+    cdef Py_ssize_t size = view.shape[0]
+    cdef Py_ssize_t *spans = NULL      # per row: S_FIELDS (start, length) pairs, then the row start
+    cdef Py_ssize_t *json_spans = NULL
+    cdef Py_ssize_t at = 0, row, k, length, i, limit, total, n, text_size
+    cdef Py_ssize_t expected_size
+    cdef int16_t fields
+    cdef unsigned char *scratch = NULL
+    cdef Py_ssize_t scratch_cap = 0, row_size, prefix
+    cdef unsigned char digest[32]
+    cdef const unsigned char *prev
+    cdef char *p
+    cdef void *ctx = NULL
+    cdef str kind = ""
+    cdef str detail = ""
+    cdef object problem, decoded, values, metadata, payload, encoded, hashed_prev
+    cdef bytearray joined
+    cdef const char *json_text
+    if len(prev_hash) != HASH_SIZE:
+        raise ValueError("prev_hash must be 32 bytes")
+    if count < 0:
+        raise ValueError("count must not be negative")
+    if count == 0:
+        if size:
+            raise _stored_row_error(0, "row", "follows the last row")
+        return _Rehashed(0, prev_hash)
+    spans = <Py_ssize_t *>PyMem_Malloc(count * (2 * S_FIELDS + 1) * sizeof(Py_ssize_t))
+    json_spans = <Py_ssize_t *>PyMem_Malloc(6 * count * sizeof(Py_ssize_t))
+    if spans == NULL or json_spans == NULL:
+        PyMem_Free(spans); PyMem_Free(json_spans)
+        raise MemoryError()
+    try:
+        # Cut the rows, checking their framing as the reference does.
+        for row in range(count):
+            if at + 2 > size:
+                raise _stored_row_error(row, "row", "is cut short")
+            fields = <int16_t>((data[at] << 8) | data[at + 1])
+            if fields != S_FIELDS:
+                raise _stored_row_error(row, "row", f"has {fields} fields, not {S_FIELDS}")
+            spans[row * (2 * S_FIELDS + 1) + 2 * S_FIELDS] = at
+            at += 2
+            for k in range(S_FIELDS):
+                if at + 4 > size:
+                    raise _stored_row_error(row, STORED_NAMES[k], "is cut short")
+                length = _get32(data + at)
+                at += 4
+                if length < 0:
+                    raise _stored_row_error(row, STORED_NAMES[k], "is NULL")
+                if at + length > size:
+                    raise _stored_row_error(row, STORED_NAMES[k], "is cut short")
+                expected_size = (8 if k == S_POSITION or k == S_TIMESTAMP else
+                                 16 if k == S_EVENT_ID else HASH_SIZE if k == S_HASH else -1)
+                if expected_size >= 0 and length != expected_size:
+                    raise _stored_row_error(row, STORED_NAMES[k],
+                                            f"has {length} bytes, not {expected_size}")
+                if S_TAGS <= k <= S_DATA and (length < 1 or data[at] != 1):
+                    raise _stored_row_error(row, STORED_NAMES[k], "is not jsonb of version 1")
+                spans[row * (2 * S_FIELDS + 1) + 2 * k] = at
+                spans[row * (2 * S_FIELDS + 1) + 2 * k + 1] = length
+                at += length
+        if at != size:
+            raise _stored_row_error(count, "row", "follows the last row")
+
+        # Positions: the chain can only be checked up to the first one out of place.
+        limit = count
+        for row in range(count):
+            if _get64(data + spans[row * (2 * S_FIELDS + 1) + 2 * S_POSITION]) != first_position + row:
+                limit = row
+                kind = "missing"
+                detail = str(_get64(data + spans[row * (2 * S_FIELDS + 1) + 2 * S_POSITION]))
+                break
+
+        # The JSON of every row up to there, decoded by one call: "[t, t, t, ...]".
+        values = []
+        if limit:
+            total = 2
+            for row in range(limit):
+                for k in range(S_TAGS, S_DATA + 1):
+                    total += spans[row * (2 * S_FIELDS + 1) + 2 * k + 1]  # text + a separator
+            joined = PyByteArray_FromStringAndSize(NULL, total)
+            p = PyByteArray_AS_STRING(joined)
+            p[0] = b'['
+            n = 1
+            for row in range(limit):
+                for k in range(S_TAGS, S_DATA + 1):
+                    length = spans[row * (2 * S_FIELDS + 1) + 2 * k + 1] - 1
+                    memcpy(p + n, data + spans[row * (2 * S_FIELDS + 1) + 2 * k] + 1, length)
+                    n += length
+                    p[n] = b','
+                    n += 1
+            p[n - 1] = b']'
+            try:
+                values = _decode_json(memoryview(joined)[:n])
+            except (_MsgspecError, ValueError):  # ValueError: invalid UTF-8
+                values = None
+            if values is None or len(values) != 3 * limit:
+                # Find the first value that cannot be read, worded by the reference.
+                values = []
+                for row in range(limit):
+                    for k in range(S_TAGS, S_DATA + 1):
+                        at = spans[row * (2 * S_FIELDS + 1) + 2 * k]
+                        length = spans[row * (2 * S_FIELDS + 1) + 2 * k + 1]
+                        decoded, problem = _read_stored_json(
+                            PyBytes_FromStringAndSize(<const char *>data + at + 1, length - 1))
+                        if problem is not None:
+                            limit, kind, detail = row, "encode", problem
+                            break
+                        values.append(decoded)
+                    if kind == "encode":
+                        break
+                del values[3 * limit:]
+            # The codec's rules on each row's JSON; metadata and data as they are encoded.
+            for row in range(limit):
+                metadata = _json_object(values[3 * row + 1])
+                payload = _json_object(values[3 * row + 2])
+                if not _tags_ok(values[3 * row]) or metadata is None or payload is None:
+                    problem = _stored_json_error(values[3 * row], values[3 * row + 1],
+                                                 values[3 * row + 2], row)
+                    if problem is None:
+                        raise AssertionError(
+                            f"the native codec rejected stored row {row} but the reference "
+                            "accepts it")
+                    limit, kind, detail = row, "encode", problem
+                    break
+                values[3 * row + 1] = metadata
+                values[3 * row + 2] = payload
+            del values[3 * limit:]
+
+        prev = <const unsigned char *>PyBytes_AS_STRING(prev_hash)
+        hashed_prev = prev_hash
+        if limit:
+            encoded = _encode(values)
+            json_text = PyBytes_AS_STRING(encoded)
+            text_size = PyBytes_GET_SIZE(encoded)
+            if _split_elements(json_text, text_size, json_spans, 3 * limit) != 3 * limit:
+                raise AssertionError("could not split the encoded JSON of the stored rows")
+            if HAVE_LIBCRYPTO:
+                ctx = tamma_sha256_ctx_new()
+                if ctx == NULL:
+                    raise MemoryError()
+            for row in range(limit):
+                # Field count through timestamp as stored, then the three JSON fields anew.
+                i = row * (2 * S_FIELDS + 1)
+                prefix = spans[i + 2 * S_TAGS] - 4 - spans[i + 2 * S_FIELDS]
+                row_size = prefix
+                for k in range(3 * row, 3 * row + 3):
+                    row_size += 5 + json_spans[2 * k + 1] - json_spans[2 * k]
+                if row_size > scratch_cap:
+                    PyMem_Free(scratch)
+                    scratch_cap = row_size * 2
+                    scratch = <unsigned char *>PyMem_Malloc(scratch_cap)
+                    if scratch == NULL:
+                        raise MemoryError()
+                memcpy(scratch, data + spans[i + 2 * S_FIELDS], prefix)
+                p = <char *>scratch + prefix
+                for k in range(3 * row, 3 * row + 3):
+                    n = json_spans[2 * k + 1] - json_spans[2 * k]
+                    _put32(p, <uint32_t>(n + 1))
+                    p[4] = 1
+                    memcpy(p + 5, json_text + json_spans[2 * k], n)
+                    p += 5 + n
+                if ctx != NULL:
+                    if not tamma_sha256_2(ctx, prev, HASH_SIZE, scratch, row_size, digest):
+                        raise RuntimeError("libcrypto failed to compute SHA-256")
+                else:
+                    memcpy(digest, PyBytes_AS_STRING(
+                        _sha256(PyBytes_FromStringAndSize(<const char *>prev, HASH_SIZE)
+                                + PyBytes_FromStringAndSize(<const char *>scratch, row_size)
+                                ).digest()), HASH_SIZE)
+                if memcmp(digest, data + spans[i + 2 * S_HASH], HASH_SIZE) != 0:
+                    return _Rehashed(row, PyBytes_FromStringAndSize(<const char *>prev, HASH_SIZE),
+                                     row, "hash")
+                prev = data + spans[i + 2 * S_HASH]
+            hashed_prev = PyBytes_FromStringAndSize(<const char *>prev, HASH_SIZE)
+        if kind:
+            return _Rehashed(limit, hashed_prev, limit, kind, detail)
+        return _Rehashed(count, hashed_prev)
+    finally:
+        if ctx != NULL:
+            tamma_sha256_ctx_free(ctx)
+        PyMem_Free(spans)
+        PyMem_Free(json_spans)
+        PyMem_Free(scratch)

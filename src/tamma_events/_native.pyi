@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from ._pycodec import DecodedRows, PreparedBatch
+from ._pycodec import DecodedRows, PreparedBatch, Rehashed
 from .model import DomainEvent
 
 def prepare(
@@ -15,3 +15,6 @@ def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows
 def read_copy(
     conn: int, get_copy_data: int, freemem: int, max_rows: int, max_bytes: int, first: bool
 ) -> tuple[bytes, int, int]: ...
+def rehash(
+    rows: bytes | bytearray | memoryview, count: int, first_position: int, prev_hash: bytes
+) -> Rehashed: ...

@@ -49,13 +49,18 @@ __all__ = [
     "MAX_TAG_KEY_LENGTH",
     "DecodedRows",
     "PreparedBatch",
+    "Rehashed",
     "canonical",
     "decode_error",
     "decode_rows",
     "event_error",
     "json_rows",
     "prepare",
+    "read_stored_json",
+    "rehash",
     "seal",
+    "stored_json_error",
+    "stored_row_error",
 ]
 
 COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
@@ -242,7 +247,44 @@ def canonical(value: Any) -> Any:
     return value
 
 
-def _check_object(value: Any, field: str, index: int, event_id: str) -> None:
+def _check_tags(tags: Any, index: int, event_id: str | None) -> None:
+    if type(tags) is not dict:
+        raise _fail(
+            f"tags must be a dict of str to str, got {_type_name(tags)}", index, event_id, "tags"
+        )
+    for key, value in tags.items():
+        if type(key) is not str:
+            raise _fail(f"tag keys must be str, got {_type_name(key)}", index, event_id, "tags")
+        if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
+            raise _fail(
+                f"tag keys must be 1 to {MAX_TAG_KEY_LENGTH} characters, got {len(key)}",
+                index,
+                event_id,
+                "tags",
+                path=[key],
+            )
+        if type(value) is not str:
+            raise _fail(
+                f"tags[{_quote(key)}] must be a str, got {_type_name(value)}",
+                index,
+                event_id,
+                "tags",
+                path=[key],
+            )
+        try:
+            _check_text(key, [key], "tag key")
+            _check_text(value, [key], "tag value")
+        except _Invalid as bad:
+            raise _fail(
+                f"{_render_path('tags', bad.path)}: {bad.problem}",
+                index,
+                event_id,
+                "tags",
+                path=bad.path,
+            ) from None
+
+
+def _check_object(value: Any, field: str, index: int, event_id: str | None) -> None:
     if type(value) is not dict:
         raise _fail(
             f"{field} must be a JSON object (dict), got {_type_name(value)}", index, event_id, field
@@ -318,42 +360,7 @@ def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
 
     timestamp_us = _timestamp_us(event, index, event_id)
 
-    tags: Any = event.tags
-    if type(tags) is not dict:
-        raise _fail(
-            f"tags must be a dict of str to str, got {_type_name(tags)}", index, event_id, "tags"
-        )
-    for key, value in tags.items():
-        if type(key) is not str:
-            raise _fail(f"tag keys must be str, got {_type_name(key)}", index, event_id, "tags")
-        if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
-            raise _fail(
-                f"tag keys must be 1 to {MAX_TAG_KEY_LENGTH} characters, got {len(key)}",
-                index,
-                event_id,
-                "tags",
-                path=[key],
-            )
-        if type(value) is not str:
-            raise _fail(
-                f"tags[{_quote(key)}] must be a str, got {_type_name(value)}",
-                index,
-                event_id,
-                "tags",
-                path=[key],
-            )
-        try:
-            _check_text(key, [key], "tag key")
-            _check_text(value, [key], "tag value")
-        except _Invalid as bad:
-            raise _fail(
-                f"{_render_path('tags', bad.path)}: {bad.problem}",
-                index,
-                event_id,
-                "tags",
-                path=bad.path,
-            ) from None
-
+    _check_tags(event.tags, index, event_id)
     _check_object(event.metadata, "metadata", index, event_id)
     _check_object(event.data, "data", index, event_id)
     return id_bytes, event_id, timestamp_us
@@ -653,3 +660,140 @@ def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows
         bytes(data.data),
         bytes(fixed["hash"]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# verifying: the hash chain recomputed over rows read back from the store
+
+
+class Rehashed(NamedTuple):
+    """What `rehash` found in a chunk of stored rows: ``checked`` rows from its start whose
+    hashes match, chained to ``last_hash`` (the ``prev_hash`` given when none); and, when a row
+    breaks the chain, its offset ``failed`` (-1 when none does) and ``kind``:
+
+    - ``"missing"``: its position is not the next one (``detail``: the position it holds);
+    - ``"encode"``: its JSON cannot be encoded as the codec encodes events (``detail``: why);
+    - ``"hash"``: its stored hash is not the hash of its contents and predecessor."""
+
+    checked: int
+    last_hash: bytes
+    failed: int = -1
+    kind: str = ""
+    detail: str = ""
+
+
+_JSON_COLUMNS: Final = ("tags", "metadata", "data")
+_STORED_SIZES: Final = {"position": 8, "event_id": 16, "timestamp": 8, "hash": HASH_SIZE}
+
+
+def stored_row_error(row: int, field: str, problem: str) -> EventStoreError:
+    """The one wording of a malformed stored row read back for verifying (both codecs)."""
+    return EventStoreError(
+        STORAGE_ERROR, f"stored row {row}: {field} {problem}", {"row": row, "field": field}
+    )
+
+
+def stored_json_error(tags: Any, metadata: Any, data: Any, index: int) -> str | None:
+    """Why JSON read back from the store cannot be encoded as `prepare` encodes events (its
+    wording of the rule), or None when it can."""
+    try:
+        _check_tags(tags, index, None)
+        _check_object(metadata, "metadata", index, None)
+        _check_object(data, "data", index, None)
+    except EventStoreError as exc:
+        # Worded for a batch ("event <index>: ..."); the caller names the position.
+        return exc.message.removeprefix(f"event {index}: ")
+    return None
+
+
+def read_stored_json(text: bytes) -> tuple[Any, str | None]:
+    """One jsonb value as PostgreSQL prints it, decoded; or None and why it cannot be."""
+    try:
+        return msgspec.json.decode(text), None
+    except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: invalid UTF-8
+        return None, f"its stored JSON cannot be read: {exc}"
+
+
+def _stored_spans(view: bytes, count: int) -> list[list[tuple[int, int]]]:
+    """Each row's fields as (start, length) spans of ``view``; the row itself first."""
+    size = len(view)
+    rows = []
+    at = 0
+    for row in range(count):
+        if at + 2 > size:
+            raise stored_row_error(row, "row", "is cut short")
+        (fields,) = _INT16.unpack_from(view, at)
+        if fields != len(COPY_COLUMNS):
+            raise stored_row_error(row, "row", f"has {fields} fields, not {len(COPY_COLUMNS)}")
+        spans = [(at, 0)]
+        at += 2
+        for field in COPY_COLUMNS:
+            if at + 4 > size:
+                raise stored_row_error(row, field, "is cut short")
+            (length,) = _INT32.unpack_from(view, at)
+            at += 4
+            if length < 0:
+                raise stored_row_error(row, field, "is NULL")
+            if at + length > size:
+                raise stored_row_error(row, field, "is cut short")
+            expected = _STORED_SIZES.get(field)
+            if expected is not None and length != expected:
+                raise stored_row_error(row, field, f"has {length} bytes, not {expected}")
+            if field in _JSON_COLUMNS and (length < 1 or view[at] != 1):
+                raise stored_row_error(row, field, "is not jsonb of version 1")
+            spans.append((at, length))
+            at += length
+        rows.append(spans)
+    if at != size:
+        raise stored_row_error(count, "row", "follows the last row")
+    return rows
+
+
+def rehash(
+    rows: bytes | bytearray | memoryview, count: int, first_position: int, prev_hash: bytes
+) -> Rehashed:
+    """Recompute the hash chain over ``count`` binary COPY rows of `COPY_COLUMNS` read back
+    from the store (jsonb as PostgreSQL prints it), expected at positions ``first_position``
+    on, chained from ``prev_hash``.
+
+    Each row's JSON is decoded and encoded again as `prepare` encodes it (canonical, keys
+    sorted); the other fields are hashed as stored, which is how `prepare` lays them out. So a
+    row hashes to its stored hash exactly when its contents and predecessor are those that
+    were sealed. Malformed rows raise ``STORAGE_ERROR`` naming the row and field."""
+    view = bytes(rows)
+    spans = _stored_spans(view, count)
+    limit, kind, detail = count, "", ""
+    for i, row in enumerate(spans):
+        (position,) = _INT64.unpack_from(view, row[1][0])
+        if position != first_position + i:
+            limit, kind, detail = i, "missing", str(position)
+            break
+    values: list[tuple[Any, Any, Any]] = []
+    for i in range(limit):
+        decoded = []
+        for at, length in spans[i][5:8]:
+            value, problem = read_stored_json(view[at + 1 : at + length])
+            if problem is not None:
+                break
+            decoded.append(value)
+        else:
+            problem = stored_json_error(decoded[0], decoded[1], decoded[2], i)
+        if problem is not None:
+            limit, kind, detail = i, "encode", problem
+            break
+        tags, metadata, data = decoded
+        values.append((tags, canonical(metadata), canonical(data)))
+    for i in range(limit):
+        row = spans[i]
+        encoded = bytearray(view[row[0][0] : row[5][0] - 4])  # field count through timestamp
+        for value in values[i]:
+            text = _ENCODER.encode(value)
+            encoded += _INT32.pack(len(text) + 1) + b"\x01" + text
+        digest = hashlib.sha256(prev_hash + encoded).digest()
+        at, length = row[8]
+        if digest != view[at : at + length]:
+            return Rehashed(i, prev_hash, i, "hash")
+        prev_hash = digest
+    if kind:
+        return Rehashed(limit, prev_hash, limit, kind, detail)
+    return Rehashed(count, prev_hash)

@@ -18,7 +18,7 @@ buffers of Arrow arrays: no Python object is made per event. The column types:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -40,6 +40,7 @@ __all__ = [
     "EXPORT_SELECT",
     "copy_batches",
     "copy_batches_async",
+    "copy_rows",
     "parquet_writer",
     "to_batch",
     "write_arrow_file",
@@ -110,15 +111,17 @@ def to_batch(rows: DecodedRows) -> pa.RecordBatch:
 class _CopyMessages:
     """Collects the messages of a binary COPY out (one per row; the first starts with the
     header, and the trailer comes alone, or after the header when there are no rows) into
-    batches of decoded rows."""
+    chunks of raw rows, back to back."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = _MAX_BATCH_ROWS, max_bytes: int = _MAX_BATCH_BYTES) -> None:
         self.pending = bytearray()
         self.count = 0
         self.header = True
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
 
-    def add(self, message: memoryview | bytes | bytearray) -> pa.RecordBatch | None:
-        """Take one message; a batch when enough rows have gathered."""
+    def add(self, message: memoryview | bytes | bytearray) -> tuple[bytearray, int] | None:
+        """Take one message; a chunk ``(rows, count)`` when enough rows have gathered."""
         if self.header:
             if bytes(message[: len(COPY_HEADER)]) != COPY_HEADER:
                 raise EventStoreError(STORAGE_ERROR, "the export's COPY header is not valid")
@@ -128,43 +131,58 @@ class _CopyMessages:
             return None
         self.pending += message
         self.count += 1
-        if len(self.pending) >= _MAX_BATCH_BYTES:
+        if len(self.pending) >= self.max_bytes or self.count >= self.max_rows:
             return self.flush()
         return None
 
-    def flush(self) -> pa.RecordBatch | None:
-        """The rows gathered and not yet returned, as a batch (None when there are none)."""
+    def flush(self) -> tuple[bytearray, int] | None:
+        """The rows gathered and not yet returned (None when there are none)."""
         if not self.count:
             return None
-        batch = to_batch(_codec.decode_rows(self.pending, self.count))
+        chunk = (self.pending, self.count)
         self.pending = bytearray()
         self.count = 0
-        return batch
+        return chunk
 
 
 def _copy_out(statement: sql.Composable) -> sql.Composed:
     return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
 
 
+def copy_rows(
+    conn: psycopg.Connection[Any],
+    statement: sql.Composable,
+    params: list[Any],
+    *,
+    max_rows: int = _MAX_BATCH_ROWS,
+    max_bytes: int = _MAX_BATCH_BYTES,
+) -> Generator[tuple[bytes | bytearray, int], None, None]:
+    """Run ``COPY (statement) TO STDOUT (FORMAT BINARY)`` and yield its rows raw, as chunks
+    ``(rows, count)`` of at most ``max_rows`` rows, cut once ``max_bytes`` are gathered
+    (header and trailer dropped).
+
+    With the native codec, the rows are read by its ``read_copy`` straight from libpq (see
+    `tamma_events._libpq`); otherwise through psycopg's ``Copy``, a message per row."""
+    messages = _CopyMessages(max_rows, max_bytes)
+    with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
+        functions = copy_functions(conn) if _codec.IMPL == "native" else None
+        if functions is not None:
+            yield from _native_rows(conn, functions, max_rows, max_bytes)
+            return
+        for message in copy:
+            if (chunk := messages.add(message)) is not None:
+                yield chunk
+    if (chunk := messages.flush()) is not None:
+        yield chunk
+
+
 def copy_batches(
     conn: psycopg.Connection[Any], statement: sql.Composable, params: list[Any]
 ) -> Iterator[pa.RecordBatch]:
     """Run ``COPY (statement) TO STDOUT (FORMAT BINARY)``, whose columns are `EXPORT_SELECT`,
-    and yield its rows as record batches (several when they exceed a few hundred MB).
-
-    With the native codec, the rows are read by its ``read_copy`` straight from libpq (see
-    `tamma_events._libpq`); otherwise through psycopg's ``Copy``, a message per row."""
-    messages = _CopyMessages()
-    with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
-        functions = copy_functions(conn) if _codec.IMPL == "native" else None
-        if functions is not None:
-            yield from _native_batches(conn, functions)
-            return
-        for message in copy:
-            if (batch := messages.add(message)) is not None:
-                yield batch
-    if (batch := messages.flush()) is not None:
-        yield batch
+    and yield its rows as record batches (several when they exceed a few hundred MB)."""
+    for rows, count in copy_rows(conn, statement, params):
+        yield to_batch(_codec.decode_rows(rows, count))
 
 
 async def copy_batches_async(
@@ -173,41 +191,43 @@ async def copy_batches_async(
     """`copy_batches` on an async connection, through psycopg's ``AsyncCopy`` (the event
     loop runs between messages)."""
     messages = _CopyMessages()
-    batches = []
+    chunks = []
     async with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
         async for message in copy:
-            if (batch := messages.add(message)) is not None:
-                batches.append(batch)
-    if (batch := messages.flush()) is not None:
-        batches.append(batch)
-    return batches
+            if (chunk := messages.add(message)) is not None:
+                chunks.append(chunk)
+    if (chunk := messages.flush()) is not None:
+        chunks.append(chunk)
+    return [to_batch(_codec.decode_rows(rows, count)) for rows, count in chunks]
 
 
-def _native_batches(
-    conn: psycopg.Connection[Any], functions: tuple[int, int, int]
-) -> Iterator[pa.RecordBatch]:
+def _native_rows(
+    conn: psycopg.Connection[Any], functions: tuple[int, int, int], max_rows: int, max_bytes: int
+) -> Iterator[tuple[bytes, int]]:
     """The rows of the COPY in progress on ``conn``, read by the native ``read_copy``; then
     the command's result, read as psycopg would (its error raised as psycopg's)."""
     from ._native import read_copy
 
     first = True
     while True:
-        rows, count, status = read_copy(*functions, _MAX_BATCH_ROWS, _MAX_BATCH_BYTES, first)
+        rows, count, status = read_copy(*functions, max_rows, max_bytes, first)
         first = False
-        if count:
-            yield to_batch(_codec.decode_rows(rows, count))
         if status == -2:
             message = conn.pgconn.error_message.decode(errors="replace").strip()
             raise psycopg.OperationalError(f"reading the export failed: {message}")
         if status == -1:
-            break
-    # libpq holds the command's result: read it (and any other) so the connection is idle.
-    failure = None
-    while (result := conn.pgconn.get_result()) is not None:
-        if result.status != libpq.ExecStatus.COMMAND_OK and failure is None:
-            failure = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-    if failure is not None:
-        raise failure
+            # libpq holds the command's result: read it (and any other) before handing over
+            # the last rows, so that the connection is idle even if the caller stops there.
+            failure = None
+            while (result := conn.pgconn.get_result()) is not None:
+                if result.status != libpq.ExecStatus.COMMAND_OK and failure is None:
+                    failure = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+            if failure is not None:
+                raise failure
+        if count:
+            yield rows, count
+        if status == -1:
+            return
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:

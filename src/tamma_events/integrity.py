@@ -17,12 +17,15 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from ._chain import first_break
+from . import _codec
 from .archive import manifest, verify_archives
+from .arrow import copy_rows
 from .errors import EventStoreError
-from .model import DomainEvent
 
 __all__ = ["IntegrityReport", "verify"]
+
+# Rows are rehashed a chunk at a time: at most ``batch_size`` rows, cut at this many bytes.
+_CHUNK_BYTES = 64 << 20
 
 
 class IntegrityReport(msgspec.Struct, frozen=True):
@@ -107,48 +110,31 @@ def verify(
             prev_hash = bytes(row[0])
 
         expected = first
-        with conn.cursor(name="tamma_events_verify", binary=True) as cursor:
-            cursor.itersize = batch_size
-            cursor.execute(
-                sql.SQL(
-                    'SELECT position, event_id, event_type, "timestamp", tags, metadata, data, hash'
-                    " FROM {} WHERE position >= %s AND position <= %s ORDER BY position"
-                ).format(events),
-                [first, last],
-            )
-            total = max(0, last - shown + 1)
-            while True:
-                rows = cursor.fetchmany(batch_size)
-                if not rows:
-                    break
-                for offset, row in enumerate(rows):
-                    if row[0] != expected + offset:
-                        missing = expected + offset
-                        return _break(
-                            checked + offset,
-                            missing,
-                            f"event {missing} is missing (the next stored position is {row[0]})",
-                            first,
-                            last,
-                        )
-                batch = [
-                    DomainEvent(event_type, data, tags, metadata, event_id, timestamp)
-                    for _, event_id, event_type, timestamp, tags, metadata, data, _ in rows
-                ]
-                failed = first_break(batch, expected, prev_hash, [row[7] for row in rows])
-                if failed is not None:
-                    return _break(
-                        checked + failed.offset if failed.hashed else checked,
-                        expected + failed.offset,
-                        failed.reason,
-                        first,
-                        last,
-                    )
-                prev_hash = bytes(rows[-1][7])
-                checked += len(rows)
-                expected += len(rows)
-                if progress is not None:
-                    progress(checked, total)
+        statement = sql.SQL(
+            'SELECT position, event_id, event_type, "timestamp", tags, metadata, data, hash'
+            " FROM {} WHERE position >= %s AND position <= %s ORDER BY position"
+        ).format(events)
+        total = max(0, last - shown + 1)
+        chunks = copy_rows(
+            conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
+        )
+        for rows, count in chunks:
+            result = _codec.rehash(rows, count, expected, prev_hash)
+            if result.failed >= 0:
+                at = expected + result.failed
+                if result.kind == "missing":
+                    reason = f"event {at} is missing (the next stored position is {result.detail})"
+                elif result.kind == "encode":
+                    reason = f"event {at} cannot be re-encoded: {result.detail}"
+                else:
+                    reason = f"event {at}'s hash does not match its contents and predecessor"
+                chunks.close()
+                return _break(checked + result.checked, at, reason, first, last)
+            prev_hash = result.last_hash
+            checked += count
+            expected += count
+            if progress is not None:
+                progress(checked, total)
         if expected <= last:
             return _break(
                 checked,
