@@ -37,6 +37,7 @@ from cpython.unicode cimport (
 )
 from libc.math cimport copysign, fabs, isfinite
 from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset
 
 import array as _array
@@ -909,54 +910,95 @@ ctypedef int (*get_copy_data_t)(void *conn, char **buffer, int async_) noexcept 
 ctypedef void (*freemem_t)(void *ptr) noexcept nogil
 
 cdef bytes COPY_HEADER = _pycodec.COPY_HEADER
+cdef const char *COPY_SIGNATURE = COPY_HEADER
+
+
+cdef enum:
+    READ_MORE = 0
+    READ_END = -1
+    READ_FAILED = -2
+    READ_BAD_HEADER = -3
+    READ_NO_MEMORY = -4
+
+
+cdef struct CopyReader:
+    get_copy_data_t get
+    freemem_t free_
+    void *pgconn
+    bint first
+    char *p
+    Py_ssize_t size
+    Py_ssize_t cap
+    Py_ssize_t count
+
+
+cdef int _read_rows(CopyReader *r, Py_ssize_t max_rows, Py_ssize_t max_bytes) noexcept nogil:
+    """Read rows into ``r`` until ``max_rows`` rows or ``max_bytes`` bytes, or the end: all
+    without the GIL, so that a thread reading ahead does not wait for it at every row."""
+    cdef char *message = NULL
+    cdef char *grown
+    cdef int n
+    cdef Py_ssize_t skip, cap
+    while r.count < max_rows and r.size < max_bytes:
+        n = r.get(r.pgconn, &message, 0)
+        if n < 0:
+            return READ_FAILED if n == -2 else READ_END
+        skip = 0
+        if r.first:
+            r.first = False
+            if n < 19 or memcmp(message, COPY_SIGNATURE, 19) != 0:
+                r.free_(message)
+                return READ_BAD_HEADER
+            skip = 19
+        if (n - skip == 2 and <unsigned char>message[skip] == 0xFF
+                and <unsigned char>message[skip + 1] == 0xFF):
+            r.free_(message)
+            continue
+        if n > skip:
+            if r.size + n - skip > r.cap:
+                cap = r.cap * 2 if r.cap else 1 << 16
+                while cap < r.size + n - skip:
+                    cap *= 2
+                grown = <char *>realloc(r.p, cap)
+                if grown == NULL:
+                    r.free_(message)
+                    return READ_NO_MEMORY
+                r.p = grown
+                r.cap = cap
+            memcpy(r.p + r.size, message + skip, n - skip)
+            r.size += n - skip
+            r.count += 1
+        r.free_(message)
+    return READ_MORE
 
 
 def read_copy(size_t conn, size_t get_copy_data, size_t freemem, Py_ssize_t max_rows,
               Py_ssize_t max_bytes, bint first):
     """Read the rows of a ``COPY ... TO STDOUT (FORMAT BINARY)`` in progress on the libpq
     connection ``conn`` (a ``PGconn *``), with libpq's own ``PQgetCopyData`` and ``PQfreemem``
-    (their addresses), the GIL released while it waits: at most ``max_rows`` rows, stopping
+    (their addresses), without the GIL for the whole read: at most ``max_rows`` rows, stopping
     once ``max_bytes`` are read. ``first``: the next message starts with the file header,
     which is checked and dropped; the trailer is dropped too.
 
     Returns ``(rows, count, status)``: the rows back to back, how many, and 0 when more may
     follow, -1 at the end of the data, -2 when libpq failed (its caller reads the error)."""
-    cdef get_copy_data_t get = <get_copy_data_t>get_copy_data
-    cdef freemem_t free_ = <freemem_t>freemem
-    cdef void *pgconn = <void *>conn
-    cdef Buf out
-    cdef char *message = NULL
-    cdef int n = 0
-    cdef Py_ssize_t count = 0, skip
-    cdef int status = 0
-    memset(&out, 0, sizeof(out))
+    cdef CopyReader reader
+    cdef int status
+    memset(&reader, 0, sizeof(reader))
+    reader.get = <get_copy_data_t>get_copy_data
+    reader.free_ = <freemem_t>freemem
+    reader.pgconn = <void *>conn
+    reader.first = first
     try:
-        while count < max_rows and out.size < max_bytes:
-            with nogil:
-                n = get(pgconn, &message, 0)
-            if n < 0:
-                status = n if n == -2 else -1
-                break
-            skip = 0
-            if first:
-                first = False
-                if n < 19 or memcmp(message, <const char *>COPY_HEADER, 19) != 0:
-                    free_(message)
-                    raise _EventStoreError(
-                        "STORAGE_ERROR", "the export's COPY header is not valid"
-                    )
-                skip = 19
-            if (n - skip == 2 and <unsigned char>message[skip] == 0xFF
-                    and <unsigned char>message[skip + 1] == 0xFF):
-                free_(message)
-                continue
-            if n > skip:
-                _append(&out, message + skip, n - skip)
-                count += 1
-            free_(message)
-        return _take(&out), count, status
+        with nogil:
+            status = _read_rows(&reader, max_rows, max_bytes)
+        if status == READ_BAD_HEADER:
+            raise _EventStoreError("STORAGE_ERROR", "the export's COPY header is not valid")
+        if status == READ_NO_MEMORY:
+            raise MemoryError()
+        return PyBytes_FromStringAndSize(reader.p, reader.size), reader.count, status
     finally:
-        PyMem_Free(out.p)
+        free(reader.p)
 
 
 # ---------------------------------------------------------------------------------------------

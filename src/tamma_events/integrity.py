@@ -9,9 +9,11 @@ shows up as the first position where the chain breaks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
@@ -23,6 +25,8 @@ from .arrow import copy_rows
 from .errors import EventStoreError
 
 __all__ = ["IntegrityReport", "verify"]
+
+_T = TypeVar("_T")
 
 # Rows are rehashed a chunk at a time: at most ``batch_size`` rows, cut at this many bytes.
 _CHUNK_BYTES = 64 << 20
@@ -38,6 +42,44 @@ class IntegrityReport(msgspec.Struct, frozen=True):
     reason: str | None = None
     start: int = 1
     end: int = 0
+
+
+@contextmanager
+def _read_ahead(chunks: Generator[_T, None, None]) -> Iterator[Iterator[_T]]:
+    """``chunks``, with the next one read by a worker thread while the caller rehashes the
+    current one (the native COPY reader waits on the server without the GIL). Leaving the block
+    waits for the read in flight, then closes ``chunks``, ending the COPY."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-verify") as worker:
+        reading: Future[_T | None] | None = worker.submit(next, chunks, None)
+
+        def items() -> Iterator[_T]:
+            nonlocal reading
+            while reading is not None:
+                item = reading.result()
+                reading = None
+                if item is None:
+                    return
+                reading = worker.submit(next, chunks, None)
+                yield item
+
+        try:
+            yield items()
+        finally:
+            if reading is not None:
+                try:
+                    reading.result()
+                except Exception:  # the caller is already leaving; its own error wins
+                    pass
+            chunks.close()
+
+
+def _reason(kind: str, position: int, detail: str) -> str:
+    """Why the event at ``position`` breaks the chain, for a `rehash` result's kind."""
+    if kind == "missing":
+        return f"event {position} is missing (the next stored position is {detail})"
+    if kind == "encode":
+        return f"event {position} cannot be re-encoded: {detail}"
+    return f"event {position}'s hash does not match its contents and predecessor"
 
 
 def _break(checked: int, position: int, reason: str, start: int, end: int) -> IntegrityReport:
@@ -118,23 +160,25 @@ def verify(
         chunks = copy_rows(
             conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
         )
-        for rows, count in chunks:
-            result = _codec.rehash(rows, count, expected, prev_hash)
-            if result.failed >= 0:
-                at = expected + result.failed
-                if result.kind == "missing":
-                    reason = f"event {at} is missing (the next stored position is {result.detail})"
-                elif result.kind == "encode":
-                    reason = f"event {at} cannot be re-encoded: {result.detail}"
-                else:
-                    reason = f"event {at}'s hash does not match its contents and predecessor"
-                chunks.close()
-                return _break(checked + result.checked, at, reason, first, last)
-            prev_hash = result.last_hash
-            checked += count
-            expected += count
-            if progress is not None:
-                progress(checked, total)
+        with _read_ahead(chunks) as ahead:
+            for rows, count in ahead:
+                result = _codec.rehash(rows, count, expected, prev_hash)
+                if result.failed >= 0:
+                    at = expected + result.failed
+                    if result.kind == "missing":
+                        reason = (
+                            f"event {at} is missing (the next stored position is {result.detail})"
+                        )
+                    elif result.kind == "encode":
+                        reason = f"event {at} cannot be re-encoded: {result.detail}"
+                    else:
+                        reason = f"event {at}'s hash does not match its contents and predecessor"
+                    return _break(checked + result.checked, at, reason, first, last)
+                prev_hash = result.last_hash
+                checked += count
+                expected += count
+                if progress is not None:
+                    progress(checked, total)
         if expected <= last:
             return _break(
                 checked,
