@@ -295,3 +295,34 @@ def test_dcb_reads_are_planned_for_their_values_not_prepared(
             ["%LEFT JOIN LATERAL%"],
         ).fetchone()
     assert row == (0,)
+
+
+def test_dcb_conditions_are_checked_with_plans_for_their_values(make_store: Any) -> None:
+    """A condition checked with a generic plan ("no event of type T with tag K") walks every
+    event of type T; with a plan for its values it looks K up in the GIN index. append_group
+    (single appends) plans its statements for their values at every call, and the separate
+    check statement of larger groups and transactions is never prepared."""
+    from tamma_events import AppendCondition, DomainEvent, Query
+
+    store = make_store(min_connections=1, max_connections=1)
+    store.append_batch(
+        [DomainEvent("Decided", {"n": n}, {"courseId": f"c-{n}"}) for n in range(300)]
+    )
+    for n in range(12):
+        condition = AppendCondition(Query.of(types=["Decided"], tags={"courseId": f"new-{n}"}))
+        store.append(DomainEvent("Decided", {"n": n}, {"courseId": f"new-{n}"}), condition)
+        with store.transaction() as tx:
+            tags = {"courseId": f"tx-{n}"}
+            tx.append(DomainEvent("Decided", {"n": n}, tags), AppendCondition(Query.of(tags=tags)))
+    with store._connection() as conn:
+        prepared = conn.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement ILIKE %s",
+            ["%EXISTS (SELECT 1 FROM%"],
+        ).fetchone()
+        config = conn.execute(
+            "SELECT proconfig FROM pg_proc WHERE oid = %s::regprocedure",
+            [f'"{store.schema}".append_group(integer[], jsonb[], jsonb, bytea, integer[])'],
+        ).fetchone()
+    assert prepared == (0,)
+    assert config is not None and "plan_cache_mode=force_custom_plan" in config[0]
+    assert store.head() == 324

@@ -708,7 +708,7 @@ class StoreCore:
         checks = [r.check for r in requests if r.check is not None]
         verdicts: list[bool] = []
         if checks:
-            found = yield Run(*statements.checks(checks), fetch="one")
+            found = yield Run(*statements.checks(checks), fetch="one", prepare=False)
             verdicts = list(found or ())
         return int(row[0]), bytes(row[1]), verdicts
 
@@ -810,7 +810,7 @@ class StoreCore:
                 locked_here = True
             verdicts: list[bool] = []
             if request.check is not None:
-                found = yield Run(*statements.checks([request.check]), fetch="one")
+                found = yield Run(*statements.checks([request.check]), fetch="one", prepare=False)
                 verdicts = list(found or ())
             if not _accept([request], state.head, verdicts):
                 yield Run("RELEASE SAVEPOINT tamma_append", fetch="none")
