@@ -303,6 +303,7 @@ def test_dcb_conditions_are_checked_with_plans_for_their_values(make_store: Any)
     (single appends) plans its statements for their values at every call, and the separate
     check statement of larger groups and transactions is never prepared."""
     from tamma_events import AppendCondition, DomainEvent, Query
+    from tamma_events.sql import condition_check
 
     store = make_store(min_connections=1, max_connections=1)
     store.append_batch(
@@ -320,9 +321,18 @@ def test_dcb_conditions_are_checked_with_plans_for_their_values(make_store: Any)
             ["%EXISTS (SELECT 1 FROM%"],
         ).fetchone()
         config = conn.execute(
-            "SELECT proconfig FROM pg_proc WHERE oid = %s::regprocedure",
+            "SELECT proconfig, prosrc FROM pg_proc WHERE oid = %s::regprocedure",
             [f'"{store.schema}".append_group(integer[], jsonb[], jsonb, bytea, integer[])'],
         ).fetchone()
+        # The check's plan, where the statistics know nothing of the 300 events of the type
+        # yet: through the tags, not through every event of the type.
+        conn.execute("SET plan_cache_mode = force_custom_plan")
+        text, params = store._statements.checks(
+            [condition_check(AppendCondition(Query.of(types=["Decided"], tags={"courseId": "x"})))]
+        )
+        plan = "\n".join(r[0] for r in conn.execute(b"EXPLAIN " + text, params).fetchall())
     assert prepared == (0,)
     assert config is not None and "plan_cache_mode=force_custom_plan" in config[0]
+    assert "(event_type = item_types[1]) IS TRUE" in config[1]
+    assert "events_type_position" not in plan and "events_tags" in plan
     assert store.head() == 324

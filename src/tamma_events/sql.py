@@ -130,17 +130,22 @@ def query_shape(query: Query | None, params: list[Any]) -> Shape:
     return tuple(shape)
 
 
-def _predicate(shape: Shape) -> sql.Composable:
-    """The boolean expression over the events table for a query of this shape."""
+def _predicate(shape: Shape, *, through_tags: bool = False) -> sql.Composable:
+    """The boolean expression over the events table for a query of this shape.
+
+    ``through_tags``: an item with tags is found through them, its types tested on the rows
+    found (``IS TRUE`` keeps the planner off the type index): the plan of a condition check
+    (see schema/0008_condition_plans.sql)."""
     if not shape:
         return sql.SQL("TRUE")
     alternatives = []
     for types, tags in shape:
         parts = []
+        wrap = "({}) IS TRUE" if through_tags and tags else "{}"
         if types == 1:
-            parts.append(sql.SQL("event_type = %s"))
+            parts.append(sql.SQL(wrap.format("event_type = %s")))
         elif types:
-            parts.append(sql.SQL("event_type = ANY(%s)"))
+            parts.append(sql.SQL(wrap.format("event_type = ANY(%s)")))
         if tags:
             parts.append(sql.SQL("tags @> %s::jsonb"))
         alternatives.append(sql.SQL("({})").format(sql.SQL(" AND ").join(parts)))
@@ -633,7 +638,7 @@ class Statements:
         if text is None:
             columns = [
                 sql.SQL("EXISTS (SELECT 1 FROM {} WHERE position > %s AND {})").format(
-                    self.event_index, _predicate(shape)
+                    self.event_index, _predicate(shape, through_tags=True)
                 )
                 for shape in key
             ]
