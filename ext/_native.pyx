@@ -1054,7 +1054,7 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
         raise ValueError("count must not be negative")
     if count == 0:
         if size:
-            raise _stored_row_error(0, "row", "follows the last row")
+            raise _stored_row_error(0, "row", "follows the last expected row")
         return _Rehashed(0, prev_hash)
     spans = <Py_ssize_t *>PyMem_Malloc(count * (2 * S_FIELDS + 1) * sizeof(Py_ssize_t))
     json_spans = <Py_ssize_t *>PyMem_Malloc(6 * count * sizeof(Py_ssize_t))
@@ -1086,12 +1086,12 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
                     raise _stored_row_error(row, STORED_NAMES[k],
                                             f"has {length} bytes, not {expected_size}")
                 if S_TAGS <= k <= S_DATA and (length < 1 or data[at] != 1):
-                    raise _stored_row_error(row, STORED_NAMES[k], "is not jsonb of version 1")
+                    raise _stored_row_error(row, STORED_NAMES[k], "is not jsonb version 1")
                 spans[row * (2 * S_FIELDS + 1) + 2 * k] = at
                 spans[row * (2 * S_FIELDS + 1) + 2 * k + 1] = length
                 at += length
         if at != size:
-            raise _stored_row_error(count, "row", "follows the last row")
+            raise _stored_row_error(count, "row", "follows the last expected row")
 
         # Positions: the chain can only be checked up to the first one out of place.
         limit = count

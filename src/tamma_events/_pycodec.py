@@ -27,7 +27,7 @@ import math
 import struct
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
@@ -514,6 +514,7 @@ EXPORT_COLUMNS: Final = (
 PG_EPOCH_US: Final = 946_684_800_000_000
 _INT16: Final = struct.Struct(">h")
 _MAX_OFFSET: Final = 2**31 - 1
+_JSON_COLUMNS: Final = ("tags", "metadata", "data")
 _FIXED_SIZES: Final = {"position": 8, "event_id": 16, "timestamp": 8, "recorded_at": 8, "hash": 32}
 
 
@@ -584,63 +585,81 @@ def _tag_pairs(text: bytes, row: int) -> list[tuple[bytes, bytes]]:
         raise decode_error(row, "tags", "are not an object of strings") from None
 
 
+def _fields(
+    view: memoryview | bytes,
+    count: int,
+    columns: tuple[str, ...],
+    sizes: dict[str, int],
+    error: Callable[[int, str, str], EventStoreError],
+) -> Iterator[tuple[int, str, int, int]]:
+    """The fields of ``count`` binary COPY rows of ``columns`` in ``view``, as ``(row, field,
+    start, length)``, each row's own start first (as ``(row, "", start, 0)``), their framing
+    checked on the way: cut short, NULL, a fixed size in ``sizes`` not met, jsonb (tags,
+    metadata, data) not of version 1, bytes after the last row. ``error(row, field, problem)``
+    words the first problem."""
+    size = len(view)
+    at = 0
+    for row in range(count):
+        if at + 2 > size:
+            raise error(row, "row", "is cut short")
+        (fields,) = _INT16.unpack_from(view, at)
+        if fields != len(columns):
+            raise error(row, "row", f"has {fields} fields, not {len(columns)}")
+        yield row, "", at, 0
+        at += 2
+        for field in columns:
+            if at + 4 > size:
+                raise error(row, field, "is cut short")
+            (length,) = _INT32.unpack_from(view, at)
+            at += 4
+            if length < 0:
+                raise error(row, field, "is NULL")
+            if at + length > size:
+                raise error(row, field, "is cut short")
+            expected = sizes.get(field)
+            if expected is not None and length != expected:
+                raise error(row, field, f"has {length} bytes, not {expected}")
+            if field in _JSON_COLUMNS and (length < 1 or view[at] != 1):
+                raise error(row, field, "is not jsonb version 1")
+            yield row, field, at, length
+            at += length
+    if at != size:
+        raise error(count, "row", "follows the last expected row")
+
+
 def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows:
     """Decode ``count`` binary COPY rows of `EXPORT_COLUMNS` (no header, no trailer).
 
     Raises ``STORAGE_ERROR`` naming the row (0-based in ``rows``) and field for anything but
     exactly ``count`` well-formed rows."""
     view = memoryview(rows).cast("B")
-    size = len(view)
     fixed: dict[str, bytearray] = {name: bytearray() for name in _FIXED_SIZES}
     positions = array("q")
     times = {"timestamp": array("q"), "recorded_at": array("q")}
     types, keys, values, metadata, data = _Column(), _Column(), _Column(), _Column(), _Column()
     tag_offsets = array("i", [0])
-    at = 0
-    for row in range(count):
-        if at + 2 > size:
-            raise decode_error(row, "row", "is cut short")
-        (fields,) = _INT16.unpack_from(view, at)
-        if fields != len(EXPORT_COLUMNS):
-            raise decode_error(row, "row", f"has {fields} fields, not {len(EXPORT_COLUMNS)}")
-        at += 2
-        for field in EXPORT_COLUMNS:
-            if at + 4 > size:
-                raise decode_error(row, field, "is cut short")
-            (length,) = _INT32.unpack_from(view, at)
-            at += 4
-            if length < 0:
-                raise decode_error(row, field, "is NULL")
-            if at + length > size:
-                raise decode_error(row, field, "is cut short")
-            value = bytes(view[at : at + length])
-            at += length
-            expected = _FIXED_SIZES.get(field)
-            if expected is not None and length != expected:
-                raise decode_error(row, field, f"has {length} bytes, not {expected}")
-            if field == "position":
-                positions.append(_INT64.unpack(value)[0])
-            elif field in times:
-                (moment,) = _INT64.unpack(value)
-                if not -(2**62) < moment < 2**62:
-                    raise decode_error(row, field, "is not a finite time")
-                times[field].append(moment + PG_EPOCH_US)
-            elif field in fixed:
-                fixed[field] += value
-            elif field == "event_type":
-                types.add(value, row, field)
-            else:
-                if length < 1 or value[0] != 1:
-                    raise decode_error(row, field, "is not jsonb version 1")
-                if field == "tags":
-                    for key, tag in _tag_pairs(value[1:], row):
-                        keys.add(key, row, field)
-                        values.add(tag, row, field)
-                    tag_offsets.append(len(keys.offsets) - 1)
-                else:
-                    (metadata if field == "metadata" else data).add(value[1:], row, field)
-    if at != size:
-        raise decode_error(count, "row", "follows the last expected row")
+    for row, field, at, length in _fields(view, count, EXPORT_COLUMNS, _FIXED_SIZES, decode_error):
+        if not field:
+            continue
+        value = bytes(view[at : at + length])
+        if field == "position":
+            positions.append(_INT64.unpack(value)[0])
+        elif field in times:
+            (moment,) = _INT64.unpack(value)
+            if not -(2**62) < moment < 2**62:
+                raise decode_error(row, field, "is not a finite time")
+            times[field].append(moment + PG_EPOCH_US)
+        elif field in fixed:
+            fixed[field] += value
+        elif field == "event_type":
+            types.add(value, row, field)
+        elif field == "tags":
+            for key, tag in _tag_pairs(value[1:], row):
+                keys.add(key, row, field)
+                values.add(tag, row, field)
+            tag_offsets.append(len(keys.offsets) - 1)
+        else:
+            (metadata if field == "metadata" else data).add(value[1:], row, field)
     return DecodedRows(
         count,
         positions.tobytes(),
@@ -682,7 +701,6 @@ class Rehashed(NamedTuple):
     detail: str = ""
 
 
-_JSON_COLUMNS: Final = ("tags", "metadata", "data")
 _STORED_SIZES: Final = {"position": 8, "event_id": 16, "timestamp": 8, "hash": HASH_SIZE}
 
 
@@ -716,36 +734,11 @@ def read_stored_json(text: bytes) -> tuple[Any, str | None]:
 
 def _stored_spans(view: bytes, count: int) -> list[list[tuple[int, int]]]:
     """Each row's fields as (start, length) spans of ``view``; the row itself first."""
-    size = len(view)
-    rows = []
-    at = 0
-    for row in range(count):
-        if at + 2 > size:
-            raise stored_row_error(row, "row", "is cut short")
-        (fields,) = _INT16.unpack_from(view, at)
-        if fields != len(COPY_COLUMNS):
-            raise stored_row_error(row, "row", f"has {fields} fields, not {len(COPY_COLUMNS)}")
-        spans = [(at, 0)]
-        at += 2
-        for field in COPY_COLUMNS:
-            if at + 4 > size:
-                raise stored_row_error(row, field, "is cut short")
-            (length,) = _INT32.unpack_from(view, at)
-            at += 4
-            if length < 0:
-                raise stored_row_error(row, field, "is NULL")
-            if at + length > size:
-                raise stored_row_error(row, field, "is cut short")
-            expected = _STORED_SIZES.get(field)
-            if expected is not None and length != expected:
-                raise stored_row_error(row, field, f"has {length} bytes, not {expected}")
-            if field in _JSON_COLUMNS and (length < 1 or view[at] != 1):
-                raise stored_row_error(row, field, "is not jsonb of version 1")
-            spans.append((at, length))
-            at += length
-        rows.append(spans)
-    if at != size:
-        raise stored_row_error(count, "row", "follows the last row")
+    rows: list[list[tuple[int, int]]] = []
+    for _, field, at, length in _fields(view, count, COPY_COLUMNS, _STORED_SIZES, stored_row_error):
+        if not field:
+            rows.append([])
+        rows[-1].append((at, length))
     return rows
 
 

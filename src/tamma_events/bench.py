@@ -35,6 +35,7 @@ T = TypeVar("T")
 __all__ = [
     "BATCH_DEFAULT",
     "BenchResult",
+    "concurrent_rate",
     "copy_log",
     "default_page",
     "fresh_ids",
@@ -232,8 +233,9 @@ def measure_conditional_appends(store: EventStore, count: int, prefix: str = "")
     return count / (time.perf_counter() - started)
 
 
-def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int) -> float:
-    """Events/s of single `EventStore.append` calls from ``threads`` threads at once."""
+def concurrent_rate(threads: int, per_thread: int, work: Callable[[int, int], object]) -> float:
+    """Events/s of ``threads`` threads each calling ``work(thread, n)`` for n in
+    ``range(per_thread)``, all started at once; the first error any of them met is raised."""
     barrier = threading.Barrier(threads + 1)
     errors: list[BaseException] = []
 
@@ -241,7 +243,7 @@ def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int)
         try:
             barrier.wait()
             for n in range(per_thread):
-                store.append(DomainEvent("BenchTicked", {"thread": k, "n": n}, {"userId": f"u{k}"}))
+                work(k, n)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -256,6 +258,17 @@ def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int)
     if errors:
         raise errors[0]
     return threads * per_thread / elapsed
+
+
+def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int) -> float:
+    """Events/s of single `EventStore.append` calls from ``threads`` threads at once."""
+    return concurrent_rate(
+        threads,
+        per_thread,
+        lambda k, n: store.append(
+            DomainEvent("BenchTicked", {"thread": k, "n": n}, {"userId": f"u{k}"})
+        ),
+    )
 
 
 def without_summaries(store: EventStore) -> None:

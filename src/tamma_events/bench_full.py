@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ from .bench import (
     BATCH_DEFAULT,
     BenchResult,
     _batches,
+    concurrent_rate,
     fresh_ids,
     load_query_store,
     measure_adbc,
@@ -265,31 +265,14 @@ def _codec_json() -> Callable[[Any], bytes]:
 def measure_concurrent_conditional(store: EventStore, threads: int, per_thread: int) -> float:
     """Events/s of single appends, each under a DCB condition that holds (its own decision),
     from ``threads`` threads at once."""
-    barrier = threading.Barrier(threads + 1)
-    errors: list[BaseException] = []
     salt = uuid.uuid4().hex[:6]
 
-    def worker(k: int) -> None:
-        try:
-            barrier.wait()
-            for n in range(per_thread):
-                tags = {"issueId": f"bench-{salt}-{k}-{n}"}
-                condition = AppendCondition(Query.of(types=["BenchDecided"], tags=tags))
-                store.append(DomainEvent("BenchDecided", {"n": n}, tags), condition)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def decide(k: int, n: int) -> None:
+        tags = {"issueId": f"bench-{salt}-{k}-{n}"}
+        condition = AppendCondition(Query.of(types=["BenchDecided"], tags=tags))
+        store.append(DomainEvent("BenchDecided", {"n": n}, tags), condition)
 
-    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return threads * per_thread / elapsed
+    return concurrent_rate(threads, per_thread, decide)
 
 
 # -- the suite --------------------------------------------------------------------------------
