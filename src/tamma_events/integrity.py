@@ -165,14 +165,7 @@ def verify(
                 result = _codec.rehash(rows, count, expected, prev_hash)
                 if result.failed >= 0:
                     at = expected + result.failed
-                    if result.kind == "missing":
-                        reason = (
-                            f"event {at} is missing (the next stored position is {result.detail})"
-                        )
-                    elif result.kind == "encode":
-                        reason = f"event {at} cannot be re-encoded: {result.detail}"
-                    else:
-                        reason = f"event {at}'s hash does not match its contents and predecessor"
+                    reason = _reason(result.kind, at, result.detail)
                     return _break(checked + result.checked, at, reason, first, last)
                 prev_hash = result.last_hash
                 checked += count
