@@ -191,14 +191,14 @@ async def copy_batches_async(
     """`copy_batches` on an async connection, through psycopg's ``AsyncCopy`` (the event
     loop runs between messages)."""
     messages = _CopyMessages()
-    chunks = []
+    batches = []
     async with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
         async for message in copy:
             if (chunk := messages.add(message)) is not None:
-                chunks.append(chunk)
+                batches.append(to_batch(_codec.decode_rows(*chunk)))
     if (chunk := messages.flush()) is not None:
-        chunks.append(chunk)
-    return [to_batch(_codec.decode_rows(rows, count)) for rows, count in chunks]
+        batches.append(to_batch(_codec.decode_rows(*chunk)))
+    return batches
 
 
 def _native_rows(

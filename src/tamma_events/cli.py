@@ -250,7 +250,7 @@ def _show_query(store: EventStore) -> None:
     help="full: every figure over a store of --events events (appends over --append-events), "
     "beside psycopg executemany, eventsourcing's recorders, ADBC and COPY TO, with client and "
     "server CPU and WAL per measure; load-curve: append --events events and report the rate "
-    "of each 1M slice against the first; append: write throughput; queries: p50/p99 of each "
+    "of each tenth of them against the first; append: write throughput; queries: p50/p99 of each "
     "query shape over --events "
     "events (1,000,000 is the reference run); stream: subscription latency under --rate "
     "events/s and stream_events throughput over --events events; export: export_arrow "
