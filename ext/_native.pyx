@@ -1121,10 +1121,22 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
                     p[n] = b','
                     n += 1
             p[n - 1] = b']'
-            try:
-                values = _decode_json(memoryview(joined)[:n])
-            except (_MsgspecError, ValueError):  # ValueError: invalid UTF-8
-                values = None
+            # Each value must be exactly its field's text, or the array could decode with the
+            # right count but the values shifted (one field "1,2", the next two "[3" and "4]"):
+            # the top-level spans of the array must be the fields' own.
+            values = None
+            if _split_elements(p, n, json_spans, 3 * limit) == 3 * limit:
+                at = 1
+                for k in range(3 * limit):
+                    length = spans[(k // 3) * (2 * S_FIELDS + 1) + 2 * (S_TAGS + k % 3) + 1] - 1
+                    if json_spans[2 * k] != at or json_spans[2 * k + 1] != at + length:
+                        break
+                    at += length + 1
+                else:
+                    try:
+                        values = _decode_json(memoryview(joined)[:n])
+                    except (_MsgspecError, ValueError):  # ValueError: invalid UTF-8
+                        values = None
             if values is None or len(values) != 3 * limit:
                 # Find the first value that cannot be read, worded by the reference.
                 values = []

@@ -222,3 +222,27 @@ def test_any_damage_gives_the_same_outcome(
     for at, value in damage:
         changed[at % len(changed)] = value
     outcome(bytes(changed), whole)
+
+
+def test_json_fields_that_would_shift_the_batch_are_read_one_by_one(
+    stored: tuple[bytes, int, bytes],
+) -> None:
+    """Tags "{...}, {...}" and metadata and data "[{}" and "{}]" make an array of the right
+    length with every later value shifted; each field must be read as itself."""
+    rows, count, _ = stored
+    start = row_starts(rows, count)[3]
+    texts = {4: b'{"k": "v"}, {"k": "w"}', 5: b"[{}", 6: b"{}]"}
+    changed = rows
+    for field in (6, 5, 4):  # from the last, so earlier offsets stay valid
+        at, size = field_at(changed, start, field)
+        text = texts[field]
+        changed = (
+            changed[: at - 4]
+            + struct.pack(">i", len(text) + 1)
+            + b"\x01"
+            + text
+            + changed[at + size :]
+        )
+    result = outcome(changed, count)
+    assert (result.checked, result.failed, result.kind) == (3, 3, "encode")
+    assert "cannot be read" in result.detail
