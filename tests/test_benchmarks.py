@@ -134,3 +134,17 @@ def test_pytest_benchmarks_run_at_a_tiny_size(pg_dsn: str) -> None:
     assert summary is not None and int(summary.group(1)) >= 20, out[-2000:]
     assert not re.search(r"\d+ (skipped|failed|error)", out), out[-2000:]
     assert "ratios against baselines from this run" in out
+
+
+@pytest.mark.parametrize("measure", ["append", "encode", "verify", "conditional"])
+def test_profile_script_runs_each_measure(pg_dsn: str, measure: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/profile.py", measure, "--events", "300"],
+        cwd=ROOT,
+        env={**os.environ, "TAMMA_EVENTS_DSN": pg_dsn},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.match(rf"{measure}: 300 in [0-9.]+ s, [0-9,]+/s", done.stdout), done.stdout
