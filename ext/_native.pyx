@@ -347,6 +347,21 @@ cdef Py_ssize_t _split_elements(const char *text, Py_ssize_t size, Py_ssize_t *s
     return found
 
 
+cdef inline char *_put_json_fields(char *p, const char *json_text, const Py_ssize_t *spans,
+                                   Py_ssize_t first) noexcept nogil:
+    """Write the three jsonb fields (tags, metadata, data) of a row at ``p``: for each, its
+    length word, version byte 1 and the JSON text at ``spans[2k]..spans[2k+1]`` of
+    ``json_text``, k from ``first``. Returns the end."""
+    cdef Py_ssize_t k, n
+    for k in range(first, first + 3):
+        n = spans[2 * k + 1] - spans[2 * k]
+        _put32(p, <uint32_t>(n + 1))
+        p[4] = 1
+        memcpy(p + 5, json_text + spans[2 * k], n)
+        p += 5 + n
+    return p
+
+
 def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
             Py_ssize_t first_index=0):
     """Validate and encode a batch; see `tamma_events._pycodec.prepare`.
@@ -470,12 +485,7 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
             _put32(p, 8)
             _put64(p + 4, <uint64_t>stamps[index])
             p += 12
-            for k in range(3 * index, 3 * index + 3):
-                n = spans[2 * k + 1] - spans[2 * k]
-                _put32(p, <uint32_t>(n + 1))
-                p[4] = 1
-                memcpy(p + 5, json_text + spans[2 * k], n)
-                p += 5 + n
+            p = _put_json_fields(p, json_text, spans, 3 * index)
             _put32(p, <uint32_t>HASH_SIZE)
             memset(p + 4, 0, HASH_SIZE)
             p += HASH_FIELD_SIZE
@@ -1196,13 +1206,7 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
                     if scratch == NULL:
                         raise MemoryError()
                 memcpy(scratch, data + spans[i + 2 * S_FIELDS], prefix)
-                p = <char *>scratch + prefix
-                for k in range(3 * row, 3 * row + 3):
-                    n = json_spans[2 * k + 1] - json_spans[2 * k]
-                    _put32(p, <uint32_t>(n + 1))
-                    p[4] = 1
-                    memcpy(p + 5, json_text + json_spans[2 * k], n)
-                    p += 5 + n
+                _put_json_fields(<char *>scratch + prefix, json_text, json_spans, 3 * row)
                 if ctx != NULL:
                     if not tamma_sha256_2(ctx, prev, HASH_SIZE, scratch, row_size, digest):
                         raise RuntimeError("libcrypto failed to compute SHA-256")
