@@ -261,7 +261,8 @@ def _accept(requests: list[AppendRequest], head: int, verdicts: list[bool]) -> l
         condition = request.condition
         if condition is not None:
             if next(violated) or _violated_in_group(condition, accepted):
-                request.fail(_condition_error(condition, head))
+                # The head this check saw: the stored one, and the group's accepted events.
+                request.fail(_condition_error(condition, position))
                 continue
         request.first_position = position + 1
         position += request.count
@@ -484,6 +485,15 @@ class StoreCore:
             return batch, check, _codec.prepare(batch, self.max_event_bytes)
         return batch, check, None
 
+    def validate(self, events: Iterable[DomainEvent | dict[str, Any]]) -> list[DomainEvent]:
+        """Check ``events`` as `append_batch` would before writing them (types, sizes, JSON,
+        ids, timestamps), without touching the database; returns them as `DomainEvent`s.
+        Raises the `EventStoreError` the append would raise (``VALIDATION_FAILED``, with the
+        event's ``index`` and ``field``). Stored ids are found only by the append itself."""
+        batch = as_events(events)
+        _codec.prepare(batch, self.max_event_bytes)
+        return batch
+
     def _full_request(
         self, events: Iterable[DomainEvent | dict[str, Any]], condition: AppendCondition | None
     ) -> AppendRequest:
@@ -682,13 +692,16 @@ class StoreCore:
         result = yield Run(self._statements.append_group, params, fetch="one")
         if result is None:  # pragma: no cover - the function always returns its array
             raise EventStoreError(STORAGE_ERROR, "the append function returned nothing")
-        head, *firsts = result[0]
+        # The function returns the head its lock found; a request's check also saw the events
+        # of the requests accepted before it in the group, so its error reports that head.
+        seen, *firsts = result[0]
         for request, first in zip(requests, firsts, strict=True):
             if first is None:
                 assert request.condition is not None
-                request.fail(_condition_error(request.condition, head))
+                request.fail(_condition_error(request.condition, seen))
             else:
                 request.succeed(first)
+                seen = first + request.count - 1
 
     def _op_lock_and_check(
         self, requests: list[AppendRequest]

@@ -1,5 +1,5 @@
-"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``verify``, ``tail``, ``export``,
-``compact`` and ``serve``.
+"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``append``, ``verify``,
+``tail``, ``export``, ``compact``, ``serve`` and ``torture``.
 
 ``--dsn`` (or ``TAMMA_EVENTS_DSN``) selects the server everywhere; without one, the embedded
 PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 import click
+import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __impl__, __version__
-from .errors import APPEND_CONDITION_FAILED, EventStoreError
+from . import __impl__, __version__, embedded, torture
+from .errors import APPEND_CONDITION_FAILED, VALIDATION_FAILED, EventStoreError
 from .model import AppendCondition, DomainEvent, Query, QueryItem
 from .schema import drop
 from .store import DSN_ENV, EventStore
@@ -47,9 +49,9 @@ def _failures() -> Iterator[None]:
     try:
         yield
     except EventStoreError as exc:
-        err_console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        err_console.print(f"[red]error[/red] {exc.code}: {exc.message}", soft_wrap=True)
         if exc.context:
-            err_console.print(json.dumps(exc.context, default=str))
+            err_console.print(json.dumps(exc.context, default=str), soft_wrap=True)
         sys.exit(1)
 
 
@@ -460,6 +462,200 @@ def verify(obj: _Context, start: int | None, end: int | None) -> None:
         f" ({report.checked:,} events verified before it)"
     )
     sys.exit(1)
+
+
+def _read_lines(
+    source: IO[bytes], store: EventStore, batch_size: int
+) -> tuple[list[DomainEvent], list[int], list[str]]:
+    """Every event of a JSON Lines input, the line number of each, and a report line for each
+    bad line, in line order. Blank lines are skipped."""
+    events: list[DomainEvent] = []
+    numbers: list[int] = []
+    errors: list[tuple[int, str]] = []
+    pending: list[tuple[int, Any]] = []
+
+    def bad(number: int, exc: EventStoreError) -> None:
+        field = exc.context.get("field")
+        where = f" ({field})" if field else ""
+        # A line is checked as a batch of one: its "event 0: " says nothing here.
+        message = re.sub(r"^event 0: ", "", exc.message)
+        errors.append((number, f"line {number}{where}: {exc.code}: {message}"))
+
+    def flush() -> None:
+        try:
+            batch = store.validate(obj for _number, obj in pending)
+        except EventStoreError:
+            # Find every bad line of the batch, not only the first.
+            for number, obj in pending:
+                try:
+                    events.extend(store.validate([obj]))
+                    numbers.append(number)
+                except EventStoreError as exc:
+                    bad(number, exc)
+        else:
+            events.extend(batch)
+            numbers.extend(number for number, _obj in pending)
+        pending.clear()
+
+    for number, line in enumerate(source, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = msgspec.json.decode(line)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # msgspec raises UnicodeDecodeError for UTF-8 that encodes a surrogate, and
+            # RecursionError for nesting deeper than it decodes.
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            bad(number, EventStoreError(VALIDATION_FAILED, f"not JSON: {reason}", {"line": number}))
+            continue
+        if not isinstance(obj, dict):
+            bad(
+                number,
+                EventStoreError(
+                    VALIDATION_FAILED,
+                    f"each line must be a JSON object (an event), got {type(obj).__name__}",
+                    {"line": number},
+                ),
+            )
+            continue
+        pending.append((number, obj))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    errors.sort()
+    return events, numbers, [text for _number, text in errors]
+
+
+def _name_lines(exc: EventStoreError, batch: list[DomainEvent], numbers: list[int]) -> None:
+    """Add the input's line numbers to an append's error: ``line`` for the event at its
+    ``index``, ``lines`` for its ``event_ids`` (ids already stored)."""
+    index = exc.context.get("index")
+    if isinstance(index, int) and 0 <= index < len(batch):
+        exc.context["line"] = numbers[index]
+    ids = exc.context.get("event_ids")
+    if isinstance(ids, list):
+        lines = {str(event.event_id): number for event, number in zip(batch, numbers, strict=True)}
+        exc.context["lines"] = [lines[str(i)] for i in ids if str(i) in lines]
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Events per append_batch (each batch is stored whole or not at all).",
+)
+@click.option(
+    "--max-errors",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Bad lines to report before counting the rest silently.",
+)
+@click.pass_obj
+def append(obj: _Context, source: IO[bytes], batch_size: int, max_errors: int) -> None:
+    """Append the events of a JSON Lines file (SOURCE, or stdin when '-' or absent).
+
+    Each line is one event object: event_type, and optionally data, tags, metadata, event_id
+    and timestamp. Every line is checked before anything is written: with any bad line, each
+    is reported by its number and nothing is stored (exit 1). Then the events are appended in
+    batches of --batch-size, each stored whole or not at all."""
+    with _failures(), obj.open() as store:
+        events, numbers, errors = _read_lines(source, store, batch_size)
+        if errors:
+            for line in errors[:max_errors]:
+                err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+            if len(errors) > max_errors:
+                err_console.print(f"... and {len(errors) - max_errors} more bad lines")
+            err_console.print(
+                f"[red]error[/red]: {len(errors)} bad lines of {len(errors) + len(events)};"
+                " nothing was written"
+            )
+            sys.exit(1)
+        started = time.perf_counter()
+        done = 0
+        last = store.head()
+        try:
+            with _progress() as progress:
+                task = progress.add_task("appending", total=len(events), rate="")
+                for start in range(0, len(events), batch_size):
+                    batch = events[start : start + batch_size]
+                    try:
+                        last = store.append_batch(batch)
+                    except EventStoreError as exc:
+                        _name_lines(exc, batch, numbers[start : start + len(batch)])
+                        raise
+                    done += len(batch)
+                    rate = done / max(time.perf_counter() - started, 1e-9)
+                    progress.update(task, completed=done, rate=f"{rate:,.0f} events/s")
+        except EventStoreError:
+            if done:
+                err_console.print(
+                    f"lines up to {numbers[done - 1]} ({done:,} events) are stored, up to"
+                    f" position {last}; the lines after them are not",
+                    soft_wrap=True,
+                )
+            else:
+                err_console.print("nothing was written")
+            raise
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"[bold green]appended[/bold green] {done:,} events (last position {last})"
+        f" in {elapsed:.1f} s"
+    )
+
+
+@main.command("torture")
+@click.argument("scenario", type=click.Choice(torture.SCENARIOS))
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=30.0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Processes the workers are spread over (threads within each).",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the random queries and events.")
+@click.option("--json", "json_path", default=None, help="Also write the report to this file.")
+@click.pass_obj
+def torture_(
+    obj: _Context,
+    scenario: str,
+    seconds: float,
+    workers: int,
+    processes: int,
+    seed: int | None,
+    json_path: str | None,
+) -> None:
+    """Race workers against a fresh store (a schema of its own, dropped afterwards), then
+    check the log with an oracle: consistency, monotonic or parallel. Exit 1 on a violation."""
+    with _failures():
+        dsn = obj.dsn or embedded.start(obj.data_dir).dsn
+    console.print(
+        f"running {scenario} for {seconds:g} s: {workers} workers in {processes} processes"
+    )
+    report = torture.run(
+        scenario, dsn, seconds=seconds, workers=workers, processes=processes, seed=seed
+    )
+    table = Table("measure", "value")
+    for name in ("attempted", "accepted", "rejected", "failed", "events", "false_conflicts"):
+        table.add_row(name.replace("_", " "), f"{getattr(report, name):,}")
+    table.add_row("violations", f"{report.violation_count:,}")
+    for name, value in report.details.items():
+        table.add_row(name, str(value))
+    console.print(table)
+    for violation in report.violations:
+        err_console.print(violation, markup=False, highlight=False)
+    if json_path is not None:
+        with open(json_path, "w") as out:
+            json.dump(report.to_dict(), out, indent=2)
+    if not report.ok:
+        err_console.print(f"[bold red]{report.violation_count} violations[/bold red]")
+        sys.exit(1)
+    console.print("[bold green]ok[/bold green]: no violations")
 
 
 def _filter_options(command: Any) -> Any:
