@@ -109,9 +109,21 @@ _decode_event = msgspec.json.Decoder(SequencedEvent).decode
 
 def connection_kwargs(dsn: str, application_name: str = "tamma-events") -> dict[str, Any]:
     """Connection settings; the application name shows in ``pg_stat_activity`` unless the DSN
-    names one."""
-    kwargs: dict[str, Any] = {"autocommit": True, "options": "-c TimeZone=UTC"}
-    if "application_name" not in conninfo_to_dict(dsn):
+    names one. The DSN's own ``options`` (else ``$PGOPTIONS``), such as ``-c role=app`` or
+    ``-c lock_timeout=2s``, are kept, and the session's time zone is set to UTC after them."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        # libpq's message quotes the connection string, password included.
+        raise EventStoreError(
+            VALIDATION_FAILED,
+            "the DSN is not a valid connection string (libpq's message is not shown: it quotes"
+            " the DSN, password included)",
+            {"field": "dsn"},
+        ) from None
+    own = params.get("options") or os.environ.get("PGOPTIONS") or ""
+    kwargs: dict[str, Any] = {"autocommit": True, "options": f"{own} -c TimeZone=UTC".strip()}
+    if "application_name" not in params:
         kwargs["application_name"] = application_name
     return kwargs
 

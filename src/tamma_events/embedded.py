@@ -91,6 +91,28 @@ class EmbeddedServer:
         self._handle = handle
         self.dsn: str = handle.get_uri()
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (None when it is not running)."""
+        info = self._handle.get_postmaster_info()
+        if info is None or info.process is None or not _alive(info.process.pid):
+            return None
+        return int(info.pid)
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def ensure_running(self) -> None:
+        """Start the server again if it has died (crashed, killed): PostgreSQL recovers from
+        its WAL, so every committed transaction is there."""
+        if self.running:
+            return
+        _clear_stale_lock(self.data_dir)
+        self._handle.ensure_postgres_running()
+        self.dsn = self._handle.get_uri()
+        _tune(self.dsn)
+
     def stop(self) -> None:
         """Stop the server now (it also stops when the last process using it exits)."""
         with _lock:
@@ -98,10 +120,51 @@ class EmbeddedServer:
             _servers.pop(self.data_dir, None)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _clear_stale_lock(data_dir: Path) -> None:
+    """Remove the lock files of a postmaster that died unreaped (a zombie, whose pid PostgreSQL
+    would take for a live server), once no process of its group is left: every backend of the
+    dead server is gone, so a new one may use the data directory."""
+    import psutil
+
+    lock = data_dir / "postmaster.pid"
+    try:
+        pid = int(lock.read_text().split("\n", 1)[0])
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        return  # no lock file, or its process is gone: PostgreSQL sees that for itself
+    for process in psutil.process_iter():
+        try:
+            if process.pid != pid and os.getpgid(process.pid) == pid and _alive(process.pid):
+                return  # a backend of the dead server still runs: leave the lock alone
+        except (OSError, psutil.Error):
+            continue
+    log.warning("removing the lock files of the dead embedded server in %s", data_dir)
+    # Its socket's lock names the same pid (the socket lives in the data directory).
+    for socket_lock in data_dir.glob(".s.PGSQL.*.lock"):
+        try:
+            if int(socket_lock.read_text().split("\n", 1)[0]) == pid:
+                socket_lock.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            continue
+    lock.unlink(missing_ok=True)
+
+
 def start(
     data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None = "stop"
 ) -> EmbeddedServer:
-    """Start the embedded server in ``data_dir`` (or reuse the one already running there).
+    """Start the embedded server in ``data_dir`` (or reuse the one already running there,
+    starting it again if it has died).
 
     ``cleanup`` is what happens when the last process using it exits: ``"stop"`` (default),
     ``"delete"`` (stop and remove the data directory, for throwaway servers) or None (keep it
@@ -112,6 +175,14 @@ def start(
     with _lock:
         server = _servers.get(path)
         if server is not None:
+            try:
+                server.ensure_running()
+            except Exception as exc:
+                raise EventStoreError(
+                    STORAGE_ERROR,
+                    f"the embedded PostgreSQL server did not restart in {path}: {exc}",
+                    {"data_dir": str(path)},
+                ) from exc
             return server
         try:
             with warnings.catch_warnings():

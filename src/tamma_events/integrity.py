@@ -136,6 +136,20 @@ def verify(
             _, checked, broken = verify_archives(files, step)
             if broken is not None:
                 return _break(checked, broken[0], broken[1], first, last)
+        if files and first <= archived:
+            # Compaction deleted these positions from the log: a row there was written since.
+            row = conn.execute(
+                sql.SQL("SELECT min(position) FROM {} WHERE position <= %s").format(events),
+                [archived],
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                return _break(
+                    checked,
+                    int(row[0]),
+                    f"event {row[0]} is in the log although its position was compacted",
+                    first,
+                    last,
+                )
         if first <= archived + 1 and files:
             first = archived + 1
             prev_hash = files[-1].last_hash
@@ -162,7 +176,17 @@ def verify(
         )
         with _read_ahead(chunks) as ahead:
             for rows, count in ahead:
-                result = _codec.rehash(rows, count, expected, prev_hash)
+                try:
+                    result = _codec.rehash(rows, count, expected, prev_hash)
+                except EventStoreError as exc:
+                    # A row whose stored values cannot even be read as an event's (a hash
+                    # of the wrong length, a NULL, ...): the chain breaks there.
+                    row = exc.context.get("row")
+                    if not isinstance(row, int):
+                        raise
+                    at = expected + row
+                    reason = exc.message.replace(f"stored row {row}", f"event {at}", 1)
+                    return _break(checked + row, at, reason, first, last)
                 if result.failed >= 0:
                     at = expected + result.failed
                     reason = _reason(result.kind, at, result.detail)

@@ -640,7 +640,9 @@ class EventStore(StoreCore):
         return self.get_events(EventFilter(start_time=start, end_time=end, order_by="timestamp"))
 
     def count_events(self, event_filter: EventFilter | None = None) -> int:
-        """How many events `get_events` would return for ``event_filter``.
+        """How many events of the whole history match ``event_filter``: what `get_events`
+        returns with ``include_archived=True`` (compacted events still count; see
+        docs/archives.md).
 
         Counts by event type, by one tag, and by type over a window whose ends fall on whole
         minutes come from summaries kept by the appends, at a cost that does not grow with the
