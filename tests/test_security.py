@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -57,6 +58,7 @@ from tamma_events import (
     Query,
     SequencedEvent,
 )
+from tamma_events import schema as schema_module
 from tamma_events.web import create_app
 
 #: Events the owner appends before the application role gets to work.
@@ -65,7 +67,7 @@ EVENTS = 12
 #: other relation, whatever a migration adds, is read-only for it.
 WRITABLE: dict[str, set[str]] = {
     "events": {"SELECT", "INSERT"},
-    "head": {"SELECT", "UPDATE"},
+    "head": {"SELECT"},
     "event_snapshots": {"SELECT", "INSERT", "UPDATE"},
 }
 #: Relations the migrations create (a sanity check that the catalog listing finds them).
@@ -332,7 +334,7 @@ def test_app_role_holds_only_the_documented_privileges(
     filled: EventStore, app_role: AppRole, pg_dsn: str
 ) -> None:
     """Per relation, from ``has_table_privilege``: SELECT everywhere, INSERT on ``events``,
-    UPDATE on ``head``, INSERT and UPDATE on ``event_snapshots``, nothing else; USAGE on the
+    INSERT and UPDATE on ``event_snapshots``, nothing else; USAGE on the
     schema but not CREATE; no CREATE on the database; no role attributes. The login role has
     exactly what it inherits."""
     with owner_connection(pg_dsn) as conn:
@@ -354,17 +356,21 @@ def test_app_role_holds_only_the_documented_privileges(
             [app_role.role, app_role.login],
         ).fetchall()
         assert [row[1:] for row in attributes] == [(False,) * 5] * 2
-        # The one function that runs with the owner's rights is the summaries trigger: it cannot
-        # be called directly, and its search path puts pg_temp last.
+        # The functions that run with the owner's rights: two triggers (they cannot be called
+        # directly) and the head's lock, which only locks and reads it. Each search path puts
+        # pg_temp last.
         definers = conn.execute(
             "SELECT proname, prorettype::regtype::text, proconfig FROM pg_proc"
-            " WHERE pronamespace = %s::regnamespace AND prosecdef",
+            " WHERE pronamespace = %s::regnamespace AND prosecdef ORDER BY proname",
             [filled.schema],
         ).fetchall()
         assert [(name, returns) for name, returns, _ in definers] == [
-            ("summarize_events", "trigger")
+            ("advance_head", "trigger"),
+            ("lock_head", "record"),
+            ("summarize_events", "trigger"),
         ]
-        assert definers[0][2] == [f"search_path=pg_catalog, {filled.schema}, pg_temp"]
+        for _name, _returns, config in definers:
+            assert config == [f"search_path=pg_catalog, {filled.schema}, pg_temp"]
 
 
 def test_app_role_cannot_change_rows_of_any_table(
@@ -589,74 +595,91 @@ def test_app_role_cannot_grant_or_escalate(
 # -- what the role may write directly --------------------------------------------------------------
 
 
-def _forge(store: EventStore, app_role: AppRole, kind: str) -> int:
-    """Write, as the application role and with nothing but its own grants, what ``kind`` names;
-    returns the first position `verify` must report."""
-    events = sql.Identifier(store.schema, "events")
-    head = sql.Identifier(store.schema, "head")
-    insert = sql.SQL(
-        'INSERT INTO {} (position, event_id, event_type, "timestamp", hash)'
-        " VALUES (%s, gen_random_uuid(), 'Forged', now(), %s)"
-    ).format(events)
-    with psycopg.connect(app_role.dsn) as conn:  # one transaction, committed on exit
-        if kind == "row_beyond_the_head":
-            conn.execute(insert, [EVENTS + 1, FORGED_HASH])
-            return EVENTS + 1
-        if kind == "row_and_head_moved":
-            conn.execute(insert, [EVENTS + 1, FORGED_HASH])
-            conn.execute(
-                sql.SQL("UPDATE {} SET position = %s, hash = %s").format(head),
-                [EVENTS + 1, FORGED_HASH],
-            )
-            return EVENTS + 1
-        if kind == "row_with_a_short_hash":
-            conn.execute(insert, [EVENTS + 1, b"\x01"])
-            conn.execute(sql.SQL("UPDATE {} SET position = %s").format(head), [EVENTS + 1])
-            return EVENTS + 1
-        if kind == "head_skips_ahead":
-            conn.execute(sql.SQL("UPDATE {} SET position = position + 5").format(head))
-            return EVENTS + 1
-        if kind == "head_hash_replaced":
-            conn.execute(sql.SQL("UPDATE {} SET hash = %s").format(head), [FORGED_HASH])
-            return EVENTS
-    raise AssertionError(kind)
+def _insert(store: EventStore, app_role: AppRole, position: int, hash_: bytes) -> None:
+    """INSERT one row into ``events`` as the application role, bypassing the store."""
+    with psycopg.connect(app_role.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                'INSERT INTO {} (position, event_id, event_type, "timestamp", hash)'
+                " VALUES (%s, gen_random_uuid(), 'Forged', now(), %s)"
+            ).format(sql.Identifier(store.schema, "events")),
+            [position, hash_],
+        )
 
 
 @pytest.mark.parametrize(
-    "kind",
-    [
-        "row_beyond_the_head",
-        "row_and_head_moved",
-        "row_with_a_short_hash",
-        "head_skips_ahead",
-        "head_hash_replaced",
-    ],
+    ("position", "hash_"),
+    [(EVENTS + 1, FORGED_HASH), (EVENTS + 1, b"\x01")],
+    ids=["forged_hash", "short_hash"],
 )
-def test_direct_writes_of_the_app_role_are_found_by_verify(
-    filled: EventStore, app_role: AppRole, kind: str
+def test_a_row_written_at_the_head_moves_it_and_breaks_the_chain_for_verify(
+    filled: EventStore, app_role: AppRole, position: int, hash_: bytes
 ) -> None:
-    """The role's INSERT on ``events`` and UPDATE on ``head`` (granted for the append paths) let
-    it write rows and move the head without the codec or the chain: `verify` must report the
-    first position such a write breaks, not raise, and not pass."""
-    assert filled.verify().ok
-    first_bad = _forge(filled, app_role, kind)
+    """The role's INSERT (granted for the append paths) can put a row right after the head,
+    bypassing the codec: the head trigger moves the head with it, so appends go on (no jam on
+    the primary key), and `verify` reports the row, without raising."""
+    _insert(filled, app_role, position, hash_)
+    assert filled.head() == position
     report = filled.verify()
-    assert not report.ok
-    assert report.first_bad_position == first_bad, report
+    assert (report.ok, report.first_bad_position) == (False, position), report
+    assert filled.append(DomainEvent("After")) == position + 1
 
 
-def test_a_row_forged_at_a_compacted_position_is_found_by_verify(
+@pytest.mark.parametrize(
+    "position",
+    [3, EVENTS, EVENTS + 2, EVENTS + 1000],
+    ids=["stored", "the_head", "a_gap", "far_beyond"],
+)
+def test_a_row_written_elsewhere_than_the_head_is_refused(
+    filled: EventStore, app_role: AppRole, pg_dsn: str, position: int
+) -> None:
+    """Rows before the head collide with stored ones, and rows past head + 1 would leave a gap:
+    the head trigger (or the primary key) refuses them, and the log is as it was."""
+    before = fingerprint(pg_dsn, filled.schema)
+    with pytest.raises(
+        (psycopg.errors.IntegrityConstraintViolation, psycopg.errors.UniqueViolation)
+    ):
+        _insert(filled, app_role, position, FORGED_HASH)
+    assert_untouched(filled, pg_dsn, before)
+
+
+def test_the_role_cannot_move_the_head(filled: EventStore, app_role: AppRole) -> None:
+    head = sql.Identifier(filled.schema, "head")
+    for statement in (
+        sql.SQL("UPDATE {} SET position = position + 5").format(head),
+        sql.SQL("UPDATE {} SET hash = {}").format(head, sql.Literal(FORGED_HASH)),
+        sql.SQL("SELECT * FROM {} FOR UPDATE").format(head),
+    ):
+        with psycopg.connect(app_role.dsn, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    assert filled.head() == EVENTS
+    assert filled.verify().ok
+
+
+def test_a_row_written_into_a_compacted_prefix_is_refused(
     filled: EventStore, app_role: AppRole, tmp_path: Path
 ) -> None:
-    """Once the log's prefix is compacted, its positions are free in ``events``: a row the
-    application role inserts there must not pass `verify` (reads still serve it: see
-    docs/security.md)."""
+    """Once the log's prefix is compacted its positions are free in ``events``; the head trigger
+    still refuses a row there, and `verify` stays ok."""
     archived = filled.compact_events(
         datetime.now(timezone.utc) + timedelta(days=1), archive_dir=tmp_path
     )
     assert archived > 3
+    with pytest.raises(psycopg.errors.IntegrityConstraintViolation):
+        _insert(filled, app_role, 3, FORGED_HASH)
     assert filled.verify().ok
-    with psycopg.connect(app_role.dsn, autocommit=True) as conn:
+    assert filled.head() == EVENTS
+
+
+def test_verify_reports_a_row_found_in_a_compacted_prefix(
+    filled: EventStore, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Should one get there anyway (a superuser with triggers off, a restored backup), `verify`
+    reports it rather than passing."""
+    filled.compact_events(datetime.now(timezone.utc) + timedelta(days=1), archive_dir=tmp_path)
+    with owner_connection(pg_dsn) as conn:
+        conn.execute("SET session_replication_role = replica")  # triggers off: superuser only
         conn.execute(
             sql.SQL(
                 'INSERT INTO {} (position, event_id, event_type, "timestamp", hash)'
@@ -664,11 +687,9 @@ def test_a_row_forged_at_a_compacted_position_is_found_by_verify(
             ).format(sql.Identifier(filled.schema, "events")),
             [FORGED_HASH],
         )
-    report = filled.verify()
-    live_only = filled.verify(include_archived=False)
-    assert (report.ok, report.first_bad_position) == (False, 3), report
-    assert (live_only.ok, live_only.first_bad_position) == (False, 3), live_only
-    assert "compacted" in (report.reason or "")
+    for report in (filled.verify(), filled.verify(include_archived=False)):
+        assert (report.ok, report.first_bad_position) == (False, 3), report
+        assert "compacted" in (report.reason or "")
 
 
 # -- 2. the application API as the application role ----------------------------------------------
@@ -783,8 +804,8 @@ def test_app_role_runs_the_application(
 def test_app_role_runs_the_async_application(
     filled: EventStore, app_role: AppRole, pg_dsn: str, tmp_path: Path
 ) -> None:
-    """The same through `AsyncEventStore`, and its compaction and migration are refused with a
-    clear STORAGE_ERROR."""
+    """The same through `AsyncEventStore`: its compaction is refused with a clear STORAGE_ERROR,
+    and migrating an up-to-date schema does nothing."""
     name = f"tamma-app-{uuid.uuid4().hex[:8]}"
 
     async def main() -> None:
@@ -830,10 +851,7 @@ def test_app_role_runs_the_async_application(
                 )
             assert compaction.value.code == STORAGE_ERROR
             assert compaction.value.context.get("sqlstate") == "42501"
-            with pytest.raises(EventStoreError) as migration:
-                await app.migrate()
-            assert migration.value.code == STORAGE_ERROR
-            assert migration.value.context.get("sqlstate") == "42501"
+            assert await app.migrate() == []  # up to date: nothing to do, nothing refused
             assert _sessions_of(pg_dsn, name) == {app_role.login}
 
     asyncio.run(main())
@@ -860,22 +878,50 @@ def test_app_role_cannot_compact(
     assert filled.get_events(include_archived=True)[0].position == 1
 
 
-def test_app_role_cannot_migrate(filled: EventStore, app_role: AppRole, pg_dsn: str) -> None:
-    """Opening with ``migrate=True`` (the default) as the application role fails, even on a
-    schema already up to date: the migrator's ``CREATE SCHEMA IF NOT EXISTS`` needs CREATE on the
-    database. The error is a STORAGE_ERROR naming the schema and SQLSTATE 42501; `migrate` on a
-    store opened with ``migrate=False`` fails the same way. Nothing changes."""
+def test_app_role_opens_a_current_schema_and_cannot_migrate(
+    filled: EventStore, app_role: AppRole, pg_dsn: str
+) -> None:
+    """Opening with ``migrate=True`` (the default) as the application role works on a schema
+    already up to date: the migrator reads its version and changes nothing. A schema to create,
+    or one an older tamma-events migrated, needs the owner: opening it fails clearly (42501 from
+    the migrator; with ``migrate=False``, the versions), and nothing changes."""
     before = fingerprint(pg_dsn, filled.schema)
+    with EventStore(app_role.dsn, schema=filled.schema, max_connections=2) as app:
+        assert app.applied_on_open == [] and app.migrate() == []
+        assert app.head() == EVENTS
+    assert_untouched(filled, pg_dsn, before)
     with pytest.raises(EventStoreError) as opened:
-        EventStore(app_role.dsn, schema=filled.schema, max_connections=2)
+        EventStore(app_role.dsn, schema=f"{filled.schema}_new", max_connections=2)
     assert opened.value.code == STORAGE_ERROR
     assert "migrating the schema failed" in opened.value.message
-    assert opened.value.context == {"schema": filled.schema, "sqlstate": "42501"}
-    with EventStore(app_role.dsn, schema=filled.schema, migrate=False, max_connections=2) as app:
-        with pytest.raises(EventStoreError) as called:
-            app.migrate()
-        assert called.value.context.get("sqlstate") == "42501"
-    assert_untouched(filled, pg_dsn, before)
+    assert opened.value.context.get("sqlstate") == "42501"
+
+    old = f"{filled.schema}_old"
+    shipped = schema_module.migrations()
+    try:
+        with mock.patch.object(schema_module, "migrations", lambda: shipped[:-1]):
+            EventStore(pg_dsn, schema=old).close()  # what the previous release left
+        with owner_connection(pg_dsn) as conn:
+            conn.execute(
+                sql.SQL(
+                    "GRANT USAGE ON SCHEMA {0} TO {1}; GRANT SELECT ON ALL TABLES IN SCHEMA"
+                    " {0} TO {1}"
+                ).format(sql.Identifier(old), sql.Identifier(app_role.role))
+            )
+        with pytest.raises(EventStoreError) as stale:
+            EventStore(app_role.dsn, schema=old, migrate=False, max_connections=2)
+        assert stale.value.code == STORAGE_ERROR
+        assert stale.value.context == {
+            "schema": old,
+            "version": shipped[-2].version,
+            "needed": shipped[-1].version,
+        }
+        with pytest.raises(EventStoreError) as migrating:
+            EventStore(app_role.dsn, schema=old, max_connections=2)
+        assert migrating.value.context.get("sqlstate") == "42501"
+    finally:
+        with owner_connection(pg_dsn) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(old)))
 
 
 def test_grant_app_role_run_by_the_app_role_grants_nothing(
@@ -912,13 +958,14 @@ def test_a_role_set_with_options_in_the_dsn_is_the_one_used(
     filled: EventStore, app_role: AppRole, pg_dsn: str, flavour: str
 ) -> None:
     """``docs/integrity.md`` offers ``options=-c role=tamma_app`` as the other way to run as the
-    application role: a store opened so must then have only that role's rights (`migrate` is
-    refused, as for the login role), not those of the DSN's user."""
+    application role: a store opened so must then have only that role's rights (creating a
+    role is refused, as for the login role), not those of the DSN's user."""
     dsn = make_conninfo(pg_dsn, options=f"-c role={app_role.role}")
+    other = f"{app_role.role}_x"
     if flavour == "sync":
         with EventStore(dsn, schema=filled.schema, migrate=False, max_connections=2) as app:
             with pytest.raises(EventStoreError) as info:
-                app.migrate()
+                app.grant_app_role(other)
     else:
 
         async def main() -> pytest.ExceptionInfo[EventStoreError]:
@@ -926,7 +973,7 @@ def test_a_role_set_with_options_in_the_dsn_is_the_one_used(
                 dsn, schema=filled.schema, migrate=False, max_connections=2
             ) as app:
                 with pytest.raises(EventStoreError) as raised:
-                    await app.migrate()
+                    await app.grant_app_role(other)
                 return raised
 
         info = asyncio.run(main())
@@ -1199,7 +1246,8 @@ def test_the_cli_hides_the_password(
     filled: EventStore, app_role: AppRole, cli_refused: subprocess.Popen[str]
 ) -> None:
     """The CLI's output (stdout and stderr) when it fails: the connection refused (the run the
-    module started), and a server that refuses the work (the application role cannot migrate),
+    module started), and a server that refuses the work (the application role cannot create a
+    schema),
     with the password in a URL, a ``password=`` conninfo (from ``--dsn`` and from
     ``$TAMMA_EVENTS_DSN``) and ``$PGPASSWORD``. Each exits 1 with its error and no password."""
     secret = app_role.password
@@ -1209,7 +1257,8 @@ def test_the_cli_hides_the_password(
     without_password = make_conninfo(
         "", **{key: value for key, value in params.items() if key != "password"}
     )
-    schema = ("--schema", filled.schema)
+    # A schema that does not exist yet: creating it is the owner's job, refused to the role.
+    schema = ("--schema", f"{filled.schema}_new")
     runs = {
         "keyword": _cli("--dsn", keyword, *schema, "verify"),
         "url": _cli("--dsn", url_form(app_role.dsn), *schema, "verify"),

@@ -629,7 +629,6 @@ class StoreCore:
             last_hash = head_hash
             for request in accepted:
                 last_hash = self._seal(request.batch, request.first_position, last_hash)
-            position = accepted[-1].last_position
 
             def chunks() -> Iterator[bytes | memoryview]:
                 yield COPY_HEADER
@@ -639,7 +638,8 @@ class StoreCore:
 
             yield CopyIn(statements.copy_events, chunks())
             committing = True
-            yield Run(statements.set_head_and_commit(position, last_hash), fetch="none")
+            # The COPY moved the head (the trigger of schema/0009_head_by_trigger.sql).
+            yield Run("COMMIT", fetch="none")
         except psycopg.errors.UniqueViolation as exc:
             yield Rollback()
             if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
@@ -799,7 +799,7 @@ class StoreCore:
 
             yield CopyIn(statements.copy_events, chunks())
             committing = True
-            yield Run(statements.set_head_and_commit(position - 1, last_hash), fetch="none")
+            yield Run("COMMIT", fetch="none")
         except EventStoreError as exc:
             yield Rollback()
             raise exc.with_traceback(None) from None
@@ -815,12 +815,11 @@ class StoreCore:
         yield from self._op_note_commit()
         return position - 1, sent
 
-    def _op_tx_append(self, state: TxState, request: AppendRequest, move_head: bool) -> Op[int]:
+    def _op_tx_append(self, state: TxState, request: AppendRequest) -> Op[int]:
         """An append inside a transaction the store does not commit: lock the head (once per
-        transaction), check, COPY; with ``move_head``, move the head row now (a caller's
-        transaction), else when the store's transaction commits. Each append runs in a
-        savepoint, its lock included, so a failed one (a lock timeout, say) is undone alone and
-        leaves the transaction usable."""
+        transaction), check, COPY (which moves the head). Each append runs in a savepoint, its
+        lock included, so a failed one (a lock timeout, say) is undone alone and leaves the
+        transaction usable."""
         statements = self._statements
         locked_here = False
         yield Run("SAVEPOINT tamma_append", fetch="none")
@@ -845,8 +844,6 @@ class StoreCore:
                 statements.copy_events,
                 [COPY_HEADER, *_slices(request.batch.buffer), COPY_TRAILER],
             )
-            if move_head:
-                yield Run(statements.set_head, [request.last_position, last_hash], fetch="none")
             yield Run("RELEASE SAVEPOINT tamma_append", fetch="none")
         except psycopg.Error as exc:
             # Undo this append only (the head lock too, when it took it), so the transaction
@@ -868,8 +865,6 @@ class StoreCore:
         return request.last_position
 
     def _op_tx_commit(self, state: TxState) -> Op[None]:
-        if state.head is not None:
-            yield Run(self._statements.set_head, [state.head, state.hash], fetch="none")
         yield Run("COMMIT", fetch="none")
         if state.head is not None:
             yield from self._op_note_commit()
@@ -1344,7 +1339,6 @@ class StoreCore:
             sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, name),
             sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(schema, name),
             sql.SQL("GRANT INSERT ON {} TO {}").format(self._statements.events, name),
-            sql.SQL("GRANT UPDATE ON {} TO {}").format(self._statements.head, name),
             sql.SQL("GRANT INSERT, UPDATE ON {} TO {}").format(
                 sql.Identifier(self.schema, "event_snapshots"), name
             ),

@@ -91,7 +91,7 @@ from .replicas import (
     replica_failure,
     wal_position,
 )
-from .schema import migrate_op
+from .schema import migrate_op, require_current_op
 from .sql import after_position, query_shape
 from .stream import AsyncListener, Subscription, check_subscription_options, connection_lost
 
@@ -241,12 +241,18 @@ class AsyncEventStore(StoreCore):
             )
             await replica_pool.open(wait=False)
             self._replicas.members.append(Replica(replica_dsn, replica_pool))
-        if self._migrate_on_open:
-            try:
+        try:
+            if self._migrate_on_open:
                 await self.migrate()
-            except BaseException:
-                await self.close()
-                raise
+            else:
+                async with self._connection() as conn:
+                    try:
+                        await run_async(conn, require_current_op(self.schema))
+                    except psycopg.Error as exc:
+                        raise storage_error(exc, "reading the schema's version") from exc
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     @property
@@ -519,7 +525,7 @@ class AsyncEventStore(StoreCore):
                 f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}",
                 {"field": "conn"},
             )
-        op = self._op_tx_append(TxState(), request, True)
+        op = self._op_tx_append(TxState(), request)
         try:
             if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 async with conn.transaction():
@@ -1014,7 +1020,7 @@ class AsyncTransaction:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
         request = self._store._full_request(events, condition)
         return await run_async(
-            self._conn, self._store._op_tx_append(self._state, request, False), owned=False
+            self._conn, self._store._op_tx_append(self._state, request), owned=False
         )
 
     async def read(

@@ -77,8 +77,8 @@ def main(ctx: click.Context, dsn: str | None, schema: str, data_dir: str | None)
 @click.pass_obj
 def init(obj: _Context) -> None:
     """Create or upgrade the store's schema (idempotent)."""
-    with _failures(), obj.open(migrate=False) as store:
-        applied = store.migrate()
+    with _failures(), obj.open() as store:
+        applied = store.applied_on_open
         where = store.embedded.data_dir if store.embedded else "the server at the DSN"
         if applied:
             console.print(

@@ -564,7 +564,11 @@ class Statements:
         self.schema = schema
         self.events = sql.Identifier(schema, "events")
         self.head = sql.Identifier(schema, "head")
-        self.lock_head = sql.SQL("SELECT position, hash FROM {} FOR UPDATE").format(self.head)
+        # The head row's lock, taken as the schema's owner (schema/0009_head_by_trigger.sql):
+        # the COPY's trigger then moves the head.
+        self.lock_head = sql.SQL("SELECT position, hash FROM {}()").format(
+            sql.Identifier(schema, "lock_head")
+        )
         # Simple protocol (no parameters): BEGIN rides in the lock's round trip.
         self.begin_and_lock_head = sql.SQL("BEGIN; {}").format(self.lock_head).as_bytes(None)
         self.copy_events = sql.SQL(
@@ -609,7 +613,6 @@ class Statements:
         self.type_summary = sql.Identifier(schema, "type_summary")
         self.tag_summary = sql.Identifier(schema, "tag_summary")
         self.time_summary = sql.Identifier(schema, "time_summary")
-        self.set_head = sql.SQL("UPDATE {} SET position = %s, hash = %s").format(self.head)
         snapshots = sql.Identifier(schema, "event_snapshots")
         # The head row is read in the same statement: a version beyond it inserts nothing.
         self.save_snapshot = sql.SQL(
@@ -621,15 +624,6 @@ class Statements:
             "SELECT version, data::text, created_at FROM {} WHERE aggregate_id = %s"
             " ORDER BY version DESC LIMIT 1"
         ).format(snapshots)
-
-    def set_head_and_commit(self, position: int, hash_: bytes) -> bytes:
-        """Move the head and commit in one simple-protocol round trip. The two values are the
-        store's own (an int and a digest), quoted by psycopg."""
-        return (
-            sql.SQL("UPDATE {} SET position = {}, hash = {}; COMMIT")
-            .format(self.head, sql.Literal(position), sql.Literal(hash_))
-            .as_bytes(None)
-        )
 
     def checks(self, checks: list[Check]) -> tuple[bytes, list[Any]]:
         """One statement with a column per condition: true when a stored event violates it."""

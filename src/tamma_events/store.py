@@ -92,6 +92,7 @@ from .replicas import (
     wal_position,
 )
 from .schema import migrate as _migrate
+from .schema import require_current_op
 from .sql import after_position, query_shape
 from .stream import Listener, Subscription, check_subscription_options, connection_lost
 
@@ -209,6 +210,9 @@ class EventStore(StoreCore):
             timeout=replica_timeout,
         )
         self._closed = False
+        #: The schema migrations this store applied when it opened (the ``init`` command
+        #: reports them).
+        self.applied_on_open: list[int] = []
         self._listener: Listener | None = None
         # Weak: a subscription dropped without stop() is not kept alive (or counted) by the store.
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -258,12 +262,18 @@ class EventStore(StoreCore):
             replica_pool.open(wait=False)
             self._replicas.members.append(Replica(replica_dsn, replica_pool))
         self._group = GroupCommit(self._write_group, max_group_events)
-        if migrate:
-            try:
-                self.migrate()
-            except BaseException:
-                self.close()
-                raise
+        try:
+            if migrate:
+                self.applied_on_open = self.migrate()
+            else:
+                with self._connection() as conn:
+                    try:
+                        run(conn, require_current_op(self.schema))
+                    except psycopg.Error as exc:
+                        raise storage_error(exc, "reading the schema's version") from exc
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -557,8 +567,8 @@ class EventStore(StoreCore):
         try:
             if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 with conn.transaction():
-                    return run(conn, self._op_tx_append(TxState(), request, True), owned=False)
-            return run(conn, self._op_tx_append(TxState(), request, True), owned=False)
+                    return run(conn, self._op_tx_append(TxState(), request), owned=False)
+            return run(conn, self._op_tx_append(TxState(), request), owned=False)
         except psycopg.Error as exc:
             raise storage_error(exc, "appending in the caller's transaction") from exc
 
@@ -1054,8 +1064,10 @@ class EventStore(StoreCore):
             return self._compact_on(conn, when, archive_dir, file_events, progress, fault)
 
     def grant_app_role(self, role: str, *, create: bool = True) -> None:
-        """Give ``role`` what an application needs and nothing more: read events, append them
-        (INSERT on ``events``, UPDATE on ``head``). It cannot update, delete or truncate events.
+        """Give ``role`` what an application needs and nothing more: read everything, append
+        events (INSERT on ``events``: a trigger ties each write to the head, which the role
+        locks through a function and cannot update), and save snapshots. It cannot update,
+        delete or truncate events, move the head, compact, or change the schema.
 
         With ``create`` the role is created (NOLOGIN) if it does not exist; give it a login and
         password yourself, or grant it to a login role. Skip this if you manage roles yourself.
@@ -1143,7 +1155,7 @@ class Transaction:
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
         request = self._store._full_request(events, condition)
-        return run(self._conn, self._store._op_tx_append(self._state, request, False), owned=False)
+        return run(self._conn, self._store._op_tx_append(self._state, request), owned=False)
 
     def read(
         self,

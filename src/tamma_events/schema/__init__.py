@@ -15,8 +15,17 @@ import psycopg
 from psycopg import sql
 
 from .._ops import Op, Run, run
+from ..errors import STORAGE_ERROR, EventStoreError
 
-__all__ = ["Migration", "drop", "migrate", "migrate_op", "migrations"]
+__all__ = [
+    "Migration",
+    "drop",
+    "migrate",
+    "migrate_op",
+    "migrations",
+    "require_current_op",
+    "version_op",
+]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -43,8 +52,39 @@ def migrate(conn: psycopg.Connection[object], schema: str) -> list[int]:
     return run(conn, migrate_op(schema))
 
 
+def version_op(schema: str) -> Op[int]:
+    """The last migration applied to ``schema`` (0 when it has none), read with no lock and
+    no privilege beyond reading ``schema_migrations``."""
+    table = sql.Identifier(schema, "schema_migrations")
+    row = yield Run("SELECT to_regclass(%s) IS NOT NULL", [table.as_string(None)], fetch="one")
+    if not row or not row[0]:
+        return 0
+    row = yield Run(sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(table), fetch="one")
+    return int(row[0]) if row else 0
+
+
+def require_current_op(schema: str) -> Op[None]:
+    """STORAGE_ERROR when ``schema`` was migrated by an older tamma-events and lacks some of the
+    migrations this package ships: a store opened on it with ``migrate=False`` must not write
+    with statements its schema does not know. (A schema not created yet fails at first use.)"""
+    version = yield from version_op(schema)
+    needed = migrations()[-1].version
+    if 0 < version < needed:
+        raise EventStoreError(
+            STORAGE_ERROR,
+            f"schema {schema} is at version {version}, and this tamma-events needs version"
+            f" {needed}: migrate it as its owner (open a store with migrate=True, or run"
+            " tamma-events init)",
+            {"schema": schema, "version": version, "needed": needed},
+        )
+
+
 def migrate_op(schema: str) -> Op[list[int]]:
-    """`migrate` as an operation (`tamma_events._ops`), for the sync and the async store."""
+    """`migrate` as an operation (`tamma_events._ops`), for the sync and the async store. A
+    schema already up to date is left alone without a lock or any write, so a role that may
+    only read and append (see `EventStore.grant_app_role`) can open it with ``migrate=True``."""
+    if (yield from version_op(schema)) >= migrations()[-1].version:
+        return []
     applied_now: list[int] = []
     yield Run("BEGIN", fetch="none")
     # Whatever the server's default: a migration that adds a trigger and backfills from the
