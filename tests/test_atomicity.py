@@ -313,6 +313,7 @@ def test_client_killed_during_a_large_append_leaves_nothing(store: EventStore, p
     assert store.append(DomainEvent("After")) == 4
     assert [e.event_type for e in store.read(after=3)] == ["After"]
     assert store.append_batch([DomainEvent("More"), DomainEvent("More")]) == 6
+    assert store.verify().ok
 
 
 # -- events given as mappings ----------------------------------------------------------------

@@ -37,6 +37,8 @@ from tamma_events import (
     embedded,
 )
 
+pytestmark = pytest.mark.codec_neutral
+
 BATCH = 2_000
 
 

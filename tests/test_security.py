@@ -61,6 +61,8 @@ from tamma_events import (
 from tamma_events import schema as schema_module
 from tamma_events.web import create_app
 
+pytestmark = pytest.mark.codec_neutral
+
 #: Events the owner appends before the application role gets to work.
 EVENTS = 12
 #: What the application role may do to each relation of the schema (`grant_app_role`); every

@@ -18,6 +18,8 @@ import pytest
 from tamma_events import DomainEvent, EventStore, torture
 from tamma_events.model import Query, QueryItem
 
+pytestmark = pytest.mark.codec_neutral
+
 SECONDS = float(os.environ.get("TAMMA_EVENTS_TORTURE_SECONDS", "4"))
 
 
