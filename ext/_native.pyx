@@ -60,6 +60,7 @@ cdef object _UTC = timezone.utc
 cdef object _DomainEvent = DomainEvent
 cdef object _event_error = _pycodec.event_error
 cdef object _timestamp_us = _pycodec._timestamp_us
+cdef object _parse_uuid = _pycodec.parse_uuid
 cdef object _empty_batch_error = _pycodec.empty_batch_error
 cdef object _duplicate_in_batch_error = _pycodec.duplicate_in_batch_error
 cdef object _size_error = _pycodec.size_error
@@ -298,7 +299,7 @@ cdef inline bint _uuid_bytes(object event_id, char *out) except -1:
         value = event_id.int
     elif isinstance(event_id, str):
         try:
-            value = _UUID(event_id).int
+            value = _parse_uuid(event_id).int
         except ValueError:
             return False
     else:
@@ -574,9 +575,15 @@ cdef struct Buf:
     Py_ssize_t cap
 
 
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+
 cdef int _reserve(Buf *b, Py_ssize_t extra) except -1:
     cdef Py_ssize_t cap = b.cap if b.cap else 256
     cdef char *p
+    if extra < 0 or extra > PY_SSIZE_T_MAX // 4 - b.size:
+        raise MemoryError()
     if b.size + extra <= b.cap:
         return 0
     while cap < b.size + extra:
@@ -809,15 +816,20 @@ def decode_rows(rows, Py_ssize_t count):
     cdef Py_ssize_t bad_row = 0, bad_field = 0
     # 0 position, 1 event_id, 2/3 type offsets/data, 4 timestamp, 5 recorded_at, 6 tag offsets,
     # 7/8 key offsets/data, 9/10 value offsets/data, 11/12 metadata, 13/14 data, 15 hash
+    # Every row takes at least its 2-byte field count, so no more than this many can be in
+    # ``rows``: buffers are sized for them, whatever ``count`` says (later rows are cut short).
+    if count < 0:
+        raise ValueError("count must not be negative")
+    cdef Py_ssize_t fit = min(count, size // 2 + 1)
     memset(bufs, 0, sizeof(bufs))
     try:
-        _reserve(&bufs[0], 8 * count)
-        _reserve(&bufs[1], 16 * count)
-        _reserve(&bufs[4], 8 * count)
-        _reserve(&bufs[5], 8 * count)
-        _reserve(&bufs[15], 32 * count)
+        _reserve(&bufs[0], 8 * fit)
+        _reserve(&bufs[1], 16 * fit)
+        _reserve(&bufs[4], 8 * fit)
+        _reserve(&bufs[5], 8 * fit)
+        _reserve(&bufs[15], 32 * fit)
         for k in (2, 6, 7, 9, 11, 13):
-            _reserve(&bufs[k], 4 * (count + 1))
+            _reserve(&bufs[k], 4 * (fit + 1))
             _append_offset(&bufs[k], 0)
         for row in range(count):
             bad_row = row
@@ -1066,8 +1078,11 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
         if size:
             raise _stored_row_error(0, "row", "follows the last expected row")
         return _Rehashed(0, prev_hash)
-    spans = <Py_ssize_t *>PyMem_Malloc(count * (2 * S_FIELDS + 1) * sizeof(Py_ssize_t))
-    json_spans = <Py_ssize_t *>PyMem_Malloc(6 * count * sizeof(Py_ssize_t))
+    # Every row takes at least its 2-byte field count: the rows are cut short before any span
+    # past this many is written, whatever ``count`` says.
+    cdef Py_ssize_t fit = min(count, size // 2 + 1)
+    spans = <Py_ssize_t *>PyMem_Malloc(fit * (2 * S_FIELDS + 1) * sizeof(Py_ssize_t))
+    json_spans = <Py_ssize_t *>PyMem_Malloc(6 * fit * sizeof(Py_ssize_t))
     if spans == NULL or json_spans == NULL:
         PyMem_Free(spans); PyMem_Free(json_spans)
         raise MemoryError()
@@ -1145,7 +1160,7 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
                 else:
                     try:
                         values = _decode_json(memoryview(joined)[:n])
-                    except (_MsgspecError, ValueError):  # ValueError: invalid UTF-8
+                    except (_MsgspecError, ValueError, RecursionError):  # invalid UTF-8, depth
                         values = None
             if values is None or len(values) != 3 * limit:
                 # Find the first value that cannot be read, worded by the reference.

@@ -731,7 +731,7 @@ def test_an_idle_async_subscription_leaves_the_event_loop_running(store: EventSt
         ((), {"after": 2**63}, "after"),
         (({"types": ["X"]},), {}, None),
         (("types=X",), {}, None),
-        ((Query((QueryItem(types=(1,)),)),), {}, None),  # type: ignore[arg-type]
+        ((Query((QueryItem(types=(1,)),)),), {}, "types"),  # type: ignore[arg-type]
         ((EventFilter(limit=5),), {}, "limit"),
         ((EventFilter(limit=0),), {}, "limit"),
         ((EventFilter(offset=3),), {}, "offset"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import select
 import time
 import uuid
@@ -32,7 +33,7 @@ from psycopg_pool import PoolTimeout
 from . import _codec
 from ._group import AppendRequest
 from ._ops import CopyIn, CopyOut, Op, Rollback, Run, Sleep
-from ._pycodec import COPY_HEADER, COPY_TRAILER, PreparedBatch, json_rows
+from ._pycodec import COPY_HEADER, COPY_TRAILER, PreparedBatch, json_rows, parse_uuid
 from .archive import ArchiveReader
 from .archive import compact as _compact
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT
@@ -44,8 +45,10 @@ from .errors import (
     STORAGE_ERROR,
     VALIDATION_FAILED,
     EventStoreError,
+    shown,
 )
 from .filters import (
+    MAX_BIGINT,
     AggregateRow,
     Criteria,
     EventFilter,
@@ -156,13 +159,55 @@ def as_events(events: Iterable[DomainEvent | dict[str, Any]]) -> list[DomainEven
     batch = list(events)
     for index, event in enumerate(batch):
         if isinstance(event, dict):
+            if isinstance(event.get("event_id"), (bytes, bytearray, memoryview)):
+                # msgspec would take 16 bytes for a UUID; a DomainEvent refuses them.
+                raise EventStoreError(
+                    VALIDATION_FAILED,
+                    f"event {index}: event_id must be a UUID, got bytes",
+                    {"index": index, "field": "event_id"},
+                )
             try:
                 batch[index] = msgspec.convert(event, DomainEvent)
-            except msgspec.ValidationError as exc:
+            except (msgspec.ValidationError, UnicodeEncodeError, RecursionError) as exc:
                 raise EventStoreError(
-                    VALIDATION_FAILED, f"event {index}: {exc}", {"index": index, "field": None}
+                    VALIDATION_FAILED,
+                    f"event {index}: {_conversion_problem(exc)}",
+                    {"index": index, "field": _conversion_field(exc, event)},
                 ) from None
     return batch  # type: ignore[return-value]
+
+
+_FIELD_IN_PATH = re.compile(r"at `\$\.([a-z_]+)")
+
+
+def _conversion_problem(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return "a string holds a lone surrogate"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
+
+
+def _conversion_field(exc: Exception, event: dict[Any, Any]) -> str | None:
+    """The field of a mapping event that msgspec could not convert: from the path in its
+    message, else the first text field that cannot be UTF-8 (what makes msgspec raise
+    UnicodeEncodeError while parsing a time or an id)."""
+    match = _FIELD_IN_PATH.search(str(exc)) if isinstance(exc, msgspec.ValidationError) else None
+    if match:
+        return match[1]
+    for field in ("tags", "metadata", "data"):  # msgspec names no path for a bad key
+        value = event.get(field)
+        if isinstance(value, dict) and not all(isinstance(key, str) for key in value):
+            return field
+    if isinstance(exc, UnicodeEncodeError):
+        for field in ("timestamp", "event_id", "event_type"):
+            value = event.get(field)
+            if isinstance(value, str) and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return field
+    return None
 
 
 def storage_error(exc: BaseException, action: str, **context: Any) -> EventStoreError:
@@ -212,9 +257,13 @@ def _violated_in_group(condition: AppendCondition, earlier: list[AppendRequest])
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_BIGINT
+    ):
         raise EventStoreError(
-            QUERY_ERROR, f"limit must be a non-negative int or None, got {limit!r}"
+            QUERY_ERROR,
+            f"limit must be a non-negative int up to 2**63 - 1, or None, got {shown(limit)}",
+            {"field": "limit"},
         )
 
 
@@ -295,7 +344,9 @@ def check_size_any(value: int, field: str) -> None:
     """VALIDATION_FAILED unless ``value`` is a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EventStoreError(
-            VALIDATION_FAILED, f"{field} must be a positive int, got {value!r}", {"field": field}
+            VALIDATION_FAILED,
+            f"{field} must be a positive int, got {shown(value)}",
+            {"field": field},
         )
 
 
@@ -330,7 +381,7 @@ def _check_aggregate_id(aggregate_id: object) -> None:
     if not isinstance(aggregate_id, str) or not 0 < len(aggregate_id) <= 255:
         raise EventStoreError(
             VALIDATION_FAILED,
-            f"aggregate_id must be a string of 1 to 255 characters, got {aggregate_id!r}",
+            f"aggregate_id must be a string of 1 to 255 characters, got {shown(aggregate_id)}",
             {"field": "aggregate_id"},
         )
     check_text(aggregate_id, "aggregate_id")
@@ -366,12 +417,20 @@ def subscription_criteria(event_filter: EventFilter) -> Criteria:
 
 def event_key(event_id: uuid.UUID | str) -> uuid.UUID:
     try:
-        return event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
+        if isinstance(event_id, uuid.UUID):
+            return event_id
+        if not isinstance(event_id, str):
+            raise ValueError
+        return parse_uuid(event_id)
     except ValueError:
         raise EventStoreError(
             QUERY_ERROR,
-            f"event_id must be a UUID, got {event_id!r}",
-            {"event_id": str(event_id)},
+            f"event_id must be a UUID, got {shown(event_id)}",
+            {
+                "event_id": event_id
+                if isinstance(event_id, str) and len(event_id) <= 100
+                else shown(event_id)
+            },
         ) from None
 
 
@@ -453,7 +512,7 @@ class StoreCore:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise EventStoreError(
                 VALIDATION_FAILED,
-                f"cache_size must be a non-negative int, got {cache_size!r}",
+                f"cache_size must be a non-negative int, got {shown(cache_size)}",
                 {"field": "cache_size"},
             )
         if (
@@ -463,7 +522,8 @@ class StoreCore:
         ):
             raise EventStoreError(
                 VALIDATION_FAILED,
-                f"cache_ttl must be a finite non-negative number of seconds, got {cache_ttl!r}",
+                "cache_ttl must be a finite non-negative number of seconds,"
+                f" got {shown(cache_ttl)}",
                 {"field": "cache_ttl"},
             )
         self.cache = QueryCache(cache_size, cache_ttl)
@@ -548,7 +608,7 @@ class StoreCore:
         if group_by not in _GROUPS:
             raise EventStoreError(
                 QUERY_ERROR,
-                f"group_by must be one of {', '.join(_GROUPS)}, got {group_by!r}",
+                f"group_by must be one of {', '.join(_GROUPS)}, got {shown(group_by)}",
                 {"field": "group_by"},
             )
         if (group_by == "tag") != (tag_key is not None):
@@ -566,7 +626,7 @@ class StoreCore:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise EventStoreError(
                 VALIDATION_FAILED,
-                f"version must be a position (an int from 0 to the head), got {version!r}",
+                f"version must be a position (an int from 0 to the head), got {shown(version)}",
                 {"field": "version", "aggregate_id": aggregate_id},
             )
         try:
@@ -587,7 +647,7 @@ class StoreCore:
         ):
             raise EventStoreError(
                 QUERY_ERROR,
-                f"snapshot_every must be a positive int or None, got {snapshot_every!r}",
+                f"snapshot_every must be a positive int or None, got {shown(snapshot_every)}",
                 {"field": "snapshot_every"},
             )
         if snapshot_every is not None and key is None:
@@ -1220,7 +1280,7 @@ class StoreCore:
         except msgspec.ValidationError as exc:
             raise EventStoreError(
                 QUERY_ERROR,
-                f"the snapshot of {aggregate_id!r} at version {version} is not a {state_type}:"
+                f"the snapshot of {shown(aggregate_id)} at version {version} is not a {state_type}:"
                 f" {exc}",
                 {"field": "state_type", "aggregate_id": aggregate_id, "version": version},
             ) from None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import uuid
 from array import array
@@ -34,7 +35,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from .errors import DUPLICATE_EVENT, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError
+from .errors import DUPLICATE_EVENT, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError, shown
 from .model import DomainEvent
 
 __all__ = [
@@ -201,7 +202,7 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
             for key, item in value.items():
                 if type(key) is not str:
                     raise _Invalid(
-                        f"object keys must be strings, got {_type_name(key)}", [*path, repr(key)]
+                        f"object keys must be strings, got {_type_name(key)}", [*path, shown(key)]
                     )
                 _check_text(key, [*path, key], "key")
                 _check_json(item, [*path, key], depth + 1)
@@ -210,7 +211,7 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
                 _check_json(item, [*path, i], depth + 1)
     elif kind is float:
         if not math.isfinite(value):
-            raise _Invalid(f"{value!r} is not a JSON number", path)
+            raise _Invalid(f"{shown(value)} is not a JSON number", path)
     elif kind is int:
         if value.bit_length() > MAX_INT_BITS:
             raise _Invalid(f"an integer of {value.bit_length()} bits is over {MAX_INT_BITS}", path)
@@ -297,16 +298,33 @@ def _check_object(value: Any, field: str, index: int, event_id: str | None) -> N
         ) from None
 
 
+_UUID_TEXT: Final = re.compile(
+    r"(?:urn:uuid:)?(\{)?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}(?(1)\})",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def parse_uuid(text: str) -> uuid.UUID:
+    """A UUID from its text: 32 hex digits, hyphens where the canonical form puts them or none,
+    in braces or after ``urn:uuid:`` at most. ``uuid.UUID`` alone also takes signs,
+    underscores, spaces and non-ASCII digits; ids are refused so at every entry point.
+    Raises ValueError."""
+    if not _UUID_TEXT.fullmatch(text):
+        raise ValueError(f"not a UUID: {shown(text)}")
+    return uuid.UUID(text)
+
+
 def _event_id_bytes(event: DomainEvent, index: int) -> tuple[bytes, str]:
     event_id: Any = event.event_id
     if isinstance(event_id, uuid.UUID):
-        return event_id.bytes, str(event_id)
+        # From its int, as the native codec reads it (a subclass may override bytes).
+        return event_id.int.to_bytes(16, "big"), str(uuid.UUID(int=event_id.int))
     if isinstance(event_id, str):
         try:
-            parsed = uuid.UUID(event_id)
+            parsed = parse_uuid(event_id)
         except ValueError:
             raise _fail(
-                f"event_id must be a UUID, got {event_id!r}", index, None, "event_id"
+                f"event_id must be a UUID, got {shown(event_id)}", index, None, "event_id"
             ) from None
         return parsed.bytes, str(parsed)
     raise _fail(f"event_id must be a UUID, got {_type_name(event_id)}", index, None, "event_id")
@@ -317,9 +335,9 @@ def _timestamp_us(event: DomainEvent, index: int, event_id: str) -> int:
     if isinstance(value, str):
         try:
             value = msgspec.convert(value, datetime)
-        except msgspec.ValidationError:
+        except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
             raise _fail(
-                f"timestamp must be an ISO-8601 datetime, got {value!r}",
+                f"timestamp must be an ISO-8601 datetime, got {shown(value)}",
                 index,
                 event_id,
                 "timestamp",
@@ -328,9 +346,28 @@ def _timestamp_us(event: DomainEvent, index: int, event_id: str) -> int:
         raise _fail(
             f"timestamp must be a datetime, got {_type_name(value)}", index, event_id, "timestamp"
         )
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:
+        offset = value.utcoffset()
+    except Exception as exc:  # a tzinfo of the caller's: whatever it raises, it is no zone
+        raise _fail(
+            f"timestamp's time zone gives no valid offset: {shown(exc)}",
+            index,
+            event_id,
+            "timestamp",
+        ) from None
+    if value.tzinfo is None or offset is None:
         raise _fail("timestamp must be timezone-aware", index, event_id, "timestamp")
-    micros: int = (value - _PG_EPOCH) // _ONE_US
+    try:
+        utc = value.astimezone(timezone.utc)
+    except OverflowError:
+        # Stored as UTC, it must be a datetime there too, or it could not be read back.
+        raise _fail(
+            "timestamp is out of range: in UTC it falls outside the years 1 to 9999",
+            index,
+            event_id,
+            "timestamp",
+        ) from None
+    micros: int = (utc - _PG_EPOCH) // _ONE_US
     return micros
 
 
@@ -346,6 +383,9 @@ def _validate_event(event: object, index: int) -> tuple[bytes, str, int]:
         raise _fail(
             f"event_type must be a str, got {_type_name(event_type)}", index, event_id, "event_type"
         )
+    # A str subclass is checked and stored as the text it holds (str's own methods), as the
+    # native codec reads it: overriding __len__ or encode changes nothing.
+    event_type = str.__str__(event_type)
     if not 1 <= len(event_type) <= MAX_EVENT_TYPE_LENGTH:
         raise _fail(
             f"event_type must be 1 to {MAX_EVENT_TYPE_LENGTH} characters, got {len(event_type)}",
@@ -418,7 +458,8 @@ def prepare(
         start = len(buffer)
         buffer += _ROW_START
         buffer += id_bytes
-        encoded_type = event.event_type.encode("utf-8")
+        # str's own encode: a subclass's override has no say in what is stored.
+        encoded_type = str.encode(event.event_type, "utf-8")
         buffer += _INT32.pack(len(encoded_type))
         buffer += encoded_type
         buffer += _TIMESTAMP_LENGTH
@@ -441,7 +482,7 @@ def _check_seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> 
         raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
     last = _MAX_POSITION - batch.count + 1
     if type(first_position) is not int or not -_MAX_POSITION - 1 <= first_position <= last:
-        raise ValueError(f"the positions must fit in 64 bits, got first {first_position!r}")
+        raise ValueError(f"the positions must fit in 64 bits, got first {shown(first_position)}")
 
 
 def seal(
@@ -575,7 +616,7 @@ def _tag_pairs(text: bytes, row: int) -> list[tuple[bytes, bytes]]:
     duplicate keys; should a row have some, the map shows them all)."""
     try:
         pairs = json.loads(text.decode("utf-8"), object_pairs_hook=_Pairs)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         pairs = None
     if type(pairs) is not _Pairs or any(type(v) is not str for _, v in pairs):
         raise decode_error(row, "tags", "are not an object of strings")
@@ -632,6 +673,10 @@ def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows
 
     Raises ``STORAGE_ERROR`` naming the row (0-based in ``rows``) and field for anything but
     exactly ``count`` well-formed rows."""
+    if not -(2**63) <= count < 2**63:  # the native function's argument checks, in its words
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    if count < 0:
+        raise ValueError("count must not be negative")
     view = memoryview(rows).cast("B")
     fixed: dict[str, bytearray] = {name: bytearray() for name in _FIXED_SIZES}
     positions = array("q")
@@ -730,6 +775,8 @@ def read_stored_json(text: bytes) -> tuple[Any, str | None]:
         return msgspec.json.decode(text), None
     except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: invalid UTF-8
         return None, f"its stored JSON cannot be read: {exc}"
+    except RecursionError:
+        return None, "its stored JSON cannot be read: it is nested too deeply"
 
 
 def _stored_spans(view: bytes, count: int) -> list[list[tuple[int, int]]]:
@@ -753,6 +800,16 @@ def rehash(
     sorted); the other fields are hashed as stored, which is how `prepare` lays them out. So a
     row hashes to its stored hash exactly when its contents and predecessor are those that
     were sealed. Malformed rows raise ``STORAGE_ERROR`` naming the row and field."""
+    # The native function's argument checks, in its order and words (a C ssize_t, a C int64,
+    # then its own checks), so that both refuse out-of-contract arguments alike.
+    if not -(2**63) <= count < 2**63:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    if not -(2**63) <= first_position < 2**63:
+        raise OverflowError("Python int too large to convert to C long")
+    if len(prev_hash) != HASH_SIZE:
+        raise ValueError("prev_hash must be 32 bytes")
+    if count < 0:
+        raise ValueError("count must not be negative")
     view = bytes(rows)
     spans = _stored_spans(view, count)
     limit, kind, detail = count, "", ""

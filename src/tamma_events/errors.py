@@ -16,6 +16,7 @@ __all__ = [
     "VALIDATION_FAILED",
     "ErrorCode",
     "EventStoreError",
+    "shown",
 ]
 
 ErrorCode = Literal[
@@ -75,3 +76,14 @@ class EventStoreError(Exception):
     def to_dict(self) -> dict[str, Any]:
         """The error as plain JSON values, for the CLI and HTTP boundaries."""
         return {"code": self.code, "message": self.message, "context": self.context}
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters; a value whose repr
+    fails (an int of too many digits, a list nested too deep for the interpreter) is named by
+    its type instead, so that reporting bad input never raises something else."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<a {type(value).__name__} too large or too deep to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,7 +17,8 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from .errors import QUERY_ERROR, EventStoreError
+from ._pycodec import parse_uuid
+from .errors import QUERY_ERROR, EventStoreError, shown
 from .model import SequencedEvent
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
 
 #: The largest limit, offset or position a statement can carry (PostgreSQL's bigint).
 MAX_BIGINT = 2**63 - 1
+#: The most tag pairs one filter may require (``EventFilter.tags``, ``tag=`` parameters).
+MAX_FILTER_TAGS = 1_000
 
 #: The most values one list field of a filter may hold.
 MAX_FILTER_VALUES = 10_000
@@ -177,9 +180,9 @@ def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
         try:
             if not isinstance(value, str):
                 raise TypeError
-            ids.add(uuid.UUID(value))
+            ids.add(parse_uuid(value))
         except (TypeError, ValueError):
-            raise _error(f"event_ids holds {value!r}, which is not a UUID", field) from None
+            raise _error(f"event_ids holds {shown(value)}, which is not a UUID", field) from None
     return tuple(sorted(ids))
 
 
@@ -190,16 +193,20 @@ def parse_time(value: object, field: str) -> datetime | None:
     if isinstance(value, str):
         try:
             value = msgspec.convert(value, datetime)
-        except msgspec.ValidationError:
+        except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
             raise _error(
-                f"{field} must be an ISO-8601 date-time with an offset, got {value!r}", field
+                f"{field} must be an ISO-8601 date-time with an offset, got {shown(value)}", field
             ) from None
     if not isinstance(value, datetime):
         raise _error(
             f"{field} must be a datetime or an ISO-8601 string, got {type(value).__name__}",
             field,
         )
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:
+        offset = value.utcoffset()
+    except Exception as exc:  # a tzinfo of the caller's: whatever it raises, it is no zone
+        raise _error(f"{field}'s time zone gives no valid offset: {shown(exc)}", field) from None
+    if value.tzinfo is None or offset is None:
         raise _error(f"{field} must have a timezone (got the naive {value.isoformat()})", field)
     try:
         return value.astimezone(timezone.utc)
@@ -214,7 +221,7 @@ def check_count(value: object, field: str, *, allow_none: bool) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT:
         expected = "a non-negative int or None" if allow_none else "a non-negative int"
-        raise _error(f"{field} must be {expected} up to 2**63 - 1, got {value!r}", field)
+        raise _error(f"{field} must be {expected} up to 2**63 - 1, got {shown(value)}", field)
     return value
 
 
@@ -236,6 +243,11 @@ def normalize(event_filter: EventFilter | None) -> Criteria:
     if f.tags is not None:
         if not isinstance(f.tags, dict):
             raise _error(f"tags must be a dict of str to str, got {type(f.tags).__name__}", "tags")
+        if len(f.tags) > MAX_FILTER_TAGS:
+            # Each is a condition of the statement, whose lists PostgreSQL bounds.
+            raise _error(
+                f"tags holds at most {MAX_FILTER_TAGS:,} pairs, got {len(f.tags):,}", "tags"
+            )
         for key, value in f.tags.items():
             tags.append((check_text(key, "tags"), (check_text(value, "tags"),)))
     start = parse_time(f.start_time, "start_time")
@@ -247,11 +259,12 @@ def normalize(event_filter: EventFilter | None) -> Criteria:
         )
     if f.order_by not in _ORDERS:
         raise _error(
-            f"order_by must be one of {', '.join(_ORDERS)}, got {f.order_by!r}", "order_by"
+            f"order_by must be one of {', '.join(_ORDERS)}, got {shown(f.order_by)}", "order_by"
         )
     if f.order_direction not in _DIRECTIONS:
         raise _error(
-            f"order_direction must be asc or desc, got {f.order_direction!r}", "order_direction"
+            f"order_direction must be asc or desc, got {shown(f.order_direction)}",
+            "order_direction",
         )
     return Criteria(
         event_ids=_event_ids(f.event_ids),
@@ -378,16 +391,16 @@ def filter_from_params(
             for item in values:
                 key, colon, value = item.partition(":")
                 if not colon or not key:
-                    raise _error(f"tag must be key:value, got {item!r}", "tag")
+                    raise _error(f"tag must be key:value, got {shown(item)}", "tag")
                 if tags.get(key, value) != value:
                     raise _error(
-                        f"tag names the key {key!r} twice; an event has one value per key",
+                        f"tag names the key {shown(key)} twice; an event has one value per key",
                         "tag",
                     )
                 tags[key] = value
             fields["tags"] = tags
         else:
-            raise _error(f"unknown parameter {name!r}", name)
+            raise _error(f"unknown parameter {shown(name)}", name)
     if not fields:
         return None
     event_filter = EventFilter(**fields)

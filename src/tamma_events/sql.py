@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from psycopg import sql
 
-from .errors import QUERY_ERROR, EventStoreError
+from .errors import QUERY_ERROR, EventStoreError, shown
 from .filters import MAX_BIGINT, Criteria, GroupBy
 from .model import AppendCondition, Query, QueryItem
 
@@ -67,17 +67,24 @@ Shape = tuple[tuple[int, bool], ...]
 Check = tuple[Shape, list[Any]]
 
 
-def _check_text(value: str, what: str) -> None:
+#: The most items a DCB query may have: each is a few parameters of one statement, and a
+#: statement takes at most 65,535.
+MAX_QUERY_ITEMS = 1_000
+
+
+def _check_text(value: str, what: str, field: str) -> None:
     """Refuse strings PostgreSQL cannot store, so no event can hold them either."""
     if "\x00" in value:
         raise EventStoreError(
-            QUERY_ERROR, f"{what} contains a NUL character", {"value": repr(value)}
+            QUERY_ERROR, f"{what} contains a NUL character", {"field": field, "value": shown(value)}
         )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise EventStoreError(
-            QUERY_ERROR, f"{what} contains a lone surrogate", {"value": repr(value)}
+            QUERY_ERROR,
+            f"{what} contains a lone surrogate",
+            {"field": field, "value": shown(value)},
         ) from None
 
 
@@ -85,23 +92,33 @@ def _item_shape(item: QueryItem, params: list[Any]) -> tuple[int, bool] | None:
     """Validate one item, append its parameters; None when it matches every event."""
     if not isinstance(item, QueryItem):
         raise EventStoreError(
-            QUERY_ERROR, f"query items must be QueryItem, got {type(item).__name__}"
+            QUERY_ERROR,
+            f"query items must be QueryItem, got {type(item).__name__}",
+            {"field": "items"},
         )
     types = list(item.types)
     for event_type in types:
         if not isinstance(event_type, str):
             raise EventStoreError(
-                QUERY_ERROR, "query item types must be strings", {"types": repr(types)}
+                QUERY_ERROR,
+                f"query item types must be strings, got {type(event_type).__name__}",
+                {"field": "types", "value": shown(event_type)},
             )
-        _check_text(event_type, "a query type")
+        _check_text(event_type, "a query type", "types")
     tags = item.tags
     if not isinstance(tags, dict):
-        raise EventStoreError(QUERY_ERROR, "query item tags must be a dict of str to str")
+        raise EventStoreError(
+            QUERY_ERROR, "query item tags must be a dict of str to str", {"field": "tags"}
+        )
     for key, value in tags.items():
         if not (isinstance(key, str) and isinstance(value, str)):
-            raise EventStoreError(QUERY_ERROR, "query item tags must map str to str")
-        _check_text(key, "a query tag key")
-        _check_text(value, "a query tag value")
+            raise EventStoreError(
+                QUERY_ERROR,
+                "query item tags must map str to str",
+                {"field": "tags", "value": shown(key if not isinstance(key, str) else value)},
+            )
+        _check_text(key, "a query tag key", "tags")
+        _check_text(value, "a query tag value", "tags")
     if not types and not tags:
         return None
     if len(types) == 1:
@@ -118,7 +135,15 @@ def query_shape(query: Query | None, params: list[Any]) -> Shape:
     if query is None:
         return ()
     if not isinstance(query, Query):
-        raise EventStoreError(QUERY_ERROR, f"expected a Query, got {type(query).__name__}")
+        raise EventStoreError(
+            QUERY_ERROR, f"expected a Query, got {type(query).__name__}", {"field": "query"}
+        )
+    if len(query.items) > MAX_QUERY_ITEMS:
+        raise EventStoreError(
+            QUERY_ERROR,
+            f"a query has at most {MAX_QUERY_ITEMS:,} items, got {len(query.items):,}",
+            {"field": "items"},
+        )
     item_params: list[Any] = []
     shape = []
     for item in query.items:
@@ -541,7 +566,7 @@ def after_position(after: int | None) -> int:
     if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_BIGINT:
         raise EventStoreError(
             QUERY_ERROR,
-            f"after must be a position (an int from 0 to 2**63-1) or None, got {after!r}",
+            f"after must be a position (an int from 0 to 2**63-1) or None, got {shown(after)}",
             {"field": "after"},
         )
     return after

@@ -38,7 +38,7 @@ import psycopg.errors
 from psycopg import sql
 from psycopg_pool import PoolClosed, PoolTimeout
 
-from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
+from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError, shown
 from .model import SequencedEvent
 
 __all__ = ["MAX_BUFFER", "AsyncListener", "Listener", "Subscription"]
@@ -387,7 +387,7 @@ def check_subscription_options(buffer: int, poll_interval: float, retry_for: flo
     if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 < buffer <= MAX_BUFFER:
         raise EventStoreError(
             QUERY_ERROR,
-            f"buffer must be an int between 1 and {MAX_BUFFER}, got {buffer!r}",
+            f"buffer must be an int between 1 and {MAX_BUFFER}, got {shown(buffer)}",
             {"field": "buffer"},
         )
     for name, value in (("poll_interval", poll_interval), ("retry_for", retry_for)):
@@ -398,7 +398,7 @@ def check_subscription_options(buffer: int, poll_interval: float, retry_for: flo
         ):
             raise EventStoreError(
                 QUERY_ERROR,
-                f"{name} must be a positive finite number of seconds, got {value!r}",
+                f"{name} must be a positive finite number of seconds, got {shown(value)}",
                 {"field": name},
             )
 

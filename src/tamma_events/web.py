@@ -38,6 +38,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote_plus
 
 import msgspec
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -50,7 +51,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError
+from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError, shown
 from .filters import MAX_BIGINT, filter_from_params
 from .store import EventStore
 from .stream import Subscription
@@ -171,10 +172,28 @@ async def _frames(subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
 
 
 def _params(request: Request) -> dict[str, list[str]]:
-    """The query's parameters, each with all its values."""
+    """The query's parameters, each with all its values. Decoded strictly: percent-encoded
+    bytes that are not UTF-8 (which Starlette would turn into U+FFFD, and so match the wrong
+    events) are a QUERY_ERROR naming the parameter."""
     params: dict[str, list[str]] = {}
-    for name, value in request.query_params.multi_items():
-        params.setdefault(name, []).append(value)
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    for pair in raw.split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        try:
+            name = unquote_plus(name, errors="strict")
+        except UnicodeDecodeError:
+            raise EventStoreError(
+                QUERY_ERROR, "a parameter's name is not UTF-8", {"field": shown(name)}
+            ) from None
+        try:
+            text = unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            raise EventStoreError(
+                QUERY_ERROR, f"parameter {name} is not UTF-8 text", {"field": name}
+            ) from None
+        params.setdefault(name, []).append(text)
     return params
 
 
