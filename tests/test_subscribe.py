@@ -51,6 +51,7 @@ from tamma_events import (
     Subscription,
 )
 from tamma_events import stream as stream_module
+from tamma_events.schema import drop
 from tamma_events.stream import MAX_BUFFER, connection_lost
 
 T = TypeVar("T")
@@ -1043,3 +1044,27 @@ def test_only_a_lost_connection_counts_as_one(error: Exception, lost: bool) -> N
     # What a subscription retries from its position, and what makes the pool test its idle
     # connections: the session ended or the link broke, not the statement failed.
     assert connection_lost(error) is lost
+
+
+def test_an_async_store_subscription_is_an_async_context_manager(pg_dsn: str) -> None:
+    """docs/operations.md: ``async with store.subscribe(...) as subscription``; leaving the
+    block stops it."""
+    from tamma_events.aio import AsyncEventStore
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+
+    async def main() -> tuple[list[str], bool]:
+        async with AsyncEventStore(pg_dsn, schema=schema, max_connections=2) as store:
+            await store.append_batch([DomainEvent("A"), DomainEvent("B")])
+            seen: list[str] = []
+            async with store.subscribe(after=0) as subscription:
+                async for event in subscription:
+                    seen.append(event.event_type)
+                    if len(seen) == 2:
+                        break
+            return seen, subscription.stopped
+
+    try:
+        assert asyncio.run(main()) == (["A", "B"], True)
+    finally:
+        drop(pg_dsn, schema)

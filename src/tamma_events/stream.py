@@ -477,6 +477,17 @@ class Subscription:
     ) -> None:
         self.stop()
 
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
     def __iter__(self) -> Subscription:
         return self
 
