@@ -136,7 +136,7 @@ def run(
         dsn = store.dsn
         try:
             attempts, deliveries = _run_workers(
-                scenario, dsn, name, seconds, workers, processes, seed, report
+                scenario, dsn, name, seconds, workers, processes, seed
             )
             check_log(store, attempts, report, deliveries)
         finally:
@@ -159,7 +159,6 @@ def _run_workers(
     workers: int,
     processes: int,
     seed: int,
-    report: TortureReport,
 ) -> tuple[list[Attempt], list[tuple[int, str]] | None]:
     """Run the worker processes (and, for ``monotonic``, the reader's), all starting together;
     returns the attempts and the reader's deliveries."""
