@@ -22,6 +22,8 @@ from .model import (
     ReadResult,
     SequencedEvent,
     Snapshot,
+    StoreStats,
+    TypeStats,
     new_event_id,
 )
 from .store import EventStore, Transaction
@@ -53,8 +55,10 @@ __all__ = [
     "ReadResult",
     "SequencedEvent",
     "Snapshot",
+    "StoreStats",
     "Subscription",
     "Transaction",
+    "TypeStats",
     "__impl__",
     "__version__",
     "new_event_id",

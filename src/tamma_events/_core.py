@@ -73,6 +73,8 @@ from .model import (
     ReadResult,
     SequencedEvent,
     Snapshot,
+    StoreStats,
+    TypeStats,
 )
 from .replicas import PRIMARY_LSN, REPLAY_LSN, Behind, Replica, ReplicaSet
 from .sql import (
@@ -105,6 +107,11 @@ _FUNCTION_MAX_BYTES = 64 << 10
 _GROUPS = ("event_type", "tag", "minute", "hour", "day")
 #: The largest page `get_page` serves.
 MAX_PAGE_SIZE = 100_000
+
+#: The environment variable naming the schema a store opens when none is passed.
+SCHEMA_ENV = "TAMMA_EVENTS_SCHEMA"
+#: The schema a store opens when neither ``schema`` nor ``$TAMMA_EVENTS_SCHEMA`` names one.
+DEFAULT_SCHEMA = "tamma_events"
 
 _decode_events = msgspec.json.Decoder(list[SequencedEvent]).decode
 _decode_event = msgspec.json.Decoder(SequencedEvent).decode
@@ -496,13 +503,15 @@ class StoreCore:
     def _setup(
         self,
         *,
-        schema: str,
+        schema: str | None,
         max_event_bytes: int,
         chunk_events: int,
         cache_size: int,
         cache_ttl: float,
         archive_dir: str | os.PathLike[str] | None,
     ) -> None:
+        if schema is None:
+            schema = os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
         if not schema or not isinstance(schema, str):
             raise EventStoreError(VALIDATION_FAILED, "schema must be a non-empty string")
         self.schema = schema
@@ -1052,6 +1061,68 @@ class StoreCore:
             return int(row[0]) if row else 0
 
         return (yield from self._op_cached(("count", unpaged), compute, lambda _: 64))
+
+    def _op_stats(self) -> Op[StoreStats]:
+        """`StoreStats`, from the summaries, the archive manifest and the catalog: a cost that
+        does not grow with the log."""
+        from .schema import version_op
+
+        version = yield from version_op(self.schema)
+        if version == 0:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                f"schema {self.schema} holds no event store: create it with `tamma-events init`"
+                " (or open the store with migrate=True)",
+                {"schema": self.schema},
+            )
+        head = yield from self._op_head()
+        server = yield Run("SELECT current_setting('server_version')", fetch="one")
+        types = yield Run(
+            sql.SQL(
+                "SELECT event_type, count, first_timestamp, last_timestamp FROM {}"
+                " ORDER BY count DESC, event_type"
+            ).format(self._statements.type_summary)
+        )
+        tags = yield Run(
+            sql.SQL("SELECT count(DISTINCT key), count(*) FROM {}").format(
+                self._statements.tag_summary
+            ),
+            fetch="one",
+        )
+        archives = yield Run(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(events), 0), coalesce(sum(bytes), 0) FROM {}"
+                " WHERE compacted_at IS NOT NULL"
+            ).format(sql.Identifier(self.schema, "archives")),
+            fetch="one",
+        )
+        size = yield Run(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'm')",
+            [self.schema],
+            fetch="one",
+        )
+        event_types = [TypeStats(name, int(n), first, last) for name, n, first, last in types]
+        archived = int(archives[1])
+        return StoreStats(
+            schema=self.schema,
+            schema_version=version,
+            server_version=str(server[0]),
+            codec=_codec.IMPL,
+            head=head,
+            events=head,
+            live_events=head - archived,
+            archived_events=archived,
+            archive_files=int(archives[0]),
+            archive_bytes=int(archives[2]),
+            table_bytes=int(size[0]),
+            tag_keys=int(tags[0]),
+            tag_values=int(tags[1]),
+            first_timestamp=min((t.first_timestamp for t in event_types), default=None),
+            last_timestamp=max((t.last_timestamp for t in event_types), default=None),
+            event_types=event_types,
+        )
 
     def _op_event_types(self) -> Op[list[str]]:
         text = sql.SQL("SELECT event_type FROM {} ORDER BY 1").format(self._statements.type_summary)

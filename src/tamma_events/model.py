@@ -239,3 +239,39 @@ class Projection(msgspec.Struct, frozen=True):
 
     state: Any
     head: int
+
+
+class TypeStats(msgspec.Struct, frozen=True):
+    """How many events of one type the history holds, and when the first and last were
+    recorded (their ``timestamp``)."""
+
+    event_type: str
+    count: int
+    first_timestamp: datetime
+    last_timestamp: datetime
+
+
+class StoreStats(msgspec.Struct, frozen=True):
+    """What `EventStore.stats` reports about a store.
+
+    ``events`` counts the whole history (live and archived); the log is gapless, so it is also
+    the head. ``table_bytes`` is the space the schema's tables and indexes take in PostgreSQL,
+    ``archive_bytes`` that of the Parquet archives. ``event_types`` is sorted by count, largest
+    first."""
+
+    schema: str
+    schema_version: int
+    server_version: str
+    codec: str
+    head: int
+    events: int
+    live_events: int
+    archived_events: int
+    archive_files: int
+    archive_bytes: int
+    table_bytes: int
+    tag_keys: int
+    tag_values: int
+    first_timestamp: datetime | None
+    last_timestamp: datetime | None
+    event_types: list[TypeStats]

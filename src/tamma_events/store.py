@@ -41,6 +41,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import embedded
 from ._core import (
     MAX_PAGE_SIZE,
+    SCHEMA_ENV,
     Keyset,
     StoreCore,
     TxState,
@@ -80,6 +81,7 @@ from .model import (
     ReadResult,
     SequencedEvent,
     Snapshot,
+    StoreStats,
 )
 from .replicas import (
     Behind,
@@ -96,7 +98,7 @@ from .schema import require_current_op
 from .sql import after_position, query_shape
 from .stream import Listener, Subscription, check_subscription_options, connection_lost
 
-__all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "EventStore", "Transaction"]
+__all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "SCHEMA_ENV", "EventStore", "Transaction"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +147,8 @@ class EventStore(StoreCore):
 
     ``dsn`` selects the server; without it, ``$TAMMA_EVENTS_DSN``; without that, an embedded
     PostgreSQL 18 started in ``data_dir`` (default: the user data directory). Everything lives in
-    the PostgreSQL schema ``schema``, migrated on open unless ``migrate=False``.
+    the PostgreSQL schema ``schema`` (default: ``$TAMMA_EVENTS_SCHEMA``, else ``tamma_events``),
+    migrated on open unless ``migrate=False``.
 
     Connections come from a `psycopg_pool.ConnectionPool` of ``min_connections`` to
     ``max_connections``, each replaced after ``max_lifetime`` seconds or ``max_idle`` seconds
@@ -172,7 +175,7 @@ class EventStore(StoreCore):
         self,
         dsn: str | None = None,
         *,
-        schema: str = "tamma_events",
+        schema: str | None = None,
         pool: ConnectionPool[Any] | None = None,
         min_connections: int = 1,
         max_connections: int = 10,
@@ -664,6 +667,12 @@ class EventStore(StoreCore):
     def get_event_types(self) -> list[str]:
         """Every event type stored, sorted."""
         return self._query("event_types", self._op_event_types)
+
+    def stats(self) -> StoreStats:
+        """The store at a glance: head, live and archived events, events per type, tag keys
+        and values, archives, table sizes, schema and server versions, and the codec. Read on
+        the primary, from summaries and the catalog: its cost does not grow with the log."""
+        return self._run("stats", lambda: self._op_stats())
 
     def get_tags(self) -> dict[str, list[str]]:
         """Every tag key stored, with its distinct values, both sorted."""

@@ -1,0 +1,278 @@
+"""Every ``tamma-events`` command through the real entry point: the console script pip
+installed, run as a subprocess, on the embedded server (one the command starts itself, or the
+test session's). The in-process tests (test_cli.py, test_cli_append.py) go into each command's
+details; these check what a shell sees: output, files and exit codes (0 success, 1 failure,
+2 usage error), and that ``TAMMA_EVENTS_DSN``/``TAMMA_EVENTS_SCHEMA`` are honoured."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from tamma_events import EventStore
+from tamma_events.cli import main
+from tamma_events.schema import drop
+
+pytestmark = pytest.mark.codec_neutral
+
+#: The console script of this environment (not ``python -m``: the entry point itself).
+SCRIPT = Path(sys.executable).with_name("tamma-events")
+
+#: The commands each test below runs: `test_every_command_has_an_entry_point_test` keeps this
+#: in step with the CLI.
+COVERED = {
+    "init",
+    "demo",
+    "bench",
+    "append",
+    "query",
+    "tail",
+    "export",
+    "compact",
+    "verify",
+    "serve",
+    "stats",
+    "torture",
+    "embedded start",
+    "embedded stop",
+    "embedded status",
+}
+
+
+def cli(
+    *args: str, env: dict[str, str], stdin: bytes | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    assert SCRIPT.exists(), f"the tamma-events console script is not installed at {SCRIPT}"
+    result = subprocess.run(
+        [str(SCRIPT), *args], input=stdin, capture_output=True, env=env, timeout=timeout
+    )
+    return subprocess.CompletedProcess(
+        result.args,
+        result.returncode,
+        result.stdout.decode(errors="replace"),
+        result.stderr.decode(errors="replace"),
+    )
+
+
+@pytest.fixture
+def schema(pg_dsn: str) -> Iterator[str]:
+    name = f"entry_{uuid.uuid4().hex[:10]}"
+    yield name
+    drop(pg_dsn, name)
+
+
+@pytest.fixture
+def env(pg_dsn: str, schema: str) -> dict[str, str]:
+    """The server and the store given by environment variables only."""
+    return {
+        **os.environ,
+        "TAMMA_EVENTS_DSN": pg_dsn,
+        "TAMMA_EVENTS_SCHEMA": schema,
+        "COLUMNS": "200",
+    }
+
+
+def events_file(path: Path, count: int) -> Path:
+    lines = [
+        json.dumps(
+            {
+                "event_type": "IssueCreated" if i % 2 else "CiRunCompleted",
+                "data": {"n": i},
+                "tags": {"issueId": f"I-{i % 3}"},
+            }
+        )
+        for i in range(count)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_every_command_has_an_entry_point_test() -> None:
+    commands = set()
+    for name, command in main.commands.items():
+        sub = getattr(command, "commands", None)
+        commands |= {f"{name} {s}" for s in sub} if sub else {name}
+    assert commands == COVERED
+
+
+def test_embedded_start_status_stop_and_init_on_the_embedded_default(tmp_path: Path) -> None:
+    """No DSN anywhere: the commands start (and stop) the embedded server of --data-dir."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TAMMA_EVENTS_DSN", "PGHOST")}
+    data = ["--data-dir", str(tmp_path / "pg")]
+    status = cli(*data, "embedded", "status", env=env)
+    assert status.returncode == 1 and "not running" in status.stdout, status
+    started = cli(*data, "embedded", "start", env=env)
+    assert started.returncode == 0, started
+    dsn = started.stdout.split("TAMMA_EVENTS_DSN='", 1)[1].split("'", 1)[0]
+    try:
+        init = cli(*data, "--schema", "entry", "init", env=env)
+        assert init.returncode == 0 and "migrated to version" in init.stdout, init
+        # init's process has exited: the server started by `embedded start` still runs.
+        status = cli(*data, "embedded", "status", env=env)
+        assert status.returncode == 0 and dsn in status.stdout, status
+        again = cli("--dsn", dsn, "--schema", "entry", "init", env=env)
+        assert again.returncode == 0 and "up to date" in again.stdout, again
+    finally:
+        stopped = cli(*data, "embedded", "stop", env=env)
+    assert stopped.returncode == 0 and "stopped the server" in stopped.stdout, stopped
+    status = cli(*data, "embedded", "status", env=env)
+    assert status.returncode == 1 and "not running" in status.stdout, status
+    assert cli(*data, "embedded", "stop", env=env).stdout.startswith("no server runs")
+
+
+def test_append_query_stats_verify(env: dict[str, str], schema: str, tmp_path: Path) -> None:
+    appended = cli("append", str(events_file(tmp_path / "events.jsonl", 30)), env=env)
+    assert appended.returncode == 0 and "appended 30 events" in appended.stdout, appended
+
+    lines = cli("query", "--type", "IssueCreated", "--issue-id", "I-1", env=env)
+    assert lines.returncode == 0, lines
+    found = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [e["data"]["n"] for e in found] == [1, 7, 13, 19, 25]
+    assert {e["event_type"] for e in found} == {"IssueCreated"}
+
+    newest = cli("query", "--order-by", "position", "--direction", "desc", "--limit", "2", env=env)
+    assert [json.loads(line)["position"] for line in newest.stdout.splitlines()] == [30, 29]
+
+    table = cli("query", "--format", "table", "--limit", "3", "--tag", "issueId:I-2", env=env)
+    assert table.returncode == 0, table
+    assert "3 of 10 matching events" in table.stdout
+    assert "issueId=I-2" in table.stdout and "position" in table.stdout
+
+    bad = cli("query", "--tag", "no-colon", env=env)
+    assert bad.returncode == 1 and "QUERY_ERROR" in bad.stderr, bad
+    assert cli("query", "--order-by", "size", env=env).returncode == 2
+
+    stats = cli("stats", "--json", env=env)
+    assert stats.returncode == 0, stats
+    figures = json.loads(stats.stdout)
+    assert figures["schema"] == schema
+    assert (figures["events"], figures["live_events"], figures["archived_events"]) == (30, 30, 0)
+    assert {t["event_type"]: t["count"] for t in figures["event_types"]} == {
+        "IssueCreated": 15,
+        "CiRunCompleted": 15,
+    }
+    shown = cli("stats", env=env)
+    assert shown.returncode == 0 and "IssueCreated" in shown.stdout, shown
+
+    verified = cli("verify", env=env)
+    assert verified.returncode == 0 and "30 events verified" in verified.stdout, verified
+
+
+def test_export_compact_and_archived_reads(
+    env: dict[str, str], pg_dsn: str, schema: str, tmp_path: Path
+) -> None:
+    assert cli("append", str(events_file(tmp_path / "e.jsonl", 20)), env=env).returncode == 0
+    parquet = tmp_path / "out.parquet"
+    exported = cli("export", "--type", "CiRunCompleted", "-o", str(parquet), env=env)
+    assert exported.returncode == 0 and "exported 10 events" in exported.stderr, exported
+    table = pq.read_table(parquet)
+    assert table.num_rows == 10
+    assert table.column("position").to_pylist() == list(range(1, 21, 2))
+
+    before = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
+    time.sleep(1)  # every event is recorded before `before`
+    archive = tmp_path / "archives"
+    compacted = cli("compact", "--before", before, "--archive-dir", str(archive), env=env)
+    assert compacted.returncode == 0 and "compacted 20 events" in compacted.stdout, compacted
+    assert list(archive.rglob("*.parquet"))
+
+    live = cli("query", env=env)
+    assert live.returncode == 0 and live.stdout == ""
+    every = cli("query", "--include-archived", env=env)
+    assert len(every.stdout.splitlines()) == 20
+    figures = json.loads(cli("stats", "--json", env=env).stdout)
+    assert (figures["live_events"], figures["archived_events"], figures["archive_files"]) == (
+        0,
+        20,
+        1,
+    )
+    assert cli("verify", env=env).returncode == 0
+    bad = cli("compact", "--before", "yesterday", "--archive-dir", str(archive), env=env)
+    assert bad.returncode == 1 and "VALIDATION_FAILED" in bad.stderr, bad
+
+
+def test_tail_and_a_broken_chain(env: dict[str, str], pg_dsn: str, schema: str) -> None:
+    with EventStore(pg_dsn, schema=schema, max_connections=1) as store:
+        store.append_batch([{"event_type": t, "tags": {"k": "v"}} for t in "ABCAB"])
+    tailed = cli("tail", "--after", "1", "--type", "A", "--type", "B", "--count", "3", env=env)
+    assert tailed.returncode == 0, tailed
+    assert [json.loads(line)["position"] for line in tailed.stdout.splitlines()] == [2, 4, 5]
+
+
+def test_demo_and_usage_errors(env: dict[str, str], pg_dsn: str, tmp_path: Path) -> None:
+    demo_schema = f"entry_demo_{uuid.uuid4().hex[:8]}"
+    try:
+        demo = cli(
+            "demo", "--events", "2000", "--batch-size", "500", "--schema", demo_schema, env=env
+        )
+        assert demo.returncode == 0, demo
+        assert "appended 2,000 events" in demo.stdout and "APPEND_CONDITION_FAILED" in demo.stdout
+    finally:
+        drop(pg_dsn, demo_schema)
+    assert cli("no-such-command", env=env).returncode == 2
+    assert cli("demo", "--events", "0", env=env).returncode == 2
+    assert cli("append", str(tmp_path / "missing.jsonl"), env=env).returncode == 2
+    version = cli("--version", env=env)
+    assert version.returncode == 0 and "tamma-events" in version.stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "tamma_events", "--help"], capture_output=True, text=True, env=env
+    )
+    assert module.returncode == 0 and "embedded" in module.stdout
+
+
+def test_bench_prints_ratios_against_a_baseline_of_the_same_run(env: dict[str, str]) -> None:
+    args = ["bench", "--events", "2000", "--batch-size", "1000", "--rounds", "1"]
+    args += ["--conditional", "20", "--threads", "2", "--per-thread", "5", "--json", "-"]
+    bench = cli(*args, env=env)
+    assert bench.returncode == 0, bench
+    summary = json.loads(bench.stdout[bench.stdout.index("{") :])
+    results = {r["name"]: r for r in summary["results"]}
+    assert results["append_batch"]["baseline"] == "copy_ceiling"
+    assert results["append_batch"]["ratio"] > 0
+
+
+def test_torture_finds_no_violation(env: dict[str, str], tmp_path: Path) -> None:
+    report = tmp_path / "torture.json"
+    args = ["torture", "consistency", "--seconds", "1", "--workers", "2", "--processes", "1"]
+    run = cli(*args, "--seed", "7", "--json", str(report), env=env)
+    assert run.returncode == 0 and "no violations" in run.stdout, run
+    assert json.loads(report.read_text())["violations"] == []
+
+
+def test_serve_answers_until_interrupted(env: dict[str, str], tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(
+            [str(SCRIPT), "serve", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    try:
+        for _ in range(300):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, log.read_text()
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["head"] == 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0, log.read_text()
