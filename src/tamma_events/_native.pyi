@@ -5,6 +5,9 @@ from collections.abc import Sequence
 from ._pycodec import DecodedRows, PreparedBatch, Rehashed
 from .model import DomainEvent
 
+#: Whether the hash chain is computed with libcrypto's SHA-256 (else through hashlib).
+HAVE_LIBCRYPTO: bool
+
 def prepare(
     events: Sequence[DomainEvent], max_event_bytes: int = ..., first_index: int = ...
 ) -> PreparedBatch: ...
