@@ -1,7 +1,10 @@
 """Every benchmark entry point runs at a tiny size, so none of them rots: ``tamma-events bench
 --suite full`` and ``--suite load-curve`` through the command line, and the pytest-benchmark
 suites in ``benchmarks/`` in a child pytest. No timing is asserted: only that each figure is
-there, beside its baseline, with the resources it used."""
+there, beside its baseline, with the resources it used.
+
+The benchmarks time the native and the pure-Python codec side by side, whichever codec the
+test run forces, so these run once (codec_neutral), in the native pass."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from tamma_events.cli import main
+
+pytestmark = pytest.mark.codec_neutral
 
 ROOT = Path(__file__).resolve().parent.parent
 
