@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -136,7 +137,9 @@ RSS_BOUND_MB = 64
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def _stream_in_child(dsn: str, schema: str) -> tuple[int, int, float, float]:

@@ -7,7 +7,6 @@ The server's CPU is read from ``/proc`` and is known only when PostgreSQL runs o
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,9 +57,9 @@ def server_cpu_seconds(postmaster: int) -> float | None:
 
 
 def _client_cpu() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    """CPU seconds of this process and of its waited-for children (worker processes)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _wal_lsn(conn: psycopg.Connection[Any]) -> int:

@@ -146,6 +146,8 @@ def _clear_stale_lock(data_dir: Path) -> None:
     dead server is gone, so a new one may use the data directory."""
     import psutil
 
+    if not hasattr(os, "getpgid"):
+        return  # Windows: a dead process leaves no zombie whose pid PostgreSQL could take
     lock = data_dir / "postmaster.pid"
     try:
         pid = int(lock.read_text().split("\n", 1)[0])

@@ -67,7 +67,8 @@ class _Entropy:
         self._lock = threading.Lock()
         self._pool = b""
         self._at = 0
-        os.register_at_fork(after_in_child=self._forget)
+        if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
+            os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
