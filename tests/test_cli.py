@@ -25,6 +25,10 @@ from tamma_events import DomainEvent, EventStore
 from tamma_events.cli import main
 from tamma_events.schema import drop, migrations
 
+#: The bench suites time the native and the pure-Python codec side by side whatever codec the
+#: run forces: they run once, in the native pass (as tests/test_benchmarks.py).
+BENCH = pytest.mark.codec_neutral
+
 
 @pytest.fixture
 def schema(pg_dsn: str) -> Iterator[str]:
@@ -73,6 +77,7 @@ def test_verify_exits_1_on_a_broken_chain(pg_dsn: str, schema: str) -> None:
     assert "broken at position 321" in out
 
 
+@BENCH
 def test_bench_reports_ratios_against_its_baselines(pg_dsn: str, tmp_path: object) -> None:
     code, out = run(
         pg_dsn,
@@ -118,6 +123,7 @@ def test_usage_error_exits_2(pg_dsn: str) -> None:
     assert code == 2
 
 
+@BENCH
 def test_bench_stream_suite_reports_latency_throughput_and_notify_cost(pg_dsn: str) -> None:
     code, out = run(
         pg_dsn,
@@ -256,6 +262,7 @@ def test_serve_runs_the_http_app(pg_dsn: str, schema: str, tmp_path: Path) -> No
         assert server.wait(30) == 0, (tmp_path / "serve.log").read_text()
 
 
+@BENCH
 def test_bench_export_suite_reports_adbc_ratio_and_compaction(pg_dsn: str) -> None:
     code, out = run(pg_dsn, "bench", "--suite", "export", "--events", "3000", "--json", "-")
     assert code == 0, out
@@ -271,6 +278,7 @@ def test_bench_export_suite_reports_adbc_ratio_and_compaction(pg_dsn: str) -> No
     assert compaction["table_mb_after_vacuum_full"] < compaction["table_mb_before"]
 
 
+@BENCH
 def test_bench_replicas_suite_compares_a_replica_with_the_primary_alone(pg_dsn: str) -> None:
     code, out = run(
         pg_dsn, "bench", "--suite", "replicas", "--events", "2000", "--seconds", "1", "--json", "-"

@@ -1,5 +1,5 @@
 """The embedded server's tuning, on a throwaway embedded server of its own (never on the server
-named by TAMMA_EVENTS_TEST_DSN)."""
+named by TAMMA_EVENTS_TEST_DSN). Nothing here encodes events: codec_neutral."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import re
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tamma_events import embedded
+
+pytestmark = pytest.mark.codec_neutral
 
 
 def _file_settings(dsn: str, name: str) -> list[tuple[str, bool | None]]:
