@@ -4,6 +4,8 @@ named by TAMMA_EVENTS_TEST_DSN). Nothing here encodes events: codec_neutral."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -52,3 +54,45 @@ def test_tuning_is_written_once_and_restart_settings_wait_for_the_next_start(
         assert auto_conf.stat().st_mtime_ns == written
     finally:
         server.stop()
+
+
+def test_keep_running_holds_for_a_process_that_opened_the_server_before(tmp_path: Path) -> None:
+    """A process opens the server (cleanup "stop"), `tamma-events embedded start` then keeps it
+    running: when that first process exits, the server runs on until `embedded.stop`."""
+    data = tmp_path / "data"
+    opener = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tamma_events import embedded\n"
+            "embedded.start(sys.argv[1]); print('open', flush=True); sys.stdin.readline()",
+            str(data),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert opener.stdout is not None and opener.stdout.readline() == "open\n"
+        keeper = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from tamma_events import embedded\n"
+                "embedded.start(sys.argv[1], keep_running=True)",
+                str(data),
+            ],
+            timeout=120,
+        )
+        assert keeper.returncode == 0
+        opener.communicate("\n", timeout=120)  # the first process exits
+        assert opener.returncode == 0
+        status = embedded.status(data)
+        assert status.running and status.dsn is not None
+        with psycopg.connect(status.dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        if opener.poll() is None:
+            opener.kill()
+        stopped = embedded.stop(data)
+    assert stopped and not embedded.status(data).running

