@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 
@@ -115,9 +116,9 @@ def test_embedded_start_status_stop_and_init_on_the_embedded_default(tmp_path: P
     status = cli(*data, "embedded", "status", env=env)
     assert status.returncode == 1 and "not running" in status.stdout, status
     started = cli(*data, "embedded", "start", env=env)
-    assert started.returncode == 0, started
-    dsn = started.stdout.split("TAMMA_EVENTS_DSN='", 1)[1].split("'", 1)[0]
     try:
+        assert started.returncode == 0, started
+        dsn = started.stdout.split("TAMMA_EVENTS_DSN='", 1)[1].split("'", 1)[0]
         init = cli(*data, "--schema", "entry", "init", env=env)
         assert init.returncode == 0 and "migrated to version" in init.stdout, init
         # init's process has exited: the server started by `embedded start` still runs.
@@ -148,7 +149,8 @@ def test_append_query_stats_verify(env: dict[str, str], schema: str, tmp_path: P
 
     table = cli("query", "--format", "table", "--limit", "3", "--tag", "issueId:I-2", env=env)
     assert table.returncode == 0, table
-    assert "3 of 10 matching events" in table.stdout
+    assert "rows 1 to 3 of 10 matching events" in table.stdout
+    assert "--offset 3 for the next" in table.stdout
     assert "issueId=I-2" in table.stdout and "position" in table.stdout
 
     bad = cli("query", "--tag", "no-colon", env=env)
@@ -169,6 +171,33 @@ def test_append_query_stats_verify(env: dict[str, str], schema: str, tmp_path: P
 
     verified = cli("verify", env=env)
     assert verified.returncode == 0 and "30 events verified" in verified.stdout, verified
+
+
+def test_reading_commands_refuse_a_schema_that_holds_no_store(
+    env: dict[str, str], pg_dsn: str, schema: str
+) -> None:
+    """A mistyped --schema is an error for the commands that only read, and creates nothing."""
+    for command in (["query"], ["stats"], ["verify"], ["export", "--format", "jsonl"]):
+        result = cli(*command, env=env)
+        assert result.returncode == 1, result
+        assert "STORAGE_ERROR" in result.stderr and "holds no event store" in result.stderr
+    with psycopg.connect(pg_dsn) as conn:
+        found = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", [schema]
+        ).fetchone()
+    assert found == (0,)
+
+
+def test_query_table_shows_event_strings_as_they_are(env: dict[str, str]) -> None:
+    """Brackets in an event's data or tags are text, never rich markup."""
+    line = json.dumps(
+        {"event_type": "NoteAdded", "data": {"note": "[red]x[/red]"}, "tags": {"k": "[b]v"}}
+    )
+    assert cli("append", stdin=line.encode() + b"\n", env=env).returncode == 0
+    table = cli("query", "--format", "table", env=env)
+    assert table.returncode == 0, table
+    assert '"[red]x[/red]"' in table.stdout and "k=[b]v" in table.stdout
+    assert "rows 1 to 1 of 1 matching events" in table.stdout
 
 
 def test_export_compact_and_archived_reads(

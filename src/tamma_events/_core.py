@@ -1062,19 +1062,22 @@ class StoreCore:
 
         return (yield from self._op_cached(("count", unpaged), compute, lambda _: 64))
 
-    def _op_stats(self) -> Op[StoreStats]:
-        """`StoreStats`, from the summaries, the archive manifest and the catalog: a cost that
-        does not grow with the log."""
+    def _op_schema_version(self) -> Op[int]:
         from .schema import version_op
 
+        return (yield from version_op(self.schema))
+
+    def _op_stats(self) -> Op[StoreStats]:
+        """`StoreStats`, from the summaries, the archive manifest and the catalog: a cost that
+        does not grow with the log. One snapshot: the figures agree with each other while
+        appends and compactions go on."""
+        from .schema import no_store_error, version_op
+
+        # On an error, `run` rolls the transaction back.
+        yield Run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", fetch="none")
         version = yield from version_op(self.schema)
         if version == 0:
-            raise EventStoreError(
-                STORAGE_ERROR,
-                f"schema {self.schema} holds no event store: create it with `tamma-events init`"
-                " (or open the store with migrate=True)",
-                {"schema": self.schema},
-            )
+            raise no_store_error(self.schema)
         head = yield from self._op_head()
         server = yield Run("SELECT current_setting('server_version')", fetch="one")
         types = yield Run(
@@ -1103,6 +1106,7 @@ class StoreCore:
             [self.schema],
             fetch="one",
         )
+        yield Run("COMMIT", fetch="none")
         event_types = [TypeStats(name, int(n), first, last) for name, n, first, last in types]
         archived = int(archives[1])
         return StoreStats(

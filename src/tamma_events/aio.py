@@ -608,6 +608,11 @@ class AsyncEventStore(StoreCore):
         """Every event type stored, sorted."""
         return await self._query("event_types", self._op_event_types)
 
+    async def schema_version(self) -> int:
+        """The last migration applied to the store's schema: 0 when the schema holds no event
+        store (a store opened with ``migrate=False`` on a schema never created)."""
+        return await self._run("schema_version", lambda: self._op_schema_version())
+
     async def stats(self) -> StoreStats:
         """The store at a glance: head, live and archived events, events per type, tag keys
         and values, archives, table sizes, schema and server versions, and the codec. Read on

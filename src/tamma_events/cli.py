@@ -22,13 +22,15 @@ from typing import IO, Any
 import click
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __impl__, __version__, embedded, torture
 from .errors import APPEND_CONDITION_FAILED, VALIDATION_FAILED, EventStoreError
 from .model import AppendCondition, DomainEvent, Query, QueryItem
-from .schema import drop
+from .schema import drop, no_store_error
 from .store import DSN_ENV, SCHEMA_ENV, EventStore
 
 console = Console(stderr=False)
@@ -44,6 +46,18 @@ class _Context:
     def open(self, schema: str | None = None, **kwargs: Any) -> EventStore:
         return EventStore(self.dsn, schema=schema or self.schema, data_dir=self.data_dir, **kwargs)
 
+    def open_existing(self, **kwargs: Any) -> EventStore:
+        """The store, for a command that only reads: a schema that holds no event store (a
+        mistyped --schema, say) is an error, not a new store."""
+        store = self.open(migrate=False, **kwargs)
+        try:
+            if store.schema_version() == 0:
+                raise no_store_error(store.schema)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
 
 @contextmanager
 def _failures() -> Iterator[None]:
@@ -51,9 +65,11 @@ def _failures() -> Iterator[None]:
     try:
         yield
     except EventStoreError as exc:
-        err_console.print(f"[red]error[/red] {exc.code}: {exc.message}", soft_wrap=True)
+        err_console.print(f"[red]error[/red] {exc.code}: {escape(exc.message)}", soft_wrap=True)
         if exc.context:
-            err_console.print(json.dumps(exc.context, default=str), soft_wrap=True)
+            err_console.print(
+                json.dumps(exc.context, default=str), soft_wrap=True, markup=False, highlight=False
+            )
         sys.exit(1)
 
 
@@ -91,7 +107,7 @@ def init(obj: _Context) -> None:
     """Create or upgrade the store's schema (idempotent)."""
     with _failures(), obj.open() as store:
         applied = store.applied_on_open
-        where = store.embedded.data_dir if store.embedded else "the server at the DSN"
+        where = escape(str(store.embedded.data_dir) if store.embedded else "the server at the DSN")
         if applied:
             console.print(
                 f"schema [bold]{store.schema}[/bold] migrated to version {max(applied)} in {where}"
@@ -452,7 +468,7 @@ def bench(
 @click.pass_obj
 def verify(obj: _Context, start: int | None, end: int | None) -> None:
     """Recompute the hash chain; exit 1 at the first position where it breaks."""
-    with _failures(), obj.open() as store:
+    with _failures(), obj.open_existing() as store:
         started = time.perf_counter()
         with _progress() as progress:
             task = progress.add_task("verifying", total=None, rate="")
@@ -712,7 +728,7 @@ def tail(
     params = _filter_params(filters)
     encode = msgspec.json.Encoder().encode
     out = sys.stdout.buffer
-    with _failures(), obj.open() as store:
+    with _failures(), obj.open_existing() as store:
         event_filter = filter_from_params(params, ordered=False)
         start = store.head() if after is None else after
         delivered = 0
@@ -780,7 +796,7 @@ def export(
     params = _filter_params(filters)
     params["start_time"] = [start_time] if start_time else []
     params["end_time"] = [end_time] if end_time else []
-    with _failures(), obj.open() as store:
+    with _failures(), obj.open_existing() as store:
         event_filter = filter_from_params(params, ordered=False)
         total = store.count_events(event_filter) if include_archived else None
         started = time.perf_counter()
@@ -980,7 +996,7 @@ def query(
     params["end_time"] = [end_time] if end_time else []
     if format_ == "table" and limit is None:
         limit = TABLE_ROWS
-    with _failures(), obj.open() as store:
+    with _failures(), obj.open_existing() as store:
         base = filter_from_params(params, ordered=False) or EventFilter()
         event_filter = msgspec.structs.replace(
             base, order_by=order_by, order_direction=direction, limit=limit, offset=offset
@@ -1000,17 +1016,24 @@ def query(
         shown = 0
         for event in events:
             data = msgspec.json.encode(event.data).decode()
+            # Text, not markup: an event's strings are shown as they are.
             table.add_row(
                 str(event.position),
                 event.timestamp.isoformat(timespec="milliseconds"),
-                event.event_type,
-                " ".join(f"{key}={value}" for key, value in sorted(event.tags.items())),
-                data if len(data) <= 60 else data[:59] + "…",
+                Text(event.event_type),
+                Text(" ".join(f"{key}={value}" for key, value in sorted(event.tags.items()))),
+                Text(data if len(data) <= 60 else data[:59] + "…"),
             )
             shown += 1
         console.print(table)
-        total = store.count_events(msgspec.structs.replace(base, limit=None))
-        console.print(f"{shown:,} of {total:,} matching events", style="dim")
+        total = store.count_events(msgspec.structs.replace(base, limit=None, offset=0))
+        rows = f"rows {offset + 1:,} to {offset + shown:,}" if shown else "no rows"
+        note = f"{rows} of {total:,} matching events"
+        if not include_archived:
+            note += " (archived ones count; --include-archived shows them)"
+        if shown and limit is not None and shown == limit and offset + shown < total:
+            note += f"; --offset {offset + shown} for the next"
+        console.print(note, style="dim")
 
 
 @main.command()
@@ -1018,7 +1041,7 @@ def query(
 @click.pass_obj
 def stats(obj: _Context, as_json: bool) -> None:
     """The store at a glance: events live and archived, per type, tags, sizes, versions."""
-    with _failures(), obj.open(migrate=False) as store:
+    with _failures(), obj.open_existing() as store:
         report = store.stats()
     if as_json:
         click.echo(msgspec.json.encode(report).decode())
@@ -1052,7 +1075,7 @@ def stats(obj: _Context, as_json: bool) -> None:
         types = Table("event type", "events", "first", "last")
         for row in report.event_types:
             types.add_row(
-                row.event_type,
+                Text(row.event_type),
                 f"{row.count:,}",
                 row.first_timestamp.isoformat(timespec="seconds"),
                 row.last_timestamp.isoformat(timespec="seconds"),
@@ -1083,8 +1106,8 @@ def embedded_start(obj: _Context) -> None:
     Meanwhile every command and store using this data directory leaves it running."""
     with _failures():
         server = embedded.start(obj.data_dir, keep_running=True)
-    console.print(f"running in {server.data_dir} (pid {server.pid})")
-    console.print(f"export {DSN_ENV}='{server.dsn}'", soft_wrap=True, highlight=False)
+    console.print(f"running in {server.data_dir} (pid {server.pid})", markup=False)
+    console.print(f"export {DSN_ENV}='{server.dsn}'", soft_wrap=True, highlight=False, markup=False)
 
 
 @embedded_.command("stop")
@@ -1094,19 +1117,21 @@ def embedded_stop(obj: _Context) -> None:
     with _failures():
         stopped = embedded.stop(obj.data_dir)
         where = embedded.status(obj.data_dir).data_dir
-    console.print(f"stopped the server in {where}" if stopped else f"no server runs in {where}")
+    console.print(
+        f"stopped the server in {where}" if stopped else f"no server runs in {where}", markup=False
+    )
 
 
 @embedded_.command("status")
 @click.pass_obj
 def embedded_status(obj: _Context) -> None:
-    """Say whether the embedded server runs; exit 1 when it does not (as `pg_ctl status`)."""
+    """Say whether the embedded server runs, and its DSN; exit 1 when it does not."""
     with _failures():
         state = embedded.status(obj.data_dir)
     if state.running:
-        console.print(f"running in {state.data_dir} (pid {state.pid})")
-        console.print(f"dsn: {state.dsn}", soft_wrap=True, highlight=False)
+        console.print(f"running in {state.data_dir} (pid {state.pid})", markup=False)
+        console.print(f"dsn: {state.dsn}", soft_wrap=True, highlight=False, markup=False)
         return
     made = "" if state.initialized else " (no database there yet: start creates one)"
-    console.print(f"not running in {state.data_dir}{made}")
+    console.print(f"not running in {state.data_dir}{made}", markup=False)
     sys.exit(1)

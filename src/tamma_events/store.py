@@ -668,6 +668,11 @@ class EventStore(StoreCore):
         """Every event type stored, sorted."""
         return self._query("event_types", self._op_event_types)
 
+    def schema_version(self) -> int:
+        """The last migration applied to the store's schema: 0 when the schema holds no event
+        store (a store opened with ``migrate=False`` on a schema never created)."""
+        return self._run("schema_version", lambda: self._op_schema_version())
+
     def stats(self) -> StoreStats:
         """The store at a glance: head, live and archived events, events per type, tag keys
         and values, archives, table sizes, schema and server versions, and the codec. Read on

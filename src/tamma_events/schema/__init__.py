@@ -63,6 +63,16 @@ def version_op(schema: str) -> Op[int]:
     return int(row[0]) if row else 0
 
 
+def no_store_error(schema: str) -> EventStoreError:
+    """STORAGE_ERROR for reading a schema that holds no event store (never migrated)."""
+    return EventStoreError(
+        STORAGE_ERROR,
+        f"schema {schema} holds no event store: create it with `tamma-events init`"
+        " (or open the store with migrate=True)",
+        {"schema": schema},
+    )
+
+
 def require_current_op(schema: str) -> Op[None]:
     """STORAGE_ERROR when ``schema`` was migrated by an older tamma-events and lacks some of the
     migrations this package ships: a store opened on it with ``migrate=False`` must not write
