@@ -1262,12 +1262,12 @@ def test_the_cli_hides_the_password(
     # A schema that does not exist yet: creating it is the owner's job, refused to the role.
     schema = ("--schema", f"{filled.schema}_new")
     runs = {
-        "keyword": _cli("--dsn", keyword, *schema, "verify"),
-        "url": _cli("--dsn", url_form(app_role.dsn), *schema, "verify"),
+        "keyword": _cli("--dsn", keyword, *schema, "init"),
+        "url": _cli("--dsn", url_form(app_role.dsn), *schema, "init"),
         "PGPASSWORD": _cli(
-            "--dsn", without_password, *schema, "verify", env=_cli_env(PGPASSWORD=secret)
+            "--dsn", without_password, *schema, "init", env=_cli_env(PGPASSWORD=secret)
         ),
-        "env_dsn": _cli(*schema, "verify", env=_cli_env(TAMMA_EVENTS_DSN=keyword)),
+        "env_dsn": _cli(*schema, "init", env=_cli_env(TAMMA_EVENTS_DSN=keyword)),
     }
     outputs = {}
     for name, process in runs.items():

@@ -728,8 +728,9 @@ def tail(
     params = _filter_params(filters)
     encode = msgspec.json.Encoder().encode
     out = sys.stdout.buffer
-    with _failures(), obj.open_existing() as store:
+    with _failures():  # a malformed filter is reported before the server is reached
         event_filter = filter_from_params(params, ordered=False)
+    with _failures(), obj.open_existing() as store:
         start = store.head() if after is None else after
         delivered = 0
         try:
@@ -796,8 +797,9 @@ def export(
     params = _filter_params(filters)
     params["start_time"] = [start_time] if start_time else []
     params["end_time"] = [end_time] if end_time else []
-    with _failures(), obj.open_existing() as store:
+    with _failures():  # a malformed filter is reported before the server is reached
         event_filter = filter_from_params(params, ordered=False)
+    with _failures(), obj.open_existing() as store:
         total = store.count_events(event_filter) if include_archived else None
         started = time.perf_counter()
         progress = Progress(
@@ -996,11 +998,12 @@ def query(
     params["end_time"] = [end_time] if end_time else []
     if format_ == "table" and limit is None:
         limit = TABLE_ROWS
-    with _failures(), obj.open_existing() as store:
+    with _failures():  # a malformed filter is reported before the server is reached
         base = filter_from_params(params, ordered=False) or EventFilter()
         event_filter = msgspec.structs.replace(
             base, order_by=order_by, order_direction=direction, limit=limit, offset=offset
         )
+    with _failures(), obj.open_existing() as store:
         events = store.stream_events(event_filter, include_archived=include_archived)
         if format_ == "jsonl":
             encode = msgspec.json.Encoder().encode
