@@ -25,6 +25,7 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -40,6 +41,10 @@ from tamma_events import _pycodec as python
 from tamma_events.model import DomainEvent, SequencedEvent
 
 # Imported at collection: if the extension does not load, every test here errors.
+# Each test calls both codecs itself, whichever one TAMMA_EVENTS_IMPL gives the store: one
+# pass is enough.
+pytestmark = pytest.mark.codec_neutral
+
 native = importlib.import_module("tamma_events._native")
 
 EXAMPLES = int(os.environ.get("TAMMA_CODEC_EXAMPLES", "200"))
