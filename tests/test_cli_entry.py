@@ -149,7 +149,7 @@ def test_append_query_stats_verify(env: dict[str, str], schema: str, tmp_path: P
 
     table = cli("query", "--format", "table", "--limit", "3", "--tag", "issueId:I-2", env=env)
     assert table.returncode == 0, table
-    assert "rows 1 to 3 of 10 matching events" in table.stdout
+    assert "rows 1 to 3 of the matching live events (10 in the whole history)" in table.stdout
     assert "--offset 3 for the next" in table.stdout
     assert "issueId=I-2" in table.stdout and "position" in table.stdout
 
@@ -197,7 +197,8 @@ def test_query_table_shows_event_strings_as_they_are(env: dict[str, str]) -> Non
     table = cli("query", "--format", "table", env=env)
     assert table.returncode == 0, table
     assert '"[red]x[/red]"' in table.stdout and "k=[b]v" in table.stdout
-    assert "rows 1 to 1 of 1 matching events" in table.stdout
+    assert "rows 1 to 1 of the matching live events (1 in the whole history)" in table.stdout
+    assert "--offset" not in table.stdout  # no next page
 
 
 def test_export_compact_and_archived_reads(
@@ -222,6 +223,23 @@ def test_export_compact_and_archived_reads(
     assert live.returncode == 0 and live.stdout == ""
     every = cli("query", "--include-archived", env=env)
     assert len(every.stdout.splitlines()) == 20
+    page = cli("query", "--include-archived", "--format", "table", "--limit", "15", env=env)
+    assert "rows 1 to 15 of 20 matching events; --offset 15 for the next" in page.stdout, page
+    last = cli(
+        "query",
+        "--include-archived",
+        "--format",
+        "table",
+        "--limit",
+        "5",
+        "--offset",
+        "15",
+        env=env,
+    )
+    assert "rows 16 to 20 of 20 matching events" in last.stdout and "--offset" not in last.stdout
+    none_live = cli("query", "--format", "table", "--limit", "5", env=env)
+    assert "no rows of the matching live events (20 in the whole history)" in none_live.stdout
+    assert "--offset" not in none_live.stdout
     figures = json.loads(cli("stats", "--json", env=env).stdout)
     assert (figures["live_events"], figures["archived_events"], figures["archive_files"]) == (
         0,

@@ -1069,8 +1069,8 @@ class StoreCore:
 
     def _op_stats(self) -> Op[StoreStats]:
         """`StoreStats`, from the summaries, the archive manifest and the catalog: a cost that
-        does not grow with the log. One snapshot: the figures agree with each other while
-        appends and compactions go on."""
+        does not grow with the log. One snapshot: the counts and timestamps agree with each
+        other while appends and compactions go on (the size on disk is read as it is now)."""
         from .schema import no_store_error, version_op
 
         # On an error, `run` rolls the transaction back.

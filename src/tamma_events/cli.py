@@ -1001,7 +1001,12 @@ def query(
     with _failures():  # a malformed filter is reported before the server is reached
         base = filter_from_params(params, ordered=False) or EventFilter()
         event_filter = msgspec.structs.replace(
-            base, order_by=order_by, order_direction=direction, limit=limit, offset=offset
+            base,
+            order_by=order_by,
+            order_direction=direction,
+            # The table reads one row more than it shows: whether a next page exists.
+            limit=limit + 1 if format_ == "table" and limit is not None else limit,
+            offset=offset,
         )
     with _failures(), obj.open_existing() as store:
         events = store.stream_events(event_filter, include_archived=include_archived)
@@ -1017,7 +1022,11 @@ def query(
             return
         table = Table("position", "timestamp", "type", "tags", "data", show_lines=False)
         shown = 0
+        more = False
         for event in events:
+            if limit is not None and shown == limit:
+                more = True
+                break
             data = msgspec.json.encode(event.data).decode()
             # Text, not markup: an event's strings are shown as they are.
             table.add_row(
@@ -1031,10 +1040,12 @@ def query(
         console.print(table)
         total = store.count_events(msgspec.structs.replace(base, limit=None, offset=0))
         rows = f"rows {offset + 1:,} to {offset + shown:,}" if shown else "no rows"
-        note = f"{rows} of {total:,} matching events"
-        if not include_archived:
-            note += " (archived ones count; --include-archived shows them)"
-        if shown and limit is not None and shown == limit and offset + shown < total:
+        if include_archived:
+            note = f"{rows} of {total:,} matching events"
+        else:
+            # The offset and the rows count live events; the total counts archived ones too.
+            note = f"{rows} of the matching live events ({total:,} in the whole history)"
+        if more:
             note += f"; --offset {offset + shown} for the next"
         console.print(note, style="dim")
 

