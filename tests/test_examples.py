@@ -66,9 +66,10 @@ leading ``NAME=value`` assignments dropped. Then:
 - A script or test path given to ``bash``, ``sh``, ``python`` or ``pytest`` must exist in the
   repository.
 
-Unlabelled blocks are not code (a synopsis, a diagram, a plan); but their lines that start with
-``tamma-events `` and are invocations (no ``[...]``, ``<...>``, ``|`` or CAPITAL placeholders)
-are parsed like the shell lines.
+Unlabelled blocks (and ``text`` ones) are not code (a synopsis, a diagram, a plan); but their
+lines that start with ``tamma-events `` and are invocations (no ``[...]``, ``<...>``, ``|`` or
+CAPITAL placeholders) are parsed like the shell lines. A block in any other language fails the
+test, so no example goes unchecked by being labelled with a language this test does not know.
 """
 
 from __future__ import annotations
@@ -747,6 +748,11 @@ def test_examples(
             elif block.lang in ("", "text"):
                 for number, line in plain_cli_lines(block):
                     failures += check_shell_line(block, number, line)
+            else:
+                failures.append(
+                    f"{path}:{block.line}: a ```{block.lang} block, which this test neither runs"
+                    " nor checks; label it with a language it knows, or teach it this one"
+                )
     finally:
         if run is not None:
             run.close()
