@@ -1,7 +1,9 @@
 """What a benchmark measure costs besides its time: client CPU, server CPU and WAL volume.
 
-The server's CPU is read from ``/proc`` and is known only when PostgreSQL runs on this machine
-(otherwise it is None); the WAL volume is the distance the server's WAL position moved.
+The server's CPU is read from ``/proc`` and is known only when PostgreSQL runs on this machine;
+the WAL volume is the distance the server's WAL position moved. A CPU figure is None (unknown)
+when the work measured was too short for its clock to see: a few fast queries can take less CPU
+than one tick of ``/proc``'s clock, and would otherwise read as a true 0.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import psycopg
 __all__ = ["Usage", "measured", "server_cpu_seconds"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# A CPU time is reported only when it spans at least this many steps of its clock, so that the
+# clock's rounding moves it by 10% at most; below that it is unknown (None), never 0.
+_MIN_STEPS = 10
+_PROCESS_CLOCK = time.get_clock_info("process_time").resolution
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -56,10 +62,17 @@ def server_cpu_seconds(postmaster: int) -> float | None:
     return ticks / _TICK
 
 
-def _client_cpu() -> float:
-    """CPU seconds of this process and of its waited-for children (worker processes)."""
+def _client_cpu() -> tuple[float, float]:
+    """CPU seconds of this process (every thread, at the fine resolution of
+    ``time.process_time``) and of its waited-for children (worker processes, in clock ticks)."""
     times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    return time.process_time(), times.children_user + times.children_system
+
+
+def _resolved(seconds: float, step: float) -> float | None:
+    """``seconds`` of CPU read from a clock that moves by ``step``, or None when that is too
+    few steps to tell the time from the clock's rounding (see `_MIN_STEPS`)."""
+    return seconds if seconds >= _MIN_STEPS * step else None
 
 
 def _wal_lsn(conn: psycopg.Connection[Any]) -> int:
@@ -70,28 +83,38 @@ def _wal_lsn(conn: psycopg.Connection[Any]) -> int:
 @dataclass
 class Usage:
     """What one measure cost: wall time, client CPU (this process and the children it waited
-    for), server CPU (None for a server on another machine) and WAL bytes written."""
+    for), server CPU (None for a server on another machine) and WAL bytes written. A CPU time
+    the measure was too short to resolve is None too."""
 
     wall_s: float = 0.0
-    client_cpu_s: float = 0.0
+    client_cpu_s: float | None = None
     server_cpu_s: float | None = None
     wal_bytes: int = 0
+    #: The CPU figures ("client", "server") that were measured but too small to resolve.
+    unresolved: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def per(self, count: float, unit: str = "event") -> dict[str, Any]:
         """The figures per ``unit`` (µs of CPU, bytes of WAL), for a result's detail."""
         if count <= 0:
             return {}
+
+        def micros(seconds: float | None) -> float | None:
+            return round(seconds / count * 1e6, 2) if seconds is not None else None
+
+        def total(seconds: float | None) -> float | None:
+            return round(seconds, 3) if seconds is not None else None
+
         out: dict[str, Any] = {
-            f"client_cpu_us_per_{unit}": round(self.client_cpu_s / count * 1e6, 2),
-            f"server_cpu_us_per_{unit}": (
-                round(self.server_cpu_s / count * 1e6, 2) if self.server_cpu_s is not None else None
-            ),
+            f"client_cpu_us_per_{unit}": micros(self.client_cpu_s),
+            f"server_cpu_us_per_{unit}": micros(self.server_cpu_s),
             f"wal_bytes_per_{unit}": round(self.wal_bytes / count, 1),
-            "client_cpu_s": round(self.client_cpu_s, 3),
-            "server_cpu_s": round(self.server_cpu_s, 3) if self.server_cpu_s is not None else None,
+            "client_cpu_s": total(self.client_cpu_s),
+            "server_cpu_s": total(self.server_cpu_s),
             "wal_mb": round(self.wal_bytes / 1e6, 2),
         }
+        if self.unresolved:
+            out["cpu_below_resolution"] = list(self.unresolved)
         return out
 
 
@@ -103,15 +126,23 @@ def measured(dsn: str) -> Iterator[Usage]:
         postmaster = _postmaster(conn)
         server = server_cpu_seconds(postmaster) if postmaster else None
         wal = _wal_lsn(conn)
-        client = _client_cpu()
+        own, children = _client_cpu()
         started = time.perf_counter()
     try:
         yield usage
     finally:
         usage.wall_s = time.perf_counter() - started
-        usage.client_cpu_s = _client_cpu() - client
+        own_now, children_now = _client_cpu()
+        own_s, children_s = own_now - own, children_now - children
+        if _resolved(own_s, _PROCESS_CLOCK) is not None or _resolved(children_s, 1 / _TICK):
+            usage.client_cpu_s = own_s + children_s
+        else:
+            usage.unresolved.append("client")
         with psycopg.connect(dsn, autocommit=True) as conn:
             usage.wal_bytes = _wal_lsn(conn) - wal
         if server is not None and postmaster is not None:
             now = server_cpu_seconds(postmaster)
-            usage.server_cpu_s = now - server if now is not None else None
+            if now is not None:
+                usage.server_cpu_s = _resolved(now - server, 1 / _TICK)
+                if usage.server_cpu_s is None:
+                    usage.unresolved.append("server")

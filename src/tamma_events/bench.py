@@ -515,16 +515,22 @@ def latencies(call: Callable[[], object], samples: int) -> list[float]:
 
 
 def load_query_store(
-    dsn: str, schema: str, events: int, progress: Callable[[str], None] = lambda _: None
+    dsn: str,
+    schema: str,
+    events: int,
+    progress: Callable[[str], None] = lambda _: None,
+    loading: Callable[[], None] = lambda: None,
 ) -> EventStore:
     """A store on ``schema`` holding ``events`` generated events, vacuumed and analysed; an
-    existing schema holding exactly that many is reused."""
+    existing schema holding exactly that many is reused. ``loading`` is called when the events
+    are not there yet and are about to be appended."""
     store = EventStore(dsn, schema=schema, cache_size=0)
     if store.head() not in (0, events):
         store.close()
         drop(dsn, schema)
         store = EventStore(dsn, schema=schema, cache_size=0)
     if store.head() == 0:
+        loading()
         batch: list[DomainEvent] = []
         for n, event in enumerate(generate_events(events), 1):
             batch.append(event)
