@@ -9,7 +9,6 @@ test run forces, so these run once (codec_neutral), in the native pass."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from _figures import is_figure
 from tamma_events._usage import Usage, _resolved
 from tamma_events.cli import main
 
@@ -105,12 +105,6 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
         assert is_figure(detail[f"wal_bytes_per_{unit}"]), name
     # Appending writes WAL on every server: a count of bytes, not a timing.
     assert results["append_batch"]["detail"]["wal_bytes_per_event"] > 0
-
-
-def is_figure(value: object) -> bool:
-    """A measured number, whatever its size: measured figures are checked for being there and
-    well formed, never for how large they are, which depends on the machine."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def test_a_cpu_time_too_short_for_its_clock_is_unknown_not_zero() -> None:

@@ -288,7 +288,9 @@ def test_bench_prints_ratios_against_a_baseline_of_the_same_run(env: dict[str, s
     summary = json.loads(bench.stdout[bench.stdout.index("{") :])
     results = {r["name"]: r for r in summary["results"]}
     assert results["append_batch"]["baseline"] == "copy_ceiling"
-    assert results["append_batch"]["ratio"] > 0
+    assert results["append_batch"]["ratio"] == pytest.approx(
+        results["append_batch"]["value"] / results["copy_ceiling"]["value"], rel=1e-6
+    )
 
 
 def test_torture_finds_no_violation(env: dict[str, str], tmp_path: Path) -> None:
@@ -312,14 +314,16 @@ def test_serve_answers_until_interrupted(env: dict[str, str], tmp_path: Path) ->
             stderr=sink,
         )
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 180  # a bound for a hang, for a busy machine
+        while True:
             try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
                 break
             except httpx.TransportError:
                 assert server.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
         assert health.status_code == 200 and health.json()["head"] == 0
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(30) == 0, log.read_text()
+        assert server.wait(180) == 0, log.read_text()
