@@ -8,8 +8,8 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 
-#: How long a server may take to start.
-START_TIMEOUT = 30.0
+#: How long a server may take to start, and to stop: bounds for a hang.
+START_TIMEOUT = 120.0
 
 
 class LiveServer:
@@ -40,8 +40,8 @@ class LiveServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(60)
         if self.thread.is_alive():
             self.server.force_exit = True
-            self.thread.join(5)
+            self.thread.join(60)
         assert not self.thread.is_alive(), "uvicorn did not shut down"

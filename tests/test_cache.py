@@ -3,8 +3,9 @@
 In the store: hits and misses per query method, read-your-writes, invalidation by another
 process's append, expiry, the LRU bound, the cache turned off, and results that callers may
 mutate without changing what the next (cached) call returns. On its own: get/put against the
-head, expiry, the entry and byte bounds, clear and stats. Nothing asserts on durations; the
-sleeps only let entries expire.
+head, expiry, the entry and byte bounds, clear and stats. Nothing asserts on durations and
+nothing sleeps: expiry runs on a fake clock, and every other cache keeps its entries for an hour,
+so that no hit asserted here depends on how long a busy machine takes between a put and a get.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ JOIN_TIMEOUT = 120.0
 BASE = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
 TYPES = ("IssueOpened", "IssueClosed", "IssueCommented")
 PROVIDERS = ("github", "gitlab")
+#: A time to live no test outlives (the default, 5 s, a busy machine can).
+LONG_TTL = 3600.0
 
 
 def fill(store: EventStore, count: int = 24) -> None:
@@ -50,6 +53,12 @@ def fill(store: EventStore, count: int = 24) -> None:
             for i in range(count)
         ]
     )
+
+
+@pytest.fixture
+def store(make_store: Callable[..., EventStore]) -> EventStore:
+    """A store whose cache entries do not expire during a test (expiry has its own tests)."""
+    return make_store(cache_ttl=LONG_TTL)
 
 
 @pytest.fixture
@@ -74,6 +83,20 @@ class Counter:
 
 HIT = (1, 0)
 MISS = (0, 1)
+
+
+class FakeClock:
+    """A `time.monotonic` stand-in that moves only when told: expiry without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 #: Per query method: a question, and (where the method takes one) a different question.
 QUERIES: dict[str, tuple[Callable[[EventStore], Any], Callable[[EventStore], Any] | None]] = {
@@ -286,14 +309,19 @@ def test_threads_appending_and_querying_always_see_their_own_events(store: Event
 
 
 def test_entries_expire_after_the_ttl(make_store: Callable[..., EventStore]) -> None:
-    store = make_store(cache_ttl=0.2)
+    store = make_store(cache_ttl=10)
+    clock = FakeClock()
+    store.cache.clock = clock  # the store's cache measures its time to live on it
     fill(store, 6)
     counter = Counter(store)
     first = store.get_events()
     assert counter.take() == MISS
     assert store.get_events() == first
     assert counter.take() == HIT
-    time.sleep(0.3)
+    clock.advance(9)  # (whole seconds: the sums are exact)
+    assert store.get_events() == first  # not expired yet
+    assert counter.take() == HIT
+    clock.advance(1)  # the entry is now exactly cache_ttl old: expired
     assert store.get_events() == first
     assert counter.take() == MISS
     assert store.get_events() == first  # cached again
@@ -302,7 +330,7 @@ def test_entries_expire_after_the_ttl(make_store: Callable[..., EventStore]) -> 
 
 
 def test_the_least_recently_used_entry_goes_first(make_store: Callable[..., EventStore]) -> None:
-    store = make_store(cache_size=2)
+    store = make_store(cache_size=2, cache_ttl=LONG_TTL)
     fill(store, 9)
     q1, q2, q3 = (
         lambda t=t: store.get_events(EventFilter(event_types=[t]))  # type: ignore[misc]
@@ -418,7 +446,7 @@ def test_mutating_returned_tags_types_and_rows_does_not_change_the_cache(
 
 
 def test_query_cache_get_and_put() -> None:
-    cache = QueryCache(max_entries=10, ttl=60, max_bytes=1000)
+    cache = QueryCache(max_entries=10, ttl=LONG_TTL, max_bytes=1000)
     assert cache.enabled
     assert cache.get("k", 1) is None
     assert cache.stats() == CacheStats(0, 1, 0, 0, 0)
@@ -441,7 +469,7 @@ def test_query_cache_get_and_put() -> None:
 
 @pytest.mark.parametrize("head", [0, 4, 6, 1 << 40])
 def test_query_cache_serves_an_entry_only_at_its_head(head: int) -> None:
-    cache = QueryCache()
+    cache = QueryCache(ttl=LONG_TTL)
     cache.put("k", 5, "v", 3)
     assert cache.get("k", head) is None
     stats = cache.stats()
@@ -454,19 +482,29 @@ def test_query_cache_serves_an_entry_only_at_its_head(head: int) -> None:
 
 
 def test_query_cache_entries_expire() -> None:
-    cache = QueryCache(ttl=0.2)
+    clock = FakeClock()
+    cache = QueryCache(ttl=10, clock=clock)
     cache.put("k", 1, "v", 1)
     assert cache.get("k", 1) == "v"
-    time.sleep(0.3)
+    clock.advance(9)
+    assert cache.get("k", 1) == "v"  # a hit does not extend the lifetime
+    clock.advance(1)
     assert cache.get("k", 1) is None
     stats = cache.stats()
-    assert (stats.hits, stats.misses, stats.entries, stats.bytes) == (1, 1, 0, 0)
+    assert (stats.hits, stats.misses, stats.entries, stats.bytes) == (2, 1, 0, 0)
     cache.put("k", 1, "v2", 1)  # a new entry gets a new lifetime
+    clock.advance(9)
     assert cache.get("k", 1) == "v2"
+    clock.advance(1)
+    assert cache.get("k", 1) is None
+
+
+def test_query_cache_measures_the_ttl_on_the_monotonic_clock_by_default() -> None:
+    assert QueryCache().clock is time.monotonic
 
 
 def test_query_cache_entry_bound_is_lru() -> None:
-    cache = QueryCache(max_entries=3)
+    cache = QueryCache(max_entries=3, ttl=LONG_TTL)
     for key in "abc":
         cache.put(key, 1, key.upper(), 1)
     assert cache.get("a", 1) == "A"  # a is now the most recent; b the least
@@ -482,7 +520,7 @@ def test_query_cache_entry_bound_is_lru() -> None:
 
 
 def test_query_cache_byte_bound() -> None:
-    cache = QueryCache(max_entries=100, max_bytes=100)
+    cache = QueryCache(max_entries=100, ttl=LONG_TTL, max_bytes=100)
     cache.put("a", 1, "A", 40)
     cache.put("b", 1, "B", 40)
     cache.put("c", 1, "C", 40)  # 120 bytes: a goes
@@ -500,7 +538,7 @@ def test_query_cache_byte_bound() -> None:
 
 
 def test_query_cache_clear_forgets_entries_and_counters() -> None:
-    cache = QueryCache()
+    cache = QueryCache(ttl=LONG_TTL)
     cache.put("a", 1, "A", 5)
     cache.get("a", 1)
     cache.get("b", 1)
@@ -533,7 +571,7 @@ def test_query_cache_refuses_negative_limits(limits: dict[str, Any]) -> None:
 
 
 def test_query_cache_under_threads_keeps_its_books() -> None:
-    cache = QueryCache(max_entries=16, ttl=60, max_bytes=400)
+    cache = QueryCache(max_entries=16, ttl=LONG_TTL, max_bytes=400)
     threads_count, operations = 8, 2000
     errors: list[BaseException] = []
 

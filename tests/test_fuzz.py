@@ -882,6 +882,8 @@ from tamma_events import _native, _pycodec
 from tamma_events.errors import EventStoreError
 codecs = {"native": _native, "python": _pycodec}
 read, write = sys.stdin.buffer.read, sys.stdout.buffer.write
+write(b"ready")
+sys.stdout.buffer.flush()
 while len(header := read(4)) == 4:
     codec, name, args = pickle.loads(read(struct.unpack(">I", header)[0]))
     try:
@@ -894,8 +896,13 @@ while len(header := read(4)) == 4:
     write(struct.pack(">I", len(data)) + data)
     sys.stdout.buffer.flush()
 """
-#: How long one native call may take before it counts as a hang (the inputs are small).
-HANG_SECONDS = 10.0
+#: What the worker writes once its imports are done, and how long they may take (pyarrow and
+#: the codecs, under the debug allocator, on a busy machine): a bound for a hang.
+READY = b"ready"
+START_SECONDS = 120.0
+#: How long one call may take before it counts as a hang (the inputs are small, so a call takes
+#: milliseconds; this is only a bound for a hang, never a timing).
+HANG_SECONDS = 60.0
 
 
 class NativeWorker:
@@ -906,16 +913,31 @@ class NativeWorker:
         self.stderr = tempfile.TemporaryFile()
 
     def _start(self) -> subprocess.Popen[bytes]:
+        """A new worker, once it is ready: its start-up is not counted against a call."""
         env = {**os.environ, "PYTHONMALLOC": "debug", "PYTHONFAULTHANDLER": "1"}
         self.stderr.seek(0)
         self.stderr.truncate()
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-c", WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             env=env,
         )
+        try:
+            ready = self._read(process, len(READY), START_SECONDS)
+        except (TimeoutError, EOFError):
+            ready = b""
+        if ready != READY:
+            process.kill()
+            process.wait()
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    pipe.close()
+            self.stderr.seek(0)
+            tail = self.stderr.read().decode(errors="replace")[-400:]
+            raise AssertionError(f"the codec worker did not start: {ready!r} {tail}")
+        return process
 
     def call(self, codec: str, name: str, *args: Any) -> tuple[Any, ...]:
         """What ``<codec>.<name>(*args)`` did (codec: "native" or "python"), as `result_of`
@@ -929,8 +951,9 @@ class NativeWorker:
         try:
             process.stdin.write(struct.pack(">I", len(data)) + data)
             process.stdin.flush()
-            header = self._read(process, 4)
-            return tuple(pickle.loads(self._read(process, struct.unpack(">I", header)[0])))
+            header = self._read(process, 4, HANG_SECONDS)
+            size = struct.unpack(">I", header)[0]
+            return tuple(pickle.loads(self._read(process, size, HANG_SECONDS)))
         except TimeoutError:
             process.kill()
             process.wait()
@@ -944,11 +967,13 @@ class NativeWorker:
             return ("crash", code, tail)
 
     @staticmethod
-    def _read(process: subprocess.Popen[bytes], size: int) -> bytes:
+    def _read(process: subprocess.Popen[bytes], size: int, timeout: float) -> bytes:
+        """``size`` bytes from the worker; TimeoutError when it sends nothing for ``timeout``
+        seconds, EOFError when it exits."""
         assert process.stdout is not None
         out = b""
         while len(out) < size:
-            ready, _, _ = select.select([process.stdout], [], [], HANG_SECONDS)
+            ready, _, _ = select.select([process.stdout], [], [], timeout)
             if not ready:
                 raise TimeoutError
             chunk = os.read(process.stdout.fileno(), size - len(out))
@@ -967,7 +992,7 @@ class NativeWorker:
         if self.process is not None and self.process.poll() is None:
             assert self.process.stdin is not None
             self.process.stdin.close()
-            self.process.wait(10)
+            self.process.wait(HANG_SECONDS)
         self._close_pipes()
         self.stderr.close()
 

@@ -916,7 +916,7 @@ def test_sql_and_json_path_text_filters_streams_literally(store: EventStore) -> 
 
 EVENTS = "/events"
 STREAM = "/events/stream"
-READ_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
 
 
 def http_client(base: str) -> httpx.Client:

@@ -2,7 +2,9 @@
 oracle's own ability to catch each kind of violation, and the command line.
 
 The long runs are recorded in docs/reliability.md; ``TAMMA_EVENTS_TORTURE_SECONDS`` makes these
-longer.
+longer. A scenario runs at least that long, then on until it has raced as much as the test needs
+(its minimums), so a busy machine makes a run longer, never a failure; ``MAX_SECONDS`` only
+bounds a hang.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from tamma_events.model import Query, QueryItem
 pytestmark = pytest.mark.codec_neutral
 
 SECONDS = float(os.environ.get("TAMMA_EVENTS_TORTURE_SECONDS", "4"))
+MAX_SECONDS = SECONDS + 300
+#: Decisions each way that show the workers really raced.
+RACED = 20
 
 
 def test_consistency_every_decision_holds_at_commit(
@@ -28,12 +33,21 @@ def test_consistency_every_decision_holds_at_commit(
 ) -> None:
     store = make_store()
     report = torture.run(
-        "consistency", pg_dsn, schema=store.schema, seconds=SECONDS, workers=20, processes=2
+        "consistency",
+        pg_dsn,
+        schema=store.schema,
+        seconds=SECONDS,
+        workers=20,
+        processes=2,
+        min_accepted=RACED,
+        min_rejected=RACED,
+        max_seconds=MAX_SECONDS,
     )
     assert report.violations == [] and report.ok, report.to_dict()
     assert report.attempted == report.accepted + report.rejected
-    # The workers really raced: some decisions were refused, and some were taken.
-    assert report.accepted > 20 and report.rejected > 20, report.to_dict()
+    # The workers really raced: some decisions were refused, and some were taken. The run goes
+    # on until both happened, so this fails only if it never did within MAX_SECONDS.
+    assert report.accepted >= RACED and report.rejected >= RACED, report.to_dict()
     assert report.false_conflicts == 0
     assert report.events == store.head() >= report.accepted
     assert store.verify().ok
@@ -44,10 +58,17 @@ def test_monotonic_reader_sees_every_position_once_in_order(
 ) -> None:
     store = make_store()
     report = torture.run(
-        "monotonic", pg_dsn, schema=store.schema, seconds=SECONDS, workers=5, processes=5
+        "monotonic",
+        pg_dsn,
+        schema=store.schema,
+        seconds=SECONDS,
+        workers=5,
+        processes=5,
+        min_accepted=100,
+        max_seconds=MAX_SECONDS,
     )
     assert report.violations == [] and report.ok, report.to_dict()
-    assert report.accepted == report.attempted > 100
+    assert report.accepted == report.attempted >= 100, report.to_dict()
     assert report.details["delivered"] == report.events == store.head()
     assert store.verify().ok
 
@@ -57,10 +78,17 @@ def test_parallel_writes_on_disjoint_tags_never_conflict(
 ) -> None:
     store = make_store()
     report = torture.run(
-        "parallel", pg_dsn, schema=store.schema, seconds=SECONDS, workers=20, processes=2
+        "parallel",
+        pg_dsn,
+        schema=store.schema,
+        seconds=SECONDS,
+        workers=20,
+        processes=2,
+        min_accepted=100,
+        max_seconds=MAX_SECONDS,
     )
     assert report.violations == [] and report.ok, report.to_dict()
-    assert report.rejected == 0 and report.accepted == report.attempted > 100
+    assert report.rejected == 0 and report.accepted == report.attempted >= 100, report.to_dict()
     assert store.verify().ok
 
 
@@ -166,7 +194,9 @@ def test_the_command_runs_a_scenario_and_reports(pg_dsn: str, tmp_path: object) 
 
     with open(out) as handle:
         saved = json.load(handle)
-    assert saved["ok"] is True and saved["scenario"] == "parallel" and saved["accepted"] > 0
+    # Each worker tries at least once, however late its thread started, and on disjoint tags
+    # none is refused: the 4 workers' first appends at least were accepted.
+    assert saved["ok"] is True and saved["scenario"] == "parallel" and saved["accepted"] >= 4
 
 
 def test_unknown_scenarios_are_refused(pg_dsn: str) -> None:

@@ -37,12 +37,13 @@ from _web_support import LiveServer
 from tamma_events import DomainEvent, EventStore, SequencedEvent
 from tamma_events.web import create_app
 
-pytestmark = pytest.mark.timeout(180)
+# Past the bounds below and a server's start, so that those report what hung.
+pytestmark = pytest.mark.timeout(600)
 
 BROWSER_TESTS_ENV = "TAMMA_EVENTS_BROWSER_TESTS"
 #: Bounds for a hang (Chromium's first start on a cold CI machine can be slow), not timings.
-BROWSER_START = 60.0
-WAIT_FOR = 30.0
+BROWSER_START = 120.0
+WAIT_FOR = 60.0
 
 #: The event types the page listens for, by name.
 TYPES = ("IssueCreated", "IssueAssigned", "CommentAdded")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import msgspec
@@ -44,14 +44,25 @@ class _Entry:
 
 
 class QueryCache:
-    """A bounded LRU of query results with a time to live; thread-safe."""
+    """A bounded LRU of query results with a time to live; thread-safe.
 
-    def __init__(self, max_entries: int = 256, ttl: float = 5.0, max_bytes: int = 64 << 20) -> None:
+    ``clock`` is what the time to live is measured on: a `time.monotonic`-like callable,
+    read at each put and get (tests give one that moves only when told)."""
+
+    def __init__(
+        self,
+        max_entries: int = 256,
+        ttl: float = 5.0,
+        max_bytes: int = 64 << 20,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_entries < 0 or ttl < 0 or max_bytes < 0:
             raise ValueError("cache limits must be non-negative")
         self.max_entries = max_entries
         self.ttl = ttl
         self.max_bytes = max_bytes
+        self.clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._bytes = 0
@@ -70,7 +81,7 @@ class QueryCache:
             if entry is None:
                 self._misses += 1
                 return None
-            if entry.head != head or entry.expires <= time.monotonic():
+            if entry.head != head or entry.expires <= self.clock():
                 self._drop(key, entry)
                 self._misses += 1
                 return None
@@ -86,7 +97,7 @@ class QueryCache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.size
-            self._entries[key] = _Entry(head, value, size, time.monotonic() + self.ttl)
+            self._entries[key] = _Entry(head, value, size, self.clock() + self.ttl)
             self._bytes += size
             while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
                 oldest, entry = next(iter(self._entries.items()))

@@ -14,8 +14,12 @@
   conflicts).
 
 The workers are threads in several processes (``processes``), each process with a store of its
-own, so appends race both through one store's group commit and between stores. ``run`` returns
-a `TortureReport` with the counts (attempted, accepted, rejected, violations, false conflicts).
+own, so appends race both through one store's group commit and between stores. Each worker
+tries at least one append, and goes on until the scenario's time is up and, when ``run`` is
+given minimums (``min_accepted``, ``min_rejected``), until the workers together have reached
+them, or ``max_seconds`` have passed (a bound for a hang: a test asks for the races it needs
+instead of counting what a busy machine managed in a fixed time). ``run`` returns a
+`TortureReport` with the counts (attempted, accepted, rejected, violations, false conflicts).
 ``tamma-events torture`` runs a scenario from the command line; the tests run short ones, and
 ``docs/reliability.md`` records long runs.
 """
@@ -117,15 +121,28 @@ def run(
     processes: int = 4,
     seed: int | None = None,
     keep: bool = False,
+    min_accepted: int = 0,
+    min_rejected: int = 0,
+    max_seconds: float | None = None,
 ) -> TortureReport:
     """Run ``scenario`` (one of `SCENARIOS`) for ``seconds`` with ``workers`` threads spread
     over ``processes`` processes, on a fresh store in ``schema`` (default: a new
     ``torture_<random>`` schema, dropped afterwards unless ``keep``), then check the log.
-    Without ``dsn``: ``$TAMMA_EVENTS_DSN``, else the embedded server."""
+    Without ``dsn``: ``$TAMMA_EVENTS_DSN``, else the embedded server.
+
+    Every worker tries at least one append. After ``seconds`` the workers go on until, all
+    together, ``min_accepted`` appends were accepted and ``min_rejected`` rejected, but stop
+    after ``max_seconds`` (default ``seconds`` + 120) whatever the counts: the report then
+    shows a minimum not reached."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
     if workers < 1 or processes < 1 or seconds <= 0:
         raise ValueError("workers, processes and seconds must be positive")
+    if min_accepted < 0 or min_rejected < 0:
+        raise ValueError("min_accepted and min_rejected must not be negative")
+    max_seconds = seconds + WAIT if max_seconds is None else max_seconds
+    if max_seconds < seconds:
+        raise ValueError("max_seconds must be at least seconds")
     processes = min(processes, workers)
     own_schema = schema is None
     name = schema or f"torture_{uuid.uuid4().hex[:12]}"
@@ -135,15 +152,56 @@ def run(
     with EventStore(dsn, schema=name) as store:
         dsn = store.dsn
         try:
-            attempts, deliveries = _run_workers(
-                scenario, dsn, name, seconds, workers, processes, seed
-            )
+            pace = _Pace(seconds, max_seconds, min_accepted, min_rejected)
+            attempts, deliveries = _run_workers(scenario, dsn, name, pace, workers, processes, seed)
             check_log(store, attempts, report, deliveries)
         finally:
             if own_schema and not keep:
                 store.close()
                 drop(dsn, name)
     return report
+
+
+@dataclass
+class _Pace:
+    """When the workers stop: not before ``seconds``, then once the minimums are reached, and
+    at ``max_seconds`` whatever the counts. The counts are shared by all the processes."""
+
+    seconds: float
+    max_seconds: float
+    min_accepted: int
+    min_rejected: int
+    accepted: Any = None
+    rejected: Any = None
+    deadline: float = 0.0
+    limit: float = 0.0
+
+    def share(self, ctx: Any) -> None:
+        """Give the counts to the processes ``ctx`` starts (before they start)."""
+        self.accepted = ctx.Value("q", 0)
+        self.rejected = ctx.Value("q", 0)
+
+    def start(self) -> None:
+        """Start the clock: the workers are about to begin."""
+        now = time.monotonic()
+        self.deadline = now + self.seconds
+        self.limit = now + self.max_seconds
+
+    def go_on(self, attempt: Attempt) -> bool:
+        """Count ``attempt``; whether its worker should try another."""
+        outcome = attempt[4]
+        if outcome in ("accepted", "rejected"):
+            counter = self.accepted if outcome == "accepted" else self.rejected
+            with counter.get_lock():
+                counter.value += 1
+        now = time.monotonic()
+        if now >= self.limit:
+            return False
+        return (
+            now < self.deadline
+            or self.accepted.value < self.min_accepted
+            or self.rejected.value < self.min_rejected
+        )
 
 
 def _spread(workers: int, processes: int) -> list[list[int]]:
@@ -155,7 +213,7 @@ def _run_workers(
     scenario: str,
     dsn: str,
     schema: str,
-    seconds: float,
+    pace: _Pace,
     workers: int,
     processes: int,
     seed: int,
@@ -167,10 +225,11 @@ def _run_workers(
     reading = scenario == "monotonic"
     barrier = ctx.Barrier(processes + reading)
     final: Any = ctx.Value("q", -1)
+    pace.share(ctx)
     children = [
         ctx.Process(
             target=_process,
-            args=(scenario, dsn, schema, numbers, seconds, seed, barrier, results),
+            args=(scenario, dsn, schema, numbers, pace, seed, barrier, results),
             daemon=True,
         )
         for numbers in _spread(workers, processes)
@@ -186,7 +245,7 @@ def _run_workers(
     errors: list[str] = []
     try:
         for _ in range(processes):
-            kind, payload = results.get(timeout=seconds + WAIT)
+            kind, payload = results.get(timeout=pace.max_seconds + WAIT)
             if kind == "error":
                 errors.append(payload)
             elif kind == "attempts":
@@ -220,7 +279,7 @@ def _process(
     dsn: str,
     schema: str,
     numbers: list[int],
-    seconds: float,
+    pace: _Pace,
     seed: int,
     barrier: Any,
     results: Any,
@@ -232,13 +291,13 @@ def _process(
         ) as store:
             store.head()
             barrier.wait(WAIT)
-            deadline = time.monotonic() + seconds
+            pace.start()
             found: list[list[Attempt]] = [[] for _ in numbers]
             loop = _LOOPS[scenario]
             threads = [
                 threading.Thread(
                     target=loop,
-                    args=(store, number, random.Random(seed * 1_000 + number), deadline, out),
+                    args=(store, number, random.Random(seed * 1_000 + number), pace, out),
                 )
                 for number, out in zip(numbers, found, strict=True)
             ]
@@ -305,33 +364,43 @@ def _last_matching(store: EventStore, query: Query) -> int | None:
     return newest[0].position if newest else None
 
 
+# Each loop asks the pace after an attempt, not before: a worker whose thread started late (on
+# a busy machine, after the time was up) still tries once.
+
+
 def _consistency_loop(
-    store: EventStore, worker: int, rng: random.Random, deadline: float, out: list[Attempt]
+    store: EventStore, worker: int, rng: random.Random, pace: _Pace, out: list[Attempt]
 ) -> None:
-    while time.monotonic() < deadline:
+    while True:
         query = _random_query(rng)
         after = _last_matching(store, query)
         out.append(_attempt(store, worker, _random_events(rng, worker, None), query, after))
+        if not pace.go_on(out[-1]):
+            return
 
 
 def _parallel_loop(
-    store: EventStore, worker: int, rng: random.Random, deadline: float, out: list[Attempt]
+    store: EventStore, worker: int, rng: random.Random, pace: _Pace, out: list[Attempt]
 ) -> None:
     tags = {"worker": f"w{worker}"}
     query = Query.of(tags=tags)
-    while time.monotonic() < deadline:
+    while True:
         after = _last_matching(store, query)
         out.append(_attempt(store, worker, _random_events(rng, worker, tags), query, after))
+        if not pace.go_on(out[-1]):
+            return
 
 
 def _writer_loop(
-    store: EventStore, worker: int, rng: random.Random, deadline: float, out: list[Attempt]
+    store: EventStore, worker: int, rng: random.Random, pace: _Pace, out: list[Attempt]
 ) -> None:
-    while time.monotonic() < deadline:
+    while True:
         out.append(_attempt(store, worker, _random_events(rng, worker, None), None, None))
+        if not pace.go_on(out[-1]):
+            return
 
 
-_LOOPS: dict[str, Callable[[EventStore, int, random.Random, float, list[Attempt]], None]] = {
+_LOOPS: dict[str, Callable[[EventStore, int, random.Random, _Pace, list[Attempt]], None]] = {
     "consistency": _consistency_loop,
     "parallel": _parallel_loop,
     "monotonic": _writer_loop,
