@@ -119,6 +119,39 @@ def append_one(dsn: str, schema: str, event_type: str, tags: dict[str, str], res
     results.put(("appended", position))
 
 
+def open_and_append(
+    dsn: str, schema: str, worker: int, kind: str, count: int, barrier: Any, results: Any
+) -> None:
+    """Open a store on ``schema`` (migrating it, as a store does by default) at the same moment
+    as the other workers, a sync `EventStore` or an `AsyncEventStore` by ``kind``, and append
+    ``count`` events one by one. Puts ``(worker, [position, ...])`` on ``results``, or
+    ``(worker, "error: ...")``."""
+    import asyncio
+
+    from tamma_events.aio import AsyncEventStore
+
+    def event(i: int) -> DomainEvent:
+        return DomainEvent("Opened", {"worker": worker, "i": i}, {"worker": str(worker)})
+
+    async def run_async() -> list[int]:
+        barrier.wait(BARRIER_TIMEOUT)
+        async with AsyncEventStore(dsn, schema=schema, max_connections=2) as store:
+            return [await store.append(event(i)) for i in range(count)]
+
+    try:
+        if kind == "async":
+            positions = asyncio.run(run_async())
+        else:
+            barrier.wait(BARRIER_TIMEOUT)
+            with EventStore(dsn, schema=schema, max_connections=2) as store:
+                positions = [store.append(event(i)) for i in range(count)]
+    except BaseException:
+        barrier.abort()
+        results.put((worker, "error: " + traceback.format_exc()))
+        return
+    results.put((worker, positions))
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command != "bulk":

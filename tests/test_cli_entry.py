@@ -154,7 +154,7 @@ def test_append_query_stats_verify(env: dict[str, str], schema: str, tmp_path: P
     assert "issueId=I-2" in table.stdout and "position" in table.stdout
 
     bad = cli("query", "--tag", "no-colon", env=env)
-    assert bad.returncode == 1 and "QUERY_ERROR" in bad.stderr, bad
+    assert bad.returncode == 2 and "Invalid value for '--tag'" in bad.stderr, bad
     assert cli("query", "--order-by", "size", env=env).returncode == 2
 
     stats = cli("stats", "--json", env=env)
@@ -248,7 +248,7 @@ def test_export_compact_and_archived_reads(
     )
     assert cli("verify", env=env).returncode == 0
     bad = cli("compact", "--before", "yesterday", "--archive-dir", str(archive), env=env)
-    assert bad.returncode == 1 and "VALIDATION_FAILED" in bad.stderr, bad
+    assert bad.returncode == 2 and "Invalid value for '--before'" in bad.stderr, bad
 
 
 def test_tail_and_a_broken_chain(env: dict[str, str], pg_dsn: str, schema: str) -> None:

@@ -26,6 +26,7 @@ from tamma_events import (
     Query,
     QueryItem,
 )
+from tamma_events.schema import drop, migrations
 
 JOIN_TIMEOUT = 180.0
 SPAWN = multiprocessing.get_context("spawn")
@@ -390,3 +391,68 @@ def test_a_bad_condition_fails_only_its_own_append_in_a_group(
     assert outcomes["b"].code == QUERY_ERROR
     assert outcomes["c"] == 2, f"C failed because of B's condition: {outcomes['c']!r}"
     assert [e.tags["name"] for e in store.read()] == ["a", "c"]
+
+
+# -- many processes opening one store at once ------------------------------------------------
+
+
+def _outdated(dsn: str, schema: str, version: int) -> None:
+    """Make ``schema`` as a tamma-events that shipped migrations up to ``version`` left it."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        name = sql.Identifier(schema)
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+        conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(name))
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in migrations():
+            if migration.version > version:
+                break
+            conn.execute(migration.text.encode())
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                [migration.version, migration.name],
+            )
+
+
+@pytest.mark.codec_neutral
+@pytest.mark.parametrize("start", ["new", "outdated"])
+def test_stores_opened_by_many_processes_at_once_all_work(
+    pg_dsn: str, start: str, make_store: Callable[..., EventStore]
+) -> None:
+    """Processes that open a store on the same schema at the same moment, sync and async
+    alike, each migrate it or find it migrated, and all append: on a schema that does not exist
+    yet, and on one an older tamma-events made (its first migrations only)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    if start == "outdated":
+        _outdated(pg_dsn, schema, migrations()[len(migrations()) // 2].version)
+    kinds = ["sync", "async", "sync", "async", "sync", "async"]
+    per_process = 5
+    barrier = SPAWN.Barrier(len(kinds))
+    results = SPAWN.Queue()
+    processes = [
+        SPAWN.Process(
+            target=_workers.open_and_append,
+            args=(pg_dsn, schema, worker, kind, per_process, barrier, results),
+            daemon=True,
+        )
+        for worker, kind in enumerate(kinds)
+    ]
+    try:
+        for process in processes:
+            process.start()
+        reports = collect(results, processes)
+        store = make_store(schema=schema, migrate=False)
+        assert store.schema_version() == migrations()[-1].version
+        events = assert_gapless(store)
+        assert len(events) == len(kinds) * per_process
+        for worker, positions in reports.items():
+            mine = [e for e in events if e.data["worker"] == worker]
+            assert [e.position for e in mine] == positions
+            assert [e.data["i"] for e in mine] == list(range(per_process))
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        drop(pg_dsn, schema)

@@ -299,8 +299,11 @@ class SyncStore:
     def pool_stats(self) -> dict[str, int]:
         return self.sync.pool_stats()
 
-    async def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, Any]:
         return self.sync.metrics()
+
+    async def measure_replicas(self) -> list[dict[str, Any]]:
+        return self.sync.measure_replicas()
 
 
 Store = Union[AsyncEventStore, SyncStore]  # noqa: UP007 - a runtime alias, on Python 3.10 too
@@ -1330,7 +1333,7 @@ async def test_metrics_count_appends_conflicts_and_queries(store: Store) -> None
         APPEND_CONDITION_FAILED, store.append(DomainEvent("X"), AppendCondition(Query.all()))
     )
     await expect_error(DUPLICATE_EVENT, store.append(events[0][0]))
-    before = await store.metrics()
+    before = store.metrics()
     appends = before["appends"]
     assert (appends["events"], appends["batches"]) == (6, 3)
     assert (appends["conflicts"], appends["duplicates"], appends["errors"]) == (1, 1, 0)
@@ -1343,7 +1346,7 @@ async def test_metrics_count_appends_conflicts_and_queries(store: Store) -> None
     await store.read()
     await store.read(Query.of(types=["M"]))
     await store.get_events()
-    after = await store.metrics()
+    after = store.metrics()
     reads_before = before["queries"].get("read", {"count": 0})["count"]
     assert after["queries"]["read"]["count"] == reads_before + 2
     assert after["queries"]["read"]["errors"] == 0
@@ -1388,3 +1391,37 @@ async def test_a_closed_store_refuses_work(store: Store) -> None:
     await expect_error(STORAGE_ERROR, store.head())
     expect_error_now(STORAGE_ERROR, lambda: store.subscribe())
     await store.close()
+
+
+# -- which calls touch the database ---------------------------------------------------------------
+
+#: `AsyncEventStore`'s calls that return at once without touching the database. Every other call
+#: is a coroutine (``paginate`` an async generator), awaited because it talks to the database.
+PLAIN_CALLS = {"cache_stats", "default_archive_dir", "metrics", "pool_stats", "validate"}
+#: Plain calls that hand back something asynchronous, which queries as it is iterated or entered.
+ASYNC_HANDLES = {"export_arrow", "stream_events", "subscribe", "transaction"}
+
+
+def _public_calls(cls: type) -> dict[str, Any]:
+    return {
+        name: attr
+        for name in dir(cls)
+        if not name.startswith("_")
+        and callable(attr := inspect.getattr_static(cls, name))
+        and not isinstance(attr, property)
+    }
+
+
+def test_async_calls_that_touch_the_database_are_coroutines_and_only_those() -> None:
+    """What docs/operations.md says of the async store: a call that queries is awaited, and
+    `metrics` is a plain call like `pool_stats` (printing it prints the figures, not a
+    coroutine)."""
+    calls = _public_calls(AsyncEventStore)
+    plain = {
+        name
+        for name, call in calls.items()
+        if not inspect.iscoroutinefunction(call) and not inspect.isasyncgenfunction(call)
+    }
+    assert plain == PLAIN_CALLS | ASYNC_HANDLES
+    # The same names in both stores: one API, sync or async.
+    assert set(_public_calls(EventStore)) - {"close"} >= set(calls) - {"open", "close"}

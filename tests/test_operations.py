@@ -3,11 +3,15 @@ a caller's transaction, and logs and reprs that keep DSN passwords out."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -29,6 +33,7 @@ from tamma_events import (
     QueryItem,
     _codec,
 )
+from tamma_events.aio import AsyncEventStore
 from tamma_events.replicas import redact
 from tamma_events.web import create_app
 
@@ -63,6 +68,89 @@ def test_pool_settings_and_stats(make_store: Callable[..., EventStore]) -> None:
     assert stats["connection_errors"] == 0
 
 
+# -- a server that is not there ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def _silent_server() -> Iterator[int]:
+    """A loopback port that accepts TCP connections (the kernel completes them) and never says
+    a word: a server that does not answer."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield int(listener.getsockname()[1])
+
+
+def _pool_retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("psycopg.pool")]
+
+
+@pytest.mark.codec_neutral
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_refused_connection_is_one_clear_error_and_no_pool_retries(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that refuses connections fails the store's opening with one STORAGE_ERROR that
+    names the host and port, without the password, and says what to check. The pool never
+    starts retrying: its retries are for connections lost later."""
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+    port = _free_port()
+    dsn = f"postgresql://u:s3cr3t-pw@127.0.0.1:{port}/x"
+    with pytest.raises(EventStoreError) as info:
+        if kind == "sync":
+            EventStore(dsn)
+        else:
+            asyncio.run(AsyncEventStore(dsn).open())
+    error = info.value
+    assert error.code == STORAGE_ERROR
+    assert error.message.startswith(f"cannot connect to PostgreSQL at 127.0.0.1:{port}: ")
+    assert "connection refused" in error.message
+    assert "check that the server is running there" in error.message
+    assert "\n" not in error.message
+    assert "s3cr3t-pw" not in error.message + repr(error.context)
+    assert error.context["server"] == f"127.0.0.1:{port}"
+    assert _pool_retries(caplog) == []
+
+
+@pytest.mark.codec_neutral
+def test_a_server_that_never_answers_is_reported_after_connect_timeout() -> None:
+    with _silent_server() as port:
+        with pytest.raises(EventStoreError) as info:
+            EventStore(f"host=127.0.0.1 port={port} user=u", connect_timeout=2)
+    assert info.value.message == (
+        f"cannot connect to PostgreSQL at 127.0.0.1:{port}: no answer within 2 s; check the"
+        " host and port, and that no firewall drops the connection"
+    )
+
+
+@pytest.mark.codec_neutral
+def test_the_socket_a_dsn_names_is_said_when_nothing_listens(tmp_path: Path) -> None:
+    with pytest.raises(EventStoreError) as info:
+        EventStore(f"host={tmp_path} port=6543 user=u")
+    assert info.value.message.startswith(
+        f"cannot connect to PostgreSQL at the Unix socket {tmp_path}/.s.PGSQL.6543: "
+    )
+
+
+@pytest.mark.parametrize("name", ["connect_timeout", "pool_timeout"])
+@pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), "5", True])
+def test_timeouts_must_be_positive_seconds(pg_dsn: str, name: str, value: object) -> None:
+    with pytest.raises(EventStoreError) as info:
+        EventStore(pg_dsn, **{name: value})
+    assert info.value.code == VALIDATION_FAILED
+    assert info.value.context == {"field": name}
+    with pytest.raises(EventStoreError) as info:
+        AsyncEventStore(pg_dsn, **{name: value})
+    assert info.value.context == {"field": name}
+
+
 def test_bad_pool_settings_are_a_validation_error(pg_dsn: str) -> None:
     with pytest.raises(EventStoreError) as info:
         EventStore(pg_dsn, min_connections=5, max_connections=2)
@@ -72,7 +160,7 @@ def test_bad_pool_settings_are_a_validation_error(pg_dsn: str) -> None:
 def test_an_exhausted_pool_times_out_with_a_clear_error(
     make_store: Callable[..., EventStore],
 ) -> None:
-    store = make_store(min_connections=1, max_connections=1, connect_timeout=0.5)
+    store = make_store(min_connections=1, max_connections=1, pool_timeout=0.5)
     store.append(DomainEvent(event_type="A"))
     with store.transaction() as tx:  # holds the only connection
         tx.append(DomainEvent(event_type="B"))

@@ -8,7 +8,7 @@ import random
 import string
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import msgspec
@@ -129,11 +129,15 @@ def append_fixture(store: EventStore) -> list[DomainEvent]:
 # -- the reference -------------------------------------------------------------------------
 
 
-def as_utc(value: datetime | str | None) -> datetime | None:
+def as_utc(value: datetime | date | str | None) -> datetime | None:
     if value is None:
         return None
+    if isinstance(value, str) and len(value) == len("2026-01-06"):
+        value = date.fromisoformat(value)  # a date alone: midnight UTC at its start
     if isinstance(value, str):
         value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
     return value.astimezone(UTC)
 
 
@@ -367,6 +371,14 @@ FILTERS: list[tuple[str, Builder]] = [
         lambda ev: EventFilter(
             start_time="2026-01-06T10:15:30.250000-03:00", end_time="2026-01-08T01:02:03.000001Z"
         ),
+    ),
+    (
+        "window-dates",  # dates alone: midnight UTC
+        lambda ev: EventFilter(start_time="2026-01-06", end_time="2026-01-08"),
+    ),
+    (
+        "window-date-objects",
+        lambda ev: EventFilter(start_time=date(2026, 1, 6), end_time=date(2026, 1, 7)),
     ),
     (
         "window-mixed-datetime-and-string",
@@ -923,7 +935,7 @@ BAD_FILTERS: list[tuple[str, EventFilter, str]] = [
     ("start-naive-string", EventFilter(start_time="2026-01-06T12:00:00"), "start_time"),
     ("start-unparsable", EventFilter(start_time="yesterday"), "start_time"),
     ("end-unparsable", EventFilter(end_time="2026-13-45T99:00:00Z"), "end_time"),
-    ("start-date-only", EventFilter(start_time="2026-01-06"), "start_time"),
+    ("start-date-out-of-range", EventFilter(start_time="2026-02-30"), "start_time"),
     ("start-number", EventFilter(start_time=1767225600), "start_time"),
     ("event-id-not-uuid", EventFilter(event_ids=["not-a-uuid"]), "event_ids"),
     ("event-id-int", EventFilter(event_ids=[42]), "event_ids"),

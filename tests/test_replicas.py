@@ -5,6 +5,10 @@ from the embedded binaries, on a second port (`tamma_events.embedded.start_repli
 pausing, stopping and restarting the replica touches no other test. (With
 TAMMA_EVENTS_TEST_DSN set, the other tests use that server; these still use the embedded
 binaries, which the package always installs.)
+
+Every wait here is a hang bound, not a pass/fail threshold: the stores wait generously for the
+replica (``replica_timeout``, ``replica_wait``) unless a test is about those bounds, and the
+tests wait for the replica to stream and replay before relying on it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from psycopg import sql
 
 from tamma_events import DomainEvent, EventFilter, EventStore, embedded
 from tamma_events.aio import AsyncEventStore
+from tamma_events.replicas import Replica
+
+#: How long a test waits for the replica to stream, replay or serve before it fails: a bound
+#: on a hang, never reached on a working replica however busy the machine.
+HANG = 180.0
+#: The stores' replica settings where a test is not about them (the defaults are 1 s each, which
+#: a busy machine can miss: the read would go to the primary).
+REPLICA_TIMEOUT = 30.0
+REPLICA_WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +56,24 @@ def cluster(
 def replica(
     cluster: tuple[embedded.EmbeddedServer, embedded.EmbeddedReplica],
 ) -> Iterator[embedded.EmbeddedReplica]:
-    """The replica, running and replaying, whatever the previous test did to it."""
-    replica = cluster[1]
-    if not replica.running:
-        replica.start()
+    """The replica, running, streaming and caught up with the primary, whatever the previous
+    test did to it."""
+    primary, replica = cluster
+    _make_ready(primary.dsn, replica)
     yield replica
+    _make_ready(primary.dsn, replica)
+
+
+def _make_ready(primary_dsn: str, replica: embedded.EmbeddedReplica) -> None:
+    """Start the replica if it is stopped, resume its replay if paused, and wait until its WAL
+    receiver streams and it has replayed everything the primary has written."""
     if not replica.running:
         replica.start()
     with psycopg.connect(replica.dsn, autocommit=True) as conn:
         if conn.execute("SELECT pg_is_wal_replay_paused()").fetchone() == (True,):
             conn.execute("SELECT pg_wal_replay_resume()")
+    _wait_streaming(replica)
+    _wait_replayed(primary_dsn, replica)
 
 
 @pytest.fixture
@@ -60,7 +81,8 @@ def make_replicated(
     cluster: tuple[embedded.EmbeddedServer, embedded.EmbeddedReplica],
     replica: embedded.EmbeddedReplica,
 ) -> Iterator[Callable[..., EventStore]]:
-    """Stores on the primary with the replica, each on a fresh schema; dropped afterwards."""
+    """Stores on the primary with the replica, each on a fresh schema; dropped afterwards.
+    They wait `REPLICA_TIMEOUT` and `REPLICA_WAIT` for the replica unless told otherwise."""
     primary = cluster[0]
     opened: list[EventStore] = []
 
@@ -68,6 +90,8 @@ def make_replicated(
         kwargs.setdefault("schema", f"r_{uuid.uuid4().hex[:12]}")
         kwargs.setdefault("replicas", [replica.dsn])
         kwargs.setdefault("cache_size", 0)
+        kwargs.setdefault("replica_timeout", REPLICA_TIMEOUT)
+        kwargs.setdefault("replica_wait", REPLICA_WAIT)
         store = EventStore(primary.dsn, **kwargs)
         opened.append(store)
         return store
@@ -95,22 +119,45 @@ def _on_replica(replica: embedded.EmbeddedReplica, statement: str) -> Any:
         return conn.execute(statement).fetchone()
 
 
-def _wait_replayed(store: EventStore, replica: embedded.EmbeddedReplica) -> None:
+def _wait_replayed(primary_dsn: str, replica: embedded.EmbeddedReplica) -> None:
     """Until the replica has replayed everything the primary has written (bounded)."""
-    with psycopg.connect(store.dsn, autocommit=True) as conn:
+    with psycopg.connect(primary_dsn, autocommit=True) as conn:
         row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
     assert row is not None
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG
     while time.monotonic() < deadline:
         replayed = _on_replica(replica, "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn")
         if replayed[0] >= row[0]:
             return
         time.sleep(0.05)
-    raise AssertionError("the replica did not catch up within 30 s")
+    raise AssertionError(f"the replica did not catch up within {HANG:.0f} s")
+
+
+def _wait_streaming(replica: embedded.EmbeddedReplica) -> None:
+    """Until the replica's WAL receiver streams from the primary (bounded): it connects a
+    moment after the server starts, and again after a restart."""
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline:
+        if _on_replica(replica, "SELECT status FROM pg_stat_wal_receiver") == ("streaming",):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the replica's WAL receiver did not stream within {HANG:.0f} s")
+
+
+def _read_until_served(member: Replica, read: Callable[[], object]) -> None:
+    """Repeat ``read`` until ``member`` serves one (bounded). A replica that has just come up
+    can miss a short ``replica_timeout`` and is then left out for ``replica_retry``."""
+    reads = member.reads
+    deadline = time.monotonic() + HANG
+    while member.reads == reads:
+        assert time.monotonic() < deadline, f"the replica served no read within {HANG:.0f} s"
+        read()
+        time.sleep(0.05)
 
 
 def test_the_replica_is_a_streaming_standby(replica: embedded.EmbeddedReplica) -> None:
     assert _on_replica(replica, "SELECT pg_is_in_recovery()") == (True,)
+    _wait_streaming(replica)
     status = _on_replica(replica, "SELECT status FROM pg_stat_wal_receiver")
     assert status == ("streaming",)
 
@@ -160,7 +207,7 @@ def test_replay_lag_makes_reads_wait_then_fall_back_to_the_primary(
     store = make_replicated(replica_wait=0.3)
     eventual = make_replicated(schema=store.schema, consistency="eventual", migrate=False)
     store.append_batch(_events(5))
-    _wait_replayed(store, replica)
+    _wait_replayed(store.dsn, replica)
     _on_replica(replica, "SELECT pg_wal_replay_pause()")
     store.append_batch(_events(3, "Late"))
     member = store._replicas.members[0]
@@ -172,8 +219,10 @@ def test_replay_lag_makes_reads_wait_then_fall_back_to_the_primary(
     assert store.metrics()["replica_fallbacks"] == fallbacks + 1
     assert member.reads == reads
     assert member.replayed < store._replicas.target
-    # The metrics show the lag.
+    # Measuring the replicas finds the lag, and the metrics show it from then on.
+    (measured,) = store.measure_replicas()
     (status,) = store.metrics()["replicas"]
+    assert status == measured
     assert status["up"] is True
     assert status["lag_bytes"] > 0
     # consistency="eventual" opts out: the replica answers with what it has.
@@ -181,7 +230,7 @@ def test_replay_lag_makes_reads_wait_then_fall_back_to_the_primary(
     assert eventual.metrics()["replica_fallbacks"] == 0
     # Once replay resumes, the replica serves the same store's reads again.
     _on_replica(replica, "SELECT pg_wal_replay_resume()")
-    _wait_replayed(store, replica)
+    _wait_replayed(store.dsn, replica)
     assert store.count_events(EventFilter(event_types=["Late"])) == 3
     assert member.reads == reads + 1
     assert eventual.count_events(EventFilter(event_types=["Late"])) == 3
@@ -194,7 +243,7 @@ def test_a_walk_pinned_beyond_the_replicas_head_reads_the_primary(
     a replica that has not reached it must not end the walk early."""
     store = make_replicated(consistency="eventual")
     store.append_batch(_events(10))
-    _wait_replayed(store, replica)
+    _wait_replayed(store.dsn, replica)
     _on_replica(replica, "SELECT pg_wal_replay_pause()")
     store.append_batch(_events(10, "More"))
     # The first page from the primary (no replicas): pinned to head 20.
@@ -215,11 +264,17 @@ def test_a_walk_pinned_beyond_the_replicas_head_reads_the_primary(
 def test_a_stopped_replica_sends_reads_to_the_primary_and_a_restarted_one_is_used_again(
     make_replicated: Callable[..., EventStore], replica: embedded.EmbeddedReplica
 ) -> None:
+    # Short bounds: a stopped replica is found down once a connection does not come within
+    # replica_timeout (the pool waits that long), and tried again after replica_retry.
     store = make_replicated(replica_retry=0.5, replica_timeout=0.5)
     store.append_batch(_events(12))
-    assert store.count_events() == 12
     member = store._replicas.members[0]
-    assert member.reads >= 1
+
+    def count_all() -> None:
+        assert store.count_events() == 12
+
+    # Up: its first connection may take longer than replica_timeout on a busy machine.
+    _read_until_served(member, count_all)
     replica.stop()
     # Reads keep working, on the primary.
     fallbacks = store.metrics()["replica_fallbacks"]
@@ -233,10 +288,11 @@ def test_a_stopped_replica_sends_reads_to_the_primary_and_a_restarted_one_is_use
     replica.start()
     # Back: once its retry interval is over, reads go to it again (it catches up first).
     reads = member.reads
-    deadline = time.monotonic() + 60
-    while member.reads == reads and time.monotonic() < deadline:
+
+    def count_all_and_the_new_one() -> None:
         assert store.count_events() == 13
-        time.sleep(0.1)
+
+    _read_until_served(member, count_all_and_the_new_one)
     assert member.reads > reads
     assert member.down is False
     assert store.metrics()["replicas"][0]["up"] is True
@@ -246,6 +302,7 @@ def test_a_replica_down_when_the_store_opens(
     make_replicated: Callable[..., EventStore], replica: embedded.EmbeddedReplica
 ) -> None:
     replica.stop()
+    # Short: the pool waits replica_timeout for a connection the stopped replica never gives.
     store = make_replicated(replica_timeout=0.3)
     store.append_batch(_events(4))
     assert store.count_events() == 4
@@ -261,7 +318,12 @@ def test_the_async_store_reads_from_the_replica(
 
     async def scenario() -> tuple[int, int, list[int]]:
         async with AsyncEventStore(
-            primary.dsn, schema=schema, replicas=[replica.dsn], cache_size=0
+            primary.dsn,
+            schema=schema,
+            replicas=[replica.dsn],
+            cache_size=0,
+            replica_timeout=REPLICA_TIMEOUT,
+            replica_wait=REPLICA_WAIT,
         ) as store:
             counts = []
             for _ in range(5):

@@ -72,8 +72,8 @@ def test_stream_is_pinned_to_the_head_it_started_at(store: EventStore) -> None:
 
 def test_no_connection_is_held_between_batches(make_store: Callable[..., EventStore]) -> None:
     # With a single connection, any other call made while the stream is open would wait for
-    # the pool (and fail after connect_timeout) if the stream kept that connection.
-    store = make_store(max_connections=1, min_connections=1, connect_timeout=5)
+    # the pool (and fail after pool_timeout) if the stream kept that connection.
+    store = make_store(max_connections=1, min_connections=1, pool_timeout=5)
     store.append_batch(_events(25))
     seen = []
     for event in store.stream_events(batch_size=3):

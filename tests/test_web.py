@@ -689,6 +689,23 @@ def test_events_default_page_size(store: EventStore, serve: Callable[[Starlette]
     assert empty.json() == {"events": [], "next_token": None}
 
 
+def test_an_unknown_parameter_names_the_known_ones(
+    shared: tuple[EventStore, str],
+) -> None:
+    """`GET /events?limit=2`, what a newcomer tries first: 400, with the page parameters it
+    meant and every parameter the route takes."""
+    _store, base = shared
+    error = assert_query_error(request("GET", f"{base}/events", params={"limit": "2"}), "limit")
+    assert "page_size" in error["message"] and "?token=<next_token>" in error["message"]
+    assert error["context"]["known"] == [
+        "type", "event_id", "issue_id", "pr_id", "user_id", "provider", "platform", "tag",
+        "start_time", "end_time", "order_by", "order_direction", "page_size", "token",
+    ]  # fmt: skip
+    stream = assert_query_error(request("GET", f"{base}/events/stream", params={"x": "1"}), "x")
+    assert stream["context"]["known"][-3:] == ["start_time", "end_time", "after"]
+    assert "page_size" not in stream["message"]
+
+
 # -- 7. bad input --------------------------------------------------------------------------------
 
 STREAM = "/events/stream"

@@ -76,7 +76,7 @@ from .model import (
     StoreStats,
     TypeStats,
 )
-from .replicas import PRIMARY_LSN, REPLAY_LSN, Behind, Replica, ReplicaSet
+from .replicas import PRIMARY_LSN, REPLAY_LSN, Behind, Replica, ReplicaSet, redact
 from .sql import (
     FEW_MATCHES,
     Check,
@@ -117,12 +117,16 @@ _decode_events = msgspec.json.Decoder(list[SequencedEvent]).decode
 _decode_event = msgspec.json.Decoder(SequencedEvent).decode
 
 
-def connection_kwargs(dsn: str, application_name: str = "tamma-events") -> dict[str, Any]:
-    """Connection settings; the application name shows in ``pg_stat_activity`` unless the DSN
-    names one. The DSN's own ``options`` (else ``$PGOPTIONS``), such as ``-c role=app`` or
-    ``-c lock_timeout=2s``, are kept, and the session's time zone is set to UTC after them."""
+#: How long opening a store waits for its server by default, in seconds: a server that
+#: refuses connections or does not answer is reported after this, not after the pool's retries.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: How long a call waits by default for a free connection of the pool, in seconds.
+DEFAULT_POOL_TIMEOUT = 30.0
+
+
+def _dsn_params(dsn: str) -> dict[str, Any]:
     try:
-        params = conninfo_to_dict(dsn)
+        return conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         # libpq's message quotes the connection string, password included.
         raise EventStoreError(
@@ -131,24 +135,95 @@ def connection_kwargs(dsn: str, application_name: str = "tamma-events") -> dict[
             " the DSN, password included)",
             {"field": "dsn"},
         ) from None
+
+
+def connection_kwargs(
+    dsn: str, application_name: str = "tamma-events", connect_timeout: float | None = None
+) -> dict[str, Any]:
+    """Connection settings; the application name shows in ``pg_stat_activity`` unless the DSN
+    names one. The DSN's own ``options`` (else ``$PGOPTIONS``), such as ``-c role=app`` or
+    ``-c lock_timeout=2s``, are kept, and the session's time zone is set to UTC after them.
+    ``connect_timeout`` bounds each connection attempt, unless the DSN sets its own (libpq
+    counts whole seconds, at least 2)."""
+    params = _dsn_params(dsn)
     own = params.get("options") or os.environ.get("PGOPTIONS") or ""
     kwargs: dict[str, Any] = {"autocommit": True, "options": f"{own} -c TimeZone=UTC".strip()}
     if "application_name" not in params:
         kwargs["application_name"] = application_name
+    if connect_timeout is not None and "connect_timeout" not in params:
+        kwargs["connect_timeout"] = max(2, math.ceil(connect_timeout))
     return kwargs
 
 
-def make_pool(pool_class: type[_P], dsn: str, name: str, **options: Any) -> _P:
+def check_timeout(name: str, value: object) -> float:
+    """``value`` as a number of seconds, finite and positive, else VALIDATION_FAILED."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise EventStoreError(
+            VALIDATION_FAILED,
+            f"{name} must be a finite positive number of seconds, got {shown(value)}",
+            {"field": name},
+        )
+    return float(value)
+
+
+def make_pool(
+    pool_class: type[_P], dsn: str, name: str, connect_timeout: float, **options: Any
+) -> _P:
     """A pool (`psycopg_pool.ConnectionPool` or ``AsyncConnectionPool``) of the store's
     connections, not open yet; bad settings are a VALIDATION_FAILED error."""
+    kwargs = connection_kwargs(dsn, connect_timeout=connect_timeout)
     try:
-        return pool_class(  # type: ignore[call-arg]
-            dsn, kwargs=connection_kwargs(dsn), name=name, open=False, **options
-        )
+        return pool_class(dsn, kwargs=kwargs, name=name, open=False, **options)  # type: ignore[call-arg]
     except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
         raise EventStoreError(
             VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
         ) from None
+
+
+def server_address(dsn: str) -> str:
+    """Where ``dsn`` points, as libpq reads it (the DSN, then ``$PGHOST``/``$PGPORT``):
+    ``host:port``, or the Unix socket's path. Never the password."""
+    params = _dsn_params(dsn)
+    host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    if not host:
+        return f"the default Unix socket (port {port})"
+    if host.startswith("/") or host.startswith("@"):
+        return f"the Unix socket {host.rstrip('/')}/.s.PGSQL.{port}"
+    return f"{host}:{port}"
+
+
+# libpq's reason, after the server it names: 'connection to server at "h", port 5432 failed:
+# Connection refused' (one line per address tried).
+_LIBPQ_REASON = re.compile(r"connection to server (?:at|on socket) .*? failed: (?:FATAL:\s+)?(.+)")
+
+
+def unreachable(exc: BaseException, dsn: str, timeout: float) -> EventStoreError:
+    """STORAGE_ERROR for a server that could not be connected to when a store opened: one
+    line naming the host and port, libpq's reason, and what to check."""
+    text = str(exc).strip()
+    reasons = _LIBPQ_REASON.findall(text)
+    reason = reasons[-1] if reasons else (text.splitlines() or [type(exc).__name__])[0]
+    reason = reason.strip().rstrip(".")
+    lowered = reason.lower()
+    if "timeout" in lowered or "timed out" in lowered:
+        reason = f"no answer within {timeout:g} s"
+        check = "check the host and port, and that no firewall drops the connection"
+    elif "password" in lowered or "authentication" in lowered:
+        check = "check the user name and password"
+    elif "does not exist" in lowered:
+        check = "check the database and user names in the DSN"
+    else:
+        check = (
+            "check that the server is running there and accepts connections, and that the"
+            " DSN names the right host and port"
+        )
+    where = server_address(dsn)
+    return EventStoreError(
+        STORAGE_ERROR,
+        f"cannot connect to PostgreSQL at {where}: {reason[:1].lower()}{reason[1:]}; {check}",
+        {"server": where, "dsn": redact(dsn)},
+    )
 
 
 def server_wrote(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
@@ -1418,6 +1493,16 @@ class StoreCore:
         except psycopg.Error as exc:
             raise storage_error(exc, "verifying") from exc
 
+    def default_archive_dir(self) -> Path:
+        """Where `compact_events` writes archives when neither it nor the store is given a
+        directory: ``archives/<schema>`` in the embedded server's data directory when the store
+        runs on it (archives and log then live, and are backed up, together), else in the user
+        data directory (``~/.local/share/tamma-events`` on Linux)."""
+        embedded = getattr(self, "embedded", None)
+        if embedded is not None:
+            return Path(embedded.data_dir) / "archives" / self.schema
+        return Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
+
     def _compact_on(
         self,
         conn: psycopg.Connection[Any],
@@ -1431,7 +1516,7 @@ class StoreCore:
         (one compaction at a time)."""
         directory = Path(archive_dir) if archive_dir is not None else self.archive_dir
         if directory is None:
-            directory = Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
+            directory = self.default_archive_dir()
         key = f"tamma_events:compact:{self.schema}"
         lock = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
         if not lock or not lock[0]:

@@ -46,12 +46,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import embedded
 from ._core import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_POOL_TIMEOUT,
     Keyset,
     StoreCore,
     TxState,
     Walk,
     check_size,
     check_size_any,
+    check_timeout,
     connection_kwargs,
     decode_document,
     decode_events,
@@ -63,6 +66,7 @@ from ._core import (
     server_wrote,
     storage_error,
     subscription_criteria,
+    unreachable,
 )
 from ._group import AppendRequest, AsyncGroupCommit
 from ._ops import Op, rollback_async, run_async
@@ -146,7 +150,8 @@ class AsyncEventStore(StoreCore):
         pool: AsyncConnectionPool[Any] | None = None,
         min_connections: int = 1,
         max_connections: int = 10,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
         data_dir: str | os.PathLike[str] | None = None,
@@ -184,7 +189,8 @@ class AsyncEventStore(StoreCore):
         self._pool_settings = (
             min_connections,
             max_connections,
-            connect_timeout,
+            check_timeout("connect_timeout", connect_timeout),
+            check_timeout("pool_timeout", pool_timeout),
             max_lifetime,
             max_idle,
         )
@@ -200,11 +206,12 @@ class AsyncEventStore(StoreCore):
         self.embedded: embedded.EmbeddedServer | None = None
 
     def _make_pool(self, dsn: str, name: str, timeout: float) -> AsyncConnectionPool[Any]:
-        min_size, max_size, _, max_lifetime, max_idle = self._pool_settings
+        min_size, max_size, connect_timeout, _, max_lifetime, max_idle = self._pool_settings
         return make_pool(
             AsyncConnectionPool,
             dsn,
             name,
+            connect_timeout,
             timeout=timeout,
             min_size=min_size,
             max_size=max_size,
@@ -220,16 +227,29 @@ class AsyncEventStore(StoreCore):
         if self._closed:
             raise EventStoreError(STORAGE_ERROR, "the store is closed")
         self._opened = True
-        timeout = self._pool_settings[2]
+        connect_timeout, pool_timeout = self._pool_settings[2:4]
         if self._pool is None:
             dsn = self._dsn or os.environ.get("TAMMA_EVENTS_DSN") or None
             if dsn is None:
                 # Starting a server is a one-off subprocess wait, done before any service work.
                 self.embedded = embedded.start(self._data_dir)
                 dsn = self.embedded.dsn
-            self._pool = self._make_pool(dsn, f"tamma-events:{self.schema}", timeout)
+            self._pool = self._make_pool(dsn, f"tamma-events:{self.schema}", pool_timeout)
             try:
-                await self._pool.open(wait=True, timeout=timeout)
+                # One connection first: a server that is not there is one clear error now,
+                # not the pool's retries until its timeout.
+                try:
+                    probe = await psycopg.AsyncConnection.connect(
+                        dsn, **connection_kwargs(dsn, connect_timeout=connect_timeout)
+                    )
+                except psycopg.OperationalError as exc:
+                    raise unreachable(exc, dsn, connect_timeout).with_traceback(None) from None
+                await probe.close()
+                await self._pool.open(wait=True, timeout=connect_timeout)
+            except EventStoreError:
+                await self._pool.close()
+                self._closed = True
+                raise
             except Exception as exc:
                 await self._pool.close()
                 self._closed = True
@@ -420,16 +440,22 @@ class AsyncEventStore(StoreCore):
         """The primary's connection pool (see `EventStore.pool_stats`)."""
         return pool_stats(self._require_pool().get_stats())
 
-    async def metrics(self) -> dict[str, Any]:
-        """A snapshot of the store's metrics (see `EventStore.metrics`)."""
-        replicas = await self._replica_statuses()
-        return self._snapshot(self.pool_stats(), self._listener, self._positions(), replicas)
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot of the store's metrics (see `EventStore.metrics`). A plain call, like
+        `pool_stats`: it asks the database nothing (`measure_replicas` does)."""
+        return self._snapshot(
+            self.pool_stats(), self._listener, self._positions(), self._replica_report()
+        )
 
     def _positions(self) -> list[int]:
         return [s.position for s in self._subscriptions if not s.stopped]
 
-    async def _replica_statuses(self) -> list[dict[str, Any]]:
-        """`EventStore._replica_statuses`."""
+    def _replica_report(self) -> list[dict[str, Any]]:
+        return [r.status() for r in self._replicas.members]
+
+    async def measure_replicas(self) -> list[dict[str, Any]]:
+        """Ask each replica how far behind the primary it is now (see
+        `EventStore.measure_replicas`)."""
         if not self._replicas:
             return []
         try:
@@ -437,16 +463,15 @@ class AsyncEventStore(StoreCore):
                 primary: int | None = await run_async(conn, wal_position())
         except (psycopg.Error, EventStoreError):
             primary = None
-        return [await self._replica_status(r, primary) for r in self._replicas.members]
-
-    async def _replica_status(self, replica: Replica, primary: int | None) -> dict[str, Any]:
-        if replica.left_out or primary is None:
-            return replica.status()
-        try:
-            async with live_connection(replica.pool, self._replicas.timeout) as conn:
-                return replica.status(primary, await run_async(conn, replay_state()))
-        except (psycopg.Error, PoolTimeout, EventStoreError):
-            return replica.status()
+        for replica in self._replicas.members:
+            if replica.left_out:
+                continue
+            try:
+                async with live_connection(replica.pool, self._replicas.timeout) as conn:
+                    replica.measured(primary, await run_async(conn, replay_state()))
+            except (psycopg.Error, PoolTimeout, EventStoreError):
+                replica.measured(primary, None)
+        return self._replica_report()
 
     # -- appends ---------------------------------------------------------------------------
 
@@ -992,18 +1017,11 @@ class AsyncEventStore(StoreCore):
     @property
     def prometheus_registry(self) -> Any:
         """A ``prometheus_client.CollectorRegistry`` of the store's own. Its collector runs at
-        scrape time, outside the event loop, so it reports what is known without a query:
-        replica lag as last measured is not included (see `metrics`)."""
+        scrape time, outside the event loop, so it reports `metrics` as they are, replica lag
+        as `measure_replicas` last found it."""
         if self._registry is None:
-            self._registry = prometheus_registry(self._metrics_now)
+            self._registry = prometheus_registry(self.metrics)
         return self._registry
-
-    def _metrics_now(self) -> dict[str, Any]:
-        # No query from the collector's thread: replicas as the store last found them.
-        replicas = [
-            r.status() | {"up": not r.down, "reads": r.reads} for r in self._replicas.members
-        ]
-        return self._snapshot(self.pool_stats(), self._listener, self._positions(), replicas)
 
 
 class AsyncTransaction:

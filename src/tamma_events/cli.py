@@ -12,17 +12,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 import click
 import msgspec
+import psycopg
+from click.core import ParameterSource
+from psycopg import sql
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
@@ -31,23 +36,69 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __impl__, __version__, embedded, torture
-from .errors import APPEND_CONDITION_FAILED, VALIDATION_FAILED, EventStoreError
+from ._core import connection_kwargs, moment, storage_error, unreachable
+from .errors import APPEND_CONDITION_FAILED, QUERY_ERROR, VALIDATION_FAILED, EventStoreError
 from .model import AppendCondition, DomainEvent, Query, QueryItem
-from .schema import drop, no_store_error
-from .store import DSN_ENV, SCHEMA_ENV, EventStore
+from .schema import no_store_error
+from .store import DEFAULT_CONNECT_TIMEOUT, DSN_ENV, SCHEMA_ENV, EventStore
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+#: The environment variable of the global --connect-timeout option.
+CONNECT_TIMEOUT_ENV = "TAMMA_EVENTS_CONNECT_TIMEOUT"
+
+
+class _Console(Console):
+    """A rich console for which a reader that went away (``| head``) ends the command quietly
+    with exit status 0. (Rich's own answer is exit status 1.)"""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _stdout_to_devnull()
+        raise SystemExit(0)
+
+
+def _stdout_to_devnull() -> None:
+    """Send later writes to standard output, and its flush at exit, nowhere, instead of
+    failing again on a pipe whose reader went away."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, ValueError, OSError):
+        pass  # not a file (a test runner's capture)
+    finally:
+        os.close(devnull)
+
+
+console = _Console(stderr=False)
+err_console = _Console(stderr=True)
 
 
 class _Context:
-    def __init__(self, dsn: str | None, schema: str, data_dir: str | None) -> None:
+    def __init__(
+        self, dsn: str | None, schema: str, data_dir: str | None, connect_timeout: float
+    ) -> None:
         self.dsn = dsn
         self.schema = schema
         self.data_dir = data_dir
+        self.connect_timeout = connect_timeout
 
     def open(self, schema: str | None = None, **kwargs: Any) -> EventStore:
-        return EventStore(self.dsn, schema=schema or self.schema, data_dir=self.data_dir, **kwargs)
+        return EventStore(
+            self.dsn,
+            schema=schema or self.schema,
+            data_dir=self.data_dir,
+            connect_timeout=self.connect_timeout,
+            **kwargs,
+        )
+
+    def connect(self, dsn: str) -> psycopg.Connection[Any]:
+        """One connection of the command's own (autocommit), under the same connect timeout
+        and with the same error for a server that is not there as a store's."""
+        try:
+            return psycopg.connect(
+                dsn, **connection_kwargs(dsn, connect_timeout=self.connect_timeout)
+            )
+        except psycopg.OperationalError as exc:
+            raise unreachable(exc, dsn, self.connect_timeout).with_traceback(None) from None
 
     def open_existing(self, **kwargs: Any) -> EventStore:
         """The store, for a command that only reads: a schema that holds no event store (a
@@ -69,7 +120,38 @@ def _print_table(table: Table) -> None:
         console.print(table)
         return
     width = Measurement.get(console, console.options.update(width=1 << 16), table).maximum
-    Console(file=console.file, width=max(width, console.width)).print(table)
+    _Console(file=console.file, width=max(width, console.width)).print(table)
+
+
+@contextmanager
+def _storage(action: str, **context: Any) -> Iterator[None]:
+    """A PostgreSQL error of the command's own connection as the store reports one:
+    STORAGE_ERROR, "<action> failed: ...", with its SQLSTATE."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise storage_error(exc, action, **context) from exc
+
+
+@contextmanager
+def _arguments(options: dict[str, str] | None = None) -> Iterator[None]:
+    """Report the store's refusal of a command-line value as a usage error (exit 2, naming
+    the option), not as a failure: around parsing filters and times (``options`` None: any
+    field, as ``--field-name``), or around a call whose errors on ``options``' fields (field ->
+    option) are about the values given."""
+    try:
+        yield
+    except EventStoreError as exc:
+        field = exc.context.get("field")
+        if exc.code not in (VALIDATION_FAILED, QUERY_ERROR) or not isinstance(field, str):
+            raise
+        if options is None:
+            option = "--" + field.replace("_", "-")
+        elif field in options:
+            option = options[field]
+        else:
+            raise
+        raise click.BadParameter(exc.message, param_hint=f"'{option}'") from None
 
 
 @contextmanager
@@ -79,14 +161,59 @@ def _failures() -> Iterator[None]:
         yield
     except EventStoreError as exc:
         err_console.print(f"[red]error[/red] {exc.code}: {escape(exc.message)}", soft_wrap=True)
-        if exc.context:
+        # The context, less what the message already says (and less the DSN: the user gave
+        # it): a line only when it adds something.
+        extra = {
+            key: value
+            for key, value in exc.context.items()
+            if key != "dsn" and str(value) not in exc.message
+        }
+        if extra:
             err_console.print(
-                json.dumps(exc.context, default=str), soft_wrap=True, markup=False, highlight=False
+                json.dumps(extra, default=str), soft_wrap=True, markup=False, highlight=False
             )
         sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: a reader that goes away (``| head``) ends any command quietly, with
+    exit status 0. Click would report it as a failure (exit 1)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        stdout = sys.stdout
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as exc:
+            # Click swaps standard output for a quiet wrapper, then exits 1, when writing to it
+            # failed with EPIPE while parsing (--help, --version).
+            if exc.code == 1 and sys.stdout is not stdout and _stdout_closed():
+                raise SystemExit(0) from None
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if not _stdout_closed():
+                raise  # another pipe (a subprocess's, say): a real failure
+            _stdout_to_devnull()
+            ctx.exit(0)
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False  # not a file (a test runner's capture, say)
+    if not hasattr(select, "poll"):
+        return True  # no poll (Windows): a broken pipe there is stdout's
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--dsn",
     envvar=DSN_ENV,
@@ -107,11 +234,29 @@ def _failures() -> Iterator[None]:
     help=f"Data directory of the embedded server (default: ${embedded.DATA_DIR_ENV}, else the"
     " user data directory).",
 )
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar=CONNECT_TIMEOUT_ENV,
+    default=DEFAULT_CONNECT_TIMEOUT,
+    metavar="SECONDS",
+    help="How long to wait for the server when connecting (libpq counts whole seconds, at"
+    f" least 2; default: ${CONNECT_TIMEOUT_ENV}, else 5).",
+)
 @click.version_option(__version__, prog_name="tamma-events")
 @click.pass_context
-def main(ctx: click.Context, dsn: str | None, schema: str, data_dir: str | None) -> None:
+def main(
+    ctx: click.Context,
+    dsn: str | None,
+    schema: str,
+    data_dir: str | None,
+    connect_timeout: float,
+) -> None:
     """tamma-events: a DCB event store on PostgreSQL."""
-    ctx.obj = _Context(dsn, schema, data_dir)
+    ctx.obj = _Context(dsn, schema, data_dir, connect_timeout)
+    for out in (console, err_console):
+        # Piped or redirected, a line stays one line (rich would fold it at 80 columns).
+        out.soft_wrap = not out.is_terminal
     _exit_cleanly_on_signals(ctx)
 
 
@@ -150,6 +295,40 @@ def init(obj: _Context) -> None:
             console.print(f"schema [bold]{store.schema}[/bold] is up to date in {where}")
 
 
+@contextmanager
+def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """``advance(done, total)`` for a long call's ``progress``: the bar (with the rate) shows
+    from the first call on, so a call that fails before any work draws none."""
+    bar: Progress | None = None
+    task: Any = None
+    started = time.perf_counter()
+
+    def advance(done: int, total: int) -> None:
+        nonlocal bar, task
+        if bar is None:
+            bar = _progress()
+            bar.start()
+            task = bar.add_task(description, total=total, rate="")
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} events/s")
+
+    try:
+        yield advance
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _count(count: int, thing: str) -> str:
+    """``count`` things, in words: "1 bad line", "2,000 bad lines"."""
+    return f"{count:,} {thing}" if count == 1 else f"{count:,} {thing}s"
+
+
+def _events(count: int) -> str:
+    """``count`` events, in words: "1 event", "2,000 events"."""
+    return _count(count, "event")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -161,64 +340,152 @@ def _progress() -> Progress:
     )
 
 
+#: The schema the demo uses when neither its --schema nor the global one names another.
+DEMO_SCHEMA = "tamma_demo"
+#: The comment the demo gives the schemas it makes: the only ones it resets.
+DEMO_MARK = "tamma-events demo: reset by every run of tamma-events demo"
+
+
 @main.command()
 @click.option(
-    "--events", "count", default=200_000, show_default=True, help="How many events to append."
+    "--events",
+    "count",
+    type=click.IntRange(min=1),
+    default=200_000,
+    show_default=True,
+    help="How many events to append.",
 )
-@click.option("--batch-size", default=10_000, show_default=True, help="Events per append_batch.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Events per append_batch.",
+)
 @click.option(
     "--schema",
     "schema",
-    default="tamma_demo",
-    show_default=True,
-    help="Schema for the demo (reset first).",
+    default=None,
+    help=f"Schema for the demo, reset first [default: the global --schema (or"
+    f" ${SCHEMA_ENV}) when given, else {DEMO_SCHEMA}]. A schema the demo did not make is"
+    " never reset.",
 )
-@click.pass_obj
-def demo(obj: _Context, count: int, batch_size: int, schema: str) -> None:
-    """Append realistic events, show a DCB conflict, read back by query."""
+@click.pass_context
+def demo(ctx: click.Context, count: int, batch_size: int, schema: str | None) -> None:
+    """Append realistic events, show a DCB conflict, read back by query.
+
+    The demo resets its schema first, archives included. Two demos on one schema take turns:
+    the second waits for the first to finish."""
     from .workload import generate_events
 
-    if count < 1 or batch_size < 1:
-        raise click.UsageError("--events and --batch-size must be positive")
+    obj: _Context = ctx.obj
+    if schema is None:
+        given = ctx.parent.get_parameter_source("schema") if ctx.parent else None
+        explicit = given in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        schema = obj.schema if explicit else DEMO_SCHEMA
     with _failures():
-        store = obj.open(schema=schema, migrate=False)
-        with store:
-            where = (
-                f"embedded PostgreSQL in {store.embedded.data_dir}"
-                if store.embedded
-                else "PostgreSQL at the DSN"
-            )
-            console.print(
-                f"tamma-events {__version__} ({__impl__} codec) on {where},"
-                f" schema [bold]{schema}[/bold]"
-            )
-            drop(store.dsn, schema)
-            store.migrate()
+        dsn = obj.dsn or embedded.start(obj.data_dir).dsn
+        with _demo_turn(obj, dsn, schema):
+            _reset_demo_schema(obj, dsn, schema)
+            store = obj.open(schema=schema)
+            with store:
+                where = (
+                    f"embedded PostgreSQL in {store.embedded.data_dir}"
+                    if store.embedded
+                    else "PostgreSQL at the DSN"
+                )
+                console.print(
+                    f"tamma-events {__version__} ({__impl__} codec) on {where},"
+                    f" schema [bold]{schema}[/bold]"
+                )
+                events = generate_events(count)
+                appended = 0
+                appending = 0.0  # seconds in append_batch; generating the events is not timed
+                started = time.perf_counter()
+                with _progress() as progress:
+                    task = progress.add_task("appending", total=count, rate="")
+                    while appended < count:
+                        batch = [next(events) for _ in range(min(batch_size, count - appended))]
+                        before = time.perf_counter()
+                        store.append_batch(batch)
+                        appending += time.perf_counter() - before
+                        appended += len(batch)
+                        rate = appended / appending
+                        progress.update(task, completed=appended, rate=f"{rate:,.0f} events/s")
+                elapsed = time.perf_counter() - started
+                console.print(
+                    f"appended [bold]{_events(appended)}[/bold] in batches of {batch_size:,}:"
+                    f" [bold green]{appended / appending:,.0f} events/s[/bold green]"
+                    f" ({appending:.1f} s in append_batch, durable commits;"
+                    f" {elapsed - appending:.1f} s generating the events)"
+                )
+                _show_conflict(store)
+                _show_query(store)
 
-            events = generate_events(count)
-            appended = 0
-            appending = 0.0  # seconds inside append_batch; generating the events is not timed
-            started = time.perf_counter()
-            with _progress() as progress:
-                task = progress.add_task("appending", total=count, rate="")
-                while appended < count:
-                    batch = [next(events) for _ in range(min(batch_size, count - appended))]
-                    before = time.perf_counter()
-                    store.append_batch(batch)
-                    appending += time.perf_counter() - before
-                    appended += len(batch)
-                    rate = appended / appending
-                    progress.update(task, completed=appended, rate=f"{rate:,.0f} events/s")
-            elapsed = time.perf_counter() - started
-            console.print(
-                f"appended [bold]{appended:,}[/bold] events in batches of {batch_size:,}:"
-                f" [bold green]{appended / appending:,.0f} events/s[/bold green]"
-                f" ({appending:.1f} s in append_batch, durable commits;"
-                f" {elapsed - appending:.1f} s generating the events)"
-            )
 
-            _show_conflict(store)
-            _show_query(store)
+@contextmanager
+def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[None]:
+    """The demo's turn on ``schema``: a session advisory lock held for the whole demo, so that
+    a second demo started meanwhile (in another terminal, say) waits instead of resetting the
+    schema under the first one's feet. The lock goes with the session if the process dies."""
+    key = f"tamma-events demo:{schema}"
+    with obj.connect(dsn) as conn:
+        with _storage("taking the demo's turn", schema=schema):
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
+            if not row or not row[0]:
+                console.print(
+                    f"a demo is already running in schema {schema} on this server: waiting for"
+                    " it to finish (Ctrl-C to stop; --schema NAME runs one beside it)",
+                    markup=False,
+                )
+                conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
+        try:
+            yield
+        finally:
+            try:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+            except psycopg.Error:
+                pass  # a lost session took its lock with it
+
+
+def _reset_demo_schema(obj: _Context, dsn: str, schema: str) -> None:
+    """Drop the demo's schema, with the archive files its manifest lists, and make it anew,
+    marked as the demo's. A schema that exists and is not the demo's is refused: whatever
+    --schema or $TAMMA_EVENTS_SCHEMA says, the demo never drops a store it did not make."""
+    name = sql.Identifier(schema)
+    with obj.connect(dsn) as conn, _storage("resetting the demo's schema", schema=schema):
+        row = conn.execute(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
+            [schema],
+        ).fetchone()
+        if row is not None and row[0] != DEMO_MARK and schema != DEMO_SCHEMA:
+            raise click.UsageError(
+                f"schema {schema} exists and was not made by the demo, which resets its schema"
+                " first: choose another with --schema (the demo makes it)"
+            )
+        if row is not None:
+            manifest = sql.Identifier(schema, "archives")
+            found = conn.execute("SELECT to_regclass(%s)", [manifest.as_string(conn)]).fetchone()
+            if found and found[0]:
+                files = conn.execute(
+                    sql.SQL("SELECT directory, file_name FROM {}").format(manifest)
+                ).fetchall()
+                _remove_archives([Path(directory) / file for directory, file in files])
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
+            conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(DEMO_MARK)))
+
+
+def _remove_archives(paths: list[Path]) -> None:
+    """Delete archive files, and each directory they leave empty."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    for directory in {path.parent for path in paths}:
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # not empty (other files than the demo's), or gone already
 
 
 def _show_conflict(store: EventStore) -> None:
@@ -226,7 +493,7 @@ def _show_conflict(store: EventStore) -> None:
     issue = {"issueId": "ISSUE-7"}
     boundary = Query((QueryItem(("IssueAssigned", "IssueClosed"), issue),))
     seen = store.read(boundary)
-    console.print(f"agent A reads issue 7's assignments: {len(seen)} events, head {seen.head}")
+    console.print(f"agent A reads issue 7's assignments: {_events(len(seen))}, head {seen.head}")
     store.append(
         DomainEvent("IssueAssigned", {"assignee": "agent-b"}, {**issue, "userId": "agent-b"})
     )
@@ -252,30 +519,37 @@ def _show_conflict(store: EventStore) -> None:
 
 def _show_query(store: EventStore) -> None:
     console.rule("Reading back by query")
-    query = Query(
-        (QueryItem(("LlmCallCompleted",), {"provider": "anthropic", "issueId": "ISSUE-42"}),)
-    )
+    # The issue and provider of the last LLM call: a query that finds events in any run,
+    # however few events it appended.
+    last = store.read(Query.of(types=["LlmCallCompleted"]), limit=1, backwards=True)
+    if not last:
+        console.print("no LLM call among the events: nothing to read back")
+        return
+    issue = last[0].tags.get("issueId", "")
+    provider = last[0].tags.get("provider", "")
+    query = Query((QueryItem(("LlmCallCompleted",), {"provider": provider, "issueId": issue}),))
     started = time.perf_counter()
     result = store.read(query)
     elapsed_ms = (time.perf_counter() - started) * 1000
     console.print(
-        f"LLM calls to anthropic for issue 42: {len(result)} events in {elapsed_ms:.1f} ms"
+        f"LLM calls to {provider} for {issue}: {_events(len(result))} in {elapsed_ms:.1f} ms",
+        markup=False,
     )
     table = Table("position", "timestamp", "model", "tokens", "latency ms")
     for event in result[:8]:
         table.add_row(
             str(event.position),
             event.timestamp.isoformat(timespec="seconds"),
-            str(event.data.get("model")),
+            Text(str(event.data.get("model"))),
             str(event.data.get("prompt_tokens", 0) + event.data.get("completion_tokens", 0)),
             str(event.data.get("latency_ms")),
         )
     _print_table(table)
-    latest = store.read(Query.of(tags={"issueId": "ISSUE-42"}), limit=1, backwards=True)
-    if latest:
-        console.print(
-            f"latest event of issue 42: {latest[0].event_type} at position {latest[0].position}"
-        )
+    latest = store.read(Query.of(tags={"issueId": issue}), limit=1, backwards=True)
+    console.print(
+        f"latest event of {issue}: {latest[0].event_type} at position {latest[0].position}",
+        markup=False,
+    )
 
 
 @main.command()
@@ -516,27 +790,30 @@ def bench(
 @click.option("--end", type=click.IntRange(min=1), default=None, help="Last position to check.")
 @click.pass_obj
 def verify(obj: _Context, start: int | None, end: int | None) -> None:
-    """Recompute the hash chain; exit 1 at the first position where it breaks."""
-    with _failures(), obj.open_existing() as store:
-        started = time.perf_counter()
-        with _progress() as progress:
-            task = progress.add_task("verifying", total=None, rate="")
+    """Recompute the hash chain; exit 1 at the first position where it breaks.
 
-            def advance(done: int, total: int) -> None:
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                progress.update(task, completed=done, total=total, rate=f"{rate:,.0f} events/s")
-
-            report = store.verify(start, end, progress=advance)
+    A range past the head (--start after the last position) is a usage error (exit 2); an
+    --end past the head stops at the head."""
+    if start is not None and end is not None and start > end:
+        raise click.BadParameter(f"--start {start} is after --end {end}", param_hint="'--start'")
+    started = time.perf_counter()
+    with (
+        _failures(),
+        obj.open_existing() as store,
+        _arguments({"start": "--start", "end": "--end"}),
+        _progress_bar("verifying") as advance,
+    ):
+        report = store.verify(start, end, progress=advance)
     elapsed = time.perf_counter() - started
     if report.ok:
         console.print(
-            f"[bold green]ok[/bold green]: {report.checked:,} events verified"
+            f"[bold green]ok[/bold green]: {_events(report.checked)} verified"
             f" (positions {report.start} to {report.end}) in {elapsed:.1f} s"
         )
         return
     err_console.print(
         f"[bold red]broken[/bold red] at position {report.first_bad_position}: {report.reason}"
-        f" ({report.checked:,} events verified before it)"
+        f" ({_events(report.checked)} verified before it)"
     )
     sys.exit(1)
 
@@ -645,10 +922,11 @@ def append(obj: _Context, source: IO[bytes], batch_size: int, max_errors: int) -
             for line in errors[:max_errors]:
                 err_console.print(line, markup=False, highlight=False, soft_wrap=True)
             if len(errors) > max_errors:
-                err_console.print(f"... and {len(errors) - max_errors} more bad lines")
+                more = len(errors) - max_errors
+                err_console.print(f"... and {_count(more, 'more bad line')}")
             err_console.print(
-                f"[red]error[/red]: {len(errors)} bad lines of {len(errors) + len(events)};"
-                " nothing was written"
+                f"[red]error[/red]: {_count(len(errors), 'bad line')} of"
+                f" {len(errors) + len(events):,}; nothing was written"
             )
             sys.exit(1)
         started = time.perf_counter()
@@ -670,7 +948,7 @@ def append(obj: _Context, source: IO[bytes], batch_size: int, max_errors: int) -
         except EventStoreError:
             if done:
                 err_console.print(
-                    f"lines up to {numbers[done - 1]} ({done:,} events) are stored, up to"
+                    f"lines up to {numbers[done - 1]} ({_events(done)}) are stored, up to"
                     f" position {last}; the lines after them are not",
                     soft_wrap=True,
                 )
@@ -679,7 +957,7 @@ def append(obj: _Context, source: IO[bytes], batch_size: int, max_errors: int) -
             raise
     elapsed = time.perf_counter() - started
     console.print(
-        f"[bold green]appended[/bold green] {done:,} events (last position {last})"
+        f"[bold green]appended[/bold green] {_events(done)} (last position {last})"
         f" in {elapsed:.1f} s"
     )
 
@@ -735,6 +1013,13 @@ def torture_(
     console.print("[bold green]ok[/bold green]: no violations")
 
 
+#: What a time option takes (`tamma_events.filters.parse_time` reads it).
+_TIME = (
+    "TIME: an ISO 8601 date-time with an offset (2026-01-02T15:04:05Z,"
+    " 2026-01-02T17:04:05+02:00) or a date (2026-01-02: midnight UTC)"
+)
+
+
 def _filter_options(command: Any) -> Any:
     """The filter options of ``tail`` (the parameters of `filter_from_params`)."""
     options = [
@@ -777,7 +1062,7 @@ def tail(
     params = _filter_params(filters)
     encode = msgspec.json.Encoder().encode
     out = sys.stdout.buffer
-    with _failures():  # a malformed filter is reported before the server is reached
+    with _arguments():  # a malformed filter is a usage error, before the server is reached
         event_filter = filter_from_params(params, ordered=False)
     with _failures(), obj.open_existing() as store:
         start = store.head() if after is None else after
@@ -792,10 +1077,6 @@ def tail(
                         break
         except KeyboardInterrupt:
             pass
-        except BrokenPipeError:
-            # The reader went away (`| head`, say): point stdout at /dev/null so that flushing
-            # it at exit does not fail again, and end quietly.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _filter_params(filters: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
@@ -805,8 +1086,8 @@ def _filter_params(filters: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
 
 @main.command()
 @_filter_options
-@click.option("--start-time", default=None, help="Events at or after this ISO 8601 time.")
-@click.option("--end-time", default=None, help="Events before this ISO 8601 time.")
+@click.option("--start-time", default=None, metavar="TIME", help=f"Events at or after {_TIME}.")
+@click.option("--end-time", default=None, metavar="TIME", help=f"Events before {_TIME}.")
 @click.option(
     "--format",
     "format_",
@@ -846,7 +1127,7 @@ def export(
     params = _filter_params(filters)
     params["start_time"] = [start_time] if start_time else []
     params["end_time"] = [end_time] if end_time else []
-    with _failures():  # a malformed filter is reported before the server is reached
+    with _arguments():  # a malformed filter is a usage error, before the server is reached
         event_filter = filter_from_params(params, ordered=False)
     with _failures(), obj.open_existing() as store:
         total = store.count_events(event_filter) if include_archived else None
@@ -895,7 +1176,7 @@ def export(
             advance(written)
     where = "stdout" if output in (None, "-") else output
     err_console.print(
-        f"[bold green]exported[/bold green] {written:,} events to {where}"
+        f"[bold green]exported[/bold green] {_events(written)} to {where}"
         f" in {time.perf_counter() - started:.1f} s"
     )
 
@@ -904,12 +1185,14 @@ def export(
 @click.option(
     "--before",
     required=True,
-    help="Archive the events recorded before this ISO 8601 time (with an offset, or Z).",
+    metavar="TIME",
+    help=f"Archive the events recorded before {_TIME}.",
 )
 @click.option(
     "--archive-dir",
     default=None,
-    help="Directory of the Parquet archives (default: archives/<schema> in the data dir).",
+    help="Directory of the Parquet archives (default: archives/<schema> in the embedded"
+    " server's data directory, --data-dir; with a DSN, in the user data directory).",
 )
 @click.option(
     "--file-events",
@@ -923,18 +1206,17 @@ def compact(obj: _Context, before: str, archive_dir: str | None, file_events: in
     """Move old events into verified Parquet archives and delete them from PostgreSQL.
 
     Safe to interrupt: run it again to finish."""
-    with _failures(), obj.open(archive_dir=archive_dir) as store:
-        started = time.perf_counter()
-        with _progress() as progress:
-            task = progress.add_task("compacting", total=None, rate="")
-
-            def advance(done: int, total: int) -> None:
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                progress.update(task, completed=done, total=total, rate=f"{rate:,.0f} events/s")
-
-            moved = store.compact_events(before, file_events=file_events, progress=advance)
+    with _arguments({"before": "--before"}):  # before any work starts
+        when = moment(before)
+    started = time.perf_counter()
+    with (
+        _failures(),
+        obj.open(archive_dir=archive_dir) as store,
+        _progress_bar("compacting") as advance,
+    ):
+        moved = store.compact_events(when, file_events=file_events, progress=advance)
     console.print(
-        f"[bold green]compacted[/bold green] {moved:,} events into archives"
+        f"[bold green]compacted[/bold green] {_events(moved)} into archives"
         f" in {time.perf_counter() - started:.1f} s"
     )
 
@@ -1000,8 +1282,8 @@ TABLE_ROWS = 100
 
 @main.command()
 @_filter_options
-@click.option("--start-time", default=None, help="Events at or after this ISO 8601 time.")
-@click.option("--end-time", default=None, help="Events before this ISO 8601 time.")
+@click.option("--start-time", default=None, metavar="TIME", help=f"Events at or after {_TIME}.")
+@click.option("--end-time", default=None, metavar="TIME", help=f"Events before {_TIME}.")
 @click.option(
     "--order-by",
     type=click.Choice(["position", "timestamp", "type"]),
@@ -1047,7 +1329,7 @@ def query(
     params["end_time"] = [end_time] if end_time else []
     if format_ == "table" and limit is None:
         limit = TABLE_ROWS
-    with _failures():  # a malformed filter is reported before the server is reached
+    with _arguments():  # a malformed filter is a usage error, before the server is reached
         base = filter_from_params(params, ordered=False) or EventFilter()
         event_filter = msgspec.structs.replace(
             base,
@@ -1062,12 +1344,9 @@ def query(
         if format_ == "jsonl":
             encode = msgspec.json.Encoder().encode
             out = sys.stdout.buffer
-            try:
-                for event in events:
-                    out.write(encode(event) + b"\n")
-                out.flush()
-            except BrokenPipeError:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            for event in events:
+                out.write(encode(event) + b"\n")
+            out.flush()
             return
         table = Table("position", "timestamp", "type", "tags", "data", show_lines=False)
         shown = 0

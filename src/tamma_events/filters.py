@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timezone
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -66,8 +67,9 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     ``user_ids`` ``userId``, ``providers`` ``provider`` and ``platforms`` ``platform``. ``tags``
     matches events carrying every pair it holds.
 
-    ``start_time`` and ``end_time`` (datetimes with a timezone, or ISO-8601 strings with an
-    offset) select the half-open window ``start_time <= timestamp < end_time``.
+    ``start_time`` and ``end_time`` (datetimes with a timezone, ISO-8601 strings with an
+    offset, or dates, ``date`` objects or ``"2026-01-02"``, meaning midnight UTC) select the
+    half-open window ``start_time <= timestamp < end_time``.
 
     ``order_by`` is ``"position"`` (the log's order, the default), ``"timestamp"`` or ``"type"``;
     ties are broken by position, in the same direction. ``order_direction`` is ``"asc"`` or
@@ -83,8 +85,8 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     providers: Sequence[str] | None = None
     platforms: Sequence[str] | None = None
     tags: dict[str, str] | None = None
-    start_time: datetime | str | None = None
-    end_time: datetime | str | None = None
+    start_time: datetime | date | str | None = None
+    end_time: datetime | date | str | None = None
     limit: int | None = None
     offset: int = 0
     order_by: OrderBy = "position"
@@ -170,6 +172,15 @@ def _values(values: object, field: str) -> tuple[str, ...]:
     return tuple(sorted({check_text(value, field) for value in _list(values, field, "strings")}))
 
 
+def _event_types(values: object) -> tuple[str, ...]:
+    types = _values(values, "event_types")
+    if "" in types:
+        # No event has an empty type: an empty value is a mistake (an unset variable, say),
+        # not a filter that matches nothing.
+        raise _error("event_types holds an empty string, which is no event type", "event_types")
+    return types
+
+
 def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
     field = "event_ids"
     ids = set()
@@ -186,20 +197,39 @@ def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
     return tuple(sorted(ids))
 
 
+#: A calendar date alone, as ISO 8601 writes it: read as midnight UTC.
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 def parse_time(value: object, field: str) -> datetime | None:
-    """A filter's time bound as an aware UTC datetime (None stays None)."""
+    """A filter's time bound as an aware UTC datetime (None stays None). It takes an aware
+    datetime; an ISO-8601 date-time with an offset (``2026-01-02T15:04:05Z``,
+    ``2026-01-02T17:04:05+02:00``); or a date, a `datetime.date` or ``2026-01-02``, which
+    means midnight UTC at its start."""
     if value is None:
         return None
     if isinstance(value, str):
         try:
-            value = msgspec.convert(value, datetime)
-        except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
+            if _DATE.fullmatch(value):
+                value = datetime.combine(date.fromisoformat(value), time(), timezone.utc)
+            else:
+                value = msgspec.convert(value, datetime)
+        except (
+            msgspec.ValidationError,
+            ValueError,
+            UnicodeEncodeError,
+        ):  # the last: a lone surrogate
             raise _error(
-                f"{field} must be an ISO-8601 date-time with an offset, got {shown(value)}", field
+                f"{field} must be an ISO-8601 date-time with an offset (2026-01-02T15:04:05Z,"
+                f" 2026-01-02T17:04:05+02:00) or a date (2026-01-02, midnight UTC),"
+                f" got {shown(value)}",
+                field,
             ) from None
+    elif isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime.combine(value, time(), timezone.utc)
     if not isinstance(value, datetime):
         raise _error(
-            f"{field} must be a datetime or an ISO-8601 string, got {type(value).__name__}",
+            f"{field} must be a datetime, a date or an ISO-8601 string, got {type(value).__name__}",
             field,
         )
     try:
@@ -268,7 +298,7 @@ def normalize(event_filter: EventFilter | None) -> Criteria:
         )
     return Criteria(
         event_ids=_event_ids(f.event_ids),
-        event_types=_values(f.event_types, "event_types"),
+        event_types=_event_types(f.event_types),
         tags=tuple(sorted(set(tags))),
         start=start,
         end=end,
@@ -365,7 +395,7 @@ PARAM_SCALARS = ("start_time", "end_time", "order_by", "order_direction")
 
 
 def filter_from_params(
-    params: Mapping[str, Sequence[str]], *, ordered: bool = True
+    params: Mapping[str, Sequence[str]], *, ordered: bool = True, others: Sequence[str] = ()
 ) -> EventFilter | None:
     """The `EventFilter` that string parameters (an HTTP query, command-line options) ask for,
     or None when they ask for nothing.
@@ -374,7 +404,9 @@ def filter_from_params(
     ``platform`` may repeat (any of the values matches); ``tag`` takes ``key:value`` and may
     repeat with different keys (every pair must match); ``start_time``, ``end_time`` and, when
     ``ordered``, ``order_by`` and ``order_direction`` are given at most once. Anything else is
-    QUERY_ERROR naming the parameter, as is every malformed value (checked by `normalize`)."""
+    QUERY_ERROR naming the parameter and listing the known ones (with ``others``, the names the
+    caller took out of ``params`` itself, such as ``page_size``), as is every malformed value
+    (checked by `normalize`)."""
     scalars = PARAM_SCALARS if ordered else PARAM_SCALARS[:2]
     fields: dict[str, Any] = {}
     for name, values in params.items():
@@ -400,7 +432,17 @@ def filter_from_params(
                 tags[key] = value
             fields["tags"] = tags
         else:
-            raise _error(f"unknown parameter {shown(name)}", name)
+            known = [*PARAM_LISTS, "tag", *scalars, *others]
+            hint = (
+                " (a page's size is page_size, and the next page is ?token=<next_token>)"
+                if name in ("limit", "offset", "size", "per_page") and "page_size" in others
+                else ""
+            )
+            raise EventStoreError(
+                QUERY_ERROR,
+                f"unknown parameter {shown(name)}{hint}; the known ones are {', '.join(known)}",
+                {"field": name, "known": known},
+            )
     if not fields:
         return None
     event_filter = EventFilter(**fields)

@@ -22,7 +22,8 @@ from psycopg import sql
 from . import _codec
 from .archive import manifest, verify_archives
 from .arrow import copy_rows
-from .errors import EventStoreError
+from .errors import VALIDATION_FAILED, EventStoreError, shown
+from .filters import MAX_BIGINT
 
 __all__ = ["IntegrityReport", "verify"]
 
@@ -106,7 +107,25 @@ def verify(
     file (in ``archives``, when they were moved) is verified first, whole, from the genesis
     hash; the live log is anchored on the last of them. ``progress(done, total)`` is called
     after every batch.
+
+    An ``end`` past the head stops at the head. A ``start`` past the head, or after ``end``,
+    is a mistaken range, not a broken chain: VALIDATION_FAILED naming ``start``.
     """
+    for name, bound in (("start", start), ("end", end)):
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_BIGINT
+        ):
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"{name} must be a position (an int from 1) or None, got {shown(bound)}",
+                {"field": name},
+            )
+    if start is not None and end is not None and start > end:
+        raise EventStoreError(
+            VALIDATION_FAILED,
+            f"start {start} is after end {end}: the range holds no position",
+            {"field": "start", "end": end},
+        )
     events = sql.Identifier(schema, "events")
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -119,9 +138,17 @@ def verify(
         if head_row is None or genesis_row is None:
             raise EventStoreError("STORAGE_ERROR", "the head or chain row is missing")
         head, head_hash = int(head_row[0]), bytes(head_row[1])
+        if start is not None and start > head:
+            # Nothing is stored there yet: a mistaken range, not a broken chain.
+            raise EventStoreError(
+                VALIDATION_FAILED,
+                f"start {start} is past the head, position {head}: there is nothing to verify"
+                " there yet",
+                {"field": "start", "head": head},
+            )
         files = [f for f in manifest(conn, schema, archives) if f.compacted]
         archived = files[-1].last_position if files else 0
-        first = shown = max(1, start or 1)
+        first = asked = max(1, start or 1)
         last = head if end is None else min(end, head)
         checked = 0
         if check_archives and files and first <= archived:
@@ -170,7 +197,7 @@ def verify(
             'SELECT position, event_id, event_type, "timestamp", tags, metadata, data, hash'
             " FROM {} WHERE position >= %s AND position <= %s ORDER BY position"
         ).format(events)
-        total = max(0, last - shown + 1)
+        total = max(0, last - asked + 1)
         chunks = copy_rows(
             conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
         )
@@ -222,4 +249,4 @@ def verify(
                 )
             if head == 0 and head_hash != prev_hash:
                 return _break(checked, 0, "the head's hash is not the genesis hash", first, last)
-    return IntegrityReport(True, checked, None, None, shown, last)
+    return IntegrityReport(True, checked, None, None, asked, last)

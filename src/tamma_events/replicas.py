@@ -69,22 +69,33 @@ class Replica:
         self.down = False
         self.reads = 0
         self.last_error: BaseException | None = None
+        #: Whether it answered the last time the store asked it anything (a read, or
+        #: `EventStore.measure_replicas`); None before the first time.
+        self.up: bool | None = None
+        #: Its replay lag as `EventStore.measure_replicas` last found it (None: unknown).
+        self.lag_bytes: int | None = None
+        self.lag_seconds: float | None = None
 
-    def status(self, primary: int | None = None, replay: Any = None) -> dict[str, Any]:
-        """What `EventStore.metrics` reports of it: from the primary's WAL position and the
-        replica's `REPLAY_LSN` row when both could be read, else as down."""
-        status: dict[str, Any] = {
+    def measured(self, primary: int | None, replay: Any) -> None:
+        """Note what measuring its lag found: its `REPLAY_LSN` row (None: it did not answer)
+        against the primary's WAL position (None: the primary did not answer)."""
+        if replay is None or replay[0] is None:
+            self.up = False
+            self.lag_bytes = self.lag_seconds = None
+            return
+        self.up = True
+        self.lag_bytes = max(primary - int(replay[0]), 0) if primary is not None else None
+        self.lag_seconds = float(replay[1] or 0)
+
+    def status(self) -> dict[str, Any]:
+        """What `EventStore.metrics` reports of it, as the store last found it."""
+        return {
             "name": self.name,
-            "up": False,
+            "up": self.up,
             "reads": self.reads,
-            "lag_bytes": None,
-            "lag_seconds": None,
+            "lag_bytes": self.lag_bytes,
+            "lag_seconds": self.lag_seconds,
         }
-        if primary is not None and replay is not None and replay[0] is not None:
-            status["up"] = True
-            status["lag_bytes"] = max(primary - int(replay[0]), 0)
-            status["lag_seconds"] = float(replay[1] or 0)
-        return status
 
     @property
     def left_out(self) -> bool:
@@ -167,6 +178,7 @@ class ReplicaSet:
         """Leave ``replica`` out for ``retry`` seconds."""
         replica.down_until = time.monotonic() + self.retry
         replica.last_error = exc
+        replica.up = False
         # What it had replayed is asked again when it is back (it may be another server).
         replica.replayed = 0
         if not replica.down:
@@ -180,6 +192,7 @@ class ReplicaSet:
 
     def served(self, replica: Replica) -> None:
         replica.reads += 1
+        replica.up = True
         if replica.down:
             replica.down = False
             logger.info(

@@ -40,6 +40,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import embedded
 from ._core import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_POOL_TIMEOUT,
     MAX_PAGE_SIZE,
     SCHEMA_ENV,
     Keyset,
@@ -48,6 +50,7 @@ from ._core import (
     Walk,
     check_size,
     check_size_any,
+    check_timeout,
     connection_kwargs,
     decode_document,
     decode_events,
@@ -59,6 +62,7 @@ from ._core import (
     server_wrote,
     storage_error,
     subscription_criteria,
+    unreachable,
 )
 from ._group import AppendRequest, GroupCommit
 from ._ops import Op, rollback, run
@@ -98,7 +102,15 @@ from .schema import require_current_op
 from .sql import after_position, query_shape
 from .stream import Listener, Subscription, check_subscription_options, connection_lost
 
-__all__ = ["DSN_ENV", "MAX_PAGE_SIZE", "SCHEMA_ENV", "EventStore", "Transaction"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_TIMEOUT",
+    "DSN_ENV",
+    "MAX_PAGE_SIZE",
+    "SCHEMA_ENV",
+    "EventStore",
+    "Transaction",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +164,13 @@ class EventStore(StoreCore):
 
     Connections come from a `psycopg_pool.ConnectionPool` of ``min_connections`` to
     ``max_connections``, each replaced after ``max_lifetime`` seconds or ``max_idle`` seconds
-    unused; a call waits up to ``connect_timeout`` seconds for one, then fails with
-    ``STORAGE_ERROR``. ``pool`` lets a caller share its own pool instead; the store then sets
-    ``autocommit`` on the connections it borrows. `pool_stats` reports the pool.
+    unused; a call waits up to ``pool_timeout`` seconds for one, then fails with
+    ``STORAGE_ERROR``. Opening the store connects once first: a server that refuses the
+    connection or gives no answer within ``connect_timeout`` seconds (5 by default; it also
+    bounds each later connection attempt) fails it at once with one ``STORAGE_ERROR`` naming
+    the host and port; connections lost later are retried by the pool. ``pool`` lets a caller
+    share its own pool instead; the store then sets ``autocommit`` on the connections it
+    borrows. `pool_stats` reports the pool.
 
     ``replicas`` are DSNs of streaming replicas of the server: queries, streams and exports go
     to them in turn, reading your own writes unless ``consistency="eventual"`` (see
@@ -164,7 +180,8 @@ class EventStore(StoreCore):
     turns the cache off); see `tamma_events.cache` for why a hit is never stale.
 
     Events compacted out of the log (`compact_events`) live in Parquet archives under
-    ``archive_dir`` (default: ``archives/<schema>`` in the user data directory).
+    ``archive_dir`` (default: `default_archive_dir`, ``archives/<schema>`` in the embedded
+    server's data directory, or in the user data directory for a server at a DSN).
 
     `metrics` counts what the store does; `prometheus_registry` exposes it to Prometheus.
 
@@ -179,7 +196,8 @@ class EventStore(StoreCore):
         pool: ConnectionPool[Any] | None = None,
         min_connections: int = 1,
         max_connections: int = 10,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
         data_dir: str | os.PathLike[str] | None = None,
@@ -222,6 +240,8 @@ class EventStore(StoreCore):
         self._subscriptions_lock = threading.Lock()
         self._registry: Any = None
         self.embedded: embedded.EmbeddedServer | None = None
+        connect_timeout = check_timeout("connect_timeout", connect_timeout)
+        pool_timeout = check_timeout("pool_timeout", pool_timeout)
         settings: dict[str, Any] = {
             "min_size": min_connections,
             "max_size": max_connections,
@@ -242,12 +262,24 @@ class EventStore(StoreCore):
                 ConnectionPool,
                 dsn,
                 f"tamma-events:{self.schema}",
-                timeout=connect_timeout,
+                connect_timeout,
+                timeout=pool_timeout,
                 **settings,
             )
             self._owns_pool = True
             try:
+                # One connection first: a server that is not there is one clear error now,
+                # not the pool's retries until its timeout.
+                try:
+                    psycopg.connect(
+                        dsn, **connection_kwargs(dsn, connect_timeout=connect_timeout)
+                    ).close()
+                except psycopg.OperationalError as exc:
+                    raise unreachable(exc, dsn, connect_timeout).with_traceback(None) from None
                 self._pool.open(wait=True, timeout=connect_timeout)
+            except EventStoreError:
+                self._pool.close()
+                raise
             except Exception as exc:
                 self._pool.close()
                 raise storage_error(
@@ -259,6 +291,7 @@ class EventStore(StoreCore):
                 ConnectionPool,
                 replica_dsn,
                 f"tamma-events:{self.schema}:replica",
+                connect_timeout,
                 timeout=replica_timeout,
                 **settings,
             )
@@ -458,14 +491,20 @@ class EventStore(StoreCore):
         kind), ``cache``, ``pool`` (see `pool_stats`), ``subscriptions`` (open, lag in
         positions and seconds), ``replicas`` (each: up, reads served, replay lag in bytes and
         seconds) and ``replica_fallbacks``. Latencies are histograms: ``count``, ``sum`` and
-        cumulative ``buckets`` by upper bound in seconds."""
+        cumulative ``buckets`` by upper bound in seconds.
+
+        It reads what the store counted and asks the database nothing: ``up`` says whether a
+        replica answered the last time the store asked it anything (None before that), and its
+        lag is the one `measure_replicas` last found (None before that)."""
         with self._subscriptions_lock:
             positions = [s.position for s in self._subscriptions if not s.stopped]
-        replicas = self._replica_statuses()
+        replicas = [r.status() for r in self._replicas.members]
         return self._snapshot(self.pool_stats(), self._listener, positions, replicas)
 
-    def _replica_statuses(self) -> list[dict[str, Any]]:
-        """Each replica's status, against one reading of the primary's WAL position."""
+    def measure_replicas(self) -> list[dict[str, Any]]:
+        """Ask each replica how far behind the primary it is now (one query to the primary
+        and one to each replica that is not left out for failing) and return what `metrics`
+        then reports of them: ``up``, ``reads``, ``lag_bytes`` and ``lag_seconds``."""
         if not self._replicas:
             return []
         try:
@@ -473,24 +512,28 @@ class EventStore(StoreCore):
                 primary: int | None = run(conn, wal_position())
         except (psycopg.Error, EventStoreError):
             primary = None
-        return [self._replica_status(r, primary) for r in self._replicas.members]
-
-    def _replica_status(self, replica: Replica, primary: int | None) -> dict[str, Any]:
-        if replica.left_out or primary is None:
-            return replica.status()  # not asked again until its retry is due
-        try:
-            with live_connection(replica.pool, self._replicas.timeout) as conn:
-                return replica.status(primary, run(conn, replay_state()))
-        except (psycopg.Error, PoolTimeout, EventStoreError):
-            return replica.status()
+        for replica in self._replicas.members:
+            if replica.left_out:
+                continue  # not asked again until its retry is due
+            try:
+                with live_connection(replica.pool, self._replicas.timeout) as conn:
+                    replica.measured(primary, run(conn, replay_state()))
+            except (psycopg.Error, PoolTimeout, EventStoreError):
+                replica.measured(primary, None)
+        return [r.status() for r in self._replicas.members]
 
     @property
     def prometheus_registry(self) -> Any:
-        """A ``prometheus_client.CollectorRegistry`` of the store's own, collecting `metrics`
-        at each scrape: serve it with ``prometheus_client.generate_latest(registry)`` (the
-        web app does, at ``/metrics``)."""
+        """A ``prometheus_client.CollectorRegistry`` of the store's own: each scrape measures
+        the replicas' lag (`measure_replicas`) and collects `metrics`. Serve it with
+        ``prometheus_client.generate_latest(registry)`` (the web app does, at ``/metrics``)."""
         if self._registry is None:
-            self._registry = prometheus_registry(self.metrics)
+
+            def scrape() -> dict[str, Any]:
+                self.measure_replicas()
+                return self.metrics()
+
+            self._registry = prometheus_registry(scrape)
         return self._registry
 
     # -- appends ---------------------------------------------------------------------------
@@ -1065,8 +1108,8 @@ class EventStore(StoreCore):
         """Move the events recorded before ``before`` out of PostgreSQL into verified Parquet
         archives; returns how many events left the log (see `tamma_events.archive`).
 
-        Files go to ``archive_dir`` (default: the store's, else ``archives/<schema>`` in the
-        user data directory), at most ``file_events`` events each. It is idempotent and safe to
+        Files go to ``archive_dir`` (default: the store's, else `default_archive_dir`), at
+        most ``file_events`` events each. It is idempotent and safe to
         interrupt: run it again to finish. Only the role that owns the schema can compact (the
         application role of `grant_app_role` cannot delete). ``progress(done, total)`` follows
         the events archived; ``fault(step, first, last)`` is called after each step of each

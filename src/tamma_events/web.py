@@ -97,7 +97,7 @@ def create_app(
             size = _integer(params.pop("page_size", None), "page_size", page_size)
             assert size is not None
             token_ = _single(params.pop("token", None), "token")
-            event_filter = filter_from_params(params)
+            event_filter = filter_from_params(params, others=("page_size", "token"))
             page = await run_in_threadpool(
                 lambda: store.get_page(event_filter, page_size=size, token=token_)
             )
@@ -112,7 +112,7 @@ def create_app(
             last_event_id = request.headers.get("last-event-id")
             if last_event_id:
                 after = _integer([last_event_id], "Last-Event-ID", None)
-            event_filter = filter_from_params(params, ordered=False)
+            event_filter = filter_from_params(params, ordered=False, others=("after",))
             if after is None:
                 after = await run_in_threadpool(store.head)
             subscription = store.subscribe(event_filter, after=after, buffer=buffer)
