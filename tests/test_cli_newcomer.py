@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -101,7 +102,10 @@ def test_a_second_demo_says_it_waits_for_the_first(
         )
         try:
             assert demo.stdout is not None
-            first = demo.stdout.readline()  # the demo is blocked until the lock goes
+            # The demo is blocked until the lock goes; a bound for a hang before its first line.
+            ready, _, _ = select.select([demo.stdout], [], [], HANG)
+            assert ready, "the demo printed nothing"
+            first = demo.stdout.readline()
             assert first == (
                 f"a demo is already running in schema {schema} on this server: waiting for it"
                 " to finish (Ctrl-C to stop; --schema NAME runs one beside it)\n"
@@ -132,7 +136,7 @@ def test_the_demo_honours_the_global_schema_and_resets_only_its_own(
             store.append(DomainEvent("Precious"))
         refused = cli("--schema", mine, "demo", "--events", "100", env=env)
         assert refused.returncode == 2, refused
-        assert f"schema {mine} exists and was not made by the demo" in refused.stderr
+        assert f"schema {mine} exists and was not made by this demo" in refused.stderr
         with EventStore(pg_dsn, schema=mine, migrate=False) as store:
             assert [e.event_type for e in store.read()] == ["Precious"]
     finally:
@@ -149,6 +153,9 @@ def test_the_demo_honours_the_global_schema_and_resets_only_its_own(
     assert row == (DEMO_MARK,)
     again = cli("demo", "--events", "200", env={**env, "TAMMA_EVENTS_SCHEMA": schema})
     assert again.returncode == 0, again
+    named = cli("demo", "--events", "10", env={**env, "TAMMA_EVENTS_SCHEMA": "public"})
+    assert named.returncode == 2
+    assert "schema public (from $TAMMA_EVENTS_SCHEMA) exists" in named.stderr, named
     with EventStore(pg_dsn, schema=schema, migrate=False) as store:
         assert store.head() == 202
 
@@ -156,8 +163,9 @@ def test_the_demo_honours_the_global_schema_and_resets_only_its_own(
 def test_archives_follow_the_data_dir_and_a_new_demo_removes_its_old_ones(
     tmp_path: Path,
 ) -> None:
-    """No DSN: the embedded server of --data-dir. `compact` writes to archives/<schema> in that
-    data directory, and the next demo, which resets its schema, removes those archives too."""
+    """No DSN: the embedded server of --data-dir. `compact` writes to <data dir>-archives/
+    <schema> beside that data directory, and the next demo, which resets its schema, removes
+    those archives too."""
     data = tmp_path / "pg"
     env = _no_dsn_env()
     base = ["--data-dir", str(data)]
@@ -167,7 +175,7 @@ def test_archives_follow_the_data_dir_and_a_new_demo_removes_its_old_ones(
     compacted = cli(*base, "--schema", "tamma_demo", "compact", "--before", before, env=env)
     assert compacted.returncode == 0, compacted
     assert "compacted 1,002 events" in compacted.stdout
-    archives = data / "archives" / "tamma_demo"
+    archives = tmp_path / "pg-archives" / "tamma_demo"
     assert len(list(archives.glob("events-*.parquet"))) == 1
     again = cli(*base, "demo", "--events", "1000", env=env)
     assert again.returncode == 0, again
@@ -300,6 +308,27 @@ def test_a_reader_that_went_away_is_not_an_error(filled: dict[str, str], args: l
         os.close(write)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr, done.stderr
+
+
+def test_a_reader_that_went_away_leaves_a_failure_a_failure(filled: dict[str, str]) -> None:
+    """Output that nobody reads any more does not turn a failed command into a success: bad
+    input appended with its report going to a closed pipe still exits 1, and writes nothing."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [str(SCRIPT), "append"],
+            input=b'{"event_type": ""}\n',
+            stdout=write,
+            stderr=write,
+            env=filled,
+            timeout=HANG,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    with EventStore(filled["TAMMA_EVENTS_DSN"], schema=filled["TAMMA_EVENTS_SCHEMA"]) as store:
+        assert store.head() == 30
 
 
 def test_counts_are_said_in_words(filled: dict[str, str], tmp_path: Path) -> None:

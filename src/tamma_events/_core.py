@@ -155,6 +155,19 @@ def connection_kwargs(
     return kwargs
 
 
+def _waited(dsn: str, connect_timeout: float) -> float:
+    """How long libpq waits for a server given ``dsn`` and the store's ``connect_timeout``:
+    the DSN's own ``connect_timeout`` when it sets one, else the store's, in whole seconds and
+    at least 2 (`connection_kwargs`)."""
+    own = _dsn_params(dsn).get("connect_timeout")
+    try:
+        if own is not None and float(own) > 0:
+            return float(max(2, int(float(own))))
+    except ValueError:
+        pass
+    return float(max(2, math.ceil(connect_timeout)))
+
+
 def check_timeout(name: str, value: object) -> float:
     """``value`` as a number of seconds, finite and positive, else VALIDATION_FAILED."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -184,12 +197,20 @@ def server_address(dsn: str) -> str:
     """Where ``dsn`` points, as libpq reads it (the DSN, then ``$PGHOST``/``$PGPORT``):
     ``host:port``, or the Unix socket's path. Never the password."""
     params = _dsn_params(dsn)
-    host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "")
+    host = str(
+        params.get("host")
+        or params.get("hostaddr")
+        or os.environ.get("PGHOST")
+        or os.environ.get("PGHOSTADDR")
+        or ""
+    )
     port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
     if not host:
         return f"the default Unix socket (port {port})"
     if host.startswith("/") or host.startswith("@"):
         return f"the Unix socket {host.rstrip('/')}/.s.PGSQL.{port}"
+    if ":" in host and "," not in host:
+        return f"[{host}]:{port}"  # an IPv6 address
     return f"{host}:{port}"
 
 
@@ -207,7 +228,7 @@ def unreachable(exc: BaseException, dsn: str, timeout: float) -> EventStoreError
     reason = reason.strip().rstrip(".")
     lowered = reason.lower()
     if "timeout" in lowered or "timed out" in lowered:
-        reason = f"no answer within {timeout:g} s"
+        reason = f"no answer within {_waited(dsn, timeout):g} s"
         check = "check the host and port, and that no firewall drops the connection"
     elif "password" in lowered or "authentication" in lowered:
         check = "check the user name and password"
@@ -1495,12 +1516,15 @@ class StoreCore:
 
     def default_archive_dir(self) -> Path:
         """Where `compact_events` writes archives when neither it nor the store is given a
-        directory: ``archives/<schema>`` in the embedded server's data directory when the store
-        runs on it (archives and log then live, and are backed up, together), else in the user
+        directory. On the embedded server, ``<data dir>-archives/<schema>`` beside its data
+        directory (``/srv/pg`` keeps its archives in ``/srv/pg-archives``): they follow the
+        data directory, and stay out of PostgreSQL's own files (which a base backup copies and
+        a throwaway server deletes). For a server at a DSN, ``archives/<schema>`` in the user
         data directory (``~/.local/share/tamma-events`` on Linux)."""
         embedded = getattr(self, "embedded", None)
         if embedded is not None:
-            return Path(embedded.data_dir) / "archives" / self.schema
+            data_dir = Path(embedded.data_dir)
+            return data_dir.with_name(f"{data_dir.name}-archives") / self.schema
         return Path(platformdirs.user_data_dir("tamma-events")) / "archives" / self.schema
 
     def _compact_on(

@@ -134,7 +134,8 @@ def measured(dsn: str) -> Iterator[Usage]:
         usage.wall_s = time.perf_counter() - started
         own_now, children_now = _client_cpu()
         own_s, children_s = own_now - own, children_now - children
-        if _resolved(own_s, _PROCESS_CLOCK) is not None or _resolved(children_s, 1 / _TICK):
+        resolved = (_resolved(own_s, _PROCESS_CLOCK), _resolved(children_s, 1 / _TICK))
+        if any(seconds is not None for seconds in resolved):
             usage.client_cpu_s = own_s + children_s
         else:
             usage.unresolved.append("client")

