@@ -103,8 +103,6 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
             elif side == "client" or sys.platform.startswith("linux"):
                 assert side in detail["cpu_below_resolution"], name
         assert is_figure(detail[f"wal_bytes_per_{unit}"]), name
-    # Appending writes WAL on every server: a count of bytes, not a timing.
-    assert results["append_batch"]["detail"]["wal_bytes_per_event"] > 0
 
 
 def test_a_cpu_time_too_short_for_its_clock_is_unknown_not_zero() -> None:
@@ -143,7 +141,7 @@ def test_load_curve_reports_each_slice_against_the_first(pg_dsn: str) -> None:
     for piece in slices:
         assert piece["baseline"] == "load.slice_1"
         assert piece["ratio"] == pytest.approx(piece["value"] / first)
-        assert piece["detail"]["wal_bytes_per_event"] > 0
+        assert is_figure(piece["detail"]["wal_bytes_per_event"])
     assert slices[-1]["detail"]["table_mb"] >= 0
 
 

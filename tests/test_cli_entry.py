@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,13 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
+from _cli_support import SCRIPT, cli, free_port
 from tamma_events import EventStore
 from tamma_events.cli import main
 from tamma_events.schema import drop
 
 pytestmark = pytest.mark.codec_neutral
 
-#: The console script of this environment (not ``python -m``: the entry point itself).
-SCRIPT = Path(sys.executable).with_name("tamma-events")
 
 #: The commands each test below runs: `test_every_command_has_an_entry_point_test` keeps this
 #: in step with the CLI.
@@ -51,21 +49,6 @@ COVERED = {
     "embedded stop",
     "embedded status",
 }
-
-
-def cli(
-    *args: str, env: dict[str, str], stdin: bytes | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    assert SCRIPT.exists(), f"the tamma-events console script is not installed at {SCRIPT}"
-    result = subprocess.run(
-        [str(SCRIPT), *args], input=stdin, capture_output=True, env=env, timeout=timeout
-    )
-    return subprocess.CompletedProcess(
-        result.args,
-        result.returncode,
-        result.stdout.decode(errors="replace"),
-        result.stderr.decode(errors="replace"),
-    )
 
 
 @pytest.fixture
@@ -302,9 +285,7 @@ def test_torture_finds_no_violation(env: dict[str, str], tmp_path: Path) -> None
 
 
 def test_serve_answers_until_interrupted(env: dict[str, str], tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
         server = subprocess.Popen(

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
-import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -19,26 +17,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from _cli_support import SCRIPT, cli, free_port
 from tamma_events import DomainEvent, EventStore
 from tamma_events.cli import DEMO_MARK
 from tamma_events.schema import drop
 
 pytestmark = pytest.mark.codec_neutral
 
-SCRIPT = Path(sys.executable).with_name("tamma-events")
 #: A bound for a hang, generous for a busy machine; never a measure of speed.
 HANG = 300
-
-
-def cli(
-    *args: str, env: dict[str, str], stdin: bytes | None = None
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [str(SCRIPT), *args], input=stdin, capture_output=True, env=env, timeout=HANG
-    )
-    return subprocess.CompletedProcess(
-        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
-    )
 
 
 @pytest.fixture
@@ -188,9 +175,7 @@ def test_archives_follow_the_data_dir_and_a_new_demo_removes_its_old_ones(
 
 
 def test_an_unreachable_server_is_one_line_naming_host_and_port() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**_no_dsn_env(), "TAMMA_EVENTS_DSN": f"postgresql://u:s3cr3t@127.0.0.1:{port}/x"}
     for command in (["stats"], ["query"], ["init"], ["demo", "--events", "10"]):
         done = cli(*command, env=env)

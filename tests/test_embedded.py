@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 
+from _cli_support import SCRIPT, free_port
 from tamma_events import embedded
 
 pytestmark = pytest.mark.codec_neutral
@@ -107,9 +107,6 @@ def test_keep_running_holds_for_a_process_that_opened_the_server_before(tmp_path
 
 # -- the server's lifetime when the processes using it are signalled -------------------------
 
-#: The console script of this environment.
-SCRIPT = Path(sys.executable).with_name("tamma-events")
-
 
 def _no_dsn_env() -> dict[str, str]:
     return {
@@ -138,9 +135,7 @@ def test_sigterm_ends_serve_like_ctrl_c_and_stops_the_server_it_started(tmp_path
     SIGINT does: the embedded server it started is stopped and it is no longer counted as a
     user; the commands after it start and stop the server as usual."""
     data = tmp_path / "pg"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
         serve = subprocess.Popen(

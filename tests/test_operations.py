@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from _cli_support import free_port
 from _web_support import LiveServer
 from tamma_events import (
     APPEND_CONDITION_FAILED,
@@ -71,13 +72,6 @@ def test_pool_settings_and_stats(make_store: Callable[..., EventStore]) -> None:
 # -- a server that is not there ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A loopback port nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def _silent_server() -> Iterator[int]:
     """A loopback port that accepts TCP connections (the kernel completes them) and never says
@@ -101,7 +95,7 @@ def test_a_refused_connection_is_one_clear_error_and_no_pool_retries(
     names the host and port, without the password, and says what to check. The pool never
     starts retrying: its retries are for connections lost later."""
     caplog.set_level(logging.INFO, logger="psycopg.pool")
-    port = _free_port()
+    port = free_port()
     dsn = f"postgresql://u:s3cr3t-pw@127.0.0.1:{port}/x"
     with pytest.raises(EventStoreError) as info:
         if kind == "sync":

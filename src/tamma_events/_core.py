@@ -151,8 +151,13 @@ def connection_kwargs(
     if "application_name" not in params:
         kwargs["application_name"] = application_name
     if connect_timeout is not None and "connect_timeout" not in params:
-        kwargs["connect_timeout"] = max(2, math.ceil(connect_timeout))
+        kwargs["connect_timeout"] = _libpq_seconds(connect_timeout)
     return kwargs
+
+
+def _libpq_seconds(timeout: float) -> int:
+    """A connect timeout as libpq counts it: whole seconds, at least 2."""
+    return max(2, math.ceil(timeout))
 
 
 def _waited(dsn: str, connect_timeout: float) -> float:
@@ -162,10 +167,10 @@ def _waited(dsn: str, connect_timeout: float) -> float:
     own = _dsn_params(dsn).get("connect_timeout")
     try:
         if own is not None and float(own) > 0:
-            return float(max(2, int(float(own))))
+            return float(_libpq_seconds(int(float(own))))
     except ValueError:
         pass
-    return float(max(2, math.ceil(connect_timeout)))
+    return float(_libpq_seconds(connect_timeout))
 
 
 def check_timeout(name: str, value: object) -> float:

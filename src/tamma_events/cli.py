@@ -400,8 +400,8 @@ def demo(ctx: click.Context, count: int, batch_size: int, schema: str | None) ->
             source = f" (from ${SCHEMA_ENV})"
     with _failures():
         dsn = obj.dsn or embedded.start(obj.data_dir).dsn
-        with _demo_turn(obj, dsn, schema):
-            _reset_demo_schema(obj, dsn, schema, source)
+        with _demo_turn(obj, dsn, schema) as conn:
+            _reset_demo_schema(conn, schema, source)
             store = obj.open(schema=schema)
             with store:
                 where = (
@@ -439,10 +439,11 @@ def demo(ctx: click.Context, count: int, batch_size: int, schema: str | None) ->
 
 
 @contextmanager
-def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[None]:
+def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[psycopg.Connection[Any]]:
     """The demo's turn on ``schema``: a session advisory lock held for the whole demo, so that
     a second demo started meanwhile (in another terminal, say) waits instead of resetting the
-    schema under the first one's feet. The lock goes with the session if the process dies."""
+    schema under the first one's feet. The lock goes with the session if the process dies.
+    Yields that session, for the reset."""
     key = f"tamma-events demo:{schema}"
     with obj.connect(dsn) as conn:
         with _storage("taking the demo's turn", schema=schema):
@@ -455,7 +456,7 @@ def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[None]:
                 )
                 conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
         try:
-            yield
+            yield conn
         finally:
             try:
                 conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
@@ -463,14 +464,14 @@ def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[None]:
                 pass  # a lost session took its lock with it
 
 
-def _reset_demo_schema(obj: _Context, dsn: str, schema: str, source: str) -> None:
+def _reset_demo_schema(conn: psycopg.Connection[Any], schema: str, source: str) -> None:
     """Drop the demo's schema and make it anew, marked as the demo's, then delete the archive
     files its manifest listed. A schema that exists and was not made by the demo is refused:
     whatever --schema or $TAMMA_EVENTS_SCHEMA says, the demo never drops a store it did not
     make. (``source`` says where the schema's name came from, for that error.)"""
     name = sql.Identifier(schema)
     files: list[Path] = []
-    with obj.connect(dsn) as conn, _storage("resetting the demo's schema", schema=schema):
+    with _storage("resetting the demo's schema", schema=schema):
         row = conn.execute(
             "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
             [schema],
