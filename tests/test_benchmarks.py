@@ -57,6 +57,14 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
         "4",
         "--per-thread",
         "5",
+        "--tasks",
+        "8",
+        "--per-task",
+        "3",
+        "--processes",
+        "2",
+        "--process-threads",
+        "2",
         "--samples",
         "3",
         "--seconds",
@@ -70,9 +78,16 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
         "append_batch.vs.executemany": "executemany",
         "append_batch.vs.eventsourcing.application": "eventsourcing.application",
         "append_batch.vs.eventsourcing.dcb": "eventsourcing.dcb",
-        "append.conditional": "commit_floor",
-        "append.conditional.threads": "append.conditional",
+        "append_batch.vs.copy_indexed": "copy_indexed",
+        "append_batch.vs.umadb": "umadb.batches",
+        "append.conditional": "lean.conditional",
+        "append.threads": "lean.threads",
+        "append.conditional.threads": "commit_floor",
+        "append.async_tasks": "commit_floor",
+        "append.processes": "commit_floor",
         "append.conditional.vs.eventsourcing.dcb": "eventsourcing.dcb.conditional",
+        "append.conditional.vs.umadb": "umadb.conditional",
+        "append.threads.vs.umadb": "umadb.threads",
         "verify": "read",
         "export_arrow": "adbc_fetch_arrow_table",
         "query.by_issue": "round_trip",
@@ -89,8 +104,12 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
         else:
             base = results[baseline]["value"]
             assert result["ratio"] == pytest.approx(result["value"] / base, rel=1e-6), name
-    for name in ("copy_to", "commit_floor", "load", "append.threads", "read"):
+    for name in ("copy_to", "commit_floor", "load", "read"):
         assert is_figure(results[name]["value"]), name
+    # The invariants the append measures hold while they are timed.
+    assert results["append.conditional.threads"]["detail"]["false_conflicts"] == 0
+    assert results["append.processes"]["detail"]["gapless"] is True
+    assert is_figure(results["lean.threads"]["detail"]["events_per_group"])
     # Resources per measure: client and server CPU (the server is local here, and its CPU is
     # read from /proc, so known on Linux only) and WAL. A CPU time too short for its clock is
     # None and said so, never a 0 made of rounding; whether it resolved depends on the machine.

@@ -275,6 +275,9 @@ def history(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[H
     schema = f"t_{uuid.uuid4().hex[:12]}"
     directory = tmp_path_factory.mktemp("archives")
     store = EventStore(pg_dsn, schema=schema, max_connections=12)
+    # No fold as the events load: the whole log is the summaries' unfolded tail when the
+    # compaction deletes its prefix, so the counts below hold only if it folds that tail first.
+    store._fold_due = lambda position: False  # type: ignore[method-assign]
     fresh: EventStore | None = None
     try:
         cut, stored = append_with_cut(store, EVENTS, ARCHIVED)

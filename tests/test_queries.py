@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import string
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta, timezone
@@ -830,6 +831,82 @@ def check_summaries(store: EventStore, events: list[SequencedEvent]) -> None:
     assert store.aggregate(None, "tag", tag_key="provider") == reference_aggregate(
         events, EventFilter(), "tag", "provider"
     )
+
+
+def _folded(store: EventStore) -> int:
+    """The last position the summary tables count (the tail after it is added up at read)."""
+    with psycopg.connect(store.dsn) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT folded FROM {}").format(sql.Identifier(store.schema, "summary_state"))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_summaries_are_exact_with_the_whole_log_unfolded_and_after_folding(
+    make_store: Callable[..., EventStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads add the unfolded tail to the folded summaries: the answers are the same with every
+    event in the tail, once it is folded, and with a new tail on top of folded summaries."""
+    store = make_store(cache_size=0)
+    monkeypatch.setattr(store, "_fold_due", lambda position: False)
+    append_fixture(store)
+    events = store.get_events()
+    assert _folded(store) == 0
+    check_summaries(store, events)
+    assert store.fold_summaries() == store.head() == _folded(store)
+    check_summaries(store, events)
+    late = BASE + 20 * DAY
+    store.append_batch(
+        [
+            DomainEvent("NewType", tags={"provider": "late", "n": str(n)}, timestamp=late)
+            for n in range(3)
+        ]
+    )
+    store.append(DomainEvent("IssueOpened", tags={"provider": "late"}, timestamp=late))
+    assert _folded(store) == len(events)
+    check_summaries(store, store.get_events())
+    assert store.fold_summaries() == len(events) + 4
+    check_summaries(store, store.get_events())
+
+
+def test_folds_racing_appends_and_each_other_count_every_event_once(
+    make_store: Callable[..., EventStore],
+) -> None:
+    """Appenders fold as their tail grows, in the background, while another store folds in a
+    loop: each event is counted once, whoever folded it."""
+    store = make_store(cache_size=0)
+    folder = make_store(schema=store.schema, cache_size=0)
+    done = threading.Event()
+    folds: list[int] = []
+
+    def fold() -> None:
+        while not done.is_set():
+            folds.append(folder.fold_summaries())
+
+    def append(k: int) -> None:
+        for n in range(40):
+            if n % 10 == 0:
+                store.append_batch(
+                    [DomainEvent("Batched", tags={"thread": str(k)}) for _ in range(30)]
+                )
+            else:
+                store.append(DomainEvent("Single", tags={"thread": str(k), "n": str(n % 3)}))
+
+    folding = threading.Thread(target=fold)
+    folding.start()
+    appenders = [threading.Thread(target=append, args=(k,)) for k in range(4)]
+    for t in appenders:
+        t.start()
+    for t in appenders:
+        t.join()
+    done.set()
+    folding.join()
+    assert folds and folds == sorted(folds)
+    check_summaries(store, store.get_events())
+    store.fold_summaries()
+    assert _folded(store) == store.head() == 4 * (36 + 4 * 30)
+    check_summaries(store, store.get_events())
 
 
 def test_summaries_after_failed_writes(make_store: Callable[..., EventStore]) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from unittest import mock
 
+import msgspec
 import psycopg
 import pytest
 from psycopg import sql
@@ -23,8 +24,10 @@ from tamma_events import (
     EventFilter,
     EventStore,
     EventStoreError,
+    _codec,
 )
 from tamma_events import schema as schema_module
+from tamma_events._pycodec import json_rows
 from tamma_events.schema import drop
 
 
@@ -123,6 +126,24 @@ def test_a_refilled_schema_at_the_same_position_is_not_served_from_the_cache(
         drop(pg_dsn, name)
 
 
+def _append_at_version_3(store: EventStore, events: list[DomainEvent]) -> None:
+    """Append ``events`` through the append function of a schema at version 3."""
+    batch = _codec.prepare(events)
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "SELECT {}(%s::integer[], %s::jsonb[], %s::jsonb, %s::bytea, %s::integer[])"
+            ).format(sql.Identifier(store.schema, "append_group")),
+            [
+                [batch.count],
+                [None],
+                msgspec.json.encode(json_rows(batch)).decode(),
+                bytes(batch.buffer),
+                list(batch.offsets),
+            ],
+        )
+
+
 def test_a_role_granted_before_the_summaries_can_query_after_the_upgrade(pg_dsn: str) -> None:
     name = f"t_{uuid.uuid4().hex[:12]}"
     role = f"tamma_app_{uuid.uuid4().hex[:8]}"
@@ -131,10 +152,11 @@ def test_a_role_granted_before_the_summaries_can_query_after_the_upgrade(pg_dsn:
         with mock.patch.object(schema_module, "migrations", lambda: before):
             old = EventStore(pg_dsn, schema=name)
         with old:
-            # One by one: single events go through version 3's own append_group, which moves
-            # the head itself (this package's batches need the head trigger of version 9).
-            for n in range(5):
-                old.append(DomainEvent("IssueCreated", tags={"issueId": f"I-{n}"}))
+            # Through version 3's own append_group, which moves the head itself (this
+            # package's appends need the functions and the head trigger of later versions).
+            _append_at_version_3(
+                old, [DomainEvent("IssueCreated", tags={"issueId": f"I-{n}"}) for n in range(5)]
+            )
             old.grant_app_role(role)
             assert old.migrate() == [m.version for m in schema_module.migrations()][3:]
         dsn = psycopg.conninfo.make_conninfo(pg_dsn, options=f"-c role={role}")

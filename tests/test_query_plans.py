@@ -302,9 +302,9 @@ def test_dcb_reads_are_planned_for_their_values_not_prepared(
 
 def test_dcb_conditions_are_checked_with_plans_for_their_values(make_store: Any) -> None:
     """A condition checked with a generic plan ("no event of type T with tag K") walks every
-    event of type T; with a plan for its values it looks K up in the GIN index. append_group
-    (single appends) plans its statements for their values at every call, and the separate
-    check statement of larger groups and transactions is never prepared."""
+    event of type T; with a plan for its values it looks K up in the GIN index. The checks of
+    append_group (small appends and groups) are planned for their values at every call, and the
+    separate check statement of large batches and transactions is never prepared."""
     from tamma_events import AppendCondition, DomainEvent, Query
     from tamma_events.sql import condition_check
 
@@ -325,7 +325,7 @@ def test_dcb_conditions_are_checked_with_plans_for_their_values(make_store: Any)
         ).fetchone()
         config = conn.execute(
             "SELECT proconfig, prosrc FROM pg_proc WHERE oid = %s::regprocedure",
-            [f'"{store.schema}".append_group(integer[], jsonb[], jsonb, bytea, integer[])'],
+            [f'"{store.schema}".condition_violated(bigint, jsonb)'],
         ).fetchone()
         # The check's plan, where the statistics know nothing of the 300 events of the type
         # yet: through the tags, not through every event of the type.

@@ -81,6 +81,10 @@ KNOWN = {
     "type_summary",
     "tag_summary",
     "time_summary",
+    "summary_state",
+    "type_totals",
+    "tag_totals",
+    "time_totals",
     "archives",
     "archived_events",
     "event_index",
@@ -357,8 +361,10 @@ def test_app_role_holds_only_the_documented_privileges(
             [app_role.role, app_role.login],
         ).fetchall()
         assert [row[1:] for row in attributes] == [(False,) * 5] * 2
-        # The functions that run with the owner's rights: two triggers (they cannot be called
-        # directly) and the head's lock, which only locks and reads it. Each search path puts
+        # The functions that run with the owner's rights: a trigger (it cannot be called
+        # directly); the head's lock, which only locks and reads it; the append function,
+        # which writes events only at the next positions it takes under that lock; and the
+        # summaries' fold, which writes only what it counts from the log. Each search path puts
         # pg_temp last.
         definers = conn.execute(
             "SELECT proname, prorettype::regtype::text, proconfig FROM pg_proc"
@@ -367,11 +373,13 @@ def test_app_role_holds_only_the_documented_privileges(
         ).fetchall()
         assert [(name, returns) for name, returns, _ in definers] == [
             ("advance_head", "trigger"),
+            ("append_group", "bigint[]"),
+            ("fold_summaries", "bigint"),
             ("lock_head", "record"),
-            ("summarize_events", "trigger"),
         ]
         for _name, _returns, config in definers:
-            assert config == [f"search_path=pg_catalog, {filled.schema}, pg_temp"]
+            assert config[0] == f"search_path=pg_catalog, {filled.schema}, pg_temp"
+            assert set(config[1:]) <= {"plan_cache_mode=force_custom_plan"}
 
 
 def test_app_role_cannot_change_rows_of_any_table(
@@ -498,7 +506,7 @@ def test_app_role_cannot_change_the_schema(
             " WHERE pronamespace = %s::regnamespace",
             [filled.schema],
         ).fetchall()
-        assert {"append_group", "refuse_event_change", "guard_head", "summarize_events"} <= {
+        assert {"append_group", "refuse_event_change", "guard_head", "fold_summaries"} <= {
             signature.split(".", 1)[1].split("(")[0] for signature, _ in functions
         }
         for signature, definition in functions:
@@ -642,6 +650,30 @@ def test_a_row_written_elsewhere_than_the_head_is_refused(
     ):
         _insert(filled, app_role, position, FORGED_HASH)
     assert_untouched(filled, pg_dsn, before)
+
+
+@pytest.mark.parametrize("position", [EVENTS + 2, 3], ids=["a_gap", "stored"])
+def test_the_append_functions_setting_does_not_let_the_role_skip_the_head_trigger(
+    filled: EventStore, app_role: AppRole, pg_dsn: str, position: int
+) -> None:
+    """The append function's own INSERTs skip the head trigger (it moves the head itself):
+    only while its setting is on and the role is the owner. The application role turning the
+    setting on is still refused a row off the head, and the log is as it was."""
+    before = fingerprint(pg_dsn, filled.schema)
+    with psycopg.connect(app_role.dsn, autocommit=True) as conn:
+        conn.execute("SET tamma_events.appending = 'on'")
+        with pytest.raises(
+            (psycopg.errors.IntegrityConstraintViolation, psycopg.errors.UniqueViolation)
+        ):
+            conn.execute(
+                sql.SQL(
+                    'INSERT INTO {} (position, event_id, event_type, "timestamp", hash)'
+                    " VALUES (%s, gen_random_uuid(), 'Forged', now(), %s)"
+                ).format(sql.Identifier(filled.schema, "events")),
+                [position, FORGED_HASH],
+            )
+    assert_untouched(filled, pg_dsn, before)
+    assert filled.append(DomainEvent("After")) == EVENTS + 1
 
 
 def test_the_role_cannot_move_the_head(filled: EventStore, app_role: AppRole) -> None:

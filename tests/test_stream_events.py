@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from tamma_events import DomainEvent, EventFilter, EventStore, EventStoreError
@@ -160,15 +159,12 @@ def _stream_in_child(dsn: str, schema: str) -> tuple[int, int, float, float]:
 # in the native pass; the other tests of this module stream under each codec.
 @pytest.mark.slow
 @pytest.mark.codec_neutral
-def test_a_million_events_stream_in_constant_memory(store: EventStore, pg_dsn: str) -> None:
-    # The summaries play no part in a stream of the whole log; not keeping them makes loading
-    # a million events a third faster.
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("ALTER TABLE {} DISABLE TRIGGER events_summarize").format(
-                sql.Identifier(store.schema, "events")
-            )
-        )
+def test_a_million_events_stream_in_constant_memory(
+    store: EventStore, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The summaries play no part in a stream of the whole log: not folding them as the million
+    # events load makes loading faster (reads would still add up the tail, exactly).
+    monkeypatch.setattr(store, "_fold_due", lambda position: False)
     pad = "x" * 200
     for start in range(0, MILLION, 20_000):
         store.append_batch(

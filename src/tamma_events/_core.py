@@ -102,9 +102,13 @@ _COPY_SLICE = 1 << 20
 # Groups up to these sizes are written by the append function in one round trip. Measured here,
 # it saves a quarter of a single append's latency; from about four events (or requests) on, the
 # per-row work in PL/pgSQL and in building its parameters costs more than COPY's round trips.
-_FUNCTION_MAX_EVENTS = 2
-_FUNCTION_MAX_BYTES = 64 << 10
+_FUNCTION_MAX_EVENTS = 256
+_FUNCTION_MAX_BYTES = 256 << 10
 _GROUPS = ("event_type", "tag", "minute", "hour", "day")
+#: An append that ends this many events past the summaries' folded position folds them, after
+#: its commit and outside the head lock, in the background (schema/0010_lean_appends.sql): the
+#: tail that reads add up stays short, and each fold is worth its transaction.
+FOLD_EVENTS = 256
 #: The largest page `get_page` serves.
 MAX_PAGE_SIZE = 100_000
 
@@ -403,7 +407,7 @@ class _SortKey(msgspec.Struct):
 _decode_key = msgspec.json.Decoder(_SortKey).decode
 
 
-def _condition_json(condition: AppendCondition | None) -> str | None:
+def _condition_document(condition: AppendCondition | None) -> dict[str, Any] | None:
     """A (validated) condition as the append function takes it."""
     if condition is None:
         return None
@@ -416,7 +420,7 @@ def _condition_json(condition: AppendCondition | None) -> str | None:
         if item.tags:
             entry["tags"] = item.tags
         items.append(entry)
-    return msgspec.json.encode({"after": condition.after or 0, "items": items}).decode()
+    return {"after": condition.after or 0, "items": items}
 
 
 def _accept(requests: list[AppendRequest], head: int, verdicts: list[bool]) -> list[AppendRequest]:
@@ -644,6 +648,10 @@ class StoreCore:
         self._metrics = Metrics()
         # The benchmarks swap this for a sealer without the chain, to measure what it costs.
         self._seal = _codec.seal
+        #: The last folded position this store saw: the summaries' tail is folded once an
+        #: append of this store ends `FOLD_EVENTS` or more past it.
+        self._folded = 0
+        self._folding = False
 
     @property
     def impl(self) -> str:
@@ -842,6 +850,25 @@ class StoreCore:
                 except EventStoreError as exc:
                     request.fail(exc)
 
+    def _fold_due(self, position: int) -> bool:
+        """Whether an append that ended at ``position`` should start folding the summaries
+        (none is running here, and the tail may be long): the caller then runs `_op_fold`."""
+        if self._folding or position - self._folded < FOLD_EVENTS:
+            return False
+        self._folding = True
+        return True
+
+    def _op_fold(self, min_tail: int = FOLD_EVENTS, *, wait: bool = False) -> Op[int]:
+        """Fold the summaries' tail if it holds at least ``min_tail`` events (unless another
+        session is folding it and ``wait`` is false); returns the folded position. Clears the
+        flag `_fold_due` set."""
+        try:
+            row = yield Run(self._statements.fold_summaries, [min_tail, wait], fetch="one")
+        finally:
+            self._folding = False
+        self._folded = max(self._folded, int(row[0]))
+        return self._folded
+
     def _op_note_commit(self) -> Op[None]:
         """With replicas, note the primary's WAL position after a commit: reads wait for a
         replica to have replayed it (read your writes)."""
@@ -857,20 +884,19 @@ class StoreCore:
             self._replicas.wrote(int(row[0]))
 
     def _op_write_by_function(self, requests: list[AppendRequest]) -> Op[None]:
-        """One statement, in autocommit: ``append_group`` (schema/0003_append_function.sql)."""
-        counts: list[int] = []
-        conditions: list[str | None] = []
+        """One statement, in autocommit: ``append_group`` (schema/0010_lean_appends.sql)."""
+        described: list[list[Any]] = []
         events: list[list[Any]] = []
         rows = bytearray()
         offsets = [0]
         for request in requests:
-            counts.append(request.count)
-            conditions.append(_condition_json(request.condition))
+            described.append([request.count, _condition_document(request.condition)])
             events += json_rows(request.batch)
             base = len(rows)
             rows += request.batch.buffer
             offsets += [base + offset for offset in request.batch.offsets[1:]]
-        params = [counts, conditions, msgspec.json.encode(events).decode(), bytes(rows), offsets]
+        document = {"requests": described, "offsets": offsets, "events": events}
+        params = [msgspec.json.encode(document).decode(), bytes(rows)]
         result = yield Run(self._statements.append_group, params, fetch="one")
         if result is None:  # pragma: no cover - the function always returns its array
             raise EventStoreError(STORAGE_ERROR, "the append function returned nothing")
@@ -1185,11 +1211,11 @@ class StoreCore:
             sql.SQL(
                 "SELECT event_type, count, first_timestamp, last_timestamp FROM {}"
                 " ORDER BY count DESC, event_type"
-            ).format(self._statements.type_summary)
+            ).format(self._statements.type_totals)
         )
         tags = yield Run(
             sql.SQL("SELECT count(DISTINCT key), count(*) FROM {}").format(
-                self._statements.tag_summary
+                self._statements.tag_totals
             ),
             fetch="one",
         )
@@ -1230,7 +1256,7 @@ class StoreCore:
         )
 
     def _op_event_types(self) -> Op[list[str]]:
-        text = sql.SQL("SELECT event_type FROM {} ORDER BY 1").format(self._statements.type_summary)
+        text = sql.SQL("SELECT event_type FROM {} ORDER BY 1").format(self._statements.type_totals)
 
         def compute() -> Op[list[str]]:
             return [row[0] for row in (yield Run(text))]
@@ -1240,7 +1266,7 @@ class StoreCore:
     def _op_tags(self) -> Op[dict[str, list[str]]]:
         text = sql.SQL(
             "SELECT key, array_agg(value ORDER BY value) FROM {} GROUP BY key ORDER BY key"
-        ).format(self._statements.tag_summary)
+        ).format(self._statements.tag_totals)
 
         def compute() -> Op[dict[str, list[str]]]:
             return {key: values for key, values in (yield Run(text))}

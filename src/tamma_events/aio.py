@@ -203,6 +203,7 @@ class AsyncEventStore(StoreCore):
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._registry: Any = None
         self._group = AsyncGroupCommit(self._write_group, max_group_events)
+        self._fold_task: asyncio.Task[None] | None = None
         self.embedded: embedded.EmbeddedServer | None = None
 
     def _make_pool(self, dsn: str, name: str, timeout: float) -> AsyncConnectionPool[Any]:
@@ -313,6 +314,7 @@ class AsyncEventStore(StoreCore):
         open)."""
         if self._closed:
             return
+        await self._join_fold()
         self._closed = True
         for subscription in list(self._subscriptions):
             subscription.stop()
@@ -525,7 +527,29 @@ class AsyncEventStore(StoreCore):
             self._metrics.append_failed(STORAGE_ERROR, time.perf_counter() - start)
             raise
         self._metrics.appended(len(batch), size, time.perf_counter() - start)
+        if conn is None and self._fold_due(position):
+            self._fold_task = asyncio.get_running_loop().create_task(self._fold_summaries())
         return position
+
+    async def _fold_summaries(self) -> None:
+        """`EventStore._fold_summaries`, as a task of the store's loop."""
+        try:
+            async with self._connection() as conn:
+                await run_async(conn, self._op_fold())
+        except Exception as exc:
+            self._folding = False
+            logger.warning("tamma-events: folding the query summaries failed: %s", exc)
+
+    async def fold_summaries(self) -> int:
+        """Fold every event appended so far into the query summaries now (see
+        `EventStore.fold_summaries`); returns the folded position."""
+        await self._join_fold()
+        return await self._run("fold", lambda: self._op_fold(0, wait=True))
+
+    async def _join_fold(self) -> None:
+        task = self._fold_task
+        if task is not None and task is not asyncio.current_task():
+            await asyncio.shield(task)
 
     async def _write_group(self, requests: list[AppendRequest]) -> None:
         """`EventStore._write_group` on an async connection."""

@@ -557,6 +557,17 @@ def _delete(conn: psycopg.Connection[Any], schema: str, file: ArchiveFile) -> in
     index = sql.Identifier(schema, "archived_events")
     archives = sql.Identifier(schema, "archives")
     with conn.transaction():
+        # The summaries count the archived events too: fold the tail before it leaves the log.
+        row = conn.execute(
+            sql.SQL("SELECT {}(0, true)").format(sql.Identifier(schema, "fold_summaries"))
+        ).fetchone()
+        if row is None or row[0] < file.last_position:
+            raise EventStoreError(
+                STORAGE_ERROR,
+                "the query summaries could not be folded before compacting (is the session"
+                " READ COMMITTED and read-write?); nothing was deleted",
+                {"first_position": file.first_position, "last_position": file.last_position},
+            )
         conn.execute(
             sql.SQL(
                 'INSERT INTO {} (position, event_id, event_type, "timestamp", tags)'

@@ -52,7 +52,7 @@ __all__ = [
     "measure_delivery",
     "measure_encode",
     "measure_export",
-    "measure_notify_cost",
+    "measure_fold",
     "measure_read_throughput",
     "measure_stream",
     "paced_writer",
@@ -64,7 +64,6 @@ __all__ = [
     "run_replica_suite",
     "run_stream_suite",
     "run_suite",
-    "without_summaries",
 ]
 
 
@@ -130,10 +129,15 @@ def measure_encode(
 
 
 def measure_copy_ceiling(
-    dsn: str, events: Sequence[DomainEvent], batch_size: int, schema: str
+    dsn: str,
+    events: Sequence[DomainEvent],
+    batch_size: int,
+    schema: str,
+    like: str | None = None,
 ) -> float:
     """Events/s of raw, pre-encoded binary COPY of the same rows, batch by batch, each batch a
-    durable commit, into a table with the store's columns and no index at all."""
+    durable commit, into a table with the store's columns and no index at all; or, with
+    ``like`` (a store's schema), with that store's indexes (and no trigger, chain or head)."""
     buffers = []
     last = _pycodec.GENESIS_HASH
     position = 1
@@ -146,14 +150,21 @@ def measure_copy_ceiling(
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {} (position bigint NOT NULL, event_id uuid NOT NULL,"
-                ' event_type text NOT NULL, "timestamp" timestamptz NOT NULL, tags jsonb NOT NULL,'
-                " metadata jsonb NOT NULL, data jsonb NOT NULL,"
-                " recorded_at timestamptz NOT NULL DEFAULT now(), hash bytea NOT NULL)"
-            ).format(table)
-        )
+        if like is not None:
+            conn.execute(
+                sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING INDEXES)").format(
+                    table, sql.Identifier(like, "events")
+                )
+            )
+        else:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (position bigint NOT NULL, event_id uuid NOT NULL,"
+                    ' event_type text NOT NULL, "timestamp" timestamptz NOT NULL,'
+                    " tags jsonb NOT NULL, metadata jsonb NOT NULL, data jsonb NOT NULL,"
+                    " recorded_at timestamptz NOT NULL DEFAULT now(), hash bytea NOT NULL)"
+                ).format(table)
+            )
         copy_sql = sql.SQL(
             'COPY {} (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
             " FROM STDIN (FORMAT BINARY)"
@@ -271,15 +282,15 @@ def measure_concurrent_appends(store: EventStore, threads: int, per_thread: int)
     )
 
 
-def without_summaries(store: EventStore) -> None:
-    """Stop the store's appends from maintaining the query summaries (a benchmark's baseline;
-    the summaries of that schema are wrong afterwards, so it is thrown away)."""
-    with psycopg.connect(store.dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("ALTER TABLE {} DISABLE TRIGGER events_summarize").format(
-                sql.Identifier(store.schema, "events")
-            )
-        )
+def measure_fold(store: EventStore, events: Sequence[DomainEvent], batch_size: int) -> float:
+    """Events/s of folding the query summaries: ``events`` appended with no fold on the way
+    (the tail grows), then one `EventStore.fold_summaries` over all of them, timed alone."""
+    store._fold_due = lambda position: False  # type: ignore[method-assign]
+    for start in range(0, len(events), batch_size):
+        store.append_batch(events[start : start + batch_size])
+    started = time.perf_counter()
+    store.fold_summaries()
+    return len(events) / (time.perf_counter() - started)
 
 
 def run_suite(
@@ -314,7 +325,7 @@ def run_suite(
     ceilings: list[float] = []
     appends: list[float] = []
     unchained: list[float] = []
-    unsummarised: list[float] = []
+    folds: list[float] = []
     verifies: list[float] = []
     reads: list[float] = []
     for r in range(rounds):
@@ -336,12 +347,9 @@ def run_suite(
                 measure_append_batch(store, fresh_ids(workload, 2 * r + 2), batch_size)
             )
         drop(dsn, schema)
-        progress(f"append_batch without the query summaries, round {r + 1}")
+        progress(f"folding the query summaries, round {r + 1}")
         with EventStore(dsn, schema=schema) as store:
-            without_summaries(store)
-            unsummarised.append(
-                measure_append_batch(store, fresh_ids(workload, 2 * r + 3), batch_size)
-            )
+            folds.append(measure_fold(store, fresh_ids(workload, 2 * r + 3), batch_size))
         drop(dsn, schema)
     ceiling = max(ceilings)
     append = max(appends)
@@ -372,12 +380,12 @@ def run_suite(
     )
     results.append(
         BenchResult(
-            "append_batch.summaries",
-            append,
+            "summaries.fold",
+            max(folds),
             "events/s",
-            "append_batch.no_summaries",
-            append / max(unsummarised),
-            {"no_summaries_rounds": [round(u) for u in unsummarised]},
+            "append_batch",
+            max(folds) / append,
+            {"rounds": [round(f) for f in folds]},
         )
     )
     results.append(
@@ -541,6 +549,7 @@ def load_query_store(
                     progress(f"loaded {n:,} events")
         if batch:
             store.append_batch(batch)
+        store.fold_summaries()
         with psycopg.connect(dsn, autocommit=True) as conn:
             for table in ("events", "type_summary", "tag_summary", "time_summary"):
                 conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, table)))
@@ -802,44 +811,17 @@ def measure_delivery(
     )
 
 
-def measure_notify_cost(dsn: str, count: int, rounds: int = 2) -> tuple[float, float]:
-    """Single conditional appends/s with the head's notification trigger and without it, on a
-    fresh schema, best of ``rounds`` alternating runs each."""
-    schema = f"bench_n_{uuid.uuid4().hex[:8]}"
-    best = {True: 0.0, False: 0.0}
-    try:
-        with (
-            EventStore(dsn, schema=schema, cache_size=0) as store,
-            psycopg.connect(dsn, autocommit=True) as conn,
-        ):
-            for r in range(rounds):
-                for notify in (True, False):
-                    action = sql.SQL("ENABLE" if notify else "DISABLE")
-                    conn.execute(
-                        sql.SQL("ALTER TABLE {} {} TRIGGER head_notify").format(
-                            sql.Identifier(schema, "head"), action
-                        )
-                    )
-                    rate = measure_conditional_appends(store, count, prefix=f"{r}{notify}")
-                    best[notify] = max(best[notify], rate)
-    finally:
-        drop(dsn, schema)
-    return best[True], best[False]
-
-
 def run_stream_suite(
     dsn: str,
     *,
     events: int = 1_000_000,
     rate: float = 10_000,
     seconds: float = 10.0,
-    conditional: int = 1_000,
     keep: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[BenchResult]:
-    """Subscription delivery latency under an append load, `stream_events` throughput over
-    ``events`` events, and what the notifications cost an append, each against a baseline
-    measured in the same run."""
+    """Subscription delivery latency under an append load and `stream_events` throughput over
+    ``events`` events, each against a baseline measured in the same run."""
     results: list[BenchResult] = []
     progress(f"delivery latency under {rate:,.0f} events/s for {seconds:.0f} s")
     schema = f"bench_s_{uuid.uuid4().hex[:8]}"
@@ -885,18 +867,6 @@ def run_stream_suite(
             "psycopg_server_cursor",
             streamed / cursor,
             {"events": events, "cursor_events_per_s": cursor},
-        )
-    )
-    progress("notification cost")
-    with_notify, without = measure_notify_cost(dsn, conditional)
-    results.append(
-        BenchResult(
-            "append.conditional.notify",
-            with_notify,
-            "appends/s",
-            "without_notify",
-            with_notify / without,
-            {"without_notify_per_s": round(without)},
         )
     )
     return results

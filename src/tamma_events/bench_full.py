@@ -15,6 +15,7 @@ the server's CPU is known only when it runs on this machine (otherwise it is rep
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -50,20 +51,37 @@ from .bench import (
     measure_verify,
     run_query_suite,
 )
+from .bench_peers import (
+    LeanStore,
+    measure_lean_conditional,
+    measure_lean_threads,
+    measure_umadb_batches,
+    measure_umadb_conditional,
+    measure_umadb_threads,
+    umadb_available,
+    umadb_server,
+)
+from .errors import APPEND_CONDITION_FAILED, STORAGE_ERROR, EventStoreError
 from .model import AppendCondition, DomainEvent, Query
 from .schema import drop
 from .store import EventStore
 from .workload import generate_events
 
 __all__ = [
+    "measure_async_appends",
     "measure_concurrent_conditional",
     "measure_eventsourcing_application",
     "measure_eventsourcing_dcb",
     "measure_eventsourcing_dcb_conditional",
     "measure_executemany",
+    "measure_process_appends",
     "run_full_suite",
     "run_load_curve",
 ]
+
+#: UmaDB's batches hold at most this many events: a call is one gRPC message, and 10k of these
+#: events approach gRPC's default limit of 4 MB.
+UMADB_BATCH = 1_000
 
 # -- peers ------------------------------------------------------------------------------------
 
@@ -262,17 +280,112 @@ def _codec_json() -> Callable[[Any], bytes]:
 # -- our own measures the other suites do not have --------------------------------------------
 
 
-def measure_concurrent_conditional(store: EventStore, threads: int, per_thread: int) -> float:
-    """Events/s of single appends, each under a DCB condition that holds (its own decision),
-    from ``threads`` threads at once."""
+def measure_concurrent_conditional(
+    store: EventStore, threads: int, per_thread: int
+) -> tuple[float, int]:
+    """Events/s of single appends from ``threads`` threads at once, each thread deciding about
+    its own issue: every append is conditional on no event of that issue after the last one
+    the thread appended (read, decide, append). Returns the rate and the false conflicts: the
+    appends refused although nothing else writes that issue (there should be none)."""
     salt = uuid.uuid4().hex[:6]
+    last = [0] * threads
+    conflicts = [0] * threads
 
     def decide(k: int, n: int) -> None:
-        tags = {"issueId": f"bench-{salt}-{k}-{n}"}
-        condition = AppendCondition(Query.of(types=["BenchDecided"], tags=tags))
-        store.append(DomainEvent("BenchDecided", {"n": n}, tags), condition)
+        tags = {"issueId": f"bench-{salt}-{k}"}
+        condition = AppendCondition(Query.of(types=["BenchDecided"], tags=tags), after=last[k])
+        try:
+            last[k] = store.append(DomainEvent("BenchDecided", {"n": n}, tags), condition)
+        except EventStoreError as exc:
+            if exc.code != APPEND_CONDITION_FAILED:
+                raise
+            conflicts[k] += 1
 
-    return concurrent_rate(threads, per_thread, decide)
+    return concurrent_rate(threads, per_thread, decide), sum(conflicts)
+
+
+def measure_async_appends(dsn: str, schema: str, tasks: int, per_task: int) -> float:
+    """Events/s of single `AsyncEventStore.append` calls from ``tasks`` tasks of one event loop
+    at once, each appending ``per_task`` events in turn."""
+    from .aio import AsyncEventStore
+
+    async def main() -> float:
+        async with AsyncEventStore(dsn, schema=schema, cache_size=0) as store:
+            start = asyncio.Event()
+
+            async def task(k: int) -> None:
+                await start.wait()
+                for n in range(per_task):
+                    await store.append(
+                        DomainEvent("BenchTicked", {"task": k, "n": n}, {"userId": f"u{k}"})
+                    )
+
+            running = [asyncio.ensure_future(task(k)) for k in range(tasks)]
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            start.set()
+            await asyncio.gather(*running)
+            return tasks * per_task / (time.perf_counter() - started)
+
+    return asyncio.run(main())
+
+
+def _process_appends(
+    dsn: str, schema: str, threads: int, per_thread: int, ready: Any, go: Any
+) -> None:
+    """One process of `measure_process_appends`: opens the store, says it is ready, waits for
+    the start, then appends from ``threads`` threads."""
+    with EventStore(dsn, schema=schema, cache_size=0, max_connections=threads + 2) as store:
+        store.append(DomainEvent("BenchWarmed", {}))  # the pool's first connection is open
+        ready.release()
+        go.wait()
+        measure_concurrent_appends(store, threads, per_thread)
+
+
+def measure_process_appends(
+    dsn: str, schema: str, processes: int, threads: int, per_thread: int
+) -> tuple[float, bool]:
+    """Events/s of single appends from ``processes`` processes of ``threads`` threads each, all
+    started at once (each process groups its own threads' appends); and whether the positions
+    of the store are gapless afterwards (the count of events equals the head)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Semaphore(0)
+    go = context.Event()
+    with EventStore(dsn, schema=schema, cache_size=0):
+        pass  # created once, before the processes open it
+    workers = [
+        context.Process(target=_process_appends, args=(dsn, schema, threads, per_thread, ready, go))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in workers:
+            if not ready.acquire(timeout=300):
+                raise EventStoreError(STORAGE_ERROR, "a benchmark process did not start")
+        started = time.perf_counter()
+        go.set()
+        for worker in workers:
+            worker.join(600)
+        elapsed = time.perf_counter() - started
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    failed = [worker.exitcode for worker in workers if worker.exitcode != 0]
+    if failed:
+        raise EventStoreError(STORAGE_ERROR, f"benchmark processes failed: exit codes {failed}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(max(position), 0), (SELECT position FROM {}) FROM {}"
+            ).format(sql.Identifier(schema, "head"), sql.Identifier(schema, "events"))
+        ).fetchone()
+    gapless = row is not None and row[0] == row[1] == row[2]
+    return processes * threads * per_thread / elapsed, gapless
 
 
 # -- the suite --------------------------------------------------------------------------------
@@ -304,6 +417,10 @@ def run_full_suite(
     conditional: int = 1_000,
     threads: int = 16,
     per_thread: int = 200,
+    tasks: int = 256,
+    per_task: int = 20,
+    processes: int = 4,
+    process_threads: int = 4,
     samples: int = 200,
     rate: float = 10_000,
     seconds: float = 10.0,
@@ -357,6 +474,10 @@ def run_full_suite(
                 with measured(dsn) as usage:
                     value = measure_append_batch(store, fresh_ids(workload, r + 1), batch_size)
                 keep_best("append_batch", value, usage)
+            progress(f"raw COPY, the store's indexes, round {r + 1}")
+            with measured(dsn) as usage:
+                value = measure_copy_ceiling(dsn, workload, batch_size, schema, like=schema)
+            keep_best("copy_indexed", value, usage)
             drop(dsn, schema)
             progress(f"psycopg executemany, round {r + 1}")
             with measured(dsn) as usage:
@@ -388,10 +509,31 @@ def run_full_suite(
             ceiling,
             batch_size=batch_size,
             events=append_events,
-            target_ratio=0.6,
+            target_ratio=0.4,
         )
     )
     results.append(_result("copy_ceiling", ceiling, "events/s", ceiling_usage, append_events))
+    indexed, indexed_usage = best["copy_indexed"]
+    results.append(
+        _result(
+            "copy_indexed",
+            indexed,
+            "events/s",
+            indexed_usage,
+            append_events,
+            what="raw binary COPY into a table with the store's indexes, no trigger",
+        )
+    )
+    results.append(
+        BenchResult(
+            "append_batch.vs.copy_indexed",
+            append_rate,
+            "events/s",
+            "copy_indexed",
+            append_rate / indexed,
+            {"target_ratio": 0.9},
+        )
+    )
     peers = [("executemany", "psycopg executemany, same indexes")]
     if have_peers:
         peers += [
@@ -418,18 +560,33 @@ def run_full_suite(
             )
         )
 
-    # Single appends: one client under conditions, 16 threads, against the commit floor.
+    # Single appends: one client under conditions, 16 threads, tasks and processes, against the
+    # commit floor, the lean baseline of the same design and the peers.
     progress("single-row durable commits")
     floor_schema = f"bench_{uuid.uuid4().hex[:10]}"
     with measured(dsn) as usage:
         floor = measure_commit_floor(dsn, min(conditional, 1_000), floor_schema)
     results.append(_result("commit_floor", floor, "commits/s", usage, min(conditional, 1_000)))
     schema = f"bench_{uuid.uuid4().hex[:10]}"
+    lean_schema = f"{schema}_lean"
     try:
         with EventStore(dsn, schema=schema, cache_size=0, max_connections=threads + 2) as store:
-            progress("conditional appends, one client")
-            with measured(dsn) as usage:
-                cond = measure_conditional_appends(store, conditional, uuid.uuid4().hex[:6])
+            lean = LeanStore(dsn, lean_schema, like=schema)
+            try:
+                progress("conditional appends, one client")
+                with measured(dsn) as usage:
+                    cond = measure_conditional_appends(store, conditional, uuid.uuid4().hex[:6])
+                progress("lean baseline: conditional appends, one client")
+                with measured(dsn) as lean_usage:
+                    lean_cond = measure_lean_conditional(lean, conditional, uuid.uuid4().hex[:6])
+                progress(f"single appends, {threads} threads")
+                with measured(dsn) as plain_usage:
+                    plain = measure_concurrent_appends(store, threads, per_thread)
+                progress(f"lean baseline: single appends, {threads} threads")
+                with measured(dsn) as lean_threads_usage:
+                    lean_plain, lean_group = measure_lean_threads(lean, threads, per_thread)
+            finally:
+                lean.close()
             results.append(
                 _result(
                     "append.conditional",
@@ -437,14 +594,43 @@ def run_full_suite(
                     "appends/s",
                     usage,
                     conditional,
-                    "commit_floor",
-                    floor,
-                    target=5_000,
+                    "lean.conditional",
+                    lean_cond,
+                    target_ratio=0.9,
+                    ratio_to_commit_floor=round(cond / floor, 3),
+                )
+            )
+            results.append(
+                _result("lean.conditional", lean_cond, "appends/s", lean_usage, conditional)
+            )
+            results.append(
+                _result(
+                    "append.threads",
+                    plain,
+                    "events/s",
+                    plain_usage,
+                    threads * per_thread,
+                    "lean.threads",
+                    lean_plain,
+                    threads=threads,
+                    target_ratio=1.5,
+                    ratio_to_commit_floor=round(plain / floor, 3),
+                )
+            )
+            results.append(
+                _result(
+                    "lean.threads",
+                    lean_plain,
+                    "events/s",
+                    lean_threads_usage,
+                    threads * per_thread,
+                    threads=threads,
+                    events_per_group=round(lean_group, 2),
                 )
             )
             progress(f"conditional appends, {threads} threads")
             with measured(dsn) as usage:
-                threaded = measure_concurrent_conditional(store, threads, per_thread)
+                threaded, conflicts = measure_concurrent_conditional(store, threads, per_thread)
             results.append(
                 _result(
                     "append.conditional.threads",
@@ -452,29 +638,60 @@ def run_full_suite(
                     "events/s",
                     usage,
                     threads * per_thread,
-                    "append.conditional",
-                    cond,
-                    threads=threads,
-                    target=30_000,
-                )
-            )
-            progress(f"single appends, {threads} threads")
-            with measured(dsn) as usage:
-                plain = measure_concurrent_appends(store, threads, per_thread)
-            results.append(
-                _result(
-                    "append.threads",
-                    plain,
-                    "events/s",
-                    usage,
-                    threads * per_thread,
                     "commit_floor",
                     floor,
                     threads=threads,
+                    false_conflicts=conflicts,
+                    target_ratio=2.0,
                 )
             )
     finally:
         drop(dsn, schema)
+        drop(dsn, lean_schema)
+    progress(f"async single appends, {tasks} tasks")
+    async_schema = f"bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with measured(dsn) as usage:
+            tasked = measure_async_appends(dsn, async_schema, tasks, per_task)
+    finally:
+        drop(dsn, async_schema)
+    results.append(
+        _result(
+            "append.async_tasks",
+            tasked,
+            "events/s",
+            usage,
+            tasks * per_task,
+            "commit_floor",
+            floor,
+            tasks=tasks,
+            target_ratio=4.0,
+        )
+    )
+    progress(f"single appends, {processes} processes of {process_threads} threads")
+    process_schema = f"bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with measured(dsn) as usage:
+            spread, gapless = measure_process_appends(
+                dsn, process_schema, processes, process_threads, per_thread
+            )
+    finally:
+        drop(dsn, process_schema)
+    results.append(
+        _result(
+            "append.processes",
+            spread,
+            "events/s",
+            usage,
+            processes * process_threads * per_thread,
+            "commit_floor",
+            floor,
+            processes=processes,
+            threads=process_threads,
+            gapless=gapless,
+            target_ratio=3.0,
+        )
+    )
     if have_peers:
         progress("eventsourcing DCB conditional appends")
         es_schema = f"bench_{uuid.uuid4().hex[:10]}"
@@ -493,6 +710,64 @@ def run_full_suite(
                 "appends/s",
                 "eventsourcing.dcb.conditional",
                 cond / es_cond,
+                {"target_ratio": 3.0},
+            )
+        )
+    if umadb_available():
+        uma_batch = min(batch_size, UMADB_BATCH)
+        with umadb_server() as url:
+            progress("UmaDB conditional appends, one client")
+            with measured(dsn) as usage:
+                uma_cond = measure_umadb_conditional(url, conditional, uuid.uuid4().hex[:6])
+            results.append(_result("umadb.conditional", uma_cond, "appends/s", usage, conditional))
+            progress(f"UmaDB single appends, {threads} clients")
+            with measured(dsn) as usage:
+                uma_threads = measure_umadb_threads(url, threads, per_thread)
+            results.append(
+                _result(
+                    "umadb.threads",
+                    uma_threads,
+                    "events/s",
+                    usage,
+                    threads * per_thread,
+                    threads=threads,
+                )
+            )
+            progress(f"UmaDB batches of {uma_batch}")
+            with measured(dsn) as usage:
+                uma_batches = measure_umadb_batches(url, workload, uma_batch)
+            results.append(
+                _result(
+                    "umadb.batches",
+                    uma_batches,
+                    "events/s",
+                    usage,
+                    len(workload),
+                    batch_size=uma_batch,
+                )
+            )
+        for name, value, base, base_value, target in (
+            ("append.conditional.vs.umadb", cond, "umadb.conditional", uma_cond, 1.0),
+            ("append.threads.vs.umadb", plain, "umadb.threads", uma_threads, 2.0),
+            ("append_batch.vs.umadb", append_rate, "umadb.batches", uma_batches, None),
+        ):
+            results.append(
+                BenchResult(
+                    name,
+                    value,
+                    "events/s" if "conditional" not in name else "appends/s",
+                    base,
+                    value / base_value,
+                    {"target_ratio": target} if target else {},
+                )
+            )
+    else:
+        results.append(
+            BenchResult(
+                "umadb",
+                0.0,
+                "events/s",
+                detail={"skipped": "UmaDB is not installed (pip install tamma-events[bench])"},
             )
         )
 

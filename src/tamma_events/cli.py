@@ -610,13 +610,42 @@ def _show_query(store: EventStore) -> None:
 @click.option("--threads", default=16, show_default=True)
 @click.option("--per-thread", default=500, show_default=True)
 @click.option(
+    "--tasks",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Tasks of one event loop appending at once through AsyncEventStore (full suite).",
+)
+@click.option(
+    "--per-task",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Single appends of each task, one after another (full suite).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Processes appending at once, each from --process-threads threads (full suite).",
+)
+@click.option(
+    "--process-threads",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Threads of each of the --processes processes (full suite).",
+)
+@click.option(
     "--suite",
     type=click.Choice(["full", "append", "queries", "stream", "export", "replicas", "load-curve"]),
     default="append",
     show_default=True,
     help="full: every figure over a store of --events events (appends over --append-events), "
-    "beside psycopg executemany, eventsourcing's recorders, ADBC and COPY TO, with client and "
-    "server CPU and WAL per measure; load-curve: append --events events and report the rate "
+    "beside the lean baseline of the same design, raw COPY, psycopg executemany, "
+    "eventsourcing's recorders, UmaDB, ADBC and COPY TO, with client and server CPU and WAL "
+    "per measure; load-curve: append --events events and report the rate "
     "of each tenth of them against the first; append: write throughput; queries: p50/p99 of each "
     "query shape over --events "
     "events (1,000,000 is the reference run); stream: subscription latency under --rate "
@@ -667,6 +696,10 @@ def bench(
     conditional: int,
     threads: int,
     per_thread: int,
+    tasks: int,
+    per_task: int,
+    processes: int,
+    process_threads: int,
     suite: str,
     samples: int,
     rate: float,
@@ -704,6 +737,10 @@ def bench(
                     conditional=conditional,
                     threads=threads,
                     per_thread=per_thread,
+                    tasks=tasks,
+                    per_task=per_task,
+                    processes=processes,
+                    process_threads=process_threads,
                     samples=samples,
                     rate=rate,
                     seconds=seconds,
@@ -725,7 +762,6 @@ def bench(
                     events=count,
                     rate=rate,
                     seconds=seconds,
-                    conditional=conditional,
                     keep=keep,
                     progress=lambda s: status.update(s),
                 )

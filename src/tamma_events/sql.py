@@ -415,7 +415,7 @@ def window_positions(st: Statements, c: Criteria) -> tuple[sql.Composed, list[An
         return None
     conditions, params = _bucket_conditions(c, _grain_for(c), overlapping=True)
     text = sql.SQL("SELECT min(first_position), max(last_position) FROM {} WHERE {}").format(
-        st.time_summary, sql.SQL(" AND ").join(conditions)
+        st.time_totals, sql.SQL(" AND ").join(conditions)
     )
     return text, params
 
@@ -436,7 +436,7 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
             sql.SQL(
                 "SELECT coalesce(sum(count), 0) FROM {}"
                 " WHERE key = %s AND digest = ANY(%s::bytea[])"
-            ).format(st.tag_summary),
+            ).format(st.tag_totals),
             [key, _digests(values)],
         )
     if windowed:
@@ -446,7 +446,7 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
         conditions, params = _bucket_conditions(c, grain)
         return (
             sql.SQL("SELECT coalesce(sum(count), 0) FROM {} WHERE {}").format(
-                st.time_summary, sql.SQL(" AND ").join(conditions)
+                st.time_totals, sql.SQL(" AND ").join(conditions)
             ),
             params,
         )
@@ -455,7 +455,7 @@ def summary_count(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]]
         condition = _one_or_any("event_type", c.event_types, "text", params)
         return (
             sql.SQL("SELECT coalesce(sum(count), 0) FROM {} WHERE {}").format(
-                st.type_summary, condition
+                st.type_totals, condition
             ),
             params,
         )
@@ -486,7 +486,7 @@ def tag_matches(st: Statements, c: Criteria) -> tuple[sql.Composed, list[Any]] |
         counts.append(
             sql.SQL(
                 "(SELECT coalesce(sum(count), 0) FROM {} WHERE key = %s AND digest = ANY(%s))"
-            ).format(st.tag_summary)
+            ).format(st.tag_totals)
         )
         params += [key, _digests(values)]
     return sql.SQL("SELECT {}").format(sql.SQL(", ").join(counts)), params
@@ -535,7 +535,7 @@ def summary_aggregate(
             sql.SQL(
                 "SELECT event_type, count, first_timestamp, last_timestamp FROM {} WHERE {}"
                 " ORDER BY 1"
-            ).format(st.type_summary, where),
+            ).format(st.type_totals, where),
             params,
         )
     if group_by == "event_type":
@@ -554,7 +554,7 @@ def summary_aggregate(
         sql.SQL(
             "SELECT {} AS key, sum(count)::bigint, min(first_timestamp), max(last_timestamp)"
             " FROM {} WHERE {} GROUP BY {} ORDER BY {}"
-        ).format(key, st.time_summary, sql.SQL(" AND ").join(conditions), group, group),
+        ).format(key, st.time_totals, sql.SQL(" AND ").join(conditions), group, group),
         params,
     )
 
@@ -618,7 +618,8 @@ class Statements:
         self._checks: dict[tuple[Shape, ...], bytes] = {}
         self._reads: dict[tuple[Shape, bool], bytes] = {}
         self.append_group = (
-            sql.SQL("SELECT {}(%s::integer[], %s::jsonb[], %s::jsonb, %s::bytea, %s::integer[])")
+            # Binary parameters: text and bytea go as they are, without escaping.
+            sql.SQL("SELECT {}(%b::jsonb, %b)")
             .format(sql.Identifier(schema, "append_group"))
             .as_bytes(None)
         )
@@ -635,9 +636,16 @@ class Statements:
         self.append_channel = sql.SQL("SELECT {}()").format(
             sql.Identifier(schema, "append_channel")
         )
-        self.type_summary = sql.Identifier(schema, "type_summary")
-        self.tag_summary = sql.Identifier(schema, "tag_summary")
-        self.time_summary = sql.Identifier(schema, "time_summary")
+        # The summaries as of now: the folded tables plus the tail after them
+        # (schema/0010_lean_appends.sql), so every read of them is exact.
+        self.type_totals = sql.Identifier(schema, "type_totals")
+        self.tag_totals = sql.Identifier(schema, "tag_totals")
+        self.time_totals = sql.Identifier(schema, "time_totals")
+        #: Fold the summaries' tail when it holds at least %s events (waiting for a fold running
+        #: elsewhere when %s is true); returns the folded position.
+        self.fold_summaries = sql.SQL("SELECT {}(%s, %s)").format(
+            sql.Identifier(schema, "fold_summaries")
+        )
         snapshots = sql.Identifier(schema, "event_snapshots")
         # The head row is read in the same statement: a version beyond it inserts nothing.
         self.save_snapshot = sql.SQL(

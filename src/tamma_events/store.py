@@ -301,6 +301,7 @@ class EventStore(StoreCore):
             replica_pool.open(wait=False)
             self._replicas.members.append(Replica(replica_dsn, replica_pool))
         self._group = GroupCommit(self._write_group, max_group_events)
+        self._fold_thread: threading.Thread | None = None
         try:
             if migrate:
                 self.applied_on_open = self.migrate()
@@ -341,6 +342,7 @@ class EventStore(StoreCore):
         open)."""
         if self._closed:
             return
+        self._join_fold()
         self._closed = True
         with self._subscriptions_lock:
             subscriptions = list(self._subscriptions)
@@ -603,7 +605,35 @@ class EventStore(StoreCore):
             self._metrics.append_failed(STORAGE_ERROR, time.perf_counter() - start)
             raise
         self._metrics.appended(len(batch), size, time.perf_counter() - start)
+        if conn is None and self._fold_due(position):
+            self._fold_thread = threading.Thread(
+                target=self._fold_summaries, name="tamma-events fold", daemon=True
+            )
+            self._fold_thread.start()
         return position
+
+    def _fold_summaries(self) -> None:
+        """Fold the summaries' tail (`StoreCore._op_fold`), on a thread of its own: appends do
+        not wait for it, and a failure only leaves the tail for the next fold."""
+        try:
+            with self._connection() as conn:
+                run(conn, self._op_fold())
+        except Exception as exc:
+            self._folding = False
+            logger.warning("tamma-events: folding the query summaries failed: %s", exc)
+
+    def fold_summaries(self) -> int:
+        """Fold every event appended so far into the query summaries now, waiting for a fold
+        already running; returns the folded position. Reads are exact without it (they add up
+        the tail since the last fold), and appends fold on their own as the tail grows: this is
+        for after a bulk load, to make the next summary reads as fast as they get."""
+        self._join_fold()
+        return self._run("fold", lambda: self._op_fold(0, wait=True))
+
+    def _join_fold(self) -> None:
+        thread = self._fold_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _append_in(self, conn: psycopg.Connection[Any], request: AppendRequest) -> int:
         """An append in the caller's transaction on ``conn``."""
