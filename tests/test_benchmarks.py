@@ -92,6 +92,8 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
         "export_arrow": "adbc_fetch_arrow_table",
         "query.by_issue": "round_trip",
         "query.count_by_type": "round_trip",
+        "query.count_by_type.tail": "round_trip",
+        "query.aggregate_by_day.tail": "round_trip",
         "subscribe.latency_p99": "listen_notify_p99",
     }
     for name, baseline in expected_baselines.items():
@@ -110,6 +112,7 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
     assert results["append.conditional.threads"]["detail"]["false_conflicts"] == 0
     assert results["append.processes"]["detail"]["gapless"] is True
     assert is_figure(results["lean.threads"]["detail"]["events_per_group"])
+    assert results["query.count_by_type.tail"]["detail"]["unfolded_events"] > 0
     # Resources per measure: client and server CPU (the server is local here, and its CPU is
     # read from /proc, so known on Linux only) and WAL. A CPU time too short for its clock is
     # None and said so, never a 0 made of rounding; whether it resolved depends on the machine.

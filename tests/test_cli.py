@@ -109,6 +109,7 @@ def test_bench_reports_ratios_against_its_baselines(pg_dsn: str, tmp_path: objec
         "append.conditional",
         "append.threads",
         "append_batch.chain",
+        "summaries.fold",
         "verify",
         "commit_floor",
     }

@@ -8,7 +8,8 @@ import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -335,6 +336,33 @@ def _hold_head_lock(dsn: str, schema: str) -> psycopg.Connection[Any]:
     return conn
 
 
+@contextmanager
+def _behind_a_waiting_leader(
+    store: EventStore, pg_dsn: str, lead: Callable[[], None]
+) -> Iterator[Callable[[Callable[[], None]], threading.Thread]]:
+    """Hold the head lock while ``lead`` runs in a thread until it waits on it (a group's
+    leader); the block starts, with the function it is given, the threads that queue behind
+    it. On leaving, the lock is released and every thread joined."""
+    threads: list[threading.Thread] = []
+
+    def start(target: Callable[[], None]) -> threading.Thread:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return thread
+
+    holder = _hold_head_lock(pg_dsn, store.schema)
+    try:
+        start(lead)
+        wait_for(lambda: _waiting_on_head(pg_dsn, store.schema) == 1, "the leader to wait")
+        yield start
+    finally:
+        holder.rollback()
+        holder.close()
+        for thread in threads:
+            thread.join(JOIN_TIMEOUT)
+
+
 def _waiting_on_head(dsn: str, schema: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
@@ -368,29 +396,63 @@ def test_a_bad_condition_fails_only_its_own_append_in_a_group(
         except EventStoreError as exc:
             outcomes[name] = exc
 
-    holder = _hold_head_lock(pg_dsn, store.schema)
-    try:
-        a = threading.Thread(target=append, args=("a", None), daemon=True)
-        a.start()
-        wait_for(lambda: _waiting_on_head(pg_dsn, store.schema) == 1, "A to wait on the lock")
-        b = threading.Thread(target=append, args=("b", bad), daemon=True)
-        c = threading.Thread(target=append, args=("c", None), daemon=True)
-        b.start()
-        b.join(JOIN_TIMEOUT)
+    with _behind_a_waiting_leader(store, pg_dsn, lambda: append("a", None)) as start:
+        start(lambda: append("b", bad)).join(JOIN_TIMEOUT)
         assert isinstance(outcomes["b"], EventStoreError)
-        c.start()
+        start(lambda: append("c", None))
         # C is queued behind A's transaction (the group commit's queue)
         wait_for(lambda: len(store._group._queue) == 1, "C to queue")
-    finally:
-        holder.rollback()
-        holder.close()
-    for thread in (a, b, c):
-        thread.join(JOIN_TIMEOUT)
     assert outcomes["a"] == 1
     assert isinstance(outcomes["b"], EventStoreError)
     assert outcomes["b"].code == QUERY_ERROR
     assert outcomes["c"] == 2, f"C failed because of B's condition: {outcomes['c']!r}"
     assert [e.tags["name"] for e in store.read()] == ["a", "c"]
+
+
+@pytest.mark.parametrize(
+    "boundary",
+    [
+        Query.of(types=["Decided"], tags={"issueId": "I-1"}),
+        Query.of(tags={"issueId": "I-1"}),
+        Query.of(types=["Decided"]),
+        Query.all(),
+    ],
+    ids=["type_and_tag", "tag", "type", "any_event"],
+)
+@pytest.mark.parametrize("size", [1, 300], ids=["append_function", "copy"])
+def test_an_append_whose_condition_an_earlier_append_of_its_group_violates_fails(
+    store: EventStore, pg_dsn: str, boundary: Query, size: int
+) -> None:
+    """A leads a group and waits on the head lock (held here) while B and C queue for the next
+    group, both deciding on the same boundary, with nothing in it after A's event. B's events,
+    written first in that group, violate C's condition: B is written, C fails and writes
+    nothing. (One event each: the append function writes the group; B of 300: by COPY.)"""
+    store.append(DomainEvent("Other", tags={"issueId": "I-2"}))
+    after = store.head() + 1  # A's position: B and C decide after A's event
+    outcomes: dict[str, Any] = {}
+
+    def append(name: str, events: list[DomainEvent], condition: AppendCondition | None) -> None:
+        try:
+            outcomes[name] = store.append_batch(events, condition)
+        except EventStoreError as exc:
+            outcomes[name] = exc
+
+    decided = [DomainEvent("Decided", tags={"issueId": "I-1", "by": "b"}) for _ in range(size)]
+    deciding = [DomainEvent("Decided", tags={"issueId": "I-1", "by": "c"})]
+    condition = AppendCondition(boundary, after=after)
+    with _behind_a_waiting_leader(
+        store, pg_dsn, lambda: append("a", [DomainEvent("Lead")], None)
+    ) as start:
+        start(lambda: append("b", decided, condition))
+        wait_for(lambda: len(store._group._queue) == 1, "B to queue")
+        start(lambda: append("c", deciding, condition))
+        wait_for(lambda: len(store._group._queue) == 2, "C to queue")
+    assert outcomes["a"] == after
+    assert outcomes["b"] == after + size
+    assert isinstance(outcomes["c"], EventStoreError), outcomes["c"]
+    assert outcomes["c"].code == APPEND_CONDITION_FAILED
+    assert [e.tags.get("by") for e in store.read(after=after)] == ["b"] * size
+    assert store.verify().ok
 
 
 # -- many processes opening one store at once ------------------------------------------------

@@ -405,6 +405,17 @@ def test_hostile_tags_are_matched_exactly(store: EventStore) -> None:
         [event] = store.read(Query.of(types=[value[:255]]))
         assert event.event_type == value[:255]
     assert positions(store.read(Query.of(types=[HOSTILE[0], HOSTILE[1]]))) == [head + 1, head + 2]
+    # ... and reach a condition's check intact: alone, beside another type, with a tag
+    for value in HOSTILE[:20]:
+        [event] = store.read(Query.of(types=[value[:255]]))
+        for types in ([value[:255]], ["Other", value[:255]]):
+            for tags in (None, {"t": "1"}):
+                condition = AppendCondition(
+                    Query.of(types=types, tags=tags), after=event.position - 1
+                )
+                with pytest.raises(EventStoreError) as info:
+                    store.append(DomainEvent("X"), condition)
+                assert info.value.code == APPEND_CONDITION_FAILED, (value, types, tags)
 
     # strings nobody stored match nothing, and nothing was dropped or rewritten
     for query in (
