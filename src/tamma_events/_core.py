@@ -408,8 +408,15 @@ class _SortKey(msgspec.Struct):
 _decode_key = msgspec.json.Decoder(_SortKey).decode
 
 
+def _text_array(values: Iterable[str]) -> str:
+    """``values`` as a PostgreSQL text[] literal: each element quoted, so none is NULL."""
+    quoted = (value.replace("\\", "\\\\").replace('"', '\\"') for value in values)
+    return "{" + ",".join(f'"{value}"' for value in quoted) + "}"
+
+
 def _condition_document(condition: AppendCondition | None) -> dict[str, Any] | None:
-    """A (validated) condition as the append function takes it."""
+    """A (validated) condition as the append function takes it (its types as a text[]
+    literal, which the function casts without running a query)."""
     if condition is None:
         return None
     items: list[dict[str, Any]] = []
@@ -417,7 +424,7 @@ def _condition_document(condition: AppendCondition | None) -> dict[str, Any] | N
         if not item.types and not item.tags:
             items = []  # an item matching everything: so does the query
             break
-        entry: dict[str, Any] = {"types": list(item.types)}
+        entry: dict[str, Any] = {"types": _text_array(item.types)}
         if item.tags:
             entry["tags"] = item.tags
         items.append(entry)

@@ -635,7 +635,11 @@ def _summary_reads_with_a_tail(
     store.fold_summaries()
     tail = FOLD_EVENTS - 1
     store._fold_due = lambda position: False  # type: ignore[method-assign]
-    store.append_batch(fresh_ids(list(generate_events(tail)), store.head()))
+    # Later than every stored event, as new events are: events with the generated set's own
+    # early times would widen its first time buckets to the end of the log.
+    [last] = store.read(backwards=True, limit=1)
+    later = last.timestamp + timedelta(seconds=1)
+    store.append_batch(list(generate_events(tail, seed=store.head(), start=later)))
     results = []
     try:
         shapes = query_shapes(store)

@@ -331,15 +331,16 @@ def measure_async_appends(dsn: str, schema: str, tasks: int, per_task: int) -> f
 
 
 def _process_appends(
-    dsn: str, schema: str, threads: int, per_thread: int, ready: Any, go: Any
+    dsn: str, schema: str, threads: int, per_thread: int, ready: Any, go: Any, done: Any
 ) -> None:
     """One process of `measure_process_appends`: opens the store, says it is ready, waits for
-    the start, then appends from ``threads`` threads."""
+    the start, appends from ``threads`` threads, then says it is done (before closing)."""
     with EventStore(dsn, schema=schema, cache_size=0, max_connections=threads + 2) as store:
         store.append(DomainEvent("BenchWarmed", {}))  # the pool's first connection is open
         ready.release()
         go.wait()
         measure_concurrent_appends(store, threads, per_thread)
+        done.release()
 
 
 def measure_process_appends(
@@ -352,11 +353,14 @@ def measure_process_appends(
 
     context = multiprocessing.get_context("spawn")
     ready = context.Semaphore(0)
+    done = context.Semaphore(0)
     go = context.Event()
     with EventStore(dsn, schema=schema, cache_size=0):
         pass  # created once, before the processes open it
     workers = [
-        context.Process(target=_process_appends, args=(dsn, schema, threads, per_thread, ready, go))
+        context.Process(
+            target=_process_appends, args=(dsn, schema, threads, per_thread, ready, go, done)
+        )
         for _ in range(processes)
     ]
     for worker in workers:
@@ -367,9 +371,12 @@ def measure_process_appends(
                 raise EventStoreError(STORAGE_ERROR, "a benchmark process did not start")
         started = time.perf_counter()
         go.set()
+        for _ in workers:
+            if not done.acquire(timeout=600):
+                raise EventStoreError(STORAGE_ERROR, "a benchmark process did not finish")
+        elapsed = time.perf_counter() - started
         for worker in workers:
             worker.join(600)
-        elapsed = time.perf_counter() - started
     finally:
         for worker in workers:
             if worker.is_alive():

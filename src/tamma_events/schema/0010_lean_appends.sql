@@ -4,13 +4,16 @@
 -- 1. The query summaries leave the append path. They are folded lazily: `summary_state.folded`
 --    is the last position the summary tables count, and the `*_totals` views add the short
 --    unfolded tail after it at read time, so every read stays exact. `fold_summaries()` folds
---    the tail outside the head lock; appenders call it when the tail grows long, readers when
---    it is longer than they like to add up.
+--    the tail outside the head lock; stores call it in the background as their appends grow
+--    the tail, and compaction before it deletes.
+--    The tag index merges its pending list at 64 kB: every condition check reads all of it.
 -- 2. One statement trigger on an append instead of four: `advance_head` also refuses ids of
 --    archived events (only once anything is archived) and sends the notification.
--- 3. Conditions read the archive only when they reach into it: each request's check reads
---    `events`, and `archived_events` only when its `after` lies before the end of the compacted
---    prefix, which is nearly never. A store with nothing archived never plans the archive.
+-- 3. The append function is rewritten whole: it runs as the owner, moves the head and notifies
+--    itself (its INSERT skips the trigger), writes a group in one INSERT, and checks conditions
+--    with `condition_violated`, the only part planned for its values. Conditions read the
+--    archive only when they reach into it: `archived_events` only when `after` lies before the
+--    end of the compacted prefix, which is nearly never.
 
 -- 1. Summaries, folded lazily -------------------------------------------------------------
 
@@ -291,8 +294,9 @@ CREATE TRIGGER head_never_deleted
 -- 3. The append function, whole ------------------------------------------------------------
 
 -- Whether an event after `after_position` matches any of a condition's query items
--- ([{"types": [..], "tags": {..}}, ..]; none: any event matches), over the live log and, when
--- the condition reaches into it, the archive.
+-- ([{"types": "{..}", "tags": {..}}, ..], the types as a text[] literal; no item: any event
+-- matches), over the live log and, when the condition reaches into it, the archive. Only the
+-- checks are statements: the items are walked with expressions PL/pgSQL evaluates itself.
 --
 -- The checks are static statements, one per kind of item, planned for their values
 -- (plan_cache_mode, for this function only): a generic plan for "no event of type T with tag K"
@@ -317,14 +321,16 @@ DECLARE
     item_types text[];
     item_tags jsonb;
     archived_end bigint;
+    last_item integer := jsonb_array_length(items) - 1;
 BEGIN
-    IF jsonb_array_length(items) = 0 THEN
+    IF last_item < 0 THEN
         IF EXISTS (SELECT 1 FROM events WHERE position > after_position) THEN
             RETURN true;
         END IF;
     END IF;
-    FOR item IN SELECT jsonb_array_elements(items) LOOP
-        item_types := ARRAY(SELECT jsonb_array_elements_text(item->'types'));
+    FOR i IN 0 .. last_item LOOP
+        item := items->i;
+        item_types := (item->>'types')::text[];
         item_tags := item->'tags';
         IF cardinality(item_types) = 0 THEN
             IF EXISTS (SELECT 1 FROM events
@@ -363,11 +369,12 @@ BEGIN
     IF after_position >= archived_end THEN
         RETURN false;
     END IF;
-    IF jsonb_array_length(items) = 0 THEN
+    IF last_item < 0 THEN
         RETURN EXISTS (SELECT 1 FROM archived_events WHERE position > after_position);
     END IF;
-    FOR item IN SELECT jsonb_array_elements(items) LOOP
-        item_types := ARRAY(SELECT jsonb_array_elements_text(item->'types'));
+    FOR i IN 0 .. last_item LOOP
+        item := items->i;
+        item_types := (item->>'types')::text[];
         item_tags := item->'tags';
         IF cardinality(item_types) = 0 THEN
             IF EXISTS (SELECT 1 FROM archived_events
@@ -451,8 +458,8 @@ BEGIN
                       AND (jsonb_array_length(condition->'items') = 0
                            OR EXISTS (
                                SELECT 1 FROM jsonb_array_elements(condition->'items') AS item
-                               WHERE (jsonb_array_length(item->'types') = 0
-                                      OR (item->'types') ? (e->>1))
+                               WHERE (item->>'types' = '{}'
+                                      OR (e->>1) = ANY((item->>'types')::text[]))
                                  AND (item->'tags' IS NULL OR (e->3) @> (item->'tags')))))) THEN
             firsts := firsts || NULL::bigint;
         ELSE
