@@ -909,6 +909,31 @@ def test_folds_racing_appends_and_each_other_count_every_event_once(
     check_summaries(store, store.get_events())
 
 
+def test_an_append_stands_when_no_thread_can_start_to_fold(
+    make_store: Callable[..., EventStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At interpreter shutdown (an append from an atexit handler, say) no thread can start: the
+    append that would fold in the background still returns its position, and the next append
+    folds once threads can start again."""
+    store = make_store(cache_size=0)
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name == "tamma-events fold":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    events = [DomainEvent("Bulk", tags={"n": str(n % 3)}) for n in range(300)]
+    assert store.append_batch(events) == 300
+    assert _folded(store) == 0
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert store.append(DomainEvent("Bulk")) == 301
+    store._join_fold()
+    assert _folded(store) == 301
+    check_summaries(store, store.get_events())
+
+
 def test_summaries_after_failed_writes(make_store: Callable[..., EventStore]) -> None:
     store = make_store(cache_size=0)
     cached = make_store(schema=store.schema)

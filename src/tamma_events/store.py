@@ -606,10 +606,15 @@ class EventStore(StoreCore):
             raise
         self._metrics.appended(len(batch), size, time.perf_counter() - start)
         if conn is None and self._fold_due(position):
-            self._fold_thread = threading.Thread(
+            fold = threading.Thread(
                 target=self._fold_summaries, name="tamma-events fold", daemon=True
             )
-            self._fold_thread.start()
+            try:
+                fold.start()
+            except RuntimeError:  # no new thread at interpreter shutdown: the append stands
+                self._folding = False
+            else:
+                self._fold_thread = fold
         return position
 
     def _fold_summaries(self) -> None:
