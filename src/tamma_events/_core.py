@@ -860,7 +860,8 @@ class StoreCore:
 
     def _fold_due(self, position: int) -> bool:
         """Whether an append that ended at ``position`` should start folding the summaries
-        (none is running here, and the tail may be long): the caller then runs `_op_fold`."""
+        (none is running here, and the tail may be long): the caller then runs `_op_fold` in
+        the background, and clears `_folding` when it is done."""
         if self._folding or position - self._folded < FOLD_EVENTS:
             return False
         self._folding = True
@@ -868,12 +869,8 @@ class StoreCore:
 
     def _op_fold(self, min_tail: int = FOLD_EVENTS, *, wait: bool = False) -> Op[int]:
         """Fold the summaries' tail if it holds at least ``min_tail`` events (unless another
-        session is folding it and ``wait`` is false); returns the folded position. Clears the
-        flag `_fold_due` set."""
-        try:
-            row = yield Run(self._statements.fold_summaries, [min_tail, wait], fetch="one")
-        finally:
-            self._folding = False
+        session is folding it and ``wait`` is false); returns the folded position."""
+        row = yield Run(self._statements.fold_summaries, [min_tail, wait], fetch="one")
         self._folded = max(self._folded, int(row[0]))
         return self._folded
 

@@ -537,8 +537,9 @@ class AsyncEventStore(StoreCore):
             async with self._connection() as conn:
                 await run_async(conn, self._op_fold())
         except Exception as exc:
-            self._folding = False
             logger.warning("tamma-events: folding the query summaries failed: %s", exc)
+        finally:
+            self._folding = False
 
     async def fold_summaries(self) -> int:
         """Fold every event appended so far into the query summaries now (see

@@ -624,8 +624,9 @@ class EventStore(StoreCore):
             with self._connection() as conn:
                 run(conn, self._op_fold())
         except Exception as exc:
-            self._folding = False
             logger.warning("tamma-events: folding the query summaries failed: %s", exc)
+        finally:
+            self._folding = False
 
     def fold_summaries(self) -> int:
         """Fold every event appended so far into the query summaries now, waiting for a fold
