@@ -39,12 +39,13 @@ from .archive import compact as _compact
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT
 from .cache import CacheStats, QueryCache
 from .errors import (
-    APPEND_CONDITION_FAILED,
-    DUPLICATE_EVENT,
-    QUERY_ERROR,
     STORAGE_ERROR,
-    VALIDATION_FAILED,
+    AppendConditionFailed,
+    DuplicateEvent,
     EventStoreError,
+    QueryError,
+    StorageError,
+    ValidationFailed,
     shown,
 )
 from .filters import (
@@ -134,8 +135,7 @@ def _dsn_params(dsn: str) -> dict[str, Any]:
         return conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         # libpq's message quotes the connection string, password included.
-        raise EventStoreError(
-            VALIDATION_FAILED,
+        raise ValidationFailed(
             "the DSN is not a valid connection string (libpq's message is not shown: it quotes"
             " the DSN, password included)",
             {"field": "dsn"},
@@ -181,8 +181,7 @@ def _waited(dsn: str, connect_timeout: float) -> float:
 def check_timeout(name: str, value: object) -> float:
     """``value`` as a number of seconds, finite and positive, else VALIDATION_FAILED."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise EventStoreError(
-            VALIDATION_FAILED,
+        raise ValidationFailed(
             f"{name} must be a finite positive number of seconds, got {shown(value)}",
             {"field": name},
         )
@@ -198,9 +197,7 @@ def make_pool(
     try:
         return pool_class(dsn, kwargs=kwargs, name=name, open=False, **options)  # type: ignore[call-arg]
     except (ValueError, TypeError, psycopg.ProgrammingError) as exc:
-        raise EventStoreError(
-            VALIDATION_FAILED, f"the connection pool's settings are not valid: {exc}", {}
-        ) from None
+        raise ValidationFailed(f"the connection pool's settings are not valid: {exc}", {}) from None
 
 
 def server_address(dsn: str) -> str:
@@ -250,8 +247,7 @@ def unreachable(exc: BaseException, dsn: str, timeout: float) -> EventStoreError
             " DSN names the right host and port"
         )
     where = server_address(dsn)
-    return EventStoreError(
-        STORAGE_ERROR,
+    return StorageError(
         f"cannot connect to PostgreSQL at {where}: {reason[:1].lower()}{reason[1:]}; {check}",
         {"server": where, "dsn": redact(dsn)},
     )
@@ -274,16 +270,14 @@ def as_events(events: Iterable[DomainEvent | dict[str, Any]]) -> list[DomainEven
         if isinstance(event, dict):
             if isinstance(event.get("event_id"), (bytes, bytearray, memoryview)):
                 # msgspec would take 16 bytes for a UUID; a DomainEvent refuses them.
-                raise EventStoreError(
-                    VALIDATION_FAILED,
+                raise ValidationFailed(
                     f"event {index}: event_id must be a UUID, got bytes",
                     {"index": index, "field": "event_id"},
                 )
             try:
                 batch[index] = msgspec.convert(event, DomainEvent)
             except (msgspec.ValidationError, UnicodeEncodeError, RecursionError) as exc:
-                raise EventStoreError(
-                    VALIDATION_FAILED,
+                raise ValidationFailed(
                     f"event {index}: {_conversion_problem(exc)}",
                     {"index": index, "field": _conversion_field(exc, event)},
                 ) from None
@@ -328,7 +322,7 @@ def storage_error(exc: BaseException, action: str, **context: Any) -> EventStore
     if sqlstate is not None:
         context["sqlstate"] = sqlstate
     message = str(exc).strip() or type(exc).__name__
-    return EventStoreError(STORAGE_ERROR, f"{action} failed: {message}", context)
+    return StorageError(f"{action} failed: {message}", context)
 
 
 def retryable(exc: EventStoreError) -> bool:
@@ -349,8 +343,7 @@ def retryable(exc: EventStoreError) -> bool:
 def _condition_error(condition: AppendCondition, head: int) -> EventStoreError:
     after = condition.after
     where = "in the store" if after is None else f"after position {after}"
-    return EventStoreError(
-        APPEND_CONDITION_FAILED,
+    return AppendConditionFailed(
         f"an event matching the append condition exists {where}; nothing was written",
         {"after": after, "head": head},
     )
@@ -373,8 +366,7 @@ def _check_limit(limit: int | None) -> None:
     if limit is not None and (
         isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_BIGINT
     ):
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"limit must be a non-negative int up to 2**63 - 1, or None, got {shown(limit)}",
             {"field": "limit"},
         )
@@ -463,8 +455,7 @@ def _slices(buffer: bytearray) -> Iterator[memoryview]:
 def check_size_any(value: int, field: str) -> None:
     """VALIDATION_FAILED unless ``value`` is a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EventStoreError(
-            VALIDATION_FAILED,
+        raise ValidationFailed(
             f"{field} must be a positive int, got {shown(value)}",
             {"field": field},
         )
@@ -476,10 +467,9 @@ def moment(value: datetime | str) -> datetime:
     try:
         when = parse_time(value, "before")
     except EventStoreError as exc:
-        raise EventStoreError(VALIDATION_FAILED, exc.message, exc.context) from None
+        raise ValidationFailed(exc.message, exc.context) from None
     if when is None:
-        raise EventStoreError(
-            VALIDATION_FAILED,
+        raise ValidationFailed(
             "before must be a datetime or an ISO-8601 string, got None",
             {"field": "before"},
         )
@@ -490,8 +480,7 @@ def check_size(value: int, field: str) -> None:
     """QUERY_ERROR unless ``value`` is an int from 1 to `MAX_PAGE_SIZE` (a page or batch)."""
     check_count(value, field, allow_none=False)
     if not 0 < value <= MAX_PAGE_SIZE:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"{field} must be between 1 and {MAX_PAGE_SIZE}, got {value}",
             {"field": field},
         )
@@ -499,8 +488,7 @@ def check_size(value: int, field: str) -> None:
 
 def _check_aggregate_id(aggregate_id: object) -> None:
     if not isinstance(aggregate_id, str) or not 0 < len(aggregate_id) <= 255:
-        raise EventStoreError(
-            VALIDATION_FAILED,
+        raise ValidationFailed(
             f"aggregate_id must be a string of 1 to 255 characters, got {shown(aggregate_id)}",
             {"field": "aggregate_id"},
         )
@@ -526,8 +514,7 @@ def subscription_criteria(event_filter: EventFilter) -> Criteria:
         ("order_direction", not criteria.descending),
     ):
         if not ok:
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 "a subscription delivers events in log order, all of them: its filter may not"
                 " set limit, offset, order_by or order_direction",
                 {"field": field},
@@ -543,8 +530,7 @@ def event_key(event_id: uuid.UUID | str) -> uuid.UUID:
             raise ValueError
         return parse_uuid(event_id)
     except ValueError:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"event_id must be a UUID, got {shown(event_id)}",
             {
                 "event_id": event_id
@@ -626,14 +612,13 @@ class StoreCore:
         if schema is None:
             schema = os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
         if not schema or not isinstance(schema, str):
-            raise EventStoreError(VALIDATION_FAILED, "schema must be a non-empty string")
+            raise ValidationFailed("schema must be a non-empty string")
         self.schema = schema
         self.max_event_bytes = max_event_bytes
         self.chunk_events = chunk_events
         self._statements = Statements(schema)
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"cache_size must be a non-negative int, got {shown(cache_size)}",
                 {"field": "cache_size"},
             )
@@ -642,8 +627,7 @@ class StoreCore:
             or not isinstance(cache_ttl, (int, float))
             or not 0 <= cache_ttl < math.inf
         ):
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 "cache_ttl must be a finite non-negative number of seconds,"
                 f" got {shown(cache_ttl)}",
                 {"field": "cache_ttl"},
@@ -707,8 +691,7 @@ class StoreCore:
     ) -> tuple[Criteria, int | None, Any, int | None]:
         criteria = normalize(event_filter)
         if criteria.limit is not None or criteria.offset:
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 "a paged filter may not set limit or offset; use page_size and the page token",
                 {"field": "limit" if criteria.limit is not None else "offset"},
             )
@@ -732,14 +715,12 @@ class StoreCore:
     @staticmethod
     def _aggregate_args(group_by: str, tag_key: str | None) -> None:
         if group_by not in _GROUPS:
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 f"group_by must be one of {', '.join(_GROUPS)}, got {shown(group_by)}",
                 {"field": "group_by"},
             )
         if (group_by == "tag") != (tag_key is not None):
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 "tag_key is required with group_by='tag', and only with it",
                 {"field": "tag_key"},
             )
@@ -750,16 +731,14 @@ class StoreCore:
     def _snapshot_data(aggregate_id: str, version: int, state: Any) -> bytes:
         _check_aggregate_id(aggregate_id)
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"version must be a position (an int from 0 to the head), got {shown(version)}",
                 {"field": "version", "aggregate_id": aggregate_id},
             )
         try:
             return msgspec.json.encode(state)
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"state cannot be encoded as JSON: {exc}",
                 {"field": "state", "aggregate_id": aggregate_id},
             ) from None
@@ -771,15 +750,12 @@ class StoreCore:
             or not isinstance(snapshot_every, int)
             or snapshot_every < 1
         ):
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 f"snapshot_every must be a positive int or None, got {shown(snapshot_every)}",
                 {"field": "snapshot_every"},
             )
         if snapshot_every is not None and key is None:
-            raise EventStoreError(
-                QUERY_ERROR, "snapshot_every needs a key to save under", {"field": "key"}
-            )
+            raise QueryError("snapshot_every needs a key to save under", {"field": "key"})
         check_size(batch_size, "batch_size")
 
     @staticmethod
@@ -904,7 +880,7 @@ class StoreCore:
         params = [msgspec.json.encode(document).decode(), bytes(rows)]
         result = yield Run(self._statements.append_group, params, fetch="one")
         if result is None:  # pragma: no cover - the function always returns its array
-            raise EventStoreError(STORAGE_ERROR, "the append function returned nothing")
+            raise StorageError("the append function returned nothing")
         # The function returns the head its lock found; a request's check also saw the events
         # of the requests accepted before it in the group, so its error reports that head.
         seen, *firsts = result[0]
@@ -930,7 +906,7 @@ class StoreCore:
         statements = self._statements
         row = yield Run(statements.begin_and_lock_head, fetch="last")
         if row is None:
-            raise EventStoreError(STORAGE_ERROR, "the head row is missing: is the schema migrated?")
+            raise StorageError("the head row is missing: is the schema migrated?")
         checks = [r.check for r in requests if r.check is not None]
         verdicts: list[bool] = []
         if checks:
@@ -954,8 +930,7 @@ class StoreCore:
             parts.append(f"{len(existing)} already stored")
         if repeated:
             parts.append(f"{len(repeated)} given twice")
-        return EventStoreError(
-            DUPLICATE_EVENT,
+        return DuplicateEvent(
             f"duplicate event ids ({', '.join(parts) or 'none found'}); nothing was written",
             {"event_ids": list(dict.fromkeys(existing + repeated))},
         )
@@ -1028,9 +1003,7 @@ class StoreCore:
             if state.head is None:
                 row = yield Run(statements.lock_head, fetch="one")
                 if row is None:
-                    raise EventStoreError(
-                        STORAGE_ERROR, "the head row is missing: is the schema migrated?"
-                    )
+                    raise StorageError("the head row is missing: is the schema migrated?")
                 state.head, state.hash = int(row[0]), bytes(row[1])
                 locked_here = True
             verdicts: list[bool] = []
@@ -1462,15 +1435,13 @@ class StoreCore:
                 fetch="one",
             )
         except psycopg.errors.UntranslatableCharacter:
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 "state holds a NUL character, which PostgreSQL's jsonb cannot store",
                 {"field": "state", "aggregate_id": aggregate_id},
             ) from None
         if row is None:
             head = yield from self._op_head()
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"version {version} is beyond the head ({head})",
                 {"field": "version", "aggregate_id": aggregate_id},
             )
@@ -1485,8 +1456,7 @@ class StoreCore:
         try:
             state = msgspec.json.decode(data, type=state_type)
         except msgspec.ValidationError as exc:
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 f"the snapshot of {shown(aggregate_id)} at version {version} is not a {state_type}:"
                 f" {exc}",
                 {"field": "state_type", "aggregate_id": aggregate_id, "version": version},
@@ -1580,7 +1550,7 @@ class StoreCore:
         key = f"tamma_events:compact:{self.schema}"
         lock = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
         if not lock or not lock[0]:
-            raise EventStoreError(STORAGE_ERROR, "another compaction of this store is running", {})
+            raise StorageError("another compaction of this store is running", {})
         try:
             return _compact(
                 conn,
@@ -1594,9 +1564,7 @@ class StoreCore:
         except psycopg.Error as exc:
             raise storage_error(exc, "compacting") from exc
         except OSError as exc:
-            raise EventStoreError(
-                STORAGE_ERROR, f"compacting failed writing an archive: {exc}", {}
-            ) from exc
+            raise StorageError(f"compacting failed writing an archive: {exc}", {}) from exc
         finally:
             try:
                 conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from .errors import STORAGE_ERROR, EventStoreError
+from .errors import EventStoreError, StorageError
 
 if TYPE_CHECKING:
     from ._pycodec import PreparedBatch
@@ -214,8 +214,6 @@ class AsyncGroupCommit:
 
 
 def _unsettled(exc: BaseException) -> EventStoreError:
-    error = EventStoreError(
-        STORAGE_ERROR, f"the group transaction failed: {exc!r}", {"outcome": "unknown"}
-    )
+    error = StorageError(f"the group transaction failed: {exc!r}", {"outcome": "unknown"})
     error.__cause__ = exc
     return error

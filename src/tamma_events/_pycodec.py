@@ -35,7 +35,13 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from .errors import DUPLICATE_EVENT, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError, shown
+from .errors import (
+    DuplicateEvent,
+    EventStoreError,
+    StorageError,
+    ValidationFailed,
+    shown,
+)
 from .model import DomainEvent
 
 __all__ = [
@@ -136,19 +142,16 @@ def _fail(
         context["event_id"] = event_id
     context["field"] = field
     context.update(extra)
-    return EventStoreError(VALIDATION_FAILED, f"event {index}: {message}", context)
+    return ValidationFailed(f"event {index}: {message}", context)
 
 
 def empty_batch_error() -> EventStoreError:
-    return EventStoreError(
-        VALIDATION_FAILED, "a batch must contain at least one event", {"count": 0}
-    )
+    return ValidationFailed("a batch must contain at least one event", {"count": 0})
 
 
 def duplicate_in_batch_error(index: int, first_index: int, event_id: uuid.UUID) -> EventStoreError:
     text = str(event_id)
-    return EventStoreError(
-        DUPLICATE_EVENT,
+    return DuplicateEvent(
         f"event {index}: event_id {text} appears twice in the batch"
         f" (events {first_index} and {index})",
         {"index": index, "first_index": first_index, "event_id": text, "event_ids": [text]},
@@ -586,9 +589,7 @@ class DecodedRows(NamedTuple):
 
 def decode_error(row: int, field: str, problem: str) -> EventStoreError:
     """The one wording of a malformed export row (both decoders raise it)."""
-    return EventStoreError(
-        STORAGE_ERROR, f"export row {row}: {field} {problem}", {"row": row, "field": field}
-    )
+    return StorageError(f"export row {row}: {field} {problem}", {"row": row, "field": field})
 
 
 class _Column:
@@ -751,9 +752,7 @@ _STORED_SIZES: Final = {"position": 8, "event_id": 16, "timestamp": 8, "hash": H
 
 def stored_row_error(row: int, field: str, problem: str) -> EventStoreError:
     """The one wording of a malformed stored row read back for verifying (both codecs)."""
-    return EventStoreError(
-        STORAGE_ERROR, f"stored row {row}: {field} {problem}", {"row": row, "field": field}
-    )
+    return StorageError(f"stored row {row}: {field} {problem}", {"row": row, "field": field})
 
 
 def stored_json_error(tags: Any, metadata: Any, data: Any, index: int) -> str | None:

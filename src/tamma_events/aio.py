@@ -72,7 +72,13 @@ from ._group import AppendRequest, AsyncGroupCommit
 from ._ops import Op, rollback_async, run_async
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
 from .arrow import EXPORT_SCHEMA, parquet_writer
-from .errors import QUERY_ERROR, STORAGE_ERROR, VALIDATION_FAILED, EventStoreError
+from .errors import (
+    STORAGE_ERROR,
+    EventStoreError,
+    QueryError,
+    StorageError,
+    ValidationFailed,
+)
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
 from .metrics import prometheus_registry
@@ -226,7 +232,7 @@ class AsyncEventStore(StoreCore):
         if self._opened:
             return self
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            raise StorageError("the store is closed")
         self._opened = True
         connect_timeout, pool_timeout = self._pool_settings[2:4]
         if self._pool is None:
@@ -295,9 +301,7 @@ class AsyncEventStore(StoreCore):
 
     def _require_pool(self) -> AsyncConnectionPool[Any]:
         if self._pool is None or not self._opened:
-            raise EventStoreError(
-                STORAGE_ERROR, "the store is not open: use `async with` or `await store.open()`"
-            )
+            raise StorageError("the store is not open: use `async with` or `await store.open()`")
         return self._pool
 
     async def migrate(self) -> list[int]:
@@ -339,7 +343,7 @@ class AsyncEventStore(StoreCore):
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            raise StorageError("the store is closed")
         pool = self._require_pool()
         try:
             async with live_connection(pool) as conn:
@@ -503,8 +507,7 @@ class AsyncEventStore(StoreCore):
             batch, check, prepared = self._request(events, condition)
             if prepared is None:
                 if conn is not None:
-                    raise EventStoreError(
-                        VALIDATION_FAILED,
+                    raise ValidationFailed(
                         f"a batch in a caller's transaction holds at most chunk_events"
                         f" ({self.chunk_events}) events, got {len(batch)}",
                         {"field": "events"},
@@ -573,8 +576,7 @@ class AsyncEventStore(StoreCore):
 
     async def _append_in(self, conn: psycopg.AsyncConnection[Any], request: AppendRequest) -> int:
         if not isinstance(conn, psycopg.AsyncConnection):
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}",
                 {"field": "conn"},
             )
@@ -894,13 +896,12 @@ class AsyncEventStore(StoreCore):
                 )
 
         else:
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 "subscribe takes a Query, an EventFilter or None,"
                 f" not {type(query_or_filter).__name__}",
             )
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            raise StorageError("the store is closed")
         subscription = Subscription(
             _unused_fetch,
             self._ensure_listener(),
@@ -1029,7 +1030,7 @@ class AsyncEventStore(StoreCore):
 
     def _maintenance(self, job: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            raise StorageError("the store is closed")
         dsn = self.dsn
         try:
             conn = psycopg.Connection.connect(
@@ -1074,7 +1075,7 @@ class AsyncTransaction:
         """Append a batch in the transaction; returns its last position. A failed append
         raises and leaves the transaction usable."""
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+            raise StorageError("the transaction has ended")
         request = self._store._full_request(events, condition)
         return await run_async(
             self._conn, self._store._op_tx_append(self._state, request), owned=False
@@ -1090,7 +1091,7 @@ class AsyncTransaction:
     ) -> ReadResult:
         """`AsyncEventStore.read` inside the transaction: it sees the block's own appends."""
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+            raise StorageError("the transaction has ended")
         result = await run_async(
             self._conn, self._store._op_read(query, after, limit, backwards), owned=False
         )

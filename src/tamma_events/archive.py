@@ -46,7 +46,7 @@ from ._chain import first_break
 from ._ops import Op, Run
 from ._pycodec import GENESIS_HASH
 from .arrow import EXPORT_SCHEMA, EXPORT_SELECT, copy_batches, write_parquet
-from .errors import STORAGE_ERROR, EventStoreError
+from .errors import StorageError
 from .model import DomainEvent, _uuid_from_int
 
 __all__ = [
@@ -293,8 +293,7 @@ class ArchiveReader:
     def _file(self, position: int) -> ArchiveFile:
         file = self._find(position)
         if file is None:
-            raise EventStoreError(
-                STORAGE_ERROR,
+            raise StorageError(
                 f"event {position} is neither in the log nor in an archive",
                 {"position": position},
             )
@@ -311,8 +310,7 @@ class ArchiveReader:
             self._starts[file.path] = starts
         group = bisect.bisect_right(starts, position) - 1
         if not 0 <= group < len(starts) - 1:
-            raise EventStoreError(
-                STORAGE_ERROR,
+            raise StorageError(
                 f"{file.path.name} does not hold position {position}",
                 {"position": position},
             )
@@ -354,9 +352,7 @@ class ArchiveReader:
                     pieces.append(table.slice(position - first, j - i))
                     i = j
         except (OSError, pa.ArrowException) as exc:
-            raise EventStoreError(
-                STORAGE_ERROR, f"an archive file cannot be read: {exc}", {}
-            ) from exc
+            raise StorageError(f"an archive file cannot be read: {exc}", {}) from exc
         if not pieces:
             return EXPORT_SCHEMA.empty_table()
         return pa.concat_tables(pieces).combine_chunks()
@@ -444,8 +440,7 @@ def _write_file(
     written = write_parquet(reader, path, row_group_size=row_group_size)
     if written != last - first + 1:
         path.unlink(missing_ok=True)
-        raise EventStoreError(
-            STORAGE_ERROR,
+        raise StorageError(
             f"the log holds {written} events at positions {first}-{last}, not {last - first + 1}",
             {"first_position": first, "last_position": last},
         )
@@ -540,8 +535,7 @@ def check_pending(file: ArchiveFile, prev_hash: bytes) -> None:
     try:
         check_file(file, prev_hash)
     except _Broken as broken:
-        raise EventStoreError(
-            STORAGE_ERROR,
+        raise StorageError(
             f"archive {file.path.name} failed verification: {broken.reason}",
             {
                 "first_position": file.first_position,
@@ -562,8 +556,7 @@ def _delete(conn: psycopg.Connection[Any], schema: str, file: ArchiveFile) -> in
             sql.SQL("SELECT {}(0, true)").format(sql.Identifier(schema, "fold_summaries"))
         ).fetchone()
         if row is None or row[0] < file.last_position:
-            raise EventStoreError(
-                STORAGE_ERROR,
+            raise StorageError(
                 "the query summaries could not be folded before compacting (is the session"
                 " READ COMMITTED and read-write?); nothing was deleted",
                 {"first_position": file.first_position, "last_position": file.last_position},
@@ -581,8 +574,7 @@ def _delete(conn: psycopg.Connection[Any], schema: str, file: ArchiveFile) -> in
             [file.first_position, file.last_position],
         ).rowcount
         if deleted != file.events:
-            raise EventStoreError(
-                STORAGE_ERROR,
+            raise StorageError(
                 f"the log held {deleted} of the {file.events} events archived in"
                 f" {file.path.name}; nothing was deleted",
                 {"first_position": file.first_position, "last_position": file.last_position},

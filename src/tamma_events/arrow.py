@@ -33,7 +33,7 @@ from psycopg import sql
 from . import _codec
 from ._libpq import copy_functions
 from ._pycodec import COPY_HEADER, COPY_TRAILER, DecodedRows
-from .errors import STORAGE_ERROR, EventStoreError
+from .errors import StorageError
 
 __all__ = [
     "EXPORT_SCHEMA",
@@ -124,7 +124,7 @@ class _CopyMessages:
         """Take one message; a chunk ``(rows, count)`` when enough rows have gathered."""
         if self.header:
             if bytes(message[: len(COPY_HEADER)]) != COPY_HEADER:
-                raise EventStoreError(STORAGE_ERROR, "the export's COPY header is not valid")
+                raise StorageError("the export's COPY header is not valid")
             message = message[len(COPY_HEADER) :]
             self.header = False
         if len(message) == 2 and bytes(message) == COPY_TRAILER:

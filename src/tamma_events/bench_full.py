@@ -61,7 +61,7 @@ from .bench_peers import (
     umadb_available,
     umadb_server,
 )
-from .errors import APPEND_CONDITION_FAILED, STORAGE_ERROR, EventStoreError
+from .errors import APPEND_CONDITION_FAILED, EventStoreError, StorageError
 from .model import AppendCondition, DomainEvent, Query
 from .schema import drop
 from .store import EventStore
@@ -368,12 +368,12 @@ def measure_process_appends(
     try:
         for _ in workers:
             if not ready.acquire(timeout=300):
-                raise EventStoreError(STORAGE_ERROR, "a benchmark process did not start")
+                raise StorageError("a benchmark process did not start")
         started = time.perf_counter()
         go.set()
         for _ in workers:
             if not done.acquire(timeout=600):
-                raise EventStoreError(STORAGE_ERROR, "a benchmark process did not finish")
+                raise StorageError("a benchmark process did not finish")
         elapsed = time.perf_counter() - started
         for worker in workers:
             worker.join(600)
@@ -384,7 +384,7 @@ def measure_process_appends(
                 worker.join()
     failed = [worker.exitcode for worker in workers if worker.exitcode != 0]
     if failed:
-        raise EventStoreError(STORAGE_ERROR, f"benchmark processes failed: exit codes {failed}")
+        raise StorageError(f"benchmark processes failed: exit codes {failed}")
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             sql.SQL(

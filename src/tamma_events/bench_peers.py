@@ -31,7 +31,7 @@ from psycopg import sql
 
 from ._group import AppendRequest, GroupCommit
 from .bench import _batches, concurrent_rate
-from .errors import STORAGE_ERROR, EventStoreError
+from .errors import StorageError
 from .model import DomainEvent
 
 __all__ = [
@@ -184,7 +184,7 @@ def measure_lean_conditional(lean: LeanStore, count: int, prefix: str) -> float:
     for n in range(count):
         tags = {"issueId": f"bench-cond-{prefix}{n}"}
         if lean.append(DomainEvent("BenchDecided", {"n": n}, tags), ["BenchDecided"], tags) is None:
-            raise EventStoreError(STORAGE_ERROR, "a lean conditional append failed its condition")
+            raise StorageError("a lean conditional append failed its condition")
     return count / (time.perf_counter() - started)
 
 
@@ -231,9 +231,7 @@ def umadb_server(timeout: float = 60.0) -> Iterator[str]:
     stopped and removed on leaving; yields its URL."""
     script = _umadb_script()
     if script is None:
-        raise EventStoreError(
-            STORAGE_ERROR, "UmaDB is not installed (pip install tamma-events[bench])"
-        )
+        raise StorageError("UmaDB is not installed (pip install tamma-events[bench])")
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="tamma-umadb-") as directory:
         process = subprocess.Popen(
@@ -269,8 +267,7 @@ def _wait_for_umadb(process: subprocess.Popen[bytes], url: str, timeout: float) 
     while True:
         if process.poll() is not None:
             error = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            raise EventStoreError(
-                STORAGE_ERROR,
+            raise StorageError(
                 f"the UmaDB server exited with {process.returncode}: {error.strip()[-500:]}",
             )
         try:
@@ -279,8 +276,8 @@ def _wait_for_umadb(process: subprocess.Popen[bytes], url: str, timeout: float) 
             return
         except Exception:
             if time.monotonic() > deadline:
-                raise EventStoreError(
-                    STORAGE_ERROR, f"the UmaDB server did not answer at {url} in {timeout:.0f} s"
+                raise StorageError(
+                    f"the UmaDB server did not answer at {url} in {timeout:.0f} s"
                 ) from None
             time.sleep(0.1)
 

@@ -38,7 +38,14 @@ from rich.text import Text
 
 from . import __impl__, __version__, embedded, torture
 from ._core import connection_kwargs, moment, storage_error, unreachable
-from .errors import APPEND_CONDITION_FAILED, QUERY_ERROR, VALIDATION_FAILED, EventStoreError
+from .errors import (
+    APPEND_CONDITION_FAILED,
+    QUERY_ERROR,
+    VALIDATION_FAILED,
+    EventStoreError,
+    StorageError,
+    ValidationFailed,
+)
 from .model import AppendCondition, DomainEvent, Query, QueryItem
 from .schema import no_store_error
 from .store import DEFAULT_CONNECT_TIMEOUT, DSN_ENV, SCHEMA_ENV, EventStore
@@ -537,7 +544,7 @@ def _show_conflict(store: EventStore) -> None:
             raise
         console.print(f"agent A's append is refused: [yellow]{exc.code}[/yellow] ({exc.message})")
     else:  # pragma: no cover - would be a broken invariant
-        raise EventStoreError("STORAGE_ERROR", "the conflicting append was accepted")
+        raise StorageError("the conflicting append was accepted")
     fresh = store.read(boundary)
     position = store.append(
         DomainEvent("IssueClosed", {"resolution": "fixed"}, issue),
@@ -925,13 +932,12 @@ def _read_lines(
             # msgspec raises UnicodeDecodeError for UTF-8 that encodes a surrogate, and
             # RecursionError for nesting deeper than it decodes.
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            bad(number, EventStoreError(VALIDATION_FAILED, f"not JSON: {reason}", {"line": number}))
+            bad(number, ValidationFailed(f"not JSON: {reason}", {"line": number}))
             continue
         if not isinstance(obj, dict):
             bad(
                 number,
-                EventStoreError(
-                    VALIDATION_FAILED,
+                ValidationFailed(
                     f"each line must be a JSON object (an event), got {type(obj).__name__}",
                     {"line": number},
                 ),

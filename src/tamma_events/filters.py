@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 
 from ._pycodec import parse_uuid
-from .errors import QUERY_ERROR, EventStoreError, shown
+from .errors import EventStoreError, QueryError, shown
 from .model import SequencedEvent
 
 __all__ = [
@@ -135,7 +135,7 @@ class Page(msgspec.Struct, frozen=True):
 
 
 def _error(message: str, field: str, **context: Any) -> EventStoreError:
-    return EventStoreError(QUERY_ERROR, message, {"field": field, **context})
+    return QueryError(message, {"field": field, **context})
 
 
 def check_text(value: object, field: str) -> str:
@@ -261,9 +261,7 @@ def normalize(event_filter: EventFilter | None) -> Criteria:
     if event_filter is None:
         return Criteria()
     if not isinstance(event_filter, EventFilter):
-        raise EventStoreError(
-            QUERY_ERROR, f"expected an EventFilter, got {type(event_filter).__name__}"
-        )
+        raise QueryError(f"expected an EventFilter, got {type(event_filter).__name__}")
     f = event_filter
     tags: list[tuple[str, tuple[str, ...]]] = []
     for field, key in TAG_FIELDS.items():
@@ -438,8 +436,7 @@ def filter_from_params(
                 if name in ("limit", "offset", "size", "per_page") and "page_size" in others
                 else ""
             )
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 f"unknown parameter {shown(name)}{hint}; the known ones are {', '.join(known)}",
                 {"field": name, "known": known},
             )
@@ -454,7 +451,7 @@ def filter_from_params(
         if field not in _PARAM_OF_FIELD:
             raise
         name = _PARAM_OF_FIELD[field]
-        raise EventStoreError(
-            exc.code, exc.message.replace(field, name, 1), {**exc.context, "field": name}
+        raise type(exc)(
+            exc.message.replace(field, name, 1), {**exc.context, "field": name}
         ) from None
     return event_filter

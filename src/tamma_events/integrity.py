@@ -22,7 +22,7 @@ from psycopg import sql
 from . import _codec
 from .archive import manifest, verify_archives
 from .arrow import copy_rows
-from .errors import VALIDATION_FAILED, EventStoreError, shown
+from .errors import EventStoreError, StorageError, ValidationFailed, shown
 from .filters import MAX_BIGINT
 
 __all__ = ["IntegrityReport", "verify"]
@@ -115,14 +115,12 @@ def verify(
         if bound is not None and (
             isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_BIGINT
         ):
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"{name} must be a position (an int from 1) or None, got {shown(bound)}",
                 {"field": name},
             )
     if start is not None and end is not None and start > end:
-        raise EventStoreError(
-            VALIDATION_FAILED,
+        raise ValidationFailed(
             f"start {start} is after end {end}: the range holds no position",
             {"field": "start", "end": end},
         )
@@ -136,12 +134,11 @@ def verify(
             sql.SQL("SELECT genesis FROM {}").format(sql.Identifier(schema, "chain"))
         ).fetchone()
         if head_row is None or genesis_row is None:
-            raise EventStoreError("STORAGE_ERROR", "the head or chain row is missing")
+            raise StorageError("the head or chain row is missing")
         head, head_hash = int(head_row[0]), bytes(head_row[1])
         if start is not None and start > head:
             # Nothing is stored there yet: a mistaken range, not a broken chain.
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"start {start} is past the head, position {head}: there is nothing to verify"
                 " there yet",
                 {"field": "start", "head": head},

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._ops import Op, Run
-from .errors import VALIDATION_FAILED, EventStoreError
+from .errors import ValidationFailed
 from .stream import connection_lost
 
 __all__ = ["Consistency", "Replica", "ReplicaSet", "redact"]
@@ -116,8 +116,7 @@ class ReplicaSet:
         timeout: float,
     ) -> None:
         if consistency not in ("read_your_writes", "eventual"):
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"consistency must be 'read_your_writes' or 'eventual', got {consistency!r}",
                 {"field": "consistency"},
             )
@@ -131,8 +130,7 @@ class ReplicaSet:
                 or not isinstance(value, (int, float))
                 or not 0 <= value < float("inf")
             ):
-                raise EventStoreError(
-                    VALIDATION_FAILED,
+                raise ValidationFailed(
                     f"{name} must be a finite non-negative number of seconds, got {value!r}",
                     {"field": name},
                 )

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from psycopg import sql
 
-from .errors import QUERY_ERROR, EventStoreError, shown
+from .errors import QueryError, shown
 from .filters import MAX_BIGINT, Criteria, GroupBy
 from .model import AppendCondition, Query, QueryItem
 
@@ -75,14 +75,13 @@ MAX_QUERY_ITEMS = 1_000
 def _check_text(value: str, what: str, field: str) -> None:
     """Refuse strings PostgreSQL cannot store, so no event can hold them either."""
     if "\x00" in value:
-        raise EventStoreError(
-            QUERY_ERROR, f"{what} contains a NUL character", {"field": field, "value": shown(value)}
+        raise QueryError(
+            f"{what} contains a NUL character", {"field": field, "value": shown(value)}
         )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"{what} contains a lone surrogate",
             {"field": field, "value": shown(value)},
         ) from None
@@ -91,29 +90,24 @@ def _check_text(value: str, what: str, field: str) -> None:
 def _item_shape(item: QueryItem, params: list[Any]) -> tuple[int, bool] | None:
     """Validate one item, append its parameters; None when it matches every event."""
     if not isinstance(item, QueryItem):
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"query items must be QueryItem, got {type(item).__name__}",
             {"field": "items"},
         )
     types = list(item.types)
     for event_type in types:
         if not isinstance(event_type, str):
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 f"query item types must be strings, got {type(event_type).__name__}",
                 {"field": "types", "value": shown(event_type)},
             )
         _check_text(event_type, "a query type", "types")
     tags = item.tags
     if not isinstance(tags, dict):
-        raise EventStoreError(
-            QUERY_ERROR, "query item tags must be a dict of str to str", {"field": "tags"}
-        )
+        raise QueryError("query item tags must be a dict of str to str", {"field": "tags"})
     for key, value in tags.items():
         if not (isinstance(key, str) and isinstance(value, str)):
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 "query item tags must map str to str",
                 {"field": "tags", "value": shown(key if not isinstance(key, str) else value)},
             )
@@ -135,12 +129,9 @@ def query_shape(query: Query | None, params: list[Any]) -> Shape:
     if query is None:
         return ()
     if not isinstance(query, Query):
-        raise EventStoreError(
-            QUERY_ERROR, f"expected a Query, got {type(query).__name__}", {"field": "query"}
-        )
+        raise QueryError(f"expected a Query, got {type(query).__name__}", {"field": "query"})
     if len(query.items) > MAX_QUERY_ITEMS:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"a query has at most {MAX_QUERY_ITEMS:,} items, got {len(query.items):,}",
             {"field": "items"},
         )
@@ -564,8 +555,7 @@ def after_position(after: int | None) -> int:
     if after is None:
         return 0
     if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_BIGINT:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"after must be a position (an int from 0 to 2**63-1) or None, got {shown(after)}",
             {"field": "after"},
         )
@@ -575,9 +565,7 @@ def after_position(after: int | None) -> int:
 def condition_check(condition: AppendCondition) -> Check:
     """Validate ``condition``; its shape and parameters for `Statements.checks`."""
     if not isinstance(condition, AppendCondition):
-        raise EventStoreError(
-            QUERY_ERROR, f"expected an AppendCondition, got {type(condition).__name__}"
-        )
+        raise QueryError(f"expected an AppendCondition, got {type(condition).__name__}")
     params: list[Any] = [after_position(condition.after)]
     return query_shape(condition.fail_if_events_match, params), params
 

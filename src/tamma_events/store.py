@@ -69,10 +69,11 @@ from ._ops import Op, rollback, run
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
 from .arrow import EXPORT_SCHEMA, write_parquet
 from .errors import (
-    QUERY_ERROR,
     STORAGE_ERROR,
-    VALIDATION_FAILED,
     EventStoreError,
+    QueryError,
+    StorageError,
+    ValidationFailed,
 )
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
@@ -369,7 +370,7 @@ class EventStore(StoreCore):
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the store is closed")
+            raise StorageError("the store is closed")
         try:
             with live_connection(self._pool) as conn:
                 if not conn.autocommit:
@@ -583,8 +584,7 @@ class EventStore(StoreCore):
             batch, check, prepared = self._request(events, condition)
             if conn is not None:
                 if prepared is None:
-                    raise EventStoreError(
-                        VALIDATION_FAILED,
+                    raise ValidationFailed(
                         f"a batch in a caller's transaction holds at most chunk_events"
                         f" ({self.chunk_events}) events, got {len(batch)}",
                         {"field": "events"},
@@ -644,8 +644,7 @@ class EventStore(StoreCore):
     def _append_in(self, conn: psycopg.Connection[Any], request: AppendRequest) -> int:
         """An append in the caller's transaction on ``conn``."""
         if not isinstance(conn, psycopg.Connection):
-            raise EventStoreError(
-                VALIDATION_FAILED,
+            raise ValidationFailed(
                 f"conn must be a psycopg.Connection, got {type(conn).__name__}",
                 {"field": "conn"},
             )
@@ -988,8 +987,7 @@ class EventStore(StoreCore):
                 )
 
         else:
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 "subscribe takes a Query, an EventFilter or None,"
                 f" not {type(query_or_filter).__name__}",
             )
@@ -1004,7 +1002,7 @@ class EventStore(StoreCore):
         )
         with self._subscriptions_lock:
             if self._closed:
-                raise EventStoreError(STORAGE_ERROR, "the store is closed")
+                raise StorageError("the store is closed")
             self._subscriptions.add(subscription)
         return subscription
 
@@ -1020,7 +1018,7 @@ class EventStore(StoreCore):
     def _ensure_listener(self) -> Listener:
         with self._subscriptions_lock:
             if self._closed:
-                raise EventStoreError(STORAGE_ERROR, "the store is closed")
+                raise StorageError("the store is closed")
             if self._listener is None:
                 dsn = self.dsn
                 pool = self._pool
@@ -1253,7 +1251,7 @@ class Transaction:
         """Append a batch in the transaction; returns its last position. A failed append
         raises and leaves the transaction usable; nothing of that append is written."""
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+            raise StorageError("the transaction has ended")
         request = self._store._full_request(events, condition)
         return run(self._conn, self._store._op_tx_append(self._state, request), owned=False)
 
@@ -1267,7 +1265,7 @@ class Transaction:
     ) -> ReadResult:
         """`EventStore.read` inside the transaction: it sees the block's own appends."""
         if self._closed:
-            raise EventStoreError(STORAGE_ERROR, "the transaction has ended")
+            raise StorageError("the transaction has ended")
         result = run(self._conn, self._store._op_read(query, after, limit, backwards), owned=False)
         if limit is None and self._state.head is not None:
             result.head = self._state.head

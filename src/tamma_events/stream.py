@@ -38,7 +38,7 @@ import psycopg.errors
 from psycopg import sql
 from psycopg_pool import PoolClosed, PoolTimeout
 
-from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError, shown
+from .errors import STORAGE_ERROR, EventStoreError, QueryError, shown
 from .model import SequencedEvent
 
 __all__ = ["MAX_BUFFER", "AsyncListener", "Listener", "Subscription"]
@@ -385,8 +385,7 @@ def _transient(exc: EventStoreError) -> bool:
 def check_subscription_options(buffer: int, poll_interval: float, retry_for: float) -> None:
     """QUERY_ERROR naming the first option out of range."""
     if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 < buffer <= MAX_BUFFER:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"buffer must be an int between 1 and {MAX_BUFFER}, got {shown(buffer)}",
             {"field": "buffer"},
         )
@@ -396,8 +395,7 @@ def check_subscription_options(buffer: int, poll_interval: float, retry_for: flo
             or not isinstance(value, (int, float))
             or not 0 < value < float("inf")
         ):
-            raise EventStoreError(
-                QUERY_ERROR,
+            raise QueryError(
                 f"{name} must be a positive finite number of seconds, got {shown(value)}",
                 {"field": name},
             )

@@ -51,7 +51,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import QUERY_ERROR, STORAGE_ERROR, EventStoreError, shown
+from .errors import STORAGE_ERROR, EventStoreError, QueryError, shown
 from .filters import MAX_BIGINT, filter_from_params
 from .store import EventStore
 from .stream import Subscription
@@ -184,15 +184,11 @@ def _params(request: Request) -> dict[str, list[str]]:
         try:
             name = unquote_plus(name, errors="strict")
         except UnicodeDecodeError:
-            raise EventStoreError(
-                QUERY_ERROR, "a parameter's name is not UTF-8", {"field": shown(name)}
-            ) from None
+            raise QueryError("a parameter's name is not UTF-8", {"field": shown(name)}) from None
         try:
             text = unquote_plus(value, errors="strict")
         except UnicodeDecodeError:
-            raise EventStoreError(
-                QUERY_ERROR, f"parameter {name} is not UTF-8 text", {"field": name}
-            ) from None
+            raise QueryError(f"parameter {name} is not UTF-8 text", {"field": name}) from None
         params.setdefault(name, []).append(text)
     return params
 
@@ -201,9 +197,7 @@ def _single(values: list[str] | None, name: str) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise EventStoreError(
-            QUERY_ERROR, f"{name} may be given once, got {len(values)} values", {"field": name}
-        )
+        raise QueryError(f"{name} may be given once, got {len(values)} values", {"field": name})
     return values[0]
 
 
@@ -212,8 +206,7 @@ def _integer(values: list[str] | None, name: str, default: int | None) -> int | 
     if value is None:
         return default
     if not _DIGITS.fullmatch(value) or int(value) > MAX_BIGINT:
-        raise EventStoreError(
-            QUERY_ERROR,
+        raise QueryError(
             f"{name} must be an integer from 0 to 2**63-1, got {value!r}",
             {"field": name},
         )
