@@ -17,6 +17,7 @@ import pytest
 from psycopg import sql
 
 import _workers
+from _schema_support import history, make_outdated
 from tamma_events import (
     APPEND_CONDITION_FAILED,
     QUERY_ERROR,
@@ -458,26 +459,6 @@ def test_an_append_whose_condition_an_earlier_append_of_its_group_violates_fails
 # -- many processes opening one store at once ------------------------------------------------
 
 
-def _outdated(dsn: str, schema: str, version: int) -> None:
-    """Make ``schema`` as a tamma-events that shipped migrations up to ``version`` left it."""
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
-        name = sql.Identifier(schema)
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
-        conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(name))
-        conn.execute(
-            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for migration in migrations():
-            if migration.version > version:
-                break
-            conn.execute(migration.text.encode())
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                [migration.version, migration.name],
-            )
-
-
 @pytest.mark.codec_neutral
 @pytest.mark.parametrize("start", ["new", "outdated"])
 def test_stores_opened_by_many_processes_at_once_all_work(
@@ -488,7 +469,8 @@ def test_stores_opened_by_many_processes_at_once_all_work(
     yet, and on one an older tamma-events made (its first migrations only)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     if start == "outdated":
-        _outdated(pg_dsn, schema, migrations()[len(migrations()) // 2].version)
+        # As a tamma-events half way through the migrations before the baseline left it.
+        make_outdated(pg_dsn, schema, history()[len(history()) // 2].version)
     kinds = ["sync", "async", "sync", "async", "sync", "async"]
     per_process = 5
     barrier = SPAWN.Barrier(len(kinds))

@@ -17,6 +17,7 @@ import pytest
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from _schema_support import history, make_outdated, shipped_up_to
 from tamma_events import (
     QUERY_ERROR,
     VALIDATION_FAILED,
@@ -147,9 +148,11 @@ def _append_at_version_3(store: EventStore, events: list[DomainEvent]) -> None:
 def test_a_role_granted_before_the_summaries_can_query_after_the_upgrade(pg_dsn: str) -> None:
     name = f"t_{uuid.uuid4().hex[:12]}"
     role = f"tamma_app_{uuid.uuid4().hex[:8]}"
-    before = [m for m in schema_module.migrations() if m.version < 4]
     try:
-        with mock.patch.object(schema_module, "migrations", lambda: before):
+        # A store the migrations before the baseline left at version 3, opened as the
+        # tamma-events of that version would open it.
+        make_outdated(pg_dsn, name, 3)
+        with mock.patch.object(schema_module, "migrations", lambda: shipped_up_to(3)):
             old = EventStore(pg_dsn, schema=name)
         with old:
             # Through version 3's own append_group, which moves the head itself (this
@@ -158,7 +161,7 @@ def test_a_role_granted_before_the_summaries_can_query_after_the_upgrade(pg_dsn:
                 old, [DomainEvent("IssueCreated", tags={"issueId": f"I-{n}"}) for n in range(5)]
             )
             old.grant_app_role(role)
-            assert old.migrate() == [m.version for m in schema_module.migrations()][3:]
+            assert old.migrate() == [m.version for m in history() if m.version > 3]
         dsn = psycopg.conninfo.make_conninfo(pg_dsn, options=f"-c role={role}")
         with EventStore(dsn, schema=name, migrate=False, max_connections=2) as app:
             assert app.count_events(EventFilter(issue_ids=["I-3"])) == 1  # backfilled

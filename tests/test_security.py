@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -45,6 +44,7 @@ from prometheus_client import generate_latest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from _schema_support import history, make_outdated
 from _web_support import LiveServer
 from tamma_events import (
     APPEND_CONDITION_FAILED,
@@ -58,7 +58,6 @@ from tamma_events import (
     Query,
     SequencedEvent,
 )
-from tamma_events import schema as schema_module
 from tamma_events.web import create_app
 
 pytestmark = pytest.mark.codec_neutral
@@ -931,10 +930,9 @@ def test_app_role_opens_a_current_schema_and_cannot_migrate(
     assert opened.value.context.get("sqlstate") == "42501"
 
     old = f"{filled.schema}_old"
-    shipped = schema_module.migrations()
+    shipped = history()
     try:
-        with mock.patch.object(schema_module, "migrations", lambda: shipped[:-1]):
-            EventStore(pg_dsn, schema=old).close()  # what the previous release left
+        make_outdated(pg_dsn, old, shipped[-2].version)  # what the previous release left
         with owner_connection(pg_dsn) as conn:
             conn.execute(
                 sql.SQL(

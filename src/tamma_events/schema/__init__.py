@@ -1,25 +1,53 @@
-"""Versioned SQL migrations and the migrator.
+"""The store's schema and the migrator.
 
-Each ``NNNN_name.sql`` file here is applied once, in order, inside one transaction per run,
-under an advisory lock, with ``search_path`` set to the store's schema; applied versions are
-recorded in ``schema_migrations``. Running `migrate` again is a no-op.
+``0010_baseline.sql`` is the whole schema as of version 10, written top to bottom; later changes
+are small migrations on top of it, ``0011_name.sql`` and so on, beside it. A schema is brought up
+to date inside one READ COMMITTED transaction per run, under an advisory lock, with
+``search_path`` set to it; the versions applied are recorded in ``schema_migrations``. Running
+`migrate` again is a no-op, and a schema already up to date is not locked or written at all.
+
+Two kinds of store reach version 10:
+
+* A new one (no ``schema_migrations``, or an empty one) gets the baseline alone, recorded as
+  version 10, ``baseline``.
+* One created before the baseline existed, at a version from 1 to 9, gets the steps it lacks
+  from ``legacy/`` (the ten migrations the baseline folds together, kept unchanged; each is
+  recorded under its own version and name, as before), then ``legacy/converge.sql``, which
+  records no version.
+
+The two end with the same catalog. The legacy steps leave the baseline's tables, indexes,
+views, triggers and functions, text for text: the baseline was written to create exactly what
+they leave, function bodies included, rather than cleaner bodies that the upgrade would then
+have to re-create. It has to be: a store the legacy steps brought to version 10 before the
+baseline existed is already current, and is left alone like any other. What the legacy steps
+miss is in the converge script, run once on the way through version 10: the one grant they
+never passed on (``chain``, to a role set up at version 1). ``tests/test_schema_catalog.py``
+checks that a store migrated from every earlier version, with an application role granted
+before, ends with the catalog of a new one.
+
+Both kinds then get the migrations after the baseline, the same way.
 """
 
 from __future__ import annotations
 
 import re
 from importlib import resources
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import psycopg
 from psycopg import sql
 
-from .._ops import Op, Run, run
-from ..errors import STORAGE_ERROR, EventStoreError
+from .._drive import run
+from .._ops import Op, Run
+from ..errors import EventStoreError, StorageError
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 __all__ = [
     "Migration",
     "drop",
+    "legacy_migrations",
     "migrate",
     "migrate_op",
     "migrations",
@@ -36,15 +64,53 @@ class Migration(NamedTuple):
     text: str
 
 
-def migrations() -> list[Migration]:
-    """The migrations shipped with the package, in version order."""
+def _read(directory: Traversable) -> list[Migration]:
     found = []
-    for entry in resources.files(__name__).iterdir():
+    for entry in directory.iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort()
     return found
+
+
+def migrations() -> list[Migration]:
+    """The migrations a store is built with now, in version order: the baseline (version 10,
+    the whole schema), then each later one. The last one's version is the version this package
+    needs."""
+    return _read(resources.files(__name__))
+
+
+def legacy_migrations() -> list[Migration]:
+    """The migrations the baseline folds together (versions 1 to 10), in version order: what
+    brings a store created before the baseline up to it, and what built such stores."""
+    return _read(resources.files(__name__) / "legacy")
+
+
+def _converge() -> str:
+    """What makes a store the legacy steps brought to the baseline's version equal to one the
+    baseline created (see ``legacy/converge.sql``)."""
+    return (resources.files(__name__) / "legacy" / "converge.sql").read_text(encoding="utf-8")
+
+
+def _plan(done: set[int]) -> list[tuple[Migration, bool]]:
+    """The scripts that bring a schema whose applied versions are ``done`` up to date, in order,
+    each with whether its version is recorded in ``schema_migrations``."""
+    current = migrations()
+    baseline = current[0].version
+    done = set(done)
+    steps: list[tuple[Migration, bool]] = []
+    if done and baseline not in done:
+        # Created before the baseline: its remaining legacy steps reach the baseline's version.
+        for migration in legacy_migrations():
+            if migration.version <= baseline and migration.version not in done:
+                steps.append((migration, True))
+                done.add(migration.version)
+        steps.append((Migration(baseline, "converge", _converge()), False))
+    for migration in current:
+        if migration.version not in done:
+            steps.append((migration, True))
+    return steps
 
 
 def migrate(conn: psycopg.Connection[object], schema: str) -> list[int]:
@@ -65,8 +131,7 @@ def version_op(schema: str) -> Op[int]:
 
 def no_store_error(schema: str) -> EventStoreError:
     """STORAGE_ERROR for reading a schema that holds no event store (never migrated)."""
-    return EventStoreError(
-        STORAGE_ERROR,
+    return StorageError(
         f"schema {schema} holds no event store: create it with `tamma-events init`"
         " (or open the store with migrate=True)",
         {"schema": schema},
@@ -80,8 +145,7 @@ def require_current_op(schema: str) -> Op[None]:
     version = yield from version_op(schema)
     needed = migrations()[-1].version
     if 0 < version < needed:
-        raise EventStoreError(
-            STORAGE_ERROR,
+        raise StorageError(
             f"schema {schema} is at version {version}, and this tamma-events needs version"
             f" {needed}: migrate it as its owner (open a store with migrate=True, or run"
             " tamma-events init)",
@@ -115,16 +179,15 @@ def migrate_op(schema: str) -> Op[list[int]]:
         fetch="none",
     )
     done = {row[0] for row in (yield Run("SELECT version FROM schema_migrations"))}
-    for migration in migrations():
-        if migration.version in done:
-            continue
+    for migration, recorded in _plan(done):
         yield Run(migration.text.encode(), fetch="none")
-        yield Run(
-            "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-            [migration.version, migration.name],
-            fetch="none",
-        )
-        applied_now.append(migration.version)
+        if recorded:
+            yield Run(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                [migration.version, migration.name],
+                fetch="none",
+            )
+            applied_now.append(migration.version)
     yield Run("COMMIT", fetch="none")
     return applied_now
 
