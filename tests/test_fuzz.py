@@ -59,7 +59,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from tamma_events import _pycodec as python
-from tamma_events._core import as_events
+from tamma_events._appending import as_events
 from tamma_events.errors import EventStoreError
 from tamma_events.model import DomainEvent, SequencedEvent
 

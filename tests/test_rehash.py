@@ -19,7 +19,7 @@ from psycopg import sql
 
 from tamma_events import DomainEvent, EventStore
 from tamma_events import _pycodec as python
-from tamma_events.arrow import copy_rows
+from tamma_events._drive import copy_rows
 from tamma_events.errors import EventStoreError
 from tamma_events.schema import drop
 from tamma_events.workload import generate_events

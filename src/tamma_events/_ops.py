@@ -1,10 +1,11 @@
 """The store's database work, written once for the sync and the async store.
 
 Every operation that talks to PostgreSQL is a generator (an `Op`): it yields the steps it
-needs (a statement, a COPY in or out, a rollback) and is sent each step's result, or has the
-step's exception thrown into it. It never touches a connection itself. `run` drives an
-operation on a `psycopg.Connection`, `run_async` on a `psycopg.AsyncConnection`; the two are
-the only places where sync and async differ, and each step knows how to do itself both ways.
+needs (a statement, a COPY in or out, a rollback, a pause) and is sent each step's result, or
+has the step's exception thrown into it. It never touches a connection itself, and a step is
+only the description of some I/O: `tamma_events._drive.run` does the steps on a
+`psycopg.Connection`, `tamma_events._drive_async.run_async` on a `psycopg.AsyncConnection`
+(the first is generated from the second). Decoding what comes back is the operation's job.
 This is psycopg's own arrangement (its protocol is generators that a sync and an async waiter
 drive), and it is why `tamma_events.aio.AsyncEventStore` has no second copy of the store's
 logic: appends, conditions, queries, pages, exports and archives are the same code.
@@ -12,34 +13,24 @@ logic: appends, conditions, queries, pages, exports and archives are the same co
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Generator, Iterable
 from typing import Any, Literal, TypeVar
 
-import psycopg
-import pyarrow as pa
-from psycopg import pq, sql
+from psycopg import sql
 
-__all__ = ["CopyIn", "CopyOut", "Op", "Rollback", "Run", "Sleep", "Step", "run", "run_async"]
+__all__ = ["CopyIn", "CopyOut", "Op", "Rollback", "Rows", "Run", "Sleep", "Step"]
 
 _T = TypeVar("_T")
 
-Fetch = Literal["all", "one", "none", "last"]
+#: What a `Run` returns: all rows, the first row, nothing, or the first row of the last of
+#: several statements sent together.
+Rows = Literal["all", "one", "none", "last"]
 
 
 class Step:
     """One piece of database work an operation asks for."""
 
     __slots__ = ()
-
-    def sync(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> Any:
-        raise NotImplementedError
-
-    async def run_async(
-        self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
-    ) -> Any:
-        raise NotImplementedError
 
 
 #: An operation: yields `Step`s, is sent their results, returns its own.
@@ -62,33 +53,13 @@ class Run(Step):
         query: sql.Composable | str | bytes,
         params: Any = None,
         *,
-        fetch: Fetch = "all",
+        fetch: Rows = "all",
         prepare: bool | None = None,
     ) -> None:
         self.query = query
         self.params = params
         self.fetch = fetch
         self.prepare = prepare
-
-    def sync(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> Any:
-        cur.execute(self.query, self.params, prepare=self.prepare)  # type: ignore[arg-type]
-        if self.fetch == "all":
-            return cur.fetchall()
-        if self.fetch == "last":
-            while cur.nextset():
-                pass
-        return cur.fetchone() if self.fetch != "none" else None
-
-    async def run_async(
-        self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
-    ) -> Any:
-        await cur.execute(self.query, self.params, prepare=self.prepare)  # type: ignore[arg-type]
-        if self.fetch == "all":
-            return await cur.fetchall()
-        if self.fetch == "last":
-            while cur.nextset():
-                pass
-        return await cur.fetchone() if self.fetch != "none" else None
 
 
 class CopyIn(Step):
@@ -101,22 +72,10 @@ class CopyIn(Step):
         self.query = query
         self.chunks = chunks
 
-    def sync(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> None:
-        with cur.copy(self.query) as copy:
-            for chunk in self.chunks:
-                copy.write(chunk)
-
-    async def run_async(
-        self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
-    ) -> None:
-        async with cur.copy(self.query) as copy:
-            for chunk in self.chunks:
-                await copy.write(chunk)
-
 
 class CopyOut(Step):
-    """``COPY (statement) TO STDOUT (FORMAT BINARY)`` of `tamma_events.arrow.EXPORT_SELECT`
-    rows; the result is a list of record batches."""
+    """``COPY (query) TO STDOUT (FORMAT BINARY)``; the result is its rows, raw, as a list of
+    chunks ``(rows, count)`` (header and trailer dropped) for the codec's ``decode_rows``."""
 
     __slots__ = ("params", "query")
 
@@ -124,32 +83,12 @@ class CopyOut(Step):
         self.query = query
         self.params = params
 
-    def sync(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> list[pa.RecordBatch]:
-        from .arrow import copy_batches
-
-        return list(copy_batches(conn, self.query, self.params))
-
-    async def run_async(
-        self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
-    ) -> list[pa.RecordBatch]:
-        from .arrow import copy_batches_async
-
-        return await copy_batches_async(conn, self.query, self.params)
-
 
 class Rollback(Step):
     """Leave the connection idle: roll back a transaction in progress (or, if that fails,
     close the connection, so its pool replaces it)."""
 
     __slots__ = ()
-
-    def sync(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> None:
-        rollback(conn)
-
-    async def run_async(
-        self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
-    ) -> None:
-        await rollback_async(conn)
 
 
 class Sleep(Step):
@@ -159,80 +98,3 @@ class Sleep(Step):
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-
-    def sync(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> None:
-        time.sleep(self.seconds)
-
-    async def run_async(
-        self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
-    ) -> None:
-        await asyncio.sleep(self.seconds)
-
-
-def rollback(conn: psycopg.Connection[Any]) -> None:
-    if conn.closed or conn.info.transaction_status == pq.TransactionStatus.IDLE:
-        return
-    try:
-        conn.execute("ROLLBACK")
-    except psycopg.Error:
-        conn.close()
-
-
-async def rollback_async(conn: psycopg.AsyncConnection[Any]) -> None:
-    if conn.closed or conn.info.transaction_status == pq.TransactionStatus.IDLE:
-        return
-    try:
-        await conn.execute("ROLLBACK")
-    except psycopg.Error:
-        await conn.close()
-
-
-def run(conn: psycopg.Connection[Any], op: Op[_T], *, owned: bool = True) -> _T:
-    """Drive ``op`` on ``conn``. On a failure the operation does not handle, a transaction it
-    left open on an ``owned`` connection (the store's, not a caller's) is rolled back."""
-    cur = conn.cursor()
-    value: Any = None
-    error: BaseException | None = None
-    try:
-        while True:
-            try:
-                step = op.send(value) if error is None else op.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value = error = None
-            try:
-                value = step.sync(conn, cur)
-            except Exception as exc:
-                error = exc
-    except BaseException:
-        op.close()
-        if owned:
-            rollback(conn)
-        raise
-    finally:
-        cur.close()
-
-
-async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[_T], *, owned: bool = True) -> _T:
-    """`run` for an async connection."""
-    cur = conn.cursor()
-    value: Any = None
-    error: BaseException | None = None
-    try:
-        while True:
-            try:
-                step = op.send(value) if error is None else op.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value = error = None
-            try:
-                value = await step.run_async(conn, cur)
-            except Exception as exc:
-                error = exc
-    except BaseException:
-        op.close()
-        if owned:
-            await rollback_async(conn)
-        raise
-    finally:
-        await cur.close()

@@ -40,7 +40,7 @@ from .errors import (
     EventStoreError,
     StorageError,
     ValidationFailed,
-    shown,
+    short_repr,
 )
 from .model import DomainEvent
 
@@ -205,7 +205,8 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
             for key, item in value.items():
                 if type(key) is not str:
                     raise _Invalid(
-                        f"object keys must be strings, got {_type_name(key)}", [*path, shown(key)]
+                        f"object keys must be strings, got {_type_name(key)}",
+                        [*path, short_repr(key)],
                     )
                 _check_text(key, [*path, key], "key")
                 _check_json(item, [*path, key], depth + 1)
@@ -214,7 +215,7 @@ def _check_json(value: Any, path: list[str | int], depth: int) -> None:
                 _check_json(item, [*path, i], depth + 1)
     elif kind is float:
         if not math.isfinite(value):
-            raise _Invalid(f"{shown(value)} is not a JSON number", path)
+            raise _Invalid(f"{short_repr(value)} is not a JSON number", path)
     elif kind is int:
         if value.bit_length() > MAX_INT_BITS:
             raise _Invalid(f"an integer of {value.bit_length()} bits is over {MAX_INT_BITS}", path)
@@ -313,7 +314,7 @@ def parse_uuid(text: str) -> uuid.UUID:
     underscores, spaces and non-ASCII digits; ids are refused so at every entry point.
     Raises ValueError."""
     if not _UUID_TEXT.fullmatch(text):
-        raise ValueError(f"not a UUID: {shown(text)}")
+        raise ValueError(f"not a UUID: {short_repr(text)}")
     return uuid.UUID(text)
 
 
@@ -327,7 +328,7 @@ def _event_id_bytes(event: DomainEvent, index: int) -> tuple[bytes, str]:
             parsed = parse_uuid(event_id)
         except ValueError:
             raise _fail(
-                f"event_id must be a UUID, got {shown(event_id)}", index, None, "event_id"
+                f"event_id must be a UUID, got {short_repr(event_id)}", index, None, "event_id"
             ) from None
         return parsed.bytes, str(parsed)
     raise _fail(f"event_id must be a UUID, got {_type_name(event_id)}", index, None, "event_id")
@@ -340,7 +341,7 @@ def _timestamp_us(event: DomainEvent, index: int, event_id: str) -> int:
             value = msgspec.convert(value, datetime)
         except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: a lone surrogate
             raise _fail(
-                f"timestamp must be an ISO-8601 datetime, got {shown(value)}",
+                f"timestamp must be an ISO-8601 datetime, got {short_repr(value)}",
                 index,
                 event_id,
                 "timestamp",
@@ -353,7 +354,7 @@ def _timestamp_us(event: DomainEvent, index: int, event_id: str) -> int:
         offset = value.utcoffset()
     except Exception as exc:  # a tzinfo of the caller's: whatever it raises, it is no zone
         raise _fail(
-            f"timestamp's time zone gives no valid offset: {shown(exc)}",
+            f"timestamp's time zone gives no valid offset: {short_repr(exc)}",
             index,
             event_id,
             "timestamp",
@@ -485,7 +486,9 @@ def _check_seal(batch: PreparedBatch, first_position: int, prev_hash: bytes) -> 
         raise ValueError(f"prev_hash must be {HASH_SIZE} bytes")
     last = _MAX_POSITION - batch.count + 1
     if type(first_position) is not int or not -_MAX_POSITION - 1 <= first_position <= last:
-        raise ValueError(f"the positions must fit in 64 bits, got first {shown(first_position)}")
+        raise ValueError(
+            f"the positions must fit in 64 bits, got first {short_repr(first_position)}"
+        )
 
 
 def seal(

@@ -1,38 +1,38 @@
-"""`AsyncEventStore`: the store for asyncio services, on psycopg's async connections.
+"""The store's driver, written once for asyncio and generated for threads.
 
-It is `EventStore`'s API with ``async def``: appends, DCB reads, queries, pages, snapshots and
-projections, transactions and appends in a caller's transaction; ``stream_events``,
-``paginate``, ``export_arrow`` and ``subscribe`` are async iterators. No thread is involved
-(but for the two maintenance jobs below): connections come from a
-`psycopg_pool.AsyncConnectionPool`, the LISTEN connection of its subscriptions is a task, and
-the read-ahead of streams and exports is a task.
+The driver is written once, for asyncio, in `tamma_events.aio`; `tamma_events.store` is
+generated from it by ``scripts/async_to_sync.py`` (change `tamma_events.aio`, then run the
+script: ``scripts/test`` fails while the generated module is stale). The database work itself
+is written once too, as generators of steps in `tamma_events._core`, which both drivers run
+(`tamma_events._ops`). Where the two stores differ for real, the code says so with an
+``if True:  # ASYNC`` block: the sync store connects when it is made, waits in threads (group
+commit, read-ahead, the summaries' fold, the subscriptions' listener) and exports through the
+native libpq COPY reader; the async store connects in `open`, and uses tasks for the same work.
 
-Its database work is the sync store's own code: every operation is a generator in
-`tamma_events._core`, driven here by `tamma_events._ops.run_async`. Two things to know:
-
-- Concurrent appends from the tasks of one event loop share transactions (group commit), as
-  the sync store's threads do.
-- The maintenance jobs ``verify`` and ``compact_events`` read whole ranges of the log through a
-  server-side cursor and read or write archive files: they run in a worker thread, on a sync
-  connection of their own, and are awaited like the rest.
-
-    async with AsyncEventStore(dsn) as store:
-        await store.append(DomainEvent(...))
-        async for event in store.stream_events(EventFilter(event_types=["X"])):
-            ...
+Every append transaction locks the single head row first, checks its conditions, writes its
+events at positions head+1.. (small groups through the ``append_group`` function in one round
+trip, larger ones by binary COPY) and moves the head before it commits. Holding that lock until
+the commit makes commit order equal position order, so a reader resuming after position P never
+skips an event, and a condition checked under it cannot be invalidated before the commit.
+Concurrent appends from the threads of one process, or the tasks of one event loop, share
+transactions (group commit); each keeps its own condition and its own outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -45,40 +45,41 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import embedded
+from ._appending import TransactionState
 from ._core import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POOL_TIMEOUT,
-    Keyset,
+    SCHEMA_ENV,
     StoreCore,
-    TxState,
-    Walk,
-    check_size,
     check_size_any,
     check_timeout,
     connection_kwargs,
-    decode_document,
-    decode_events,
-    event_key,
     make_pool,
-    moment,
+    parse_before,
     pool_stats,
     retryable,
     server_wrote,
     storage_error,
-    subscription_criteria,
     unreachable,
 )
-from ._group import AppendRequest, AsyncGroupCommit
-from ._ops import Op, rollback_async, run_async
+from ._drive_async import rollback_async, run_async
+from ._group_async import AsyncGroupCommit
+from ._listen_async import AsyncListener
+from ._ops import Op
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
-from .arrow import EXPORT_SCHEMA, parquet_writer
-from .errors import (
-    STORAGE_ERROR,
-    EventStoreError,
-    QueryError,
-    StorageError,
-    ValidationFailed,
+from ._reading import (
+    MAX_PAGE_SIZE,
+    Keyset,
+    KeysetWalk,
+    check_size,
+    decode_document,
+    decode_events,
+    event_key,
+    subscription_criteria,
 )
+from ._request import AppendRequest
+from .arrow import EXPORT_SCHEMA, parquet_writer, write_parquet
+from .errors import STORAGE_ERROR, EventStoreError, QueryError, StorageError, ValidationFailed
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
 from .metrics import prometheus_registry
@@ -104,15 +105,27 @@ from .replicas import (
 )
 from .schema import migrate_op, require_current_op
 from .sql import after_position, query_shape
-from .stream import AsyncListener, Subscription, check_subscription_options, connection_lost
+from .stream import Subscription, check_subscription_options, connection_lost
 
-__all__ = ["AsyncEventStore", "AsyncTransaction"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_TIMEOUT",
+    "DSN_ENV",
+    "MAX_PAGE_SIZE",
+    "SCHEMA_ENV",
+    "AsyncEventStore",
+    "AsyncTransaction",
+]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _S = TypeVar("_S")
 
+#: The DSN the store uses when none is passed.
+DSN_ENV = "TAMMA_EVENTS_DSN"
+
+# COPY streams a log-ordered export reads at once (see `AsyncEventStore._export_ranges`).
 _EXPORT_STREAMS = 2
 
 
@@ -124,7 +137,13 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
 async def live_connection(
     pool: AsyncConnectionPool[Any], timeout: float | None = None
 ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """`tamma_events.store.live_connection` for an async pool."""
+    """A connection from ``pool``, passing over those the server closed while they sat in it.
+
+    A connection the server has written to while idle (`tamma_events._core.server_wrote`) is
+    tested with an empty query; a broken one goes back to the pool, which discards it and opens
+    another, and the next is taken at once. (The pool's own ``check`` would back off a second,
+    then two, between broken connections: after a server restart, the first call would wait
+    seconds.)"""
     tries = pool.max_size + 1
     for attempt in range(tries):
         stack = AsyncExitStack()
@@ -140,12 +159,49 @@ async def live_connection(
         return
 
 
-class AsyncEventStore(StoreCore):
-    """A DCB event store on PostgreSQL, for asyncio.
+async def _check_pool(pool: AsyncConnectionPool[Any]) -> None:
+    """Test the pool's idle connections now (after a lost connection: the others are likely
+    broken too), so that the next call gets a working one rather than the next broken one."""
+    try:
+        await pool.check()
+    except Exception:  # a closed pool, say: the error being reported says enough
+        pass
 
-    Takes `EventStore`'s arguments (``pool`` is then a caller's `AsyncConnectionPool`).
-    Nothing connects until `open` (or ``async with``), which starts the embedded server when
-    no DSN is given, opens the pools and migrates the schema.
+
+class AsyncEventStore(StoreCore):
+    """A DCB event store on PostgreSQL.
+
+    ``dsn`` selects the server; without it, ``$TAMMA_EVENTS_DSN``; without that, an embedded
+    PostgreSQL 18 started in ``data_dir`` (default: the user data directory). Everything lives in
+    the PostgreSQL schema ``schema`` (default: ``$TAMMA_EVENTS_SCHEMA``, else ``tamma_events``),
+    migrated on open unless ``migrate=False``. The sync store opens when it is made; the async
+    one when it is opened (``await store.open()``, or ``async with``).
+
+    Connections come from a `psycopg_pool.AsyncConnectionPool` of ``min_connections`` to
+    ``max_connections``, each replaced after ``max_lifetime`` seconds or ``max_idle`` seconds
+    unused; a call waits up to ``pool_timeout`` seconds for one, then fails with
+    ``STORAGE_ERROR``. Opening the store connects once first: a server that refuses the
+    connection or gives no answer within ``connect_timeout`` seconds (5 by default; it also
+    bounds each later connection attempt) fails it at once with one ``STORAGE_ERROR`` naming
+    the host and port; connections lost later are retried by the pool. ``pool`` lets a caller
+    share its own pool instead; the store then sets ``autocommit`` on the connections it
+    borrows. `pool_stats` reports the pool.
+
+    ``replicas`` are DSNs of streaming replicas of the server: queries, streams and exports go
+    to them in turn, reading your own writes unless ``consistency="eventual"`` (see
+    `tamma_events.replicas` for ``replica_wait``, ``replica_retry`` and ``replica_timeout``).
+
+    Query results are cached in-process (``cache_size`` entries for ``cache_ttl`` seconds; 0
+    turns the cache off); see `tamma_events.cache` for why a hit is never stale.
+
+    Events compacted out of the log (`compact_events`) live in Parquet archives under
+    ``archive_dir`` (default: `default_archive_dir`, ``<data dir>-archives/<schema>`` beside
+    the embedded server's data directory, or ``archives/<schema>`` in the user data directory
+    for a server at a DSN).
+
+    `metrics` counts what the store does; `prometheus_registry` exposes it to Prometheus.
+
+    Use it as a context manager, or call `close`.
     """
 
     def __init__(
@@ -205,12 +261,24 @@ class AsyncEventStore(StoreCore):
         self._owns_pool = pool is None
         self._opened = False
         self._closed = False
+        #: The schema migrations this store applied when it opened (the ``init`` command
+        #: reports them).
+        self.applied_on_open: list[int] = []
         self._listener: AsyncListener | None = None
+        # Weak: a subscription dropped without stop() is not kept alive (or counted) by the store.
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._subscriptions_lock = threading.Lock()
         self._registry: Any = None
         self._group = AsyncGroupCommit(self._write_group, max_group_events)
-        self._fold_task: asyncio.Task[None] | None = None
+        if True:  # ASYNC
+            self._fold_task: asyncio.Task[None] | None = None
+        else:
+            self._fold_thread: threading.Thread | None = None
         self.embedded: embedded.EmbeddedServer | None = None
+        if True:  # ASYNC
+            pass  # opened by `open`
+        else:
+            self.open()
 
     def _make_pool(self, dsn: str, name: str, timeout: float) -> AsyncConnectionPool[Any]:
         min_size, max_size, connect_timeout, _, max_lifetime, max_idle = self._pool_settings
@@ -228,7 +296,8 @@ class AsyncEventStore(StoreCore):
         )
 
     async def open(self) -> AsyncEventStore:
-        """Connect (and migrate, unless ``migrate=False``); returns the store."""
+        """Connect (and migrate, unless ``migrate=False``); returns the store. `EventStore`
+        calls it when it is made; calling it again does nothing."""
         if self._opened:
             return self
         if self._closed:
@@ -236,7 +305,7 @@ class AsyncEventStore(StoreCore):
         self._opened = True
         connect_timeout, pool_timeout = self._pool_settings[2:4]
         if self._pool is None:
-            dsn = self._dsn or os.environ.get("TAMMA_EVENTS_DSN") or None
+            dsn = self._dsn or os.environ.get(DSN_ENV) or None
             if dsn is None:
                 # Starting a server is a one-off subprocess wait, done before any service work.
                 self.embedded = embedded.start(self._data_dir)
@@ -266,6 +335,7 @@ class AsyncEventStore(StoreCore):
                     exc, "connecting to PostgreSQL", dsn=redact(dsn)
                 ).with_traceback(None) from None
         for replica_dsn in self._replica_dsns:
+            # Opened without waiting: a replica that is down must not stop the store opening.
             replica_pool = self._make_pool(
                 replica_dsn, f"tamma-events:{self.schema}:replica", self._replicas.timeout
             )
@@ -273,7 +343,7 @@ class AsyncEventStore(StoreCore):
             self._replicas.members.append(Replica(replica_dsn, replica_pool))
         try:
             if self._migrate_on_open:
-                await self.migrate()
+                self.applied_on_open = await self.migrate()
             else:
                 async with self._connection() as conn:
                     try:
@@ -285,19 +355,30 @@ class AsyncEventStore(StoreCore):
             raise
         return self
 
+    # -- lifecycle -------------------------------------------------------------------------
+
     @property
     def dsn(self) -> str:
-        """The connection string of the store's server (with its password: do not log it)."""
-        pool = self._require_pool()
-        conninfo = pool.conninfo
-        return conninfo() if callable(conninfo) else conninfo  # type: ignore[return-value]
+        """The connection string of the store's server (with its password: do not log it;
+        ``repr(store)`` shows it without)."""
+        conninfo = self._require_pool().conninfo
+        if True:  # ASYNC
+            return conninfo() if callable(conninfo) else conninfo  # type: ignore[return-value]
+        else:
+            return conninfo() if callable(conninfo) else conninfo
 
     def __repr__(self) -> str:
         where = "not open"
-        if self._pool is not None and isinstance(self._pool.conninfo, str):
-            where = redact(self._pool.conninfo)
+        if self._pool is not None and self._opened:
+            conninfo = self._pool.conninfo
+            value: object = conninfo
+            if callable(conninfo) and not inspect.iscoroutinefunction(conninfo):
+                value = conninfo()
+            if isinstance(value, str):
+                where = redact(value)
+        replicas = f", replicas={len(self._replicas.members)}" if self._replicas else ""
         state = " closed" if self._closed else ""
-        return f"<AsyncEventStore{state} {where!r} schema={self.schema!r}>"
+        return f"<AsyncEventStore{state} {where!r} schema={self.schema!r}{replicas}>"
 
     def _require_pool(self) -> AsyncConnectionPool[Any]:
         if self._pool is None or not self._opened:
@@ -308,7 +389,10 @@ class AsyncEventStore(StoreCore):
         """Apply the schema migrations not applied yet; returns their versions."""
         try:
             async with self._connection() as conn:
-                return await run_async(conn, migrate_op(self.schema))
+                try:
+                    return await run_async(conn, migrate_op(self.schema))
+                except psycopg.Error as exc:
+                    raise storage_error(exc, "migrating the schema") from exc
         except EventStoreError as exc:
             exc.context.setdefault("schema", self.schema)
             raise
@@ -320,7 +404,9 @@ class AsyncEventStore(StoreCore):
             return
         await self._join_fold()
         self._closed = True
-        for subscription in list(self._subscriptions):
+        with self._subscriptions_lock:
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
             subscription.stop()
         if self._listener is not None:
             await self._listener.aclose()
@@ -354,10 +440,9 @@ class AsyncEventStore(StoreCore):
                 yield conn
         except EventStoreError as exc:
             if retryable(exc):
-                with suppress(Exception):
-                    await pool.check()
+                await _check_pool(pool)
             raise
-        except PoolTimeout as exc:
+        except PoolTimeout as exc:  # before psycopg.Error: it is an OperationalError
             stats = pool.get_stats()
             raise storage_error(
                 exc,
@@ -368,13 +453,15 @@ class AsyncEventStore(StoreCore):
             ) from exc
         except psycopg.Error as exc:
             if connection_lost(exc):
-                with suppress(Exception):
-                    await pool.check()
+                # A restarted server or a terminated backend: the pool's idle connections are
+                # likely broken too.
+                await _check_pool(pool)
             raise storage_error(exc, "using a connection") from exc
 
     async def _run(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
-        """`EventStore._run`: on the primary, timed, run once more after a connection lost
-        before anything was committed."""
+        """Run the operation ``make()`` on the primary, timed as a query of ``kind``. When the
+        connection turns out to be lost before anything was committed (a restarted server, a
+        terminated backend), the pool is checked and the operation runs once more."""
         start = time.perf_counter()
         failed = True
         retried = False
@@ -400,6 +487,8 @@ class AsyncEventStore(StoreCore):
             self._metrics.queried(kind, time.perf_counter() - start, failed, retried)
 
     async def _query(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
+        """Run the operation ``make()`` on a replica in turn (caught up with this store's
+        appends, unless consistency is eventual), else on the primary; timed as ``kind``."""
         if not self._replicas:
             return await self._run(kind, make)
         start = time.perf_counter()
@@ -426,7 +515,7 @@ class AsyncEventStore(StoreCore):
             try:
                 async with live_connection(replica.pool, replicas.timeout) as conn:
                     if not await run_async(conn, self._op_caught_up(replica)):
-                        break
+                        break  # behind for longer than the wait: the primary answers
                     result = await run_async(conn, make())
             except Behind:
                 break
@@ -435,8 +524,7 @@ class AsyncEventStore(StoreCore):
                     raise storage_error(exc, "reading from a replica") from exc
                 replicas.failed(replica, exc)
                 if connection_lost(exc):
-                    with suppress(Exception):
-                        await replica.pool.check()
+                    await _check_pool(replica.pool)
                 continue
             replicas.served(replica)
             return result
@@ -445,25 +533,35 @@ class AsyncEventStore(StoreCore):
             return await run_async(conn, make())
 
     def pool_stats(self) -> dict[str, int]:
-        """The primary's connection pool (see `EventStore.pool_stats`)."""
+        """The primary's connection pool: ``size`` (open connections), ``idle``, ``waiting``
+        (requests waiting for one), ``min``, ``max``, and since the store opened: ``requests``,
+        ``request_timeouts``, ``connections`` opened, ``connection_errors`` (attempts that
+        failed), ``connections_lost`` (found broken by a check and replaced) and
+        ``connections_discarded`` (found closed or broken when handed out or given back, and
+        replaced)."""
         return pool_stats(self._require_pool().get_stats())
 
     def metrics(self) -> dict[str, Any]:
-        """A snapshot of the store's metrics (see `EventStore.metrics`). A plain call, like
-        `pool_stats`: it asks the database nothing (`measure_replicas` does)."""
-        return self._snapshot(
-            self.pool_stats(), self._listener, self._positions(), self._replica_report()
-        )
+        """A snapshot of the store's metrics: ``appends`` (events, batches, bytes,
+        conflicts, duplicates, errors, latency), ``queries`` (count, errors and latency by
+        kind), ``cache``, ``pool`` (see `pool_stats`), ``subscriptions`` (open, lag in
+        positions and seconds), ``replicas`` (each: up, reads served, replay lag in bytes and
+        seconds) and ``replica_fallbacks``. Latencies are histograms: ``count``, ``sum`` and
+        cumulative ``buckets`` by upper bound in seconds.
 
-    def _positions(self) -> list[int]:
-        return [s.position for s in self._subscriptions if not s.stopped]
-
-    def _replica_report(self) -> list[dict[str, Any]]:
-        return [r.status() for r in self._replicas.members]
+        It reads what the store counted and asks the database nothing (a plain call in both
+        stores): ``up`` says whether a replica answered the last time the store asked it
+        anything (None before that), and its lag is the one `measure_replicas` last found
+        (None before that)."""
+        with self._subscriptions_lock:
+            positions = [s.position for s in self._subscriptions if not s.stopped]
+        replicas = [r.status() for r in self._replicas.members]
+        return self._snapshot(self.pool_stats(), self._listener, positions, replicas)
 
     async def measure_replicas(self) -> list[dict[str, Any]]:
-        """Ask each replica how far behind the primary it is now (see
-        `EventStore.measure_replicas`)."""
+        """Ask each replica how far behind the primary it is now (one query to the primary
+        and one to each replica that is not left out for failing) and return what `metrics`
+        then reports of them: ``up``, ``reads``, ``lag_bytes`` and ``lag_seconds``."""
         if not self._replicas:
             return []
         try:
@@ -473,13 +571,32 @@ class AsyncEventStore(StoreCore):
             primary = None
         for replica in self._replicas.members:
             if replica.left_out:
-                continue
+                continue  # not asked again until its retry is due
             try:
                 async with live_connection(replica.pool, self._replicas.timeout) as conn:
                     replica.measured(primary, await run_async(conn, replay_state()))
             except (psycopg.Error, PoolTimeout, EventStoreError):
                 replica.measured(primary, None)
-        return self._replica_report()
+        return [r.status() for r in self._replicas.members]
+
+    @property
+    def prometheus_registry(self) -> Any:
+        """A ``prometheus_client.CollectorRegistry`` of the store's own. Serve it with
+        ``prometheus_client.generate_latest(registry)`` (the web app does, at ``/metrics``).
+        In the sync store, each scrape measures the replicas' lag (`measure_replicas`) and
+        collects `metrics`; the async store's collector runs outside the event loop, so it
+        reports `metrics` as they are, replica lag as `measure_replicas` last found it."""
+        if self._registry is None:
+            if True:  # ASYNC
+                self._registry = prometheus_registry(self.metrics)
+            else:
+
+                def scrape() -> dict[str, Any]:
+                    self.measure_replicas()
+                    return self.metrics()
+
+                self._registry = prometheus_registry(scrape)
+        return self._registry
 
     # -- appends ---------------------------------------------------------------------------
 
@@ -490,7 +607,13 @@ class AsyncEventStore(StoreCore):
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int:
-        """Append one event; returns its position (see `EventStore.append`)."""
+        """Append one event; returns its position.
+
+        Raises `AppendConditionFailed` when ``condition`` is violated, `DuplicateEvent` when
+        its ``event_id`` is already stored, `ValidationFailed` for a bad event (all of them
+        `EventStoreError`); nothing is written in any of these cases. ``conn``: see
+        `append_batch`.
+        """
         return await self.append_batch([event], condition, conn=conn)
 
     async def append_batch(
@@ -500,29 +623,42 @@ class AsyncEventStore(StoreCore):
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int:
-        """Append events atomically at consecutive positions; returns the last position (see
-        `EventStore.append_batch`; ``conn`` is a caller's ``AsyncConnection``)."""
+        """Append events atomically at consecutive positions; returns the last position.
+
+        All of them are stored, or (on any error) none. Batches up to ``chunk_events`` are
+        validated and encoded before any database work; a larger batch is encoded chunk by chunk
+        while earlier chunks stream to the server, and an error in a later chunk rolls the whole
+        batch back.
+
+        With ``conn``, a psycopg connection of the caller's to the same database (async for the
+        async store), the events are written in the caller's
+        transaction (outbox style): they commit or roll back with the caller's own work, and
+        the head lock is held until then, so keep that transaction short. A connection in
+        autocommit with no transaction open gets one of its own, committed before this returns.
+        A failed append leaves the caller's transaction usable.
+        """
         start = time.perf_counter()
         try:
             batch, check, prepared = self._request(events, condition)
-            if prepared is None:
-                if conn is not None:
+            if conn is not None:
+                if prepared is None:
                     raise ValidationFailed(
                         f"a batch in a caller's transaction holds at most chunk_events"
                         f" ({self.chunk_events}) events, got {len(batch)}",
                         {"field": "events"},
                     )
+                request = AppendRequest(batch, prepared, condition, check)
+                position = await self._append_in(conn, request)
+                size = len(prepared.buffer)
+            elif prepared is not None:
+                request = AppendRequest(batch, prepared, condition, check)
+                position = await self._group.submit(request)
+                size = len(prepared.buffer)
+            else:
                 async with self._connection() as own:
                     position, size = await run_async(
                         own, self._op_append_large(batch, condition, check)
                     )
-            else:
-                request = AppendRequest(batch, prepared, condition, check)
-                if conn is not None:
-                    position = await self._append_in(conn, request)
-                else:
-                    position = await self._group.submit(request)
-                size = len(prepared.buffer)
         except EventStoreError as exc:
             self._metrics.append_failed(exc.code, time.perf_counter() - start)
             raise
@@ -531,11 +667,27 @@ class AsyncEventStore(StoreCore):
             raise
         self._metrics.appended(len(batch), size, time.perf_counter() - start)
         if conn is None and self._fold_due(position):
-            self._fold_task = asyncio.get_running_loop().create_task(self._fold_summaries())
+            self._start_fold()
         return position
 
+    def _start_fold(self) -> None:
+        """Fold the summaries' tail in the background: appends do not wait for it."""
+        if True:  # ASYNC
+            self._fold_task = asyncio.get_running_loop().create_task(self._fold_summaries())
+        else:
+            fold = threading.Thread(
+                target=self._fold_summaries, name="tamma-events fold", daemon=True
+            )
+            try:
+                fold.start()
+            except RuntimeError:  # no new thread at interpreter shutdown: the append stands
+                self._folding = False
+            else:
+                self._fold_thread = fold
+
     async def _fold_summaries(self) -> None:
-        """`EventStore._fold_summaries`, as a task of the store's loop."""
+        """Fold the summaries' tail (`StoreCore._op_fold`), in a thread (sync) or a task
+        (async) of its own: a failure only leaves the tail for the next fold."""
         try:
             async with self._connection() as conn:
                 await run_async(conn, self._op_fold())
@@ -545,18 +697,43 @@ class AsyncEventStore(StoreCore):
             self._folding = False
 
     async def fold_summaries(self) -> int:
-        """Fold every event appended so far into the query summaries now (see
-        `EventStore.fold_summaries`); returns the folded position."""
+        """Fold every event appended so far into the query summaries now, waiting for a fold
+        already running; returns the folded position. Reads are exact without it (they add up
+        the tail since the last fold), and appends fold on their own as the tail grows: this is
+        for after a bulk load, to make the next summary reads as fast as they get."""
         await self._join_fold()
         return await self._run("fold", lambda: self._op_fold(0, wait=True))
 
     async def _join_fold(self) -> None:
-        task = self._fold_task
-        if task is not None and task is not asyncio.current_task():
-            await asyncio.shield(task)
+        if True:  # ASYNC
+            task = self._fold_task
+            if task is not None and task is not asyncio.current_task():
+                await asyncio.shield(task)
+        else:
+            thread = self._fold_thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+
+    async def _append_in(self, conn: psycopg.AsyncConnection[Any], request: AppendRequest) -> int:
+        """An append in the caller's transaction on ``conn``."""
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise ValidationFailed(
+                f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}",
+                {"field": "conn"},
+            )
+        op = self._op_tx_append(TransactionState(), request)
+        try:
+            if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                async with conn.transaction():
+                    return await run_async(conn, op, owned=False)
+            return await run_async(conn, op, owned=False)
+        except psycopg.Error as exc:
+            raise storage_error(exc, "appending in the caller's transaction") from exc
 
     async def _write_group(self, requests: list[AppendRequest]) -> None:
-        """`EventStore._write_group` on an async connection."""
+        """Write ``requests`` in one transaction (`StoreCore._op_write_group`); settles every
+        one of them. Run once more on a checked connection when the first was lost before
+        anything was sent for commit."""
         try:
             try:
                 async with self._connection() as conn:
@@ -574,40 +751,6 @@ class AsyncEventStore(StoreCore):
                 if not request.done:
                     request.fail(exc)
 
-    async def _append_in(self, conn: psycopg.AsyncConnection[Any], request: AppendRequest) -> int:
-        if not isinstance(conn, psycopg.AsyncConnection):
-            raise ValidationFailed(
-                f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}",
-                {"field": "conn"},
-            )
-        op = self._op_tx_append(TxState(), request)
-        try:
-            if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                async with conn.transaction():
-                    return await run_async(conn, op, owned=False)
-            return await run_async(conn, op, owned=False)
-        except psycopg.Error as exc:
-            raise storage_error(exc, "appending in the caller's transaction") from exc
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
-        """A block whose appends commit together when it exits normally, or not at all (see
-        `EventStore.transaction`)."""
-        async with self._connection() as conn:
-            await conn.execute("BEGIN")
-            tx = AsyncTransaction(self, conn)
-            try:
-                yield tx
-                await run_async(conn, self._op_tx_commit(tx._state))
-            except psycopg.Error as exc:
-                await rollback_async(conn)
-                raise storage_error(exc, "the transaction") from exc
-            except BaseException:
-                await rollback_async(conn)
-                raise
-            finally:
-                tx._closed = True
-
     # -- reads -----------------------------------------------------------------------------
 
     async def read(
@@ -618,7 +761,15 @@ class AsyncEventStore(StoreCore):
         limit: int | None = None,
         backwards: bool = False,
     ) -> ReadResult:
-        """The events matching ``query`` after ``after`` (see `EventStore.read`)."""
+        """The events matching ``query`` (all events when None or empty) at positions after
+        ``after``, in position order (newest first when ``backwards``), at most ``limit``.
+
+        The result's ``head`` is the store's last position at the time of the read; when
+        ``limit`` is given it is instead the newest position returned (None when nothing was),
+        since later matching events may exist. Either way it is the ``after`` to put in an
+        `AppendCondition` built from what was read. Events and head come from one snapshot,
+        always the primary's: decisions are made on it.
+        """
         return await self._run("read", lambda: self._op_read(query, after, limit, backwards))
 
     async def get_event(self, event_id: uuid.UUID | str) -> SequencedEvent | None:
@@ -630,10 +781,16 @@ class AsyncEventStore(StoreCore):
         """The last position written (0 for an empty store), on the primary."""
         return await self._run("head", lambda: self._op_head())
 
+    # -- queries ---------------------------------------------------------------------------
+
     async def get_events(
         self, event_filter: EventFilter | None = None, *, include_archived: bool = False
     ) -> list[SequencedEvent]:
-        """The events matching ``event_filter`` (see `EventStore.get_events`)."""
+        """The events matching ``event_filter`` (all events when None), in its order, after its
+        offset and at most its limit. Raises `QueryError` for a malformed filter.
+
+        With ``include_archived``, events compacted into archives are read too, so the result
+        is what it was before compaction; without it, only the live log is read."""
         criteria = normalize(event_filter)
         document = await self._query(
             "get_events", lambda: self._op_get_events(criteria, include_archived)
@@ -653,7 +810,13 @@ class AsyncEventStore(StoreCore):
         )
 
     async def count_events(self, event_filter: EventFilter | None = None) -> int:
-        """How many events `get_events` would return for ``event_filter``."""
+        """How many events of the whole history match ``event_filter``: what `get_events`
+        returns with ``include_archived=True`` (compacted events still count; see
+        docs/archives.md).
+
+        Counts by event type, by one tag, and by type over a window whose ends fall on whole
+        minutes come from summaries kept by the appends, at a cost that does not grow with the
+        log."""
         criteria = normalize(event_filter)
         total = await self._query("count", lambda: self._op_count(criteria))
         return self._count_result(criteria, total)
@@ -684,7 +847,14 @@ class AsyncEventStore(StoreCore):
         *,
         tag_key: str | None = None,
     ) -> list[AggregateRow]:
-        """Count the events matching ``event_filter`` per group (see `EventStore.aggregate`)."""
+        """Count the events matching ``event_filter`` per group, with the first and last
+        timestamp of each, sorted by key. ``group_by`` is ``"event_type"``, ``"tag"`` (the
+        values of ``tag_key``; events without that tag are left out), or a UTC time bucket:
+        ``"minute"``, ``"hour"`` or ``"day"`` (keys like ``2026-01-01T00:00:00Z``). The
+        filter's order, limit and offset do not apply.
+
+        Grouped by type or bucket, for a filter of types and a window on the bucket boundaries,
+        the answer comes from the summaries."""
         self._aggregate_args(group_by, tag_key)
         criteria = normalize(event_filter).unpaged()
         return await self._query(
@@ -699,8 +869,16 @@ class AsyncEventStore(StoreCore):
         token: str | None = None,
         include_archived: bool = False,
     ) -> Page:
-        """One page of the events matching ``event_filter`` (see `EventStore.get_page`)."""
+        """One page of the events matching ``event_filter``, in its order; pass the page's
+        ``next_token`` to get the next one.
+
+        A walk is pinned to the head at its first page: it returns each event stored by then
+        exactly once, however many events are appended meanwhile (read those with a new walk,
+        or follow the head with ``read(after=...)``). ``next_token`` is None on the last page.
+        The filter may not set limit or offset. ``include_archived`` reads archived events too
+        (pass it with every page of a walk)."""
         criteria, until, key, position = self._page_start(event_filter, page_size, token)
+        # One event more than the page, to know whether another page follows.
         pinned, rows = await self._query(
             "page",
             lambda: self._op_keyset_rows(
@@ -716,7 +894,7 @@ class AsyncEventStore(StoreCore):
         page_size: int = 1_000,
         include_archived: bool = False,
     ) -> AsyncGenerator[list[SequencedEvent], None]:
-        """Walk the events matching ``event_filter`` page by page."""
+        """KeysetWalk the events matching ``event_filter`` page by page (see `get_page`)."""
         token: str | None = None
         while True:
             page = await self.get_page(
@@ -735,11 +913,19 @@ class AsyncEventStore(StoreCore):
         batch_size: int = 1_000,
         include_archived: bool = False,
     ) -> AsyncGenerator[SequencedEvent, None]:
-        """Every event matching ``event_filter``, in its order, in constant memory, as an
-        async iterator (see `EventStore.stream_events`). Malformed arguments raise at the
-        call. A consumer that stops early should ``await stream.aclose()`` (or iterate inside
-        ``contextlib.aclosing``): the batch being read ahead is then cancelled at once rather
-        than when the event loop collects the generator."""
+        """Every event matching ``event_filter``, in its order, one at a time, in constant
+        memory: the events are read ``batch_size`` at a time, each batch after the last event
+        of the previous one (keyset paging), so the filter's offset and limit apply to the
+        whole stream. Batch n+1 is read (by a worker thread, or a task) while the consumer
+        takes batch n.
+
+        The stream is pinned to the head when it starts (events appended meanwhile are for
+        `subscribe`). No connection is held between batches, so a consumer may take its time;
+        one that stops early should close the iterator (the async store's is an async
+        generator): the read ahead is then waited for (sync) or cancelled (async) at once, and
+        nothing is left open. Raises
+        `QueryError` at the call for a malformed filter or batch size. ``include_archived``
+        streams archived events too, in the same order."""
         criteria = normalize(event_filter)
         check_size(batch_size, "batch_size")
         return self._stream(criteria, batch_size, include_archived)
@@ -753,7 +939,11 @@ class AsyncEventStore(StoreCore):
             )
 
         walk = _keyset_walk(
-            Walk(criteria, batch_size), read, len, lambda rows: self._stream_last(criteria, rows)
+            KeysetWalk(criteria, batch_size),
+            read,
+            len,
+            functools.partial(self._stream_last, criteria),
+            "stream",
         )
         try:
             async for rows in walk:
@@ -762,22 +952,52 @@ class AsyncEventStore(StoreCore):
         finally:
             await walk.aclose()
 
-    def export_arrow(
-        self,
-        event_filter: EventFilter | None = None,
-        *,
-        batch_size: int = 65_536,
-        include_archived: bool = False,
-    ) -> AsyncGenerator[pa.RecordBatch, None]:
-        """The events matching ``event_filter`` as Arrow record batches of
-        `tamma_events.arrow.EXPORT_SCHEMA`, in its order, as an async iterator (see
-        `EventStore.export_arrow`; here rows come through psycopg's ``AsyncCopy``). Close it
-        with ``aclose()`` when stopping early, as `stream_events`."""
-        criteria = normalize(event_filter)
-        check_size(batch_size, "batch_size")
-        return self._export(criteria, batch_size, include_archived)
+    if True:  # ASYNC
 
-    async def _export(
+        def export_arrow(
+            self,
+            event_filter: EventFilter | None = None,
+            *,
+            batch_size: int = 65_536,
+            include_archived: bool = False,
+        ) -> AsyncGenerator[pa.RecordBatch, None]:
+            """The events matching ``event_filter``, in its order, as an async iterator of
+            Arrow record batches of `tamma_events.arrow.EXPORT_SCHEMA` (see
+            `EventStore.export_arrow`; here rows come through psycopg's ``AsyncCopy``). Close
+            it with ``aclose()`` when stopping early, as `stream_events`."""
+            criteria = normalize(event_filter)
+            check_size(batch_size, "batch_size")
+            return self._export_batches(criteria, batch_size, include_archived)
+
+    else:
+
+        def export_arrow(
+            self,
+            event_filter: EventFilter | None = None,
+            *,
+            batch_size: int = 65_536,
+            include_archived: bool = False,
+        ) -> pa.RecordBatchReader:
+            """The events matching ``event_filter``, in its order, as a stream of Arrow record
+            batches of `tamma_events.arrow.EXPORT_SCHEMA`, in constant memory.
+
+            Each batch is one binary ``COPY`` of at most ``batch_size`` events, read from libpq
+            and decoded natively into Arrow buffers (see ``docs/archives.md``). In log order
+            without limit or offset, the batches are consecutive ranges of positions, two read
+            at once; otherwise each follows the last event of the previous one (keyset paging,
+            as in `stream_events`). The export is pinned to the head when it starts; no
+            connection is held between batches. DuckDB, Polars and ``pyarrow`` read the reader
+            directly. Raises `QueryError` at the call for a malformed filter or batch size.
+
+            With ``include_archived``, archived events are exported too, in the same order,
+            from their Parquet files."""
+            criteria = normalize(event_filter)
+            check_size(batch_size, "batch_size")
+            return pa.RecordBatchReader.from_batches(
+                EXPORT_SCHEMA, self._export_batches(criteria, batch_size, include_archived)
+            )
+
+    async def _export_batches(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> AsyncGenerator[pa.RecordBatch, None]:
         if self._export_by_ranges(criteria, archived):
@@ -786,7 +1006,7 @@ class AsyncEventStore(StoreCore):
                 async for batch in ranges:
                     yield batch
             finally:
-                await ranges.aclose()  # its reads in flight are cancelled at once
+                await ranges.aclose()  # its reads in flight are cancelled (or waited for)
             return
 
         async def read(args: Keyset) -> tuple[int, list[pa.RecordBatch]]:
@@ -795,10 +1015,11 @@ class AsyncEventStore(StoreCore):
             )
 
         walk = _keyset_walk(
-            Walk(criteria, batch_size),
+            KeysetWalk(criteria, batch_size),
             read,
-            lambda batches: sum(b.num_rows for b in batches),
-            lambda batches: self._export_last(criteria, batches),
+            _rows_in,
+            functools.partial(self._export_last, criteria),
+            "export",
         )
         try:
             async for batches in walk:
@@ -810,8 +1031,10 @@ class AsyncEventStore(StoreCore):
     async def _export_ranges(
         self, criteria: Criteria, batch_size: int
     ) -> AsyncGenerator[pa.RecordBatch, None]:
-        """`EventStore._export_ranges` with tasks: two ranges read at once, yielded in
-        order."""
+        """The log-ordered export of the live log, as consecutive ranges of ``batch_size``
+        positions up to the head at the start, two read at once (each its own COPY and
+        connection) and yielded in order. The server producing COPY rows is the bottleneck of
+        a single stream; two keep it busy on two cores while the batches are decoded."""
         until = await self.head()
 
         async def read(start: int, end: int) -> tuple[int, list[pa.RecordBatch]]:
@@ -820,19 +1043,37 @@ class AsyncEventStore(StoreCore):
                 lambda: self._op_export_batch(criteria, end, None, start, end - start, 0, False),
             )
 
-        in_flight: list[asyncio.Task[tuple[int, list[pa.RecordBatch]]]] = []
-        start = 0
-        try:
-            while start < until or in_flight:
-                while start < until and len(in_flight) < _EXPORT_STREAMS:
-                    end = min(start + batch_size, until)
-                    in_flight.append(asyncio.ensure_future(read(start, end)))
-                    start = end
-                _, batches = await in_flight.pop(0)
-                for batch in batches:
-                    yield batch
-        finally:
-            await _cancel(in_flight)
+        if True:  # ASYNC
+            in_flight: list[asyncio.Task[tuple[int, list[pa.RecordBatch]]]] = []
+            start = 0
+            try:
+                while start < until or in_flight:
+                    while start < until and len(in_flight) < _EXPORT_STREAMS:
+                        end = min(start + batch_size, until)
+                        in_flight.append(asyncio.ensure_future(read(start, end)))
+                        start = end
+                    _, batches = await in_flight.pop(0)
+                    for batch in batches:
+                        yield batch
+            finally:
+                await _cancel(in_flight)
+        else:
+            reading: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
+            start = 0
+            with ThreadPoolExecutor(
+                _EXPORT_STREAMS, thread_name_prefix="tamma-events-export"
+            ) as pool:
+                try:
+                    while start < until or reading:
+                        while start < until and len(reading) < _EXPORT_STREAMS:
+                            end = min(start + batch_size, until)
+                            reading.append(pool.submit(read, start, end))
+                            start = end
+                        for batch in reading.popleft().result()[1]:
+                            yield batch
+                finally:
+                    for future in reading:
+                        future.cancel()
 
     async def export_parquet(
         self,
@@ -845,22 +1086,33 @@ class AsyncEventStore(StoreCore):
         progress: Callable[[int], None] | None = None,
         include_archived: bool = False,
     ) -> int:
-        """Write the events `export_arrow` yields to the Parquet file ``path`` (see
-        `EventStore.export_parquet`); returns how many."""
-        written = 0
+        """Write the events `export_arrow` returns to the Parquet file ``path``; returns how
+        many. The file appears whole or not at all: it is written beside ``path`` and renamed
+        over it once complete and synced. ``progress(events_written)`` is called after every
+        batch."""
         batches = self.export_arrow(
             event_filter, batch_size=batch_size, include_archived=include_archived
         )
-        with parquet_writer(
-            path,
-            EXPORT_SCHEMA,
-            compression=compression,
-            row_group_size=row_group_size,
-            progress=progress,
-        ) as write:
-            async for batch in batches:
-                written = write(batch)
-        return written
+        if True:  # ASYNC
+            written = 0
+            with parquet_writer(
+                path,
+                EXPORT_SCHEMA,
+                compression=compression,
+                row_group_size=row_group_size,
+                progress=progress,
+            ) as write:
+                async for batch in batches:
+                    written = write(batch)
+            return written
+        else:
+            return write_parquet(
+                batches,
+                path,
+                compression=compression,
+                row_group_size=row_group_size,
+                progress=progress,
+            )
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -873,14 +1125,29 @@ class AsyncEventStore(StoreCore):
         poll_interval: float = 5.0,
         retry_for: float = 60.0,
     ) -> Subscription:
-        """Follow the log (see `EventStore.subscribe`); iterate it with ``async for``. Call
-        it inside the event loop: it starts the store's listener task."""
+        """Follow the log: the events matching ``query_or_filter`` (a DCB `Query`, an
+        `EventFilter`, or None for all) at positions after ``after`` (from the start when
+        None; ``after=store.head()`` for new events only), then each new matching event as it
+        is committed, in log order, each exactly once.
+
+        The subscription is an iterator (``async for`` with the async store, which must call
+        this inside its event loop) and a context manager; its ``position`` is the last
+        position delivered, the ``after`` to resume from. It holds at most ``buffer`` events:
+        when its consumer is slow, it reads less often instead of growing. It is woken by the
+        store's notifications (one LISTEN connection per store, which also reads the head
+        every few seconds of silence); while that connection is down, it reads every
+        ``poll_interval`` seconds. A read that fails for a lost connection is retried from the
+        same position for up to ``retry_for`` seconds. ``stop()`` (from any thread) or leaving
+        the ``with`` block ends it.
+
+        An `EventFilter` here selects events only: it may not set limit, offset or an order
+        other than the log's."""
         start = after_position(after)
         check_subscription_options(buffer, poll_interval, retry_for)
         fetch: Callable[[int, int], Awaitable[tuple[list[SequencedEvent], int]]]
         if query_or_filter is None or isinstance(query_or_filter, Query):
             query = query_or_filter
-            query_shape(query, [])
+            query_shape(query, [])  # validates it now, not at the first read
 
             async def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
                 return await self._run(
@@ -900,19 +1167,22 @@ class AsyncEventStore(StoreCore):
                 "subscribe takes a Query, an EventFilter or None,"
                 f" not {type(query_or_filter).__name__}",
             )
-        if self._closed:
-            raise StorageError("the store is closed")
-        subscription = Subscription(
-            _unused_fetch,
-            self._ensure_listener(),
-            after=start,
-            buffer=buffer,
-            poll_interval=poll_interval,
-            retry_for=retry_for,
-            on_close=self._subscriptions.discard,
-            fetch_async=fetch,
-        )
-        self._subscriptions.add(subscription)
+        listener = self._ensure_listener()
+        options: dict[str, Any] = {
+            "after": start,
+            "buffer": buffer,
+            "poll_interval": poll_interval,
+            "retry_for": retry_for,
+            "on_close": self._forget,
+        }
+        if True:  # ASYNC
+            subscription = Subscription(_unused_fetch, listener, fetch_async=fetch, **options)
+        else:
+            subscription = Subscription(fetch, listener, **options)
+        with self._subscriptions_lock:
+            if self._closed:
+                raise StorageError("the store is closed")
+            self._subscriptions.add(subscription)
         return subscription
 
     @property
@@ -920,26 +1190,35 @@ class AsyncEventStore(StoreCore):
         """How many subscriptions are open."""
         return len(self._subscriptions)
 
+    def _forget(self, subscription: Subscription) -> None:
+        with self._subscriptions_lock:
+            self._subscriptions.discard(subscription)
+
     def _ensure_listener(self) -> AsyncListener:
-        if self._listener is None:
-            dsn = self.dsn
-            pool = self._require_pool()
+        with self._subscriptions_lock:
+            if self._closed:
+                raise StorageError("the store is closed")
+            if self._listener is None:
+                dsn = self.dsn
+                pool = self._require_pool()
 
-            async def connect() -> psycopg.AsyncConnection[Any]:
-                pool_kwargs: Any = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
-                if inspect.isawaitable(pool_kwargs):
-                    pool_kwargs = await pool_kwargs
-                kwargs = {
-                    **(pool_kwargs or {}),
-                    **connection_kwargs(dsn, "tamma-events listener"),
-                }
-                return await psycopg.AsyncConnection.connect(dsn, **kwargs)
+                async def connect() -> psycopg.AsyncConnection[Any]:
+                    # The pool's settings as they are now: a callable may rotate credentials.
+                    pool_kwargs: Any = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
+                    if True:  # ASYNC
+                        if inspect.isawaitable(pool_kwargs):
+                            pool_kwargs = await pool_kwargs
+                    kwargs = {
+                        **(pool_kwargs or {}),
+                        **connection_kwargs(dsn, "tamma-events listener"),
+                    }
+                    return await psycopg.AsyncConnection.connect(dsn, **kwargs)
 
-            self._listener = AsyncListener(
-                connect, self._statements.append_channel, self._statements.head_position
-            )
-            self._listener.start()
-        return self._listener
+                self._listener = AsyncListener(
+                    connect, self._statements.append_channel, self._statements.head_position
+                )
+                self._listener.start()
+            return self._listener
 
     # -- more ------------------------------------------------------------------------------
 
@@ -950,19 +1229,25 @@ class AsyncEventStore(StoreCore):
         count: bool = False,
         analyze: bool = False,
     ) -> dict[str, Any]:
-        """PostgreSQL's plan for ``event_filter`` (see `EventStore.explain`)."""
-        return await self._run(
-            "explain", lambda: self._op_explain(normalize(event_filter), count, analyze)
-        )
+        """PostgreSQL's plan (``EXPLAIN (FORMAT JSON)``, with ``ANALYZE`` when asked) of the
+        statement `get_events` (or, with ``count``, `count_events`) runs for ``event_filter``:
+        to see which index serves a filter."""
+        criteria = normalize(event_filter)
+        return await self._run("explain", lambda: self._op_explain(criteria, count, analyze))
+
+    # -- snapshots -------------------------------------------------------------------------
 
     async def create_snapshot(self, aggregate_id: str, version: int, state: Any) -> Snapshot:
-        """Save a snapshot (see `EventStore.create_snapshot`)."""
+        """Save ``state`` (any value msgspec encodes as JSON) as folded from the log up to
+        position ``version`` (0 to the head) under ``aggregate_id``. Saving the same version
+        again replaces it. Raises `ValidationFailed` naming the field otherwise."""
         return await self._run(
             "snapshot", lambda: self._op_create_snapshot(aggregate_id, version, state)
         )
 
     async def get_snapshot(self, aggregate_id: str, *, state_type: Any = Any) -> Snapshot | None:
-        """The latest snapshot of ``aggregate_id``, or None."""
+        """The latest snapshot of ``aggregate_id`` (its highest version), its state decoded as
+        ``state_type`` (plain JSON values by default), or None."""
         return await self._run("snapshot", lambda: self._op_get_snapshot(aggregate_id, state_type))
 
     async def project(
@@ -976,7 +1261,15 @@ class AsyncEventStore(StoreCore):
         state_type: Any = None,
         batch_size: int = 1_000,
     ) -> Projection:
-        """Fold the events matching ``query`` into a state (see `EventStore.project`)."""
+        """Fold the events matching ``query`` into a state: ``fold(state, event)`` for each, in
+        log order, from ``initial``.
+
+        With ``key``, it starts from the latest snapshot saved under that key (its state
+        decoded as ``state_type``, by default the type of ``initial``) and folds only the
+        events after it; with ``snapshot_every`` as well, it saves a snapshot each time that
+        many events have been folded. A key must always name the same query and fold. The
+        result holds the state and the head it is current at. It reads the primary, on one
+        connection, ``batch_size`` events at a time."""
         self._project_args(key, snapshot_every, batch_size)
         return await self._run(
             "project",
@@ -985,7 +1278,7 @@ class AsyncEventStore(StoreCore):
             ),
         )
 
-    # -- maintenance -----------------------------------------------------------------------
+    # -- integrity and maintenance ---------------------------------------------------------
 
     async def verify(
         self,
@@ -996,12 +1289,23 @@ class AsyncEventStore(StoreCore):
         progress: Callable[[int, int], None] | None = None,
         include_archived: bool = True,
     ) -> IntegrityReport:
-        """Recompute the hash chain (see `EventStore.verify`). A maintenance job that reads
-        whole ranges of the log and the archive files: it runs in a worker thread, on a sync
-        connection of its own, and ``progress`` is called from that thread."""
-        return await asyncio.to_thread(
-            self._maintenance,
-            lambda conn: self._verify_on(conn, start, end, batch_size, progress, include_archived),
+        """Recompute the hash chain over positions ``start`` to ``end`` (default: all) and
+        report the first position where it breaks; see `tamma_events.integrity.verify`.
+
+        When events were compacted and the range reaches into them, every archive file is
+        checked first, whole (its SHA-256 against the manifest, and the chain through every
+        event it holds, from the genesis hash), then the live log from the last archived hash.
+        A broken archive is reported with its range. ``include_archived=False`` checks the
+        live log only, anchored on the manifest's last hash.
+
+        An ``end`` past the head stops at the head. A ``start`` past the head (nothing is
+        stored there yet) or after ``end`` is `ValidationFailed` naming ``start``: a
+        mistaken range, not a broken chain.
+
+        A maintenance job: it reads whole ranges through a server-side cursor, on a sync
+        connection; the async store runs it in a worker thread, which calls ``progress``."""
+        return await self._maintenance(
+            lambda conn: self._verify_on(conn, start, end, batch_size, progress, include_archived)
         )
 
     async def compact_events(
@@ -1013,43 +1317,86 @@ class AsyncEventStore(StoreCore):
         progress: Callable[[int, int], None] | None = None,
         fault: Callable[[str, int, int], None] | None = None,
     ) -> int:
-        """Move the events recorded before ``before`` into verified Parquet archives (see
-        `EventStore.compact_events`); like `verify`, in a worker thread on a connection of its
-        own."""
-        when = moment(before)
+        """Move the events recorded before ``before`` out of PostgreSQL into verified Parquet
+        archives; returns how many events left the log (see `tamma_events.archive`).
+
+        Files go to ``archive_dir`` (default: the store's, else `default_archive_dir`), at
+        most ``file_events`` events each. It is idempotent and safe to
+        interrupt: run it again to finish. Only the role that owns the schema can compact (the
+        application role of `grant_app_role` cannot delete). ``progress(done, total)`` follows
+        the events archived; ``fault(step, first, last)`` is called after each step of each
+        file (``"written"``, ``"verified"``, ``"recorded"``, ``"compacted"``), for tests that
+        interrupt a compaction. A maintenance job, like `verify`."""
+        when = parse_before(before)
         check_size_any(file_events, "file_events")
-        return await asyncio.to_thread(
-            self._maintenance,
-            lambda conn: self._compact_on(conn, when, archive_dir, file_events, progress, fault),
+        return await self._maintenance(
+            lambda conn: self._compact_on(conn, when, archive_dir, file_events, progress, fault)
         )
 
+    if True:  # ASYNC
+
+        async def _maintenance(self, job: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+            """Run ``job`` in a worker thread, on a sync connection of its own."""
+            return await asyncio.to_thread(self._maintenance_on_own_connection, job)
+
+        def _maintenance_on_own_connection(
+            self, job: Callable[[psycopg.Connection[Any]], _T]
+        ) -> _T:
+            if self._closed:
+                raise StorageError("the store is closed")
+            dsn = self.dsn
+            try:
+                conn = psycopg.Connection.connect(
+                    dsn, **connection_kwargs(dsn, "tamma-events maintenance")
+                )
+            except psycopg.Error as exc:
+                raise storage_error(exc, "connecting to PostgreSQL") from exc
+            with conn:
+                set_json_loads(msgspec.json.decode, conn)
+                return job(conn)
+
+    else:
+
+        def _maintenance(self, job: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+            """Run ``job`` on a connection of the store's pool."""
+            with self._connection() as conn:
+                return job(conn)
+
     async def grant_app_role(self, role: str, *, create: bool = True) -> None:
-        """Give ``role`` what an application needs and nothing more (see
-        `EventStore.grant_app_role`)."""
+        """Give ``role`` what an application needs and nothing more: read everything, append
+        events (INSERT on ``events``: a trigger ties each write to the head, which the role
+        locks through a function and cannot update), and save snapshots. It cannot update,
+        delete or truncate events, move the head, compact, or change the schema.
+
+        With ``create`` the role is created (NOLOGIN) if it does not exist; give it a login and
+        password yourself, or grant it to a login role. Skip this if you manage roles yourself.
+        """
         await self._run("grant", lambda: self._op_grant(role, create))
 
-    def _maintenance(self, job: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        if self._closed:
-            raise StorageError("the store is closed")
-        dsn = self.dsn
-        try:
-            conn = psycopg.Connection.connect(
-                dsn, **connection_kwargs(dsn, "tamma-events maintenance")
-            )
-        except psycopg.Error as exc:
-            raise storage_error(exc, "connecting to PostgreSQL") from exc
-        with conn:
-            set_json_loads(msgspec.json.decode, conn)
-            return job(conn)
+    # -- transactions ----------------------------------------------------------------------
 
-    @property
-    def prometheus_registry(self) -> Any:
-        """A ``prometheus_client.CollectorRegistry`` of the store's own. Its collector runs at
-        scrape time, outside the event loop, so it reports `metrics` as they are, replica lag
-        as `measure_replicas` last found it."""
-        if self._registry is None:
-            self._registry = prometheus_registry(self.metrics)
-        return self._registry
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """A block whose appends commit together when it exits normally, or not at all.
+
+        The first append in the block takes the head lock and holds it until the block ends, so
+        other writers wait meanwhile: keep the block short. Each append's condition is checked
+        inside the transaction and sees the block's earlier appends.
+        """
+        async with self._connection() as conn:
+            await conn.execute("BEGIN")
+            tx = AsyncTransaction(self, conn)
+            try:
+                yield tx
+                await run_async(conn, self._op_tx_commit(tx._state))
+            except psycopg.Error as exc:
+                await rollback_async(conn)
+                raise storage_error(exc, "the transaction") from exc
+            except BaseException:
+                await rollback_async(conn)
+                raise
+            finally:
+                tx._closed = True
 
 
 class AsyncTransaction:
@@ -1058,7 +1405,7 @@ class AsyncTransaction:
     def __init__(self, store: AsyncEventStore, conn: psycopg.AsyncConnection[Any]) -> None:
         self._store = store
         self._conn = conn
-        self._state = TxState()
+        self._state = TransactionState()
         self._closed = False
 
     async def append(
@@ -1073,7 +1420,7 @@ class AsyncTransaction:
         condition: AppendCondition | None = None,
     ) -> int:
         """Append a batch in the transaction; returns its last position. A failed append
-        raises and leaves the transaction usable."""
+        raises and leaves the transaction usable; nothing of that append is written."""
         if self._closed:
             raise StorageError("the transaction has ended")
         request = self._store._full_request(events, condition)
@@ -1100,35 +1447,63 @@ class AsyncTransaction:
         return result
 
 
-def _unused_fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:  # pragma: no cover
-    raise RuntimeError("an async subscription reads with its async fetch")
+def _rows_in(batches: list[pa.RecordBatch]) -> int:
+    return sum(batch.num_rows for batch in batches)
 
 
-async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with suppress(asyncio.CancelledError, Exception):
-            await task
+if True:  # ASYNC
+
+    def _unused_fetch(
+        after: int, limit: int
+    ) -> tuple[list[SequencedEvent], int]:  # pragma: no cover
+        raise RuntimeError("an async subscription reads with its async fetch")
+
+    async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
 
 
 async def _keyset_walk(
-    walk: Walk,
+    walk: KeysetWalk,
     read: Callable[[Keyset], Awaitable[tuple[int, _T]]],
     count: Callable[[_T], int],
     last: Callable[[_T], Callable[[], tuple[Any, int]]],
+    name: str,
 ) -> AsyncGenerator[_T, None]:
-    """The batches of a keyset walk (`tamma_events._core.Walk`), batch n+1 read by a task
-    while the consumer takes batch n; leaving cancels the read in flight."""
-    reading = asyncio.ensure_future(read(walk.first))
-    try:
-        while True:
-            until, batch = await reading
-            following = walk.after(until, count(batch), last(batch))
-            if following is not None:
-                reading = asyncio.ensure_future(read(following))
-            yield batch
-            if following is None:
-                return
-    finally:
-        await _cancel([reading])
+    """The batches of a keyset walk (`tamma_events._core.KeysetWalk`), pinned to the head at its
+    first read: ``read(args)`` returns ``until`` and a batch holding ``count(batch)`` events,
+    ``last(batch)()`` the keyset of its last event.
+
+    Batch n+1 is read (by a worker thread named after ``name``, or a task) while the consumer
+    takes batch n. Leaving (the walk ends, fails or is closed) waits for the thread's read in
+    flight, so its connection is back in the pool when the consumer's close() returns, or
+    cancels the task's."""
+    if True:  # ASYNC
+        reading = asyncio.ensure_future(read(walk.first))
+        try:
+            while True:
+                until, batch = await reading
+                following = walk.after(until, count(batch), last(batch))
+                if following is not None:
+                    reading = asyncio.ensure_future(read(following))
+                yield batch
+                if following is None:
+                    return
+        finally:
+            await _cancel([reading])
+    else:
+        with ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-{name}") as ahead:
+            reading = ahead.submit(read, walk.first)
+            while True:
+                until, batch = reading.result()
+                following = walk.after(until, count(batch), last(batch))
+                if following is not None:
+                    reading = ahead.submit(read, following)
+                yield batch
+                if following is None:
+                    return

@@ -18,29 +18,24 @@ buffers of Arrow arrays: no Python object is made per event. The column types:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import psycopg
-import psycopg.errors
 import pyarrow as pa
 import pyarrow.parquet as pq
-from psycopg import pq as libpq
 from psycopg import sql
 
 from . import _codec
-from ._libpq import copy_functions
-from ._pycodec import COPY_HEADER, COPY_TRAILER, DecodedRows
-from .errors import StorageError
+from ._drive import copy_rows
+from ._pycodec import DecodedRows
 
 __all__ = [
     "EXPORT_SCHEMA",
     "EXPORT_SELECT",
     "copy_batches",
-    "copy_batches_async",
-    "copy_rows",
     "parquet_writer",
     "to_batch",
     "write_arrow_file",
@@ -65,11 +60,6 @@ EXPORT_SCHEMA: Final = pa.schema(
 EXPORT_SELECT: Final = sql.SQL(
     'position, event_id, event_type, "timestamp", recorded_at, tags, metadata, data, hash'
 )
-
-# A batch's rows are decoded at most this many bytes (or rows) at a time: the int32 offsets of
-# its string columns stay far from their limit.
-_MAX_BATCH_BYTES: Final = 256 << 20
-_MAX_BATCH_ROWS: Final = 1 << 20
 
 
 def _strings(offsets: bytes, data: bytes) -> pa.Array:
@@ -108,74 +98,6 @@ def to_batch(rows: DecodedRows) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=EXPORT_SCHEMA)
 
 
-class _CopyMessages:
-    """Collects the messages of a binary COPY out (one per row; the first starts with the
-    header, and the trailer comes alone, or after the header when there are no rows) into
-    chunks of raw rows, back to back."""
-
-    def __init__(self, max_rows: int = _MAX_BATCH_ROWS, max_bytes: int = _MAX_BATCH_BYTES) -> None:
-        self.pending = bytearray()
-        self.count = 0
-        self.header = True
-        self.max_rows = max_rows
-        self.max_bytes = max_bytes
-
-    def add(self, message: memoryview | bytes | bytearray) -> tuple[bytearray, int] | None:
-        """Take one message; a chunk ``(rows, count)`` when enough rows have gathered."""
-        if self.header:
-            if bytes(message[: len(COPY_HEADER)]) != COPY_HEADER:
-                raise StorageError("the export's COPY header is not valid")
-            message = message[len(COPY_HEADER) :]
-            self.header = False
-        if len(message) == 2 and bytes(message) == COPY_TRAILER:
-            return None
-        self.pending += message
-        self.count += 1
-        if len(self.pending) >= self.max_bytes or self.count >= self.max_rows:
-            return self.flush()
-        return None
-
-    def flush(self) -> tuple[bytearray, int] | None:
-        """The rows gathered and not yet returned (None when there are none)."""
-        if not self.count:
-            return None
-        chunk = (self.pending, self.count)
-        self.pending = bytearray()
-        self.count = 0
-        return chunk
-
-
-def _copy_out(statement: sql.Composable) -> sql.Composed:
-    return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
-
-
-def copy_rows(
-    conn: psycopg.Connection[Any],
-    statement: sql.Composable,
-    params: list[Any],
-    *,
-    max_rows: int = _MAX_BATCH_ROWS,
-    max_bytes: int = _MAX_BATCH_BYTES,
-) -> Generator[tuple[bytes | bytearray, int], None, None]:
-    """Run ``COPY (statement) TO STDOUT (FORMAT BINARY)`` and yield its rows raw, as chunks
-    ``(rows, count)`` of at most ``max_rows`` rows, cut once ``max_bytes`` are gathered
-    (header and trailer dropped).
-
-    With the native codec, the rows are read by its ``read_copy`` straight from libpq (see
-    `tamma_events._libpq`); otherwise through psycopg's ``Copy``, a message per row."""
-    messages = _CopyMessages(max_rows, max_bytes)
-    with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
-        functions = copy_functions(conn) if _codec.IMPL == "native" else None
-        if functions is not None:
-            yield from _native_rows(conn, functions, max_rows, max_bytes)
-            return
-        for message in copy:
-            if (chunk := messages.add(message)) is not None:
-                yield chunk
-    if (chunk := messages.flush()) is not None:
-        yield chunk
-
-
 def copy_batches(
     conn: psycopg.Connection[Any], statement: sql.Composable, params: list[Any]
 ) -> Iterator[pa.RecordBatch]:
@@ -183,51 +105,6 @@ def copy_batches(
     and yield its rows as record batches (several when they exceed a few hundred MB)."""
     for rows, count in copy_rows(conn, statement, params):
         yield to_batch(_codec.decode_rows(rows, count))
-
-
-async def copy_batches_async(
-    conn: psycopg.AsyncConnection[Any], statement: sql.Composable, params: list[Any]
-) -> list[pa.RecordBatch]:
-    """`copy_batches` on an async connection, through psycopg's ``AsyncCopy`` (the event
-    loop runs between messages)."""
-    messages = _CopyMessages()
-    batches = []
-    async with conn.cursor() as cur, cur.copy(_copy_out(statement), params) as copy:
-        async for message in copy:
-            if (chunk := messages.add(message)) is not None:
-                batches.append(to_batch(_codec.decode_rows(*chunk)))
-    if (chunk := messages.flush()) is not None:
-        batches.append(to_batch(_codec.decode_rows(*chunk)))
-    return batches
-
-
-def _native_rows(
-    conn: psycopg.Connection[Any], functions: tuple[int, int, int], max_rows: int, max_bytes: int
-) -> Iterator[tuple[bytes, int]]:
-    """The rows of the COPY in progress on ``conn``, read by the native ``read_copy``; then
-    the command's result, read as psycopg would (its error raised as psycopg's)."""
-    from ._native import read_copy
-
-    first = True
-    while True:
-        rows, count, status = read_copy(*functions, max_rows, max_bytes, first)
-        first = False
-        if status == -2:
-            message = conn.pgconn.error_message.decode(errors="replace").strip()
-            raise psycopg.OperationalError(f"reading the export failed: {message}")
-        if status == -1:
-            # libpq holds the command's result: read it (and any other) before handing over
-            # the last rows, so that the connection is idle even if the caller stops there.
-            failure = None
-            while (result := conn.pgconn.get_result()) is not None:
-                if result.status != libpq.ExecStatus.COMMAND_OK and failure is None:
-                    failure = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-            if failure is not None:
-                raise failure
-        if count:
-            yield rows, count
-        if status == -1:
-            return
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from . import _codec, _pycodec
-from ._core import FOLD_EVENTS
+from ._appending import FOLD_EVENTS
 from ._usage import measured
 from .filters import EventFilter, encode_token, normalize
 from .model import AppendCondition, DomainEvent, Query, SequencedEvent
@@ -449,7 +449,7 @@ def query_shapes(store: EventStore, seed: int = 11) -> dict[str, Callable[[], ob
     types = list(EVENT_TYPES)
     pages = normalize(None)
 
-    def moment(hours: float) -> tuple[Any, Any]:
+    def window_of(hours: float) -> tuple[Any, Any]:
         at = start + timedelta(seconds=rng.uniform(0, max(0.0, span - hours * 3600)))
         return at, at + timedelta(hours=hours)
 
@@ -459,13 +459,13 @@ def query_shapes(store: EventStore, seed: int = 11) -> dict[str, Callable[[], ob
         )
 
     def type_window() -> object:
-        begin, end = moment(1)
+        begin, end = window_of(1)
         return store.get_events(
             EventFilter(event_types=[rng.choice(types)], start_time=begin, end_time=end, limit=100)
         )
 
     def type_window_by_time() -> object:
-        begin, end = moment(6)
+        begin, end = window_of(6)
         return store.get_events(
             EventFilter(
                 event_types=[rng.choice(types)],

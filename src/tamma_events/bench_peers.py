@@ -29,7 +29,8 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from ._group import AppendRequest, GroupCommit
+from ._group import GroupCommit
+from ._request import AppendRequest
 from .bench import _batches, concurrent_rate
 from .errors import StorageError
 from .model import DomainEvent

@@ -37,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __impl__, __version__, embedded, torture
-from ._core import connection_kwargs, moment, storage_error, unreachable
+from ._core import connection_kwargs, parse_before, unreachable
 from .errors import (
     APPEND_CONDITION_FAILED,
     QUERY_ERROR,
@@ -45,6 +45,7 @@ from .errors import (
     EventStoreError,
     StorageError,
     ValidationFailed,
+    storage_error,
 )
 from .model import AppendCondition, DomainEvent, Query, QueryItem
 from .schema import no_store_error
@@ -1281,7 +1282,7 @@ def compact(obj: _Context, before: str, archive_dir: str | None, file_events: in
 
     Safe to interrupt: run it again to finish."""
     with _arguments({"before": "--before"}):  # before any work starts
-        when = moment(before)
+        when = parse_before(before)
     started = time.perf_counter()
     with (
         _failures(),

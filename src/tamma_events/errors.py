@@ -37,7 +37,8 @@ __all__ = [
     "QueryError",
     "StorageError",
     "ValidationFailed",
-    "shown",
+    "short_repr",
+    "storage_error",
 ]
 
 ErrorCode = Literal[
@@ -141,7 +142,18 @@ _CLASSES: Final[dict[str, type[EventStoreError]]] = {
 }
 
 
-def shown(value: object, limit: int = 80) -> str:
+def storage_error(exc: BaseException, action: str, **context: Any) -> StorageError:
+    """The one translation of a failure of PostgreSQL, psycopg or the pool into the store's
+    error: `StorageError` saying what ``action`` failed and why, with psycopg's ``sqlstate``
+    in its context when it has one. Raise it ``from exc``."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None:
+        context["sqlstate"] = sqlstate
+    message = str(exc).strip() or type(exc).__name__
+    return StorageError(f"{action} failed: {message}", context)
+
+
+def short_repr(value: object, limit: int = 80) -> str:
     """``repr(value)`` for an error message, at most ``limit`` characters; a value whose repr
     fails (an int of too many digits, a list nested too deep for the interpreter) is named by
     its type instead, so that reporting bad input never raises something else."""

@@ -19,7 +19,8 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 
 from ._pycodec import parse_uuid
-from .errors import EventStoreError, QueryError, shown
+from .checks import MAX_BIGINT, whole
+from .errors import EventStoreError, QueryError, short_repr
 from .model import SequencedEvent
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "normalize",
 ]
 
-#: The largest limit, offset or position a statement can carry (PostgreSQL's bigint).
-MAX_BIGINT = 2**63 - 1
 #: The most tag pairs one filter may require (``EventFilter.tags``, ``tag=`` parameters).
 MAX_FILTER_TAGS = 1_000
 
@@ -193,7 +192,9 @@ def _event_ids(values: object) -> tuple[uuid.UUID, ...]:
                 raise TypeError
             ids.add(parse_uuid(value))
         except (TypeError, ValueError):
-            raise _error(f"event_ids holds {shown(value)}, which is not a UUID", field) from None
+            raise _error(
+                f"event_ids holds {short_repr(value)}, which is not a UUID", field
+            ) from None
     return tuple(sorted(ids))
 
 
@@ -222,7 +223,7 @@ def parse_time(value: object, field: str) -> datetime | None:
             raise _error(
                 f"{field} must be an ISO-8601 date-time with an offset (2026-01-02T15:04:05Z,"
                 f" 2026-01-02T17:04:05+02:00) or a date (2026-01-02, midnight UTC),"
-                f" got {shown(value)}",
+                f" got {short_repr(value)}",
                 field,
             ) from None
     elif isinstance(value, date) and not isinstance(value, datetime):
@@ -235,7 +236,9 @@ def parse_time(value: object, field: str) -> datetime | None:
     try:
         offset = value.utcoffset()
     except Exception as exc:  # a tzinfo of the caller's: whatever it raises, it is no zone
-        raise _error(f"{field}'s time zone gives no valid offset: {shown(exc)}", field) from None
+        raise _error(
+            f"{field}'s time zone gives no valid offset: {short_repr(exc)}", field
+        ) from None
     if value.tzinfo is None or offset is None:
         raise _error(f"{field} must have a timezone (got the naive {value.isoformat()})", field)
     try:
@@ -249,10 +252,8 @@ def check_count(value: object, field: str, *, allow_none: bool) -> int | None:
     QUERY_ERROR."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT:
-        expected = "a non-negative int or None" if allow_none else "a non-negative int"
-        raise _error(f"{field} must be {expected} up to 2**63 - 1, got {shown(value)}", field)
-    return value
+    expected = "a non-negative int or None" if allow_none else "a non-negative int"
+    return whole(value, field, f"{expected} up to 2**63 - 1", error=QueryError)
 
 
 def normalize(event_filter: EventFilter | None) -> Criteria:
@@ -287,11 +288,12 @@ def normalize(event_filter: EventFilter | None) -> Criteria:
         )
     if f.order_by not in _ORDERS:
         raise _error(
-            f"order_by must be one of {', '.join(_ORDERS)}, got {shown(f.order_by)}", "order_by"
+            f"order_by must be one of {', '.join(_ORDERS)}, got {short_repr(f.order_by)}",
+            "order_by",
         )
     if f.order_direction not in _DIRECTIONS:
         raise _error(
-            f"order_direction must be asc or desc, got {shown(f.order_direction)}",
+            f"order_direction must be asc or desc, got {short_repr(f.order_direction)}",
             "order_direction",
         )
     return Criteria(
@@ -421,10 +423,11 @@ def filter_from_params(
             for item in values:
                 key, colon, value = item.partition(":")
                 if not colon or not key:
-                    raise _error(f"tag must be key:value, got {shown(item)}", "tag")
+                    raise _error(f"tag must be key:value, got {short_repr(item)}", "tag")
                 if tags.get(key, value) != value:
                     raise _error(
-                        f"tag names the key {shown(key)} twice; an event has one value per key",
+                        f"tag names the key {short_repr(key)} twice;"
+                        " an event has one value per key",
                         "tag",
                     )
                 tags[key] = value
@@ -437,7 +440,8 @@ def filter_from_params(
                 else ""
             )
             raise QueryError(
-                f"unknown parameter {shown(name)}{hint}; the known ones are {', '.join(known)}",
+                f"unknown parameter {short_repr(name)}{hint};"
+                f" the known ones are {', '.join(known)}",
                 {"field": name, "known": known},
             )
     if not fields:

@@ -20,10 +20,10 @@ import psycopg
 from psycopg import sql
 
 from . import _codec
+from ._drive import copy_rows
 from .archive import manifest, verify_archives
-from .arrow import copy_rows
-from .errors import EventStoreError, StorageError, ValidationFailed, shown
-from .filters import MAX_BIGINT
+from .checks import whole
+from .errors import EventStoreError, StorageError, ValidationFailed
 
 __all__ = ["IntegrityReport", "verify"]
 
@@ -112,13 +112,8 @@ def verify(
     is a mistaken range, not a broken chain: VALIDATION_FAILED naming ``start``.
     """
     for name, bound in (("start", start), ("end", end)):
-        if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_BIGINT
-        ):
-            raise ValidationFailed(
-                f"{name} must be a position (an int from 1) or None, got {shown(bound)}",
-                {"field": name},
-            )
+        if bound is not None:
+            whole(bound, name, "a position (an int from 1) or None", low=1)
     if start is not None and end is not None and start > end:
         raise ValidationFailed(
             f"start {start} is after end {end}: the range holds no position",

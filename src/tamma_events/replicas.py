@@ -27,6 +27,7 @@ from typing import Any, Literal
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._ops import Op, Run
+from .checks import seconds
 from .errors import ValidationFailed
 from .stream import connection_lost
 
@@ -125,15 +126,7 @@ class ReplicaSet:
             ("replica_retry", retry),
             ("replica_timeout", timeout),
         ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0 <= value < float("inf")
-            ):
-                raise ValidationFailed(
-                    f"{name} must be a finite non-negative number of seconds, got {value!r}",
-                    {"field": name},
-                )
+            seconds(value, name, "a finite non-negative number of seconds", zero=True)
         self.members = replicas
         self.consistency = consistency
         self.wait = wait

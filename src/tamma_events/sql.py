@@ -15,8 +15,9 @@ from typing import Any
 import msgspec
 from psycopg import sql
 
-from .errors import QueryError, shown
-from .filters import MAX_BIGINT, Criteria, GroupBy
+from .checks import whole
+from .errors import QueryError, short_repr
+from .filters import Criteria, GroupBy
 from .model import AppendCondition, Query, QueryItem
 
 __all__ = [
@@ -76,14 +77,14 @@ def _check_text(value: str, what: str, field: str) -> None:
     """Refuse strings PostgreSQL cannot store, so no event can hold them either."""
     if "\x00" in value:
         raise QueryError(
-            f"{what} contains a NUL character", {"field": field, "value": shown(value)}
+            f"{what} contains a NUL character", {"field": field, "value": short_repr(value)}
         )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise QueryError(
             f"{what} contains a lone surrogate",
-            {"field": field, "value": shown(value)},
+            {"field": field, "value": short_repr(value)},
         ) from None
 
 
@@ -99,7 +100,7 @@ def _item_shape(item: QueryItem, params: list[Any]) -> tuple[int, bool] | None:
         if not isinstance(event_type, str):
             raise QueryError(
                 f"query item types must be strings, got {type(event_type).__name__}",
-                {"field": "types", "value": shown(event_type)},
+                {"field": "types", "value": short_repr(event_type)},
             )
         _check_text(event_type, "a query type", "types")
     tags = item.tags
@@ -109,7 +110,7 @@ def _item_shape(item: QueryItem, params: list[Any]) -> tuple[int, bool] | None:
         if not (isinstance(key, str) and isinstance(value, str)):
             raise QueryError(
                 "query item tags must map str to str",
-                {"field": "tags", "value": shown(key if not isinstance(key, str) else value)},
+                {"field": "tags", "value": short_repr(key if not isinstance(key, str) else value)},
             )
         _check_text(key, "a query tag key", "tags")
         _check_text(value, "a query tag value", "tags")
@@ -554,12 +555,7 @@ def after_position(after: int | None) -> int:
     """``after`` as a position (0 for None), or QUERY_ERROR."""
     if after is None:
         return 0
-    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_BIGINT:
-        raise QueryError(
-            f"after must be a position (an int from 0 to 2**63-1) or None, got {shown(after)}",
-            {"field": "after"},
-        )
-    return after
+    return whole(after, "after", "a position (an int from 0 to 2**63-1) or None", error=QueryError)
 
 
 def condition_check(condition: AppendCondition) -> Check:

@@ -1,21 +1,29 @@
-"""`EventStore`: the synchronous store on PostgreSQL.
+# WARNING: generated from src/tamma_events/aio.py by scripts/async_to_sync.py.
+# DO NOT CHANGE! Change the original file instead, then run the script.
+"""The store's driver, written once for asyncio and generated for threads.
+
+The driver is written once, for asyncio, in `tamma_events.aio`; `tamma_events.store` is
+generated from it by ``scripts/async_to_sync.py`` (change `tamma_events.aio`, then run the
+script: ``scripts/test`` fails while the generated module is stale). The database work itself
+is written once too, as generators of steps in `tamma_events._core`, which both drivers run
+(`tamma_events._ops`). Where the two stores differ for real, the code says so with an
+``if True:  # ASYNC`` block: the sync store connects when it is made, waits in threads (group
+commit, read-ahead, the summaries' fold, the subscriptions' listener) and exports through the
+native libpq COPY reader; the async store connects in `open`, and uses tasks for the same work.
 
 Every append transaction locks the single head row first, checks its conditions, writes its
 events at positions head+1.. (small groups through the ``append_group`` function in one round
 trip, larger ones by binary COPY) and moves the head before it commits. Holding that lock until
 the commit makes commit order equal position order, so a reader resuming after position P never
 skips an event, and a condition checked under it cannot be invalidated before the commit.
-Concurrent appends from the threads of one process share transactions (group commit); each
-keeps its own condition and its own outcome.
-
-The database work itself is written once, in `tamma_events._core`, for this store and for
-`tamma_events.aio.AsyncEventStore`; this module drives it on pooled connections, with threads
-for group commit, read-ahead and subscriptions.
+Concurrent appends from the threads of one process, or the tasks of one event loop, share
+transactions (group commit); each keeps its own condition and its own outcome.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -23,7 +31,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
@@ -32,49 +40,47 @@ from typing import Any, TypeVar
 
 import msgspec
 import psycopg
-import psycopg.errors
 import pyarrow as pa
 from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import embedded
+from ._appending import TransactionState
 from ._core import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POOL_TIMEOUT,
-    MAX_PAGE_SIZE,
     SCHEMA_ENV,
-    Keyset,
     StoreCore,
-    TxState,
-    Walk,
-    check_size,
     check_size_any,
     check_timeout,
     connection_kwargs,
-    decode_document,
-    decode_events,
-    event_key,
     make_pool,
-    moment,
+    parse_before,
     pool_stats,
     retryable,
     server_wrote,
     storage_error,
-    subscription_criteria,
     unreachable,
 )
-from ._group import AppendRequest, GroupCommit
-from ._ops import Op, rollback, run
+from ._drive import rollback, run
+from ._group import GroupCommit
+from ._listen import Listener
+from ._ops import Op
 from ._pycodec import DEFAULT_MAX_EVENT_BYTES
-from .arrow import EXPORT_SCHEMA, write_parquet
-from .errors import (
-    STORAGE_ERROR,
-    EventStoreError,
-    QueryError,
-    StorageError,
-    ValidationFailed,
+from ._reading import (
+    MAX_PAGE_SIZE,
+    Keyset,
+    KeysetWalk,
+    check_size,
+    decode_document,
+    decode_events,
+    event_key,
+    subscription_criteria,
 )
+from ._request import AppendRequest
+from .arrow import EXPORT_SCHEMA, write_parquet
+from .errors import STORAGE_ERROR, EventStoreError, QueryError, StorageError, ValidationFailed
 from .filters import AggregateRow, Criteria, EventFilter, GroupBy, Page, normalize
 from .integrity import IntegrityReport
 from .metrics import prometheus_registry
@@ -98,10 +104,9 @@ from .replicas import (
     replica_failure,
     wal_position,
 )
-from .schema import migrate as _migrate
-from .schema import require_current_op
+from .schema import migrate_op, require_current_op
 from .sql import after_position, query_shape
-from .stream import Listener, Subscription, check_subscription_options, connection_lost
+from .stream import Subscription, check_subscription_options, connection_lost
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -155,13 +160,23 @@ def live_connection(
         return
 
 
+def _check_pool(pool: ConnectionPool[Any]) -> None:
+    """Test the pool's idle connections now (after a lost connection: the others are likely
+    broken too), so that the next call gets a working one rather than the next broken one."""
+    try:
+        pool.check()
+    except Exception:  # a closed pool, say: the error being reported says enough
+        pass
+
+
 class EventStore(StoreCore):
     """A DCB event store on PostgreSQL.
 
     ``dsn`` selects the server; without it, ``$TAMMA_EVENTS_DSN``; without that, an embedded
     PostgreSQL 18 started in ``data_dir`` (default: the user data directory). Everything lives in
     the PostgreSQL schema ``schema`` (default: ``$TAMMA_EVENTS_SCHEMA``, else ``tamma_events``),
-    migrated on open unless ``migrate=False``.
+    migrated on open unless ``migrate=False``. The sync store opens when it is made; the async
+    one when it is opened (``await store.open()``, or ``async with``).
 
     Connections come from a `psycopg_pool.ConnectionPool` of ``min_connections`` to
     ``max_connections``, each replaced after ``max_lifetime`` seconds or ``max_idle`` seconds
@@ -224,7 +239,6 @@ class EventStore(StoreCore):
             cache_ttl=cache_ttl,
             archive_dir=archive_dir,
         )
-        replica_dsns = [replicas] if isinstance(replicas, str) else list(replicas)
         self._replicas = ReplicaSet(
             [],
             consistency=consistency,
@@ -232,6 +246,21 @@ class EventStore(StoreCore):
             retry=replica_retry,
             timeout=replica_timeout,
         )
+        self._replica_dsns = [replicas] if isinstance(replicas, str) else list(replicas)
+        self._dsn = dsn
+        self._data_dir = data_dir
+        self._pool_settings = (
+            min_connections,
+            max_connections,
+            check_timeout("connect_timeout", connect_timeout),
+            check_timeout("pool_timeout", pool_timeout),
+            max_lifetime,
+            max_idle,
+        )
+        self._migrate_on_open = migrate
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._opened = False
         self._closed = False
         #: The schema migrations this store applied when it opened (the ``init`` command
         #: reports them).
@@ -241,70 +270,74 @@ class EventStore(StoreCore):
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._subscriptions_lock = threading.Lock()
         self._registry: Any = None
+        self._group = GroupCommit(self._write_group, max_group_events)
+        self._fold_thread: threading.Thread | None = None
         self.embedded: embedded.EmbeddedServer | None = None
-        connect_timeout = check_timeout("connect_timeout", connect_timeout)
-        pool_timeout = check_timeout("pool_timeout", pool_timeout)
-        settings: dict[str, Any] = {
-            "min_size": min_connections,
-            "max_size": max_connections,
-            "max_lifetime": max_lifetime,
-            "max_idle": max_idle,
-            "configure": _configure,
-        }
-        if pool is not None:
-            self._pool = pool
-            self._owns_pool = False
-        else:
+        self.open()
+
+    def _make_pool(self, dsn: str, name: str, timeout: float) -> ConnectionPool[Any]:
+        min_size, max_size, connect_timeout, _, max_lifetime, max_idle = self._pool_settings
+        return make_pool(
+            ConnectionPool,
+            dsn,
+            name,
+            connect_timeout,
+            timeout=timeout,
+            min_size=min_size,
+            max_size=max_size,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            configure=_configure,
+        )
+
+    def open(self) -> EventStore:
+        """Connect (and migrate, unless ``migrate=False``); returns the store. `EventStore`
+        calls it when it is made; calling it again does nothing."""
+        if self._opened:
+            return self
+        if self._closed:
+            raise StorageError("the store is closed")
+        self._opened = True
+        connect_timeout, pool_timeout = self._pool_settings[2:4]
+        if self._pool is None:
+            dsn = self._dsn or os.environ.get(DSN_ENV) or None
             if dsn is None:
-                dsn = os.environ.get(DSN_ENV) or None
-            if dsn is None:
-                self.embedded = embedded.start(data_dir)
+                # Starting a server is a one-off subprocess wait, done before any service work.
+                self.embedded = embedded.start(self._data_dir)
                 dsn = self.embedded.dsn
-            self._pool = make_pool(
-                ConnectionPool,
-                dsn,
-                f"tamma-events:{self.schema}",
-                connect_timeout,
-                timeout=pool_timeout,
-                **settings,
-            )
-            self._owns_pool = True
+            self._pool = self._make_pool(dsn, f"tamma-events:{self.schema}", pool_timeout)
             try:
                 # One connection first: a server that is not there is one clear error now,
                 # not the pool's retries until its timeout.
                 try:
-                    psycopg.connect(
+                    probe = psycopg.Connection.connect(
                         dsn, **connection_kwargs(dsn, connect_timeout=connect_timeout)
-                    ).close()
+                    )
                 except psycopg.OperationalError as exc:
                     raise unreachable(exc, dsn, connect_timeout).with_traceback(None) from None
+                probe.close()
                 # The server is there: the pool's first connections get the time a call
                 # would wait for one.
                 self._pool.open(wait=True, timeout=pool_timeout)
             except EventStoreError:
                 self._pool.close()
+                self._closed = True
                 raise
             except Exception as exc:
                 self._pool.close()
+                self._closed = True
                 raise storage_error(
                     exc, "connecting to PostgreSQL", dsn=redact(dsn)
                 ).with_traceback(None) from None
-        for replica_dsn in replica_dsns:
+        for replica_dsn in self._replica_dsns:
             # Opened without waiting: a replica that is down must not stop the store opening.
-            replica_pool = make_pool(
-                ConnectionPool,
-                replica_dsn,
-                f"tamma-events:{self.schema}:replica",
-                connect_timeout,
-                timeout=replica_timeout,
-                **settings,
+            replica_pool = self._make_pool(
+                replica_dsn, f"tamma-events:{self.schema}:replica", self._replicas.timeout
             )
             replica_pool.open(wait=False)
             self._replicas.members.append(Replica(replica_dsn, replica_pool))
-        self._group = GroupCommit(self._write_group, max_group_events)
-        self._fold_thread: threading.Thread | None = None
         try:
-            if migrate:
+            if self._migrate_on_open:
                 self.applied_on_open = self.migrate()
             else:
                 with self._connection() as conn:
@@ -315,6 +348,7 @@ class EventStore(StoreCore):
         except BaseException:
             self.close()
             raise
+        return self
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -322,21 +356,38 @@ class EventStore(StoreCore):
     def dsn(self) -> str:
         """The connection string of the store's server (with its password: do not log it;
         ``repr(store)`` shows it without)."""
-        conninfo = self._pool.conninfo
+        conninfo = self._require_pool().conninfo
         return conninfo() if callable(conninfo) else conninfo
 
     def __repr__(self) -> str:
+        where = "not open"
+        if self._pool is not None and self._opened:
+            conninfo = self._pool.conninfo
+            value: object = conninfo
+            if callable(conninfo) and not inspect.iscoroutinefunction(conninfo):
+                value = conninfo()
+            if isinstance(value, str):
+                where = redact(value)
         replicas = f", replicas={len(self._replicas.members)}" if self._replicas else ""
         state = " closed" if self._closed else ""
-        return f"<EventStore{state} {redact(self.dsn)!r} schema={self.schema!r}{replicas}>"
+        return f"<EventStore{state} {where!r} schema={self.schema!r}{replicas}>"
+
+    def _require_pool(self) -> ConnectionPool[Any]:
+        if self._pool is None or not self._opened:
+            raise StorageError("the store is not open: use `async with` or `await store.open()`")
+        return self._pool
 
     def migrate(self) -> list[int]:
         """Apply the schema migrations not applied yet; returns their versions."""
-        with self._connection() as conn:
-            try:
-                return _migrate(conn, self.schema)
-            except psycopg.Error as exc:
-                raise storage_error(exc, "migrating the schema", schema=self.schema) from exc
+        try:
+            with self._connection() as conn:
+                try:
+                    return run(conn, migrate_op(self.schema))
+                except psycopg.Error as exc:
+                    raise storage_error(exc, "migrating the schema") from exc
+        except EventStoreError as exc:
+            exc.context.setdefault("schema", self.schema)
+            raise
 
     def close(self) -> None:
         """End the store's subscriptions and close its pools (a caller's own pool stays
@@ -353,11 +404,11 @@ class EventStore(StoreCore):
             self._listener.close()
         for replica in self._replicas.members:
             replica.pool.close()
-        if self._owns_pool:
+        if self._owns_pool and self._pool is not None:
             self._pool.close()
 
     def __enter__(self) -> EventStore:
-        return self
+        return self.open()
 
     def __exit__(
         self,
@@ -371,19 +422,20 @@ class EventStore(StoreCore):
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         if self._closed:
             raise StorageError("the store is closed")
+        pool = self._require_pool()
         try:
-            with live_connection(self._pool) as conn:
+            with live_connection(pool) as conn:
                 if not conn.autocommit:
-                    conn.autocommit = True
+                    conn.set_autocommit(True)
                 if not self._owns_pool:
                     _configure(conn)
                 yield conn
         except EventStoreError as exc:
             if retryable(exc):
-                self._check_pool()
+                _check_pool(pool)
             raise
         except PoolTimeout as exc:  # before psycopg.Error: it is an OperationalError
-            stats = self._pool.get_stats()
+            stats = pool.get_stats()
             raise storage_error(
                 exc,
                 "getting a connection",
@@ -394,16 +446,9 @@ class EventStore(StoreCore):
         except psycopg.Error as exc:
             if connection_lost(exc):
                 # A restarted server or a terminated backend: the pool's idle connections are
-                # likely broken too. Test them now, so the next call (a retry) gets a working
-                # one rather than the next broken one.
-                self._check_pool()
+                # likely broken too.
+                _check_pool(pool)
             raise storage_error(exc, "using a connection") from exc
-
-    def _check_pool(self) -> None:
-        try:
-            self._pool.check()
-        except Exception:  # a closed pool, say: the error being reported says enough
-            pass
 
     def _run(self, kind: str, make: Callable[[], Op[_T]]) -> _T:
         """Run the operation ``make()`` on the primary, timed as a query of ``kind``. When the
@@ -471,10 +516,7 @@ class EventStore(StoreCore):
                     raise storage_error(exc, "reading from a replica") from exc
                 replicas.failed(replica, exc)
                 if connection_lost(exc):
-                    try:
-                        replica.pool.check()
-                    except Exception:
-                        pass
+                    _check_pool(replica.pool)
                 continue
             replicas.served(replica)
             return result
@@ -489,7 +531,7 @@ class EventStore(StoreCore):
         failed), ``connections_lost`` (found broken by a check and replaced) and
         ``connections_discarded`` (found closed or broken when handed out or given back, and
         replaced)."""
-        return pool_stats(self._pool.get_stats())
+        return pool_stats(self._require_pool().get_stats())
 
     def metrics(self) -> dict[str, Any]:
         """A snapshot of the store's metrics: ``appends`` (events, batches, bytes,
@@ -499,9 +541,10 @@ class EventStore(StoreCore):
         seconds) and ``replica_fallbacks``. Latencies are histograms: ``count``, ``sum`` and
         cumulative ``buckets`` by upper bound in seconds.
 
-        It reads what the store counted and asks the database nothing: ``up`` says whether a
-        replica answered the last time the store asked it anything (None before that), and its
-        lag is the one `measure_replicas` last found (None before that)."""
+        It reads what the store counted and asks the database nothing (a plain call in both
+        stores): ``up`` says whether a replica answered the last time the store asked it
+        anything (None before that), and its lag is the one `measure_replicas` last found
+        (None before that)."""
         with self._subscriptions_lock:
             positions = [s.position for s in self._subscriptions if not s.stopped]
         replicas = [r.status() for r in self._replicas.members]
@@ -530,9 +573,11 @@ class EventStore(StoreCore):
 
     @property
     def prometheus_registry(self) -> Any:
-        """A ``prometheus_client.CollectorRegistry`` of the store's own: each scrape measures
-        the replicas' lag (`measure_replicas`) and collects `metrics`. Serve it with
-        ``prometheus_client.generate_latest(registry)`` (the web app does, at ``/metrics``)."""
+        """A ``prometheus_client.CollectorRegistry`` of the store's own. Serve it with
+        ``prometheus_client.generate_latest(registry)`` (the web app does, at ``/metrics``).
+        In the sync store, each scrape measures the replicas' lag (`measure_replicas`) and
+        collects `metrics`; the async store's collector runs outside the event loop, so it
+        reports `metrics` as they are, replica lag as `measure_replicas` last found it."""
         if self._registry is None:
 
             def scrape() -> dict[str, Any]:
@@ -553,9 +598,10 @@ class EventStore(StoreCore):
     ) -> int:
         """Append one event; returns its position.
 
-        Raises `EventStoreError` with ``APPEND_CONDITION_FAILED`` when ``condition`` is violated,
-        ``DUPLICATE_EVENT`` when its ``event_id`` is already stored, ``VALIDATION_FAILED`` for a
-        bad event; nothing is written in any of these cases. ``conn``: see `append_batch`.
+        Raises `AppendConditionFailed` when ``condition`` is violated, `DuplicateEvent` when
+        its ``event_id`` is already stored, `ValidationFailed` for a bad event (all of them
+        `EventStoreError`); nothing is written in any of these cases. ``conn``: see
+        `append_batch`.
         """
         return self.append_batch([event], condition, conn=conn)
 
@@ -573,11 +619,12 @@ class EventStore(StoreCore):
         while earlier chunks stream to the server, and an error in a later chunk rolls the whole
         batch back.
 
-        With ``conn``, a psycopg connection of the caller's to the same database, the events
-        are written in the caller's transaction (outbox style): they commit or roll back with
-        the caller's own work, and the head lock is held until then, so keep that transaction
-        short. A connection in autocommit with no transaction open gets one of its own,
-        committed before this returns. A failed append leaves the caller's transaction usable.
+        With ``conn``, a psycopg connection of the caller's to the same database (async for the
+        async store), the events are written in the caller's
+        transaction (outbox style): they commit or roll back with the caller's own work, and
+        the head lock is held until then, so keep that transaction short. A connection in
+        autocommit with no transaction open gets one of its own, committed before this returns.
+        A failed append leaves the caller's transaction usable.
         """
         start = time.perf_counter()
         try:
@@ -593,7 +640,8 @@ class EventStore(StoreCore):
                 position = self._append_in(conn, request)
                 size = len(prepared.buffer)
             elif prepared is not None:
-                position = self._group.submit(AppendRequest(batch, prepared, condition, check))
+                request = AppendRequest(batch, prepared, condition, check)
+                position = self._group.submit(request)
                 size = len(prepared.buffer)
             else:
                 with self._connection() as own:
@@ -606,20 +654,22 @@ class EventStore(StoreCore):
             raise
         self._metrics.appended(len(batch), size, time.perf_counter() - start)
         if conn is None and self._fold_due(position):
-            fold = threading.Thread(
-                target=self._fold_summaries, name="tamma-events fold", daemon=True
-            )
-            try:
-                fold.start()
-            except RuntimeError:  # no new thread at interpreter shutdown: the append stands
-                self._folding = False
-            else:
-                self._fold_thread = fold
+            self._start_fold()
         return position
 
+    def _start_fold(self) -> None:
+        """Fold the summaries' tail in the background: appends do not wait for it."""
+        fold = threading.Thread(target=self._fold_summaries, name="tamma-events fold", daemon=True)
+        try:
+            fold.start()
+        except RuntimeError:  # no new thread at interpreter shutdown: the append stands
+            self._folding = False
+        else:
+            self._fold_thread = fold
+
     def _fold_summaries(self) -> None:
-        """Fold the summaries' tail (`StoreCore._op_fold`), on a thread of its own: appends do
-        not wait for it, and a failure only leaves the tail for the next fold."""
+        """Fold the summaries' tail (`StoreCore._op_fold`), in a thread (sync) or a task
+        (async) of its own: a failure only leaves the tail for the next fold."""
         try:
             with self._connection() as conn:
                 run(conn, self._op_fold())
@@ -648,11 +698,12 @@ class EventStore(StoreCore):
                 f"conn must be a psycopg.Connection, got {type(conn).__name__}",
                 {"field": "conn"},
             )
+        op = self._op_tx_append(TransactionState(), request)
         try:
             if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 with conn.transaction():
-                    return run(conn, self._op_tx_append(TxState(), request), owned=False)
-            return run(conn, self._op_tx_append(TxState(), request), owned=False)
+                    return run(conn, op, owned=False)
+            return run(conn, op, owned=False)
         except psycopg.Error as exc:
             raise storage_error(exc, "appending in the caller's transaction") from exc
 
@@ -713,7 +764,7 @@ class EventStore(StoreCore):
         self, event_filter: EventFilter | None = None, *, include_archived: bool = False
     ) -> list[SequencedEvent]:
         """The events matching ``event_filter`` (all events when None), in its order, after its
-        offset and at most its limit. Raises ``QUERY_ERROR`` for a malformed filter.
+        offset and at most its limit. Raises `QueryError` for a malformed filter.
 
         With ``include_archived``, events compacted into archives are read too, so the result
         is what it was before compaction; without it, only the live log is read."""
@@ -801,13 +852,32 @@ class EventStore(StoreCore):
         (pass it with every page of a walk)."""
         criteria, until, key, position = self._page_start(event_filter, page_size, token)
         # One event more than the page, to know whether another page follows.
-        until, rows = self._query(
+        pinned, rows = self._query(
             "page",
             lambda: self._op_keyset_rows(
                 criteria, until, key, position, page_size + 1, 0, include_archived
             ),
         )
-        return self._page(criteria, until, rows, page_size)
+        return self._page(criteria, pinned, rows, page_size)
+
+    def paginate(
+        self,
+        event_filter: EventFilter | None = None,
+        *,
+        page_size: int = 1_000,
+        include_archived: bool = False,
+    ) -> Generator[list[SequencedEvent], None, None]:
+        """KeysetWalk the events matching ``event_filter`` page by page (see `get_page`)."""
+        token: str | None = None
+        while True:
+            page = self.get_page(
+                event_filter, page_size=page_size, token=token, include_archived=include_archived
+            )
+            if page.events:
+                yield page.events
+            if page.next_token is None:
+                return
+            token = page.next_token
 
     def stream_events(
         self,
@@ -815,35 +885,43 @@ class EventStore(StoreCore):
         *,
         batch_size: int = 1_000,
         include_archived: bool = False,
-    ) -> Iterator[SequencedEvent]:
+    ) -> Generator[SequencedEvent, None, None]:
         """Every event matching ``event_filter``, in its order, one at a time, in constant
         memory: the events are read ``batch_size`` at a time, each batch after the last event
         of the previous one (keyset paging), so the filter's offset and limit apply to the
-        whole stream.
+        whole stream. Batch n+1 is read (by a worker thread, or a task) while the consumer
+        takes batch n.
 
         The stream is pinned to the head when it starts (events appended meanwhile are for
         `subscribe`). No connection is held between batches, so a consumer may take its time;
-        one that stops early (``break``, or ``close()`` on the iterator) leaves nothing open.
-        Raises ``QUERY_ERROR`` at the call for a malformed filter or batch size.
-        ``include_archived`` streams archived events too, in the same order."""
+        one that stops early should close the iterator (the async store's is an async
+        generator): the read ahead is then waited for (sync) or cancelled (async) at once, and
+        nothing is left open. Raises
+        `QueryError` at the call for a malformed filter or batch size. ``include_archived``
+        streams archived events too, in the same order."""
         criteria = normalize(event_filter)
         check_size(batch_size, "batch_size")
         return self._stream(criteria, batch_size, include_archived)
 
     def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
-    ) -> Iterator[SequencedEvent]:
+    ) -> Generator[SequencedEvent, None, None]:
         def read(args: Keyset) -> tuple[int, list[str]]:
             return self._query("stream", lambda: self._op_keyset_rows(criteria, *args, archived))
 
-        for rows in _keyset_walk(
-            Walk(criteria, batch_size),
+        walk = _keyset_walk(
+            KeysetWalk(criteria, batch_size),
             read,
             len,
             functools.partial(self._stream_last, criteria),
             "stream",
-        ):
-            yield from decode_events(rows)
+        )
+        try:
+            for rows in walk:
+                for event in decode_events(rows):
+                    yield event
+        finally:
+            walk.close()
 
     def export_arrow(
         self,
@@ -855,16 +933,16 @@ class EventStore(StoreCore):
         """The events matching ``event_filter``, in its order, as a stream of Arrow record
         batches of `tamma_events.arrow.EXPORT_SCHEMA`, in constant memory.
 
-        Each batch is one binary ``COPY`` of at most ``batch_size`` events, read from libpq and
-        decoded natively into Arrow buffers (see ``docs/archives.md``). In log order without
-        limit or offset, the batches are consecutive ranges of positions, two read at once;
-        otherwise each follows the last event of the previous one (keyset paging, as in
-        `stream_events`). The export is pinned to the head when it starts; no connection is
-        held between batches. DuckDB, Polars and ``pyarrow`` read the reader directly. Raises
-        ``QUERY_ERROR`` at the call for a malformed filter or batch size.
+        Each batch is one binary ``COPY`` of at most ``batch_size`` events, read from libpq
+        and decoded natively into Arrow buffers (see ``docs/archives.md``). In log order
+        without limit or offset, the batches are consecutive ranges of positions, two read
+        at once; otherwise each follows the last event of the previous one (keyset paging,
+        as in `stream_events`). The export is pinned to the head when it starts; no
+        connection is held between batches. DuckDB, Polars and ``pyarrow`` read the reader
+        directly. Raises `QueryError` at the call for a malformed filter or batch size.
 
-        With ``include_archived``, archived events are exported too, in the same order, from
-        their Parquet files."""
+        With ``include_archived``, archived events are exported too, in the same order,
+        from their Parquet files."""
         criteria = normalize(event_filter)
         check_size(batch_size, "batch_size")
         return pa.RecordBatchReader.from_batches(
@@ -873,24 +951,36 @@ class EventStore(StoreCore):
 
     def _export_batches(
         self, criteria: Criteria, batch_size: int, archived: bool
-    ) -> Iterator[pa.RecordBatch]:
+    ) -> Generator[pa.RecordBatch, None, None]:
         if self._export_by_ranges(criteria, archived):
-            yield from self._export_ranges(criteria, batch_size)
+            ranges = self._export_ranges(criteria, batch_size)
+            try:
+                for batch in ranges:
+                    yield batch
+            finally:
+                ranges.close()  # its reads in flight are cancelled (or waited for)
             return
 
         def read(args: Keyset) -> tuple[int, list[pa.RecordBatch]]:
             return self._query("export", lambda: self._op_export_batch(criteria, *args, archived))
 
-        for batches in _keyset_walk(
-            Walk(criteria, batch_size),
+        walk = _keyset_walk(
+            KeysetWalk(criteria, batch_size),
             read,
             _rows_in,
             functools.partial(self._export_last, criteria),
             "export",
-        ):
-            yield from batches
+        )
+        try:
+            for batches in walk:
+                for batch in batches:
+                    yield batch
+        finally:
+            walk.close()
 
-    def _export_ranges(self, criteria: Criteria, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def _export_ranges(
+        self, criteria: Criteria, batch_size: int
+    ) -> Generator[pa.RecordBatch, None, None]:
         """The log-ordered export of the live log, as consecutive ranges of ``batch_size``
         positions up to the head at the start, two read at once (each its own COPY and
         connection) and yielded in order. The server producing COPY rows is the bottleneck of
@@ -903,19 +993,20 @@ class EventStore(StoreCore):
                 lambda: self._op_export_batch(criteria, end, None, start, end - start, 0, False),
             )
 
-        in_flight: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
+        reading: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
         start = 0
         with ThreadPoolExecutor(_EXPORT_STREAMS, thread_name_prefix="tamma-events-export") as pool:
             try:
-                while start < until or in_flight:
-                    while start < until and len(in_flight) < _EXPORT_STREAMS:
+                while start < until or reading:
+                    while start < until and len(reading) < _EXPORT_STREAMS:
                         end = min(start + batch_size, until)
-                        in_flight.append(pool.submit(read, start, end))
+                        reading.append(pool.submit(read, start, end))
                         start = end
-                    yield from in_flight.popleft().result()[1]
+                    for batch in reading.popleft().result()[1]:
+                        yield batch
             finally:
-                for reading in in_flight:
-                    reading.cancel()
+                for future in reading:
+                    future.cancel()
 
     def export_parquet(
         self,
@@ -932,16 +1023,18 @@ class EventStore(StoreCore):
         many. The file appears whole or not at all: it is written beside ``path`` and renamed
         over it once complete and synced. ``progress(events_written)`` is called after every
         batch."""
-        reader = self.export_arrow(
+        batches = self.export_arrow(
             event_filter, batch_size=batch_size, include_archived=include_archived
         )
         return write_parquet(
-            reader,
+            batches,
             path,
             compression=compression,
             row_group_size=row_group_size,
             progress=progress,
         )
+
+    # -- subscriptions ---------------------------------------------------------------------
 
     def subscribe(
         self,
@@ -957,14 +1050,15 @@ class EventStore(StoreCore):
         None; ``after=store.head()`` for new events only), then each new matching event as it
         is committed, in log order, each exactly once.
 
-        The subscription is an iterator (sync or async) and a context manager; its
-        ``position`` is the last position delivered, the ``after`` to resume from. It holds at
-        most ``buffer`` events: when its consumer is slow, it reads less often instead of
-        growing. It is woken by the store's notifications (one LISTEN connection per store,
-        which also reads the head every few seconds of silence); while that connection is
-        down, it reads every ``poll_interval`` seconds. A read that fails for a lost
-        connection is retried from the same position for up to ``retry_for`` seconds.
-        ``stop()`` (from any thread) or leaving the ``with`` block ends it.
+        The subscription is an iterator (``async for`` with the async store, which must call
+        this inside its event loop) and a context manager; its ``position`` is the last
+        position delivered, the ``after`` to resume from. It holds at most ``buffer`` events:
+        when its consumer is slow, it reads less often instead of growing. It is woken by the
+        store's notifications (one LISTEN connection per store, which also reads the head
+        every few seconds of silence); while that connection is down, it reads every
+        ``poll_interval`` seconds. A read that fails for a lost connection is retried from the
+        same position for up to ``retry_for`` seconds. ``stop()`` (from any thread) or leaving
+        the ``with`` block ends it.
 
         An `EventFilter` here selects events only: it may not set limit, offset or an order
         other than the log's."""
@@ -991,15 +1085,15 @@ class EventStore(StoreCore):
                 "subscribe takes a Query, an EventFilter or None,"
                 f" not {type(query_or_filter).__name__}",
             )
-        subscription = Subscription(
-            fetch,
-            self._ensure_listener(),
-            after=start,
-            buffer=buffer,
-            poll_interval=poll_interval,
-            retry_for=retry_for,
-            on_close=self._forget,
-        )
+        listener = self._ensure_listener()
+        options: dict[str, Any] = {
+            "after": start,
+            "buffer": buffer,
+            "poll_interval": poll_interval,
+            "retry_for": retry_for,
+            "on_close": self._forget,
+        }
+        subscription = Subscription(fetch, listener, **options)
         with self._subscriptions_lock:
             if self._closed:
                 raise StorageError("the store is closed")
@@ -1021,11 +1115,11 @@ class EventStore(StoreCore):
                 raise StorageError("the store is closed")
             if self._listener is None:
                 dsn = self.dsn
-                pool = self._pool
+                pool = self._require_pool()
 
                 def connect() -> psycopg.Connection[Any]:
                     # The pool's settings as they are now: a callable may rotate credentials.
-                    pool_kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
+                    pool_kwargs: Any = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
                     kwargs = {
                         **(pool_kwargs or {}),
                         **connection_kwargs(dsn, "tamma-events listener"),
@@ -1038,24 +1132,7 @@ class EventStore(StoreCore):
                 self._listener.start()
             return self._listener
 
-    def paginate(
-        self,
-        event_filter: EventFilter | None = None,
-        *,
-        page_size: int = 1_000,
-        include_archived: bool = False,
-    ) -> Iterator[list[SequencedEvent]]:
-        """Walk the events matching ``event_filter`` page by page (see `get_page`)."""
-        token: str | None = None
-        while True:
-            page = self.get_page(
-                event_filter, page_size=page_size, token=token, include_archived=include_archived
-            )
-            if page.events:
-                yield page.events
-            if page.next_token is None:
-                return
-            token = page.next_token
+    # -- more ------------------------------------------------------------------------------
 
     def explain(
         self,
@@ -1075,7 +1152,7 @@ class EventStore(StoreCore):
     def create_snapshot(self, aggregate_id: str, version: int, state: Any) -> Snapshot:
         """Save ``state`` (any value msgspec encodes as JSON) as folded from the log up to
         position ``version`` (0 to the head) under ``aggregate_id``. Saving the same version
-        again replaces it. Raises ``VALIDATION_FAILED`` naming the field otherwise."""
+        again replaces it. Raises `ValidationFailed` naming the field otherwise."""
         return self._run("snapshot", lambda: self._op_create_snapshot(aggregate_id, version, state))
 
     def get_snapshot(self, aggregate_id: str, *, state_type: Any = Any) -> Snapshot | None:
@@ -1111,7 +1188,7 @@ class EventStore(StoreCore):
             ),
         )
 
-    # -- integrity -------------------------------------------------------------------------
+    # -- integrity and maintenance ---------------------------------------------------------
 
     def verify(
         self,
@@ -1132,10 +1209,14 @@ class EventStore(StoreCore):
         live log only, anchored on the manifest's last hash.
 
         An ``end`` past the head stops at the head. A ``start`` past the head (nothing is
-        stored there yet) or after ``end`` is ``VALIDATION_FAILED`` naming ``start``: a
-        mistaken range, not a broken chain."""
-        with self._connection() as conn:
-            return self._verify_on(conn, start, end, batch_size, progress, include_archived)
+        stored there yet) or after ``end`` is `ValidationFailed` naming ``start``: a
+        mistaken range, not a broken chain.
+
+        A maintenance job: it reads whole ranges through a server-side cursor, on a sync
+        connection; the async store runs it in a worker thread, which calls ``progress``."""
+        return self._maintenance(
+            lambda conn: self._verify_on(conn, start, end, batch_size, progress, include_archived)
+        )
 
     def compact_events(
         self,
@@ -1155,11 +1236,17 @@ class EventStore(StoreCore):
         application role of `grant_app_role` cannot delete). ``progress(done, total)`` follows
         the events archived; ``fault(step, first, last)`` is called after each step of each
         file (``"written"``, ``"verified"``, ``"recorded"``, ``"compacted"``), for tests that
-        interrupt a compaction."""
-        when = moment(before)
+        interrupt a compaction. A maintenance job, like `verify`."""
+        when = parse_before(before)
         check_size_any(file_events, "file_events")
+        return self._maintenance(
+            lambda conn: self._compact_on(conn, when, archive_dir, file_events, progress, fault)
+        )
+
+    def _maintenance(self, job: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """Run ``job`` on a connection of the store's pool."""
         with self._connection() as conn:
-            return self._compact_on(conn, when, archive_dir, file_events, progress, fault)
+            return job(conn)
 
     def grant_app_role(self, role: str, *, create: bool = True) -> None:
         """Give ``role`` what an application needs and nothing more: read everything, append
@@ -1198,43 +1285,13 @@ class EventStore(StoreCore):
                 tx._closed = True
 
 
-def _rows_in(batches: list[pa.RecordBatch]) -> int:
-    return sum(batch.num_rows for batch in batches)
-
-
-def _keyset_walk(
-    walk: Walk,
-    read: Callable[[Keyset], tuple[int, _T]],
-    count: Callable[[_T], int],
-    last: Callable[[_T], Callable[[], tuple[Any, int]]],
-    name: str,
-) -> Iterator[_T]:
-    """The batches of a keyset walk (`tamma_events._core.Walk`), pinned to the head at its
-    first read: ``read(args)`` returns ``until`` and a batch holding ``count(batch)`` events,
-    ``last(batch)()`` the keyset of its last event.
-
-    A worker reads batch n+1 while the consumer takes batch n. Leaving (the walk ends, fails
-    or is closed) waits for the read in flight, so its connection is back in the pool when
-    the consumer's close() returns."""
-    with ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-{name}") as ahead:
-        reading = ahead.submit(read, walk.first)
-        while True:
-            until, batch = reading.result()
-            following = walk.after(until, count(batch), last(batch))
-            if following is not None:
-                reading = ahead.submit(read, following)
-            yield batch
-            if following is None:
-                return
-
-
 class Transaction:
     """Appends and reads inside `EventStore.transaction`; they commit together."""
 
     def __init__(self, store: EventStore, conn: psycopg.Connection[Any]) -> None:
         self._store = store
         self._conn = conn
-        self._state = TxState()
+        self._state = TransactionState()
         self._closed = False
 
     def append(
@@ -1270,3 +1327,34 @@ class Transaction:
         if limit is None and self._state.head is not None:
             result.head = self._state.head
         return result
+
+
+def _rows_in(batches: list[pa.RecordBatch]) -> int:
+    return sum(batch.num_rows for batch in batches)
+
+
+def _keyset_walk(
+    walk: KeysetWalk,
+    read: Callable[[Keyset], tuple[int, _T]],
+    count: Callable[[_T], int],
+    last: Callable[[_T], Callable[[], tuple[Any, int]]],
+    name: str,
+) -> Generator[_T, None, None]:
+    """The batches of a keyset walk (`tamma_events._core.KeysetWalk`), pinned to the head at its
+    first read: ``read(args)`` returns ``until`` and a batch holding ``count(batch)`` events,
+    ``last(batch)()`` the keyset of its last event.
+
+    Batch n+1 is read (by a worker thread named after ``name``, or a task) while the consumer
+    takes batch n. Leaving (the walk ends, fails or is closed) waits for the thread's read in
+    flight, so its connection is back in the pool when the consumer's close() returns, or
+    cancels the task's."""
+    with ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-{name}") as ahead:
+        reading = ahead.submit(read, walk.first)
+        while True:
+            until, batch = reading.result()
+            following = walk.after(until, count(batch), last(batch))
+            if following is not None:
+                reading = ahead.submit(read, following)
+            yield batch
+            if following is None:
+                return

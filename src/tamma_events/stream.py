@@ -1,11 +1,12 @@
 """Subscriptions: catch up from a position, then follow the log as events are committed.
 
-Every append moves the store's head in its transaction, and a trigger on the head notifies the
-store's channel with the new position (migration 0005). One `Listener` per store holds the only
-LISTEN connection, in a daemon thread: it drains every notification as it arrives (a listener
-that stops reading would hold up PostgreSQL's notification queue for the whole server) and
-counts them as news. A `Subscription` never learns its events from a notification; it reads
-them, after the last position it has read, from the store's pool, whenever there is news:
+Every append moves the store's head in its transaction, and notifies the store's channel with
+the new position. One listener per store holds the only LISTEN connection
+(`tamma_events._listen`: a daemon thread, or a task of the async store's loop): it drains every
+notification as it arrives (a listener that stops reading would hold up PostgreSQL's
+notification queue for the whole server) and counts them as news. A `Subscription` never
+learns its events from a notification; it reads them, after the last position it has read,
+from the store's pool, whenever there is news:
 
 - Positions are gapless and commit order is position order (the head lock, docs/design.md), so
   reading ``position > p`` again and again never skips and never repeats an event.
@@ -24,24 +25,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 from psycopg_pool import PoolClosed, PoolTimeout
 
-from .errors import STORAGE_ERROR, EventStoreError, QueryError, shown
+from .checks import seconds, whole
+from .errors import STORAGE_ERROR, EventStoreError, QueryError
 from .model import SequencedEvent
 
-__all__ = ["MAX_BUFFER", "AsyncListener", "Listener", "Subscription"]
+__all__ = ["MAX_BUFFER", "ListenerBase", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +52,18 @@ HEAD_CHECK_INTERVAL = 5.0
 #: The shortest wait of a subscription, so that no clock rounding makes it spin.
 _MIN_WAIT = 0.01
 #: Backoff between attempts to reconnect or to read again, doubling from the first to the last.
-_FIRST_DELAY = 0.05
-_LAST_DELAY = 2.0
+FIRST_DELAY = 0.05
+LAST_DELAY = 2.0
 
 #: Reads the events after a position, at most a number of them: the events, and the position up
 #: to which the log has been read (the last event's when the read was cut at the limit, else the
 #: head the read saw).
-Fetch = Callable[[int, int], tuple[list[SequencedEvent], int]]
-#: `Fetch` as a coroutine (the async store's subscriptions).
-AsyncFetch = Callable[[int, int], Awaitable[tuple[list[SequencedEvent], int]]]
+ReadAfter = Callable[[int, int], tuple[list[SequencedEvent], int]]
+#: `ReadAfter` as a coroutine (the async store's subscriptions).
+AsyncReadAfter = Callable[[int, int], Awaitable[tuple[list[SequencedEvent], int]]]
 
 
-def _position(payload: str) -> int | None:
+def position_of(payload: str) -> int | None:
     """The head a notification announces, or None for any other payload (any session may
     notify the channel)."""
     if payload.isascii() and payload.isdigit() and len(payload) <= 19:
@@ -77,22 +76,14 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class Listener:
-    """The store's LISTEN connection: news of appends, and a way to wait for more news.
-
-    ``connect`` opens a connection in autocommit mode; ``channel`` and ``head`` are statements
-    returning the channel to listen on and the current head. The thread starts with `start` and
-    reconnects, with backoff, whenever the connection fails; after each (re)connection it reads
-    the head, so what committed while it was away is announced too.
+class ListenerBase:
+    """News of appends, and a way to wait for more news: what a store's listener
+    (`tamma_events._listen.Listener`, a thread, or `tamma_events._listen_async.AsyncListener`,
+    a task) tells its subscriptions. ``channel`` and ``head`` are statements returning the
+    channel to listen on and the current head.
     """
 
-    def __init__(
-        self,
-        connect: Callable[[], psycopg.Connection[Any]],
-        channel: sql.Composed,
-        head: sql.Composed,
-    ) -> None:
-        self._connect = connect
+    def __init__(self, channel: sql.Composed, head: sql.Composed) -> None:
         self._channel_statement = channel
         self._head_statement = head
         self._cond = threading.Condition()
@@ -102,9 +93,6 @@ class Listener:
         # (head, monotonic time) of recent announcements, for the subscriptions' lag.
         self._announced: deque[tuple[int, float]] = deque(maxlen=1024)
         self._closing = threading.Event()
-        # `close` writes to this pair to wake the thread from its wait on the connection.
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._thread: threading.Thread | None = None
         #: Whether the LISTEN connection is up.
         self.connected = False
         #: How many times the connection was lost and opened again.
@@ -124,67 +112,6 @@ class Listener:
         moves, whatever the payloads say: a notification is only ever a reason to read, so a
         stray one (any session may notify the channel) costs one read at most."""
         return self._news
-
-    def start(self) -> None:
-        with self._cond:
-            if self._thread is None and not self._closing.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="tamma-events-listener", daemon=True
-                )
-                self._thread.start()
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread and close the connection; waiters wake up."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self._wake_w.send(b"x")
-        self.wake_all()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-        self._wake_w.close()
-        if thread is None or not thread.is_alive():
-            self._wake_r.close()
-
-    def _run(self) -> None:
-        delay = _FIRST_DELAY
-        while not self._closing.is_set():
-            try:
-                with self._connect() as conn:
-                    row = conn.execute(self._channel_statement).fetchone()
-                    channel = str(row[0]) if row else ""
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                    row = conn.execute(self._head_statement).fetchone()
-                    self.connected = True
-                    delay = _FIRST_DELAY
-                    self.announce(int(row[0]) if row else 0, always=True)
-                    while not self._closing.is_set():
-                        for note in conn.notifies(timeout=0):
-                            if note.channel == channel:
-                                self.announce(_position(note.payload), always=True)
-                        # Sleep until the server sends something or `close` wakes us. After a
-                        # silence, read the head: the store's one fallback poll, for appends
-                        # that notified no one (triggers disabled for a restore, or a pooler
-                        # that does not pass notifications on), and a check that a silent
-                        # connection is still there.
-                        ready, _, _ = select.select(
-                            [conn.fileno(), self._wake_r.fileno()], [], [], HEAD_CHECK_INTERVAL
-                        )
-                        if self._wake_r.fileno() in ready:
-                            self._wake_r.recv(64)
-                        elif not ready:
-                            row = conn.execute(self._head_statement).fetchone()
-                            self.announce(int(row[0]) if row else 0)
-            except Exception as exc:
-                if not self._lost(exc, delay):
-                    break
-            finally:
-                self.connected = False
-                # Waiting subscriptions read on their own while the listener is away.
-                self.wake_all()
-            self._closing.wait(delay)
-            delay = min(delay * 2, _LAST_DELAY)
 
     def _lost(self, exc: Exception, delay: float) -> bool:
         """Note why the connection failed; whether to connect again (after ``delay``)."""
@@ -273,90 +200,6 @@ class Listener:
                     self._async_waiters.discard(waiter)
 
 
-class AsyncListener(Listener):
-    """`Listener` as an asyncio task on a ``psycopg.AsyncConnection``: the async store's
-    LISTEN connection, without a thread. ``connect`` is a coroutine function."""
-
-    def __init__(
-        self,
-        connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
-        channel: sql.Composed,
-        head: sql.Composed,
-    ) -> None:
-        super().__init__(_no_sync_connection, channel, head)
-        self._connect_async = connect
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Start the task on the running event loop."""
-        if self._task is None and not self._closing.is_set():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run_async(), name="tamma-events-listener"
-            )
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the task (it ends at its next step); waiters wake up. `aclose` also waits for
-        it to end."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self.wake_all()
-        if self._task is not None:
-            self._task.cancel()
-        self._wake_w.close()
-        self._wake_r.close()
-
-    async def aclose(self) -> None:
-        task = self._task
-        self.close()
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _run_async(self) -> None:
-        delay = _FIRST_DELAY
-        while not self._closing.is_set():
-            try:
-                async with await self._connect_async() as conn:
-                    cur = await conn.execute(self._channel_statement)
-                    row = await cur.fetchone()
-                    channel = str(row[0]) if row else ""
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                    cur = await conn.execute(self._head_statement)
-                    row = await cur.fetchone()
-                    self.connected = True
-                    delay = _FIRST_DELAY
-                    self.announce(int(row[0]) if row else 0, always=True)
-                    while not self._closing.is_set():
-                        heard = False
-                        # Returns with the first notifications, or after a silence: then the
-                        # head is read, as the thread's listener does.
-                        async for note in conn.notifies(timeout=HEAD_CHECK_INTERVAL, stop_after=1):
-                            heard = True
-                            if note.channel == channel:
-                                self.announce(_position(note.payload), always=True)
-                        if not heard:
-                            cur = await conn.execute(self._head_statement)
-                            row = await cur.fetchone()
-                            self.announce(int(row[0]) if row else 0)
-            except asyncio.CancelledError:
-                break
-            except Exception as exc:
-                if not self._lost(exc, delay):
-                    break
-            finally:
-                self.connected = False
-                self.wake_all()
-            try:
-                await asyncio.sleep(delay)
-            except asyncio.CancelledError:
-                break
-            delay = min(delay * 2, _LAST_DELAY)
-
-
-def _no_sync_connection() -> psycopg.Connection[Any]:  # pragma: no cover - never called
-    raise RuntimeError("the async listener has no sync connection")
-
-
 #: SQLSTATEs of a session the server ended: admin_shutdown, crash_shutdown, cannot_connect_now.
 _ENDED = frozenset({"57P01", "57P02", "57P03"})
 
@@ -384,21 +227,16 @@ def _transient(exc: EventStoreError) -> bool:
 
 def check_subscription_options(buffer: int, poll_interval: float, retry_for: float) -> None:
     """QUERY_ERROR naming the first option out of range."""
-    if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 < buffer <= MAX_BUFFER:
-        raise QueryError(
-            f"buffer must be an int between 1 and {MAX_BUFFER}, got {shown(buffer)}",
-            {"field": "buffer"},
-        )
+    whole(
+        buffer,
+        "buffer",
+        f"an int between 1 and {MAX_BUFFER}",
+        low=1,
+        high=MAX_BUFFER,
+        error=QueryError,
+    )
     for name, value in (("poll_interval", poll_interval), ("retry_for", retry_for)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 < value < float("inf")
-        ):
-            raise QueryError(
-                f"{name} must be a positive finite number of seconds, got {shown(value)}",
-                {"field": name},
-            )
+        seconds(value, name, "a positive finite number of seconds", error=QueryError)
 
 
 class Subscription:
@@ -411,15 +249,15 @@ class Subscription:
 
     def __init__(
         self,
-        fetch: Fetch,
-        listener: Listener,
+        fetch: ReadAfter,
+        listener: ListenerBase,
         *,
         after: int,
         buffer: int,
         poll_interval: float,
         retry_for: float,
         on_close: Callable[[Subscription], None] | None = None,
-        fetch_async: AsyncFetch | None = None,
+        fetch_async: AsyncReadAfter | None = None,
     ) -> None:
         self._fetch = fetch
         self._fetch_async = fetch_async
@@ -439,7 +277,7 @@ class Subscription:
         self._stopped = threading.Event()
         self._fill_lock = threading.Lock()
         self._failing_since: float | None = None
-        self._delay = _FIRST_DELAY
+        self._delay = FIRST_DELAY
         #: How many reads failed for a lost connection and were tried again.
         self.retries = 0
 
@@ -580,9 +418,9 @@ class Subscription:
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
-            self._delay = _FIRST_DELAY
+            self._delay = FIRST_DELAY
         else:
-            self._delay = min(self._delay * 2, _LAST_DELAY)
+            self._delay = min(self._delay * 2, LAST_DELAY)
         if not _transient(exc) or now - self._failing_since >= self._retry_for:
             self.stop()
             raise exc

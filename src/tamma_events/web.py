@@ -36,6 +36,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote_plus
@@ -51,8 +52,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import STORAGE_ERROR, EventStoreError, QueryError, shown
-from .filters import MAX_BIGINT, filter_from_params
+from .checks import MAX_BIGINT, seconds, whole
+from .errors import STORAGE_ERROR, EventStoreError, QueryError, short_repr
+from .filters import filter_from_params
 from .store import EventStore
 from .stream import Subscription
 
@@ -78,11 +80,9 @@ def create_app(
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("token must be a non-empty string or None")
     for name, value in (("heartbeat", heartbeat), ("send_timeout", send_timeout)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        seconds(value, name, "a positive number of seconds", finite=False, error=_value_error)
     for name, value in (("buffer", buffer), ("page_size", page_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        whole(value, name, "a positive int", low=1, high=sys.maxsize, error=_value_error)
 
     async def health(request: Request) -> Response:
         try:
@@ -184,7 +184,9 @@ def _params(request: Request) -> dict[str, list[str]]:
         try:
             name = unquote_plus(name, errors="strict")
         except UnicodeDecodeError:
-            raise QueryError("a parameter's name is not UTF-8", {"field": shown(name)}) from None
+            raise QueryError(
+                "a parameter's name is not UTF-8", {"field": short_repr(name)}
+            ) from None
         try:
             text = unquote_plus(value, errors="strict")
         except UnicodeDecodeError:
@@ -252,3 +254,7 @@ class _BearerAuth:
         scheme, _, credentials = bytes(header).partition(b" ")
         # Compared in constant time, so a response's timing says nothing about the token.
         return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self.expected)
+
+
+def _value_error(message: str, context: dict[str, Any]) -> ValueError:
+    return ValueError(message)
