@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from tamma_events import DomainEvent, EventStore, embedded
-from tamma_events.bench import load_query_store
-from tamma_events.schema import drop
-from tamma_events.workload import generate_events
+from tamma_events.ops.migrating import drop
+from tamma_events.tools.bench import load_query_store
+from tamma_events.tools.workload import generate_events
 
 EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_EVENTS", "50000"))
 BATCH = 10_000

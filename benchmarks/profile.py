@@ -18,10 +18,12 @@ import sys
 import time
 import uuid
 
-from tamma_events import EventStore, _codec, _pycodec, embedded
-from tamma_events.bench import BATCH_DEFAULT, measure_conditional_appends
-from tamma_events.schema import drop
-from tamma_events.workload import generate_events
+from tamma_events import EventStore, embedded
+from tamma_events import codec as _codec
+from tamma_events.codec import reference as _pycodec
+from tamma_events.ops.migrating import drop
+from tamma_events.tools.bench import BATCH_DEFAULT, measure_conditional_appends
+from tamma_events.tools.workload import generate_events
 
 
 def main(argv: list[str] | None = None) -> int:

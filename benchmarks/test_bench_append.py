@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from tamma_events import EventStore, _pycodec
-from tamma_events.bench import (
+from tamma_events import EventStore
+from tamma_events.codec import reference as _pycodec
+from tamma_events.ops.migrating import drop
+from tamma_events.tools.bench import (
     BATCH_DEFAULT,
     fresh_ids,
     measure_commit_floor,
@@ -23,7 +25,6 @@ from tamma_events.bench import (
     measure_copy_ceiling,
     measure_encode,
 )
-from tamma_events.schema import drop
 
 from .conftest import BATCH, SINGLE
 
@@ -61,7 +62,7 @@ def test_append_batch_vs_copy_ceiling(
 
 @pytest.mark.parametrize("impl", ["native", "python"])
 def test_encode(benchmark: Any, impl: str, workload: list) -> None:
-    from tamma_events import _codec
+    from tamma_events import codec as _codec
 
     if impl == "native" and _codec.IMPL != "native":
         pytest.fail("the native codec did not load")

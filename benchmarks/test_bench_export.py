@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from tamma_events import EventStore
-from tamma_events.bench import (
+from tamma_events.ops.migrating import drop
+from tamma_events.tools.bench import (
     copy_log,
     measure_adbc,
     measure_compaction,
     measure_copy_to,
     measure_export,
 )
-from tamma_events.schema import drop
 
 
 def test_export_arrow_vs_adbc(benchmark: Any, loaded: EventStore, dsn: str) -> None:

@@ -14,21 +14,21 @@ from __future__ import annotations
 from typing import Any
 
 from tamma_events import EventStore
-from tamma_events.bench import (
+from tamma_events.ops.migrating import drop
+from tamma_events.tools.bench import (
     fresh_ids,
     measure_append_batch,
     measure_conditional_appends,
     measure_read,
     measure_verify,
 )
-from tamma_events.bench_full import (
+from tamma_events.tools.bench_full import (
     measure_concurrent_conditional,
     measure_eventsourcing_application,
     measure_eventsourcing_dcb,
     measure_eventsourcing_dcb_conditional,
     measure_executemany,
 )
-from tamma_events.schema import drop
 
 from .conftest import BATCH, SINGLE
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tamma_events import EventStore
-from tamma_events.bench import default_page, latencies, percentiles, query_shapes
+from tamma_events.tools.bench import default_page, latencies, percentiles, query_shapes
 
 from .conftest import QUERY_EVENTS
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tamma_events.bench import run_replica_suite
+from tamma_events.tools.bench import run_replica_suite
 
 EVENTS = int(os.environ.get("TAMMA_EVENTS_BENCH_REPLICA_EVENTS", "200000"))
 SECONDS = float(os.environ.get("TAMMA_EVENTS_BENCH_SECONDS", "10"))

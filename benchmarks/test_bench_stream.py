@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from tamma_events import EventStore
-from tamma_events.bench import measure_cursor, measure_delivery
+from tamma_events.tools.bench import measure_cursor, measure_delivery
 
 RATE = float(os.environ.get("TAMMA_EVENTS_BENCH_RATE", "10000"))
 SECONDS = float(os.environ.get("TAMMA_EVENTS_BENCH_SECONDS", "10"))

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The native codec: validates a batch of events and encodes it as PostgreSQL binary COPY rows.
 
-It implements exactly the functions of the reference in ``tamma_events/_pycodec.py`` (read that
+It implements exactly the functions of the reference in ``tamma_events/codec/reference.py`` (read that
 first: it is the spec). Every rule is checked here, natively; when an event breaks one, the
 reference's `event_error` words the error, so both implementations raise the same errors.
 """
@@ -49,8 +49,8 @@ import msgspec
 
 import_datetime()
 
-from tamma_events import _pycodec
-from tamma_events._pycodec import PreparedBatch
+from tamma_events.codec import reference as _pycodec
+from tamma_events.codec.reference import PreparedBatch
 from tamma_events.model import DomainEvent, SequencedEvent
 
 cdef object _encode = msgspec.json.Encoder(order="sorted").encode
@@ -365,7 +365,7 @@ cdef inline char *_put_json_fields(char *p, const char *json_text, const Py_ssiz
 
 def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
             Py_ssize_t first_index=0):
-    """Validate and encode a batch; see `tamma_events._pycodec.prepare`.
+    """Validate and encode a batch; see `tamma_events.codec.reference.prepare`.
 
     Pass 1 checks every event natively; one msgspec call then encodes the tags, metadata and
     data of the whole batch as one JSON array, which pass 2 cuts into the jsonb fields of the rows.
@@ -501,7 +501,7 @@ def prepare(events, Py_ssize_t max_event_bytes=_pycodec.DEFAULT_MAX_EVENT_BYTES,
 
 
 def seal(batch, first_position, prev_hash, *, bint chain=True):
-    """Write positions and the hash chain; see `tamma_events._pycodec.seal`."""
+    """Write positions and the hash chain; see `tamma_events.codec.reference.seal`."""
     _check_seal(batch, first_position, prev_hash)
     cdef int64_t first = first_position
     cdef bytearray buffer = batch.buffer
@@ -800,7 +800,7 @@ cdef bytes _take(Buf *b):
 
 def decode_rows(rows, Py_ssize_t count):
     """Decode ``count`` binary COPY rows of the export columns into Arrow buffers: see
-    `tamma_events._pycodec.decode_rows`, which this matches byte for byte and error for
+    `tamma_events.codec.reference.decode_rows`, which this matches byte for byte and error for
     error."""
     cdef const unsigned char[::1] view = memoryview(rows).cast("B")
     cdef const unsigned char *s = &view[0] if view.shape[0] else NULL
@@ -926,7 +926,7 @@ def decode_rows(rows, Py_ssize_t count):
 
 
 # ---------------------------------------------------------------------------------------------
-# reading COPY TO data straight from libpq (see tamma_events._libpq)
+# reading COPY TO data straight from libpq (see tamma_events.ops.libpq)
 
 ctypedef int (*get_copy_data_t)(void *conn, char **buffer, int async_) noexcept nogil
 ctypedef void (*freemem_t)(void *ptr) noexcept nogil
@@ -1047,7 +1047,7 @@ cdef enum:
 
 
 def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
-    """Recompute the hash chain over stored rows; see `tamma_events._pycodec.rehash`.
+    """Recompute the hash chain over stored rows; see `tamma_events.codec.reference.rehash`.
 
     The rows are cut natively; the JSON of the whole chunk is decoded by one msgspec call and
     encoded again by another, and each row is put back together around it and hashed."""

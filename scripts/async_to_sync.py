@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Generate the sync modules of tamma-events from their async originals.
 
-The store's drivers are written once, for asyncio (``src/tamma_events/aio.py``); the sync
-module (``src/tamma_events/store.py``) is made from it by this script, as psycopg and
+The store's drivers are written once, for asyncio (``src/tamma_events/stores/aio.py`` and the
+modules it uses); the sync modules (``src/tamma_events/stores/store.py``, ...) are made from them
+by this script, as psycopg and
 psycopg_pool make theirs. The conversion works on tokens, so comments and layout survive:
 
 - ``async def``, ``async with`` and ``async for`` lose their ``async``, and ``await`` goes;
@@ -41,10 +42,10 @@ PACKAGE = ROOT / "src" / "tamma_events"
 
 #: (async original, sync module generated from it), relative to the package.
 FILES = [
-    ("_drive_async.py", "_drive.py"),
-    ("_group_async.py", "_group.py"),
-    ("_listen_async.py", "_listen.py"),
-    ("aio.py", "store.py"),
+    ("ops/drive_async.py", "ops/drive.py"),
+    ("stores/aio.py", "stores/store.py"),
+    ("stores/group_async.py", "stores/group.py"),
+    ("streaming/listen_async.py", "streaming/listen.py"),
 ]
 
 #: Names of the async API and their sync counterparts.
@@ -60,9 +61,9 @@ RENAMES = {
     "AsyncListener": "Listener",
     "AsyncTransaction": "Transaction",
     "_do_async": "_do",
-    "_drive_async": "_drive",
-    "_group_async": "_group",
-    "_listen_async": "_listen",
+    "drive_async": "drive",
+    "group_async": "group",
+    "listen_async": "listen",
     "copy_rows_async": "copy_rows",
     "_AsyncWaiter": "_Waiter",
     "__aenter__": "__enter__",

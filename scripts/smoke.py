@@ -73,7 +73,10 @@ def run(expected: str) -> None:
         check(not extensions, f"a compiled extension is installed: {extensions}")
     for name in ("py.typed", "_native.pyi"):
         check((package / name).is_file(), f"{name} is not installed in {package}")
-    check(list((package / "schema").glob("*.sql")), f"no schema/*.sql installed in {package}")
+    check(
+        list((package / "sql" / "schema").glob("*.sql")),
+        f"no sql/schema/*.sql installed in {package}",
+    )
 
     from tamma_events import DomainEvent, EventStore, Query
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from tamma_events.schema import Migration, legacy_migrations, migrations
+from tamma_events.sql.schema import Migration, legacy_migrations, migrations
 
 
 def history() -> list[Migration]:

@@ -128,7 +128,7 @@ def open_and_append(
     ``(worker, "error: ...")``."""
     import asyncio
 
-    from tamma_events.aio import AsyncEventStore
+    from tamma_events.stores.aio import AsyncEventStore
 
     def event(i: int) -> DomainEvent:
         return DomainEvent("Opened", {"worker": worker, "i": i}, {"worker": str(worker)})

@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from _figures import is_figure
-from tamma_events._usage import Usage, _resolved
 from tamma_events.cli import main
+from tamma_events.tools.usage import Usage, _resolved
 
 pytestmark = pytest.mark.codec_neutral
 

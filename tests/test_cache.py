@@ -1,4 +1,4 @@
-"""The query result cache, in the store and on its own (`tamma_events.cache.QueryCache`).
+"""The query result cache, in the store and on its own (`tamma_events.ops.cache.QueryCache`).
 
 In the store: hits and misses per query method, read-your-writes, invalidation by another
 process's append, expiry, the LRU bound, the cache turned off, and results that callers may

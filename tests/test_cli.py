@@ -25,7 +25,8 @@ from psycopg import sql
 from _figures import is_figure
 from tamma_events import DomainEvent, EventStore
 from tamma_events.cli import main
-from tamma_events.schema import drop, migrations
+from tamma_events.ops.migrating import drop
+from tamma_events.sql.schema import migrations
 
 #: The bench suites time the native and the pure-Python codec side by side whatever codec the
 #: run forces: they run once, in the native pass (as tests/test_benchmarks.py).

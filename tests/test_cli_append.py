@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tamma_events import DomainEvent, EventStore
-from tamma_events.schema import drop
+from tamma_events.ops.migrating import drop
 
 
 @pytest.fixture

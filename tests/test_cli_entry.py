@@ -25,7 +25,7 @@ import pytest
 from _cli_support import SCRIPT, cli, free_port
 from tamma_events import EventStore
 from tamma_events.cli import main
-from tamma_events.schema import drop
+from tamma_events.ops.migrating import drop
 
 pytestmark = pytest.mark.codec_neutral
 

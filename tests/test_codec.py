@@ -1,9 +1,9 @@
 """The COPY codec, without a database: golden bytes, the error contract, the hash chain.
 
 Every test that takes the ``codec`` fixture runs against both implementations, the native
-extension (``tamma_events._native``) and the pure-Python reference (``tamma_events._pycodec``),
-so both are held to the same hand-checked expectations. See test_codec_hypothesis.py for the
-randomised comparison of the two.
+extension (``tamma_events._native``) and the pure-Python reference
+(``tamma_events.codec.reference``), so both are held to the same hand-checked expectations. See
+test_codec_hypothesis.py for the randomised comparison of the two.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from _codec_support import (
     parse_iso,
     split_fields,
 )
-from tamma_events import _pycodec
+from tamma_events.codec import reference as _pycodec
 from tamma_events.errors import DUPLICATE_EVENT, VALIDATION_FAILED, EventStoreError
 from tamma_events.model import DomainEvent, SequencedEvent
 
 IMPLEMENTATIONS = [
     pytest.param("tamma_events._native", id="native"),
-    pytest.param("tamma_events._pycodec", id="python"),
+    pytest.param("tamma_events.codec.reference", id="python"),
 ]
 
 
@@ -55,7 +55,7 @@ def codec(request: pytest.FixtureRequest) -> ModuleType:
 def both() -> tuple[ModuleType, ModuleType]:
     return (
         importlib.import_module("tamma_events._native"),
-        importlib.import_module("tamma_events._pycodec"),
+        importlib.import_module("tamma_events.codec.reference"),
     )
 
 
@@ -352,7 +352,7 @@ def test_golden_stream_is_deterministic_and_independent_of_the_sealer(
 def test_expected_implementation_loaded() -> None:
     """Fails when the native codec was expected but the package fell back to Python."""
     import tamma_events
-    from tamma_events import _codec
+    from tamma_events import codec as _codec
 
     if os.environ.get("TAMMA_EVENTS_IMPL") == "python":
         assert tamma_events.__impl__ == "python"
@@ -384,7 +384,7 @@ def test_bogus_implementation_name_fails_to_import() -> None:
 
 
 PRINT_IMPL = (
-    "import tamma_events, tamma_events._codec as c, tamma_events._pycodec as p\n"
+    "import tamma_events, tamma_events.codec as c, tamma_events.codec.reference as p\n"
     "print(tamma_events.__impl__, c.prepare is p.prepare, c.seal is p.seal)"
 )
 

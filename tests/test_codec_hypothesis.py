@@ -1,8 +1,8 @@
 """Randomised comparison of the native codec with the pure-Python reference.
 
 Random batches, valid and invalid, must give byte-identical rows (after `prepare` and after
-`seal`) or identical errors from ``tamma_events._native`` and ``tamma_events._pycodec``; valid
-batches are also decoded independently of both. ``TAMMA_CODEC_EXAMPLES`` raises the number of
+`seal`) or identical errors from ``tamma_events._native`` and ``tamma_events.codec.reference``;
+valid batches are also decoded independently of both. ``TAMMA_CODEC_EXAMPLES`` raises the number of
 examples per property (default 200) for a deeper run.
 
 Arguments that `seal` refuses (positions beyond int64, a prev_hash that is not 32 bytes) are
@@ -37,7 +37,7 @@ from _codec_support import (
     parse_iso,
     split_fields,
 )
-from tamma_events import _pycodec as python
+from tamma_events.codec import reference as python
 from tamma_events.model import DomainEvent, SequencedEvent
 
 # Imported at collection: if the extension does not load, every test here errors.

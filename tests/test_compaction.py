@@ -49,8 +49,8 @@ from tamma_events import (
     SequencedEvent,
     Subscription,
 )
-from tamma_events._pycodec import GENESIS_HASH
-from tamma_events.workload import generate_events
+from tamma_events.codec.reference import GENESIS_HASH
+from tamma_events.tools.workload import generate_events
 
 #: The module's shared history: ARCHIVED events before the cut, LIVE after it.
 ARCHIVED = 1_200

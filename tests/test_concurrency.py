@@ -28,7 +28,8 @@ from tamma_events import (
     Query,
     QueryItem,
 )
-from tamma_events.schema import drop, migrations
+from tamma_events.ops.migrating import drop
+from tamma_events.sql.schema import migrations
 
 JOIN_TIMEOUT = 180.0
 SPAWN = multiprocessing.get_context("spawn")

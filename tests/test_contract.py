@@ -66,10 +66,10 @@ from tamma_events import (
     Snapshot,
     Subscription,
 )
-from tamma_events.aio import AsyncEventStore
-from tamma_events.arrow import EXPORT_SCHEMA
+from tamma_events.codec.arrow import EXPORT_SCHEMA
 from tamma_events.filters import GroupBy
-from tamma_events.store import Transaction
+from tamma_events.stores.aio import AsyncEventStore
+from tamma_events.stores.store import Transaction
 
 T = TypeVar("T")
 S = TypeVar("S")

@@ -12,12 +12,12 @@ runs: there is no skip list, and the assertions the examples make must hold.
 
 Before a file's first block, ``$TAMMA_EVENTS_DSN`` is the file's DSN (``dsn`` below) and
 ``$TAMMA_EVENTS_SCHEMA`` a fresh schema, so ``EventStore()`` and ``AsyncEventStore()`` open it.
-The schema holds 200 events of `tamma_events.workload` (issues ``ISSUE-0`` to ``ISSUE-49``), as
-a reader's store would, and a table ``orders (id, state)`` with one order, the application's own
+The schema holds 200 events of `tamma_events.tools.workload` (issues ``ISSUE-0`` to ``ISSUE-49``),
+as a reader's store would, and a table ``orders (id, state)`` with one order, the application's own
 table that the outbox example updates. The working directory is a temporary one (an example's
 ``events.parquet`` lands there), and so is ``$XDG_DATA_HOME`` (the default archive directory).
-Afterwards the stores the examples left open are closed, the schema is dropped, and so are the
-roles that appeared meanwhile and that the examples name (``tamma_app``, say).
+Afterwards the stores the examples left open are closed, the schema is dropped, and so are the roles
+that appeared meanwhile and that the examples name (``tamma_app``, say).
 
 The names an example may use without defining them:
 
@@ -102,11 +102,11 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from tamma_events import EventFilter, EventStore, embedded
-from tamma_events.aio import AsyncEventStore
 from tamma_events.cli import main
-from tamma_events.schema import drop
-from tamma_events.stream import Subscription
-from tamma_events.workload import generate_events
+from tamma_events.ops.migrating import drop
+from tamma_events.stores.aio import AsyncEventStore
+from tamma_events.streaming.subscriptions import Subscription
+from tamma_events.tools.workload import generate_events
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -30,9 +30,9 @@ from psycopg import sql
 
 from tamma_events import DomainEvent, EventFilter, EventStore, EventStoreError
 from tamma_events import _native as native  # no fallback: the tests fail if it did not build
-from tamma_events import _pycodec as python
-from tamma_events._pycodec import DecodedRows
-from tamma_events.arrow import EXPORT_SCHEMA, to_batch
+from tamma_events.codec import reference as python
+from tamma_events.codec.arrow import EXPORT_SCHEMA, to_batch
+from tamma_events.codec.reference import DecodedRows
 from tamma_events.model import SequencedEvent
 
 BASE = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -1179,20 +1179,21 @@ def _export_statement(schema: str, where: str = "TRUE") -> sql.Composed:
 def test_the_native_reader_is_used_and_reads_what_psycopg_reads(
     store: EventStore, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tamma_events import _libpq, arrow
+    from tamma_events.ops import archiving, drive
+    from tamma_events.ops import libpq as _libpq
 
     store.append_batch(_events(300))
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         # The functions found are libpq's own for this connection.
         functions = _libpq.copy_functions(conn)
         assert functions is not None and functions[0] == conn.pgconn.pgconn_ptr
-        monkeypatch.setattr(arrow._codec, "IMPL", "native")
+        monkeypatch.setattr(archiving._codec, "IMPL", "native")
         native_table = pa.Table.from_batches(
-            list(arrow.copy_batches(conn, _export_statement(store.schema), [])), EXPORT_SCHEMA
+            list(archiving.copy_batches(conn, _export_statement(store.schema), [])), EXPORT_SCHEMA
         )
-        monkeypatch.setattr(arrow, "copy_functions", lambda _: None)
+        monkeypatch.setattr(drive, "copy_functions", lambda _: None)
         psycopg_table = pa.Table.from_batches(
-            list(arrow.copy_batches(conn, _export_statement(store.schema), [])), EXPORT_SCHEMA
+            list(archiving.copy_batches(conn, _export_statement(store.schema), [])), EXPORT_SCHEMA
         )
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert native_table.num_rows == 300
@@ -1204,19 +1205,22 @@ def test_the_native_reader_is_used_and_reads_what_psycopg_reads(
 def test_an_error_after_rows_were_sent_raises_and_leaves_the_connection_usable(
     store: EventStore, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
-    from tamma_events import arrow
+    from tamma_events.ops import archiving, drive
 
     store.append_batch(_events(50))
-    monkeypatch.setattr(arrow._codec, "IMPL", "native")
+    monkeypatch.setattr(archiving._codec, "IMPL", "native")
     if reader == "psycopg":
-        monkeypatch.setattr(arrow, "copy_functions", lambda _: None)
+        monkeypatch.setattr(drive, "copy_functions", lambda _: None)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         # Rows 1 to 39 are sent before position 40 divides by zero.
         statement = _export_statement(store.schema, "1 / (position - 40) IS NOT NULL")
         with pytest.raises(psycopg.errors.DivisionByZero):
-            list(arrow.copy_batches(conn, statement, []))
+            list(archiving.copy_batches(conn, statement, []))
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert (
-            sum(b.num_rows for b in arrow.copy_batches(conn, _export_statement(store.schema), []))
+            sum(
+                b.num_rows
+                for b in archiving.copy_batches(conn, _export_statement(store.schema), [])
+            )
             == 50
         )

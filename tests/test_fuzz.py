@@ -1,5 +1,5 @@
 """Fuzzing the codec's entry points with hostile input: the native codec
-(``tamma_events._native``) against the pure-Python reference (``tamma_events._pycodec``).
+(``tamma_events._native``) against the pure-Python reference (``tamma_events.codec.reference``).
 
 Encoding: arbitrary hostile Python values (None, bools, integers far past 64 and 4,096 bits,
 floats with NaN and infinities, text with NUL and lone surrogates, bytes, Decimals, odd objects
@@ -58,10 +58,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from tamma_events import _pycodec as python
-from tamma_events._appending import as_events
+from tamma_events.codec import reference as python
 from tamma_events.errors import EventStoreError
 from tamma_events.model import DomainEvent, SequencedEvent
+from tamma_events.ops.appending import as_events
 
 # Imported at collection: if the extension does not load, every test here errors.
 native = importlib.import_module("tamma_events._native")
@@ -878,7 +878,8 @@ def damage(data: bytes, edits: list[tuple[int, str, bytes]]) -> bytes:
 #: (where a RecursionError strikes depends on it).
 WORKER = """
 import pickle, struct, sys
-from tamma_events import _native, _pycodec
+from tamma_events import _native
+from tamma_events.codec import reference as _pycodec
 from tamma_events.errors import EventStoreError
 codecs = {"native": _native, "python": _pycodec}
 read, write = sys.stdin.buffer.read, sys.stdout.buffer.write

@@ -60,9 +60,9 @@ from tamma_events import (
     QueryItem,
     SequencedEvent,
 )
-from tamma_events._pycodec import DEFAULT_MAX_EVENT_BYTES
-from tamma_events.schema import drop
-from tamma_events.web import create_app
+from tamma_events.codec.reference import DEFAULT_MAX_EVENT_BYTES
+from tamma_events.ops.migrating import drop
+from tamma_events.streaming.web import create_app
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -278,7 +278,7 @@ def test_a_hostile_value_in_any_field_is_refused_and_nothing_is_written(
 @pytest.mark.parametrize(("name", "place"), EVENT_CASES)
 def test_both_codecs_refuse_a_hostile_value_alike(name: str, place: str) -> None:
     native = importlib.import_module("tamma_events._native")
-    python = importlib.import_module("tamma_events._pycodec")
+    python = importlib.import_module("tamma_events.codec.reference")
     bad, _ = hostile_event(name, place)
     batch = [good(0), bad]
     expected = outcome(lambda: python.prepare(batch, first_index=5))

@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from tamma_events import DomainEvent, EventStore, _pycodec
-from tamma_events.integrity import IntegrityReport
+from tamma_events import DomainEvent, EventStore
+from tamma_events.codec import reference as _pycodec
+from tamma_events.ops.verifying import IntegrityReport
 
 EVENTS = 300
 

@@ -32,11 +32,11 @@ from tamma_events import (
     EventStoreError,
     Query,
     QueryItem,
-    _codec,
 )
-from tamma_events.aio import AsyncEventStore
-from tamma_events.replicas import redact
-from tamma_events.web import create_app
+from tamma_events import codec as _codec
+from tamma_events.ops.replicas import redact
+from tamma_events.stores.aio import AsyncEventStore
+from tamma_events.streaming.web import create_app
 
 
 def _dsn_with(pg_dsn: str, **params: str) -> str:

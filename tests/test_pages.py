@@ -31,7 +31,7 @@ from tamma_events import (
     SequencedEvent,
 )
 from tamma_events.filters import OrderBy, OrderDirection
-from tamma_events.store import MAX_PAGE_SIZE
+from tamma_events.stores.store import MAX_PAGE_SIZE
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 # Lower-case ASCII only, so that every collation sorts them as Python does.

@@ -25,11 +25,11 @@ from tamma_events import (
     EventFilter,
     EventStore,
     EventStoreError,
-    _codec,
 )
-from tamma_events import schema as schema_module
-from tamma_events._pycodec import json_rows
-from tamma_events.schema import drop
+from tamma_events import codec as _codec
+from tamma_events.codec.reference import json_rows
+from tamma_events.ops.migrating import drop
+from tamma_events.sql import schema as schema_module
 
 
 def _error(call: Callable[[], Any]) -> EventStoreError:

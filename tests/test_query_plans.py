@@ -15,11 +15,11 @@ import pytest
 from psycopg import sql
 
 from tamma_events import EventFilter, EventStore
-from tamma_events._ops import Op, Run
 from tamma_events.filters import normalize
-from tamma_events.schema import drop
+from tamma_events.ops.migrating import drop
+from tamma_events.ops.steps import Op, Run
 from tamma_events.sql import summary_aggregate
-from tamma_events.workload import generate_events
+from tamma_events.tools.workload import generate_events
 
 EVENTS = 50_000
 

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from tamma_events import DomainEvent, EventStore
-from tamma_events import _pycodec as python
-from tamma_events._drive import copy_rows
+from tamma_events.codec import reference as python
 from tamma_events.errors import EventStoreError
-from tamma_events.schema import drop
-from tamma_events.workload import generate_events
+from tamma_events.ops.drive import copy_rows
+from tamma_events.ops.migrating import drop
+from tamma_events.tools.workload import generate_events
 
 EXAMPLES = int(os.environ.get("TAMMA_CODEC_EXAMPLES", "200")) // 2
 

@@ -25,8 +25,8 @@ import pytest
 from psycopg import sql
 
 from tamma_events import DomainEvent, EventFilter, EventStore, embedded
-from tamma_events.aio import AsyncEventStore
-from tamma_events.replicas import Replica
+from tamma_events.ops.replicas import Replica
+from tamma_events.stores.aio import AsyncEventStore
 
 #: How long a test waits for the replica to stream, replay or serve before it fails: a bound
 #: on a hang, never reached on a working replica however busy the machine.
@@ -348,10 +348,10 @@ def test_an_append_whose_wal_position_cannot_be_read_is_not_reported_failed(
     """After the commit, the store reads the primary's WAL position for read-your-writes. If
     that read fails, the append still succeeded: it must say so (a retry would store the
     events twice), and the next read asks the primary for the position instead."""
-    import tamma_events._core
+    import tamma_events.ops.appending
 
     store = make_replicated()
-    monkeypatch.setattr(tamma_events._core, "PRIMARY_LSN", "SELECT no_such_function()")
+    monkeypatch.setattr(tamma_events.ops.appending, "PRIMARY_LSN", "SELECT no_such_function()")
     assert store.append(DomainEvent(event_type="Committed")) == 1
     assert store.append_batch(_events(5)) == 6
     assert store._replicas.pending

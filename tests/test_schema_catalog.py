@@ -23,8 +23,9 @@ from psycopg import sql
 
 from _schema_support import history, make_outdated, shipped_up_to
 from tamma_events import EventStore
-from tamma_events import schema as schema_module
-from tamma_events.schema import Migration, drop, legacy_migrations, migrations
+from tamma_events.ops.migrating import drop
+from tamma_events.sql import schema as schema_module
+from tamma_events.sql.schema import Migration, legacy_migrations, migrations
 
 Catalog = dict[str, list[tuple[Any, ...]]]
 

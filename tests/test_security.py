@@ -58,7 +58,7 @@ from tamma_events import (
     Query,
     SequencedEvent,
 )
-from tamma_events.web import create_app
+from tamma_events.streaming.web import create_app
 
 pytestmark = pytest.mark.codec_neutral
 

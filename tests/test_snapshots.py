@@ -9,14 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from tamma_events import (
-    DomainEvent,
-    EventStore,
-    EventStoreError,
-    Projection,
-    Query,
-    SequencedEvent,
-)
+from tamma_events import DomainEvent, EventStore, EventStoreError, Projection, Query, SequencedEvent
 
 QUERY = Query.of(types=["Opened", "Closed"], tags={"team": "core"})
 

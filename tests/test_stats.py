@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from tamma_events import DomainEvent, EventStore, EventStoreError, StoreStats
-from tamma_events.aio import AsyncEventStore
-from tamma_events.schema import migrations
+from tamma_events.sql.schema import migrations
+from tamma_events.stores.aio import AsyncEventStore
 
 
 def test_stats_count_the_log_per_type_and_agree_across_stores(

@@ -50,9 +50,10 @@ from tamma_events import (
     SequencedEvent,
     Subscription,
 )
-from tamma_events import stream as stream_module
-from tamma_events.schema import drop
-from tamma_events.stream import MAX_BUFFER, connection_lost
+from tamma_events.ops.failures import connection_lost
+from tamma_events.ops.migrating import drop
+from tamma_events.streaming import subscriptions as stream_module
+from tamma_events.streaming.subscriptions import MAX_BUFFER
 
 T = TypeVar("T")
 
@@ -1072,7 +1073,7 @@ def test_only_a_lost_connection_counts_as_one(error: Exception, lost: bool) -> N
 def test_an_async_store_subscription_is_an_async_context_manager(pg_dsn: str) -> None:
     """docs/operations.md: ``async with store.subscribe(...) as subscription``; leaving the
     block stops it."""
-    from tamma_events.aio import AsyncEventStore
+    from tamma_events.stores.aio import AsyncEventStore
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
 

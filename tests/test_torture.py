@@ -1,4 +1,4 @@
-"""Concurrency torture (`tamma_events.torture`): the dcb.events scenarios in short runs, the
+"""Concurrency torture (`tamma_events.tools.torture`): the dcb.events scenarios in short runs, the
 oracle's own ability to catch each kind of violation, and the command line.
 
 The long runs are recorded in docs/reliability.md; ``TAMMA_EVENTS_TORTURE_SECONDS`` makes these
@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tamma_events import DomainEvent, EventStore, torture
+from tamma_events import DomainEvent, EventStore
 from tamma_events.model import Query, QueryItem
+from tamma_events.tools import torture
 
 pytestmark = pytest.mark.codec_neutral
 

@@ -1,5 +1,5 @@
-"""The HTTP app (`tamma_events.web.create_app`) served by a real uvicorn on 127.0.0.1, read with
-a real HTTP client (httpx), over the real test PostgreSQL.
+"""The HTTP app (`tamma_events.streaming.web.create_app`) served by a real uvicorn on 127.0.0.1,
+read with a real HTTP client (httpx), over the real test PostgreSQL.
 
 The Server-Sent Events frames are parsed here, line by line, as a browser would: what the stream
 sends must be the store's events, each once, in log order, from where the client asked (``after``,
@@ -26,16 +26,9 @@ import pytest
 from starlette.applications import Starlette
 
 from _web_support import LiveServer
-from tamma_events import (
-    DomainEvent,
-    EventFilter,
-    EventStore,
-    Page,
-    SequencedEvent,
-    new_event_id,
-)
-from tamma_events.schema import drop
-from tamma_events.web import create_app
+from tamma_events import DomainEvent, EventFilter, EventStore, Page, SequencedEvent, new_event_id
+from tamma_events.ops.migrating import drop
+from tamma_events.streaming.web import create_app
 
 # A hung stream fails the test instead of holding up the run; past the bounds below (a server's
 # start, a read, a wait), so that those report what hung.

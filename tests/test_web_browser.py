@@ -1,6 +1,6 @@
 """A real browser follows the stream: headless Chromium opens an ``EventSource`` on
-``/events/stream`` of `tamma_events.web.create_app`, served by uvicorn on 127.0.0.1 over the real
-test PostgreSQL, and reports what it received.
+``/events/stream`` of `tamma_events.streaming.web.create_app`, served by uvicorn on 127.0.0.1 over
+the real test PostgreSQL, and reports what it received.
 
 The page is served from the app's origin (an outer Starlette app adds ``/page.html``, ``/ready``
 and ``/report`` in front of the store's app), so the browser needs no CORS. The browser must get
@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 
 from _web_support import LiveServer
 from tamma_events import DomainEvent, EventStore, SequencedEvent
-from tamma_events.web import create_app
+from tamma_events.streaming.web import create_app
 
 # Past the bounds below and a server's start, so that those report what hung.
 pytestmark = pytest.mark.timeout(600)

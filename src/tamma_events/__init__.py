@@ -1,9 +1,7 @@
 """tamma-events: a DCB event store on PostgreSQL with a native hot path."""
 
-from ._codec import IMPL as __impl__
-from .aio import AsyncEventStore, AsyncTransaction
-from .cache import CacheStats, QueryCache
-from .errors import (
+from tamma_events.codec import IMPL as __impl__
+from tamma_events.errors import (
     APPEND_CONDITION_FAILED,
     DUPLICATE_EVENT,
     QUERY_ERROR,
@@ -17,8 +15,8 @@ from .errors import (
     StorageError,
     ValidationFailed,
 )
-from .filters import AggregateRow, EventFilter, Page
-from .model import (
+from tamma_events.filters import AggregateRow, EventFilter, Page
+from tamma_events.model import (
     AppendCondition,
     DomainEvent,
     Projection,
@@ -31,8 +29,11 @@ from .model import (
     TypeStats,
     new_event_id,
 )
-from .store import EventStore, Transaction
-from .stream import Subscription
+from tamma_events.ops.cache import CacheStats, QueryCache
+from tamma_events.ops.verifying import IntegrityReport
+from tamma_events.stores.aio import AsyncEventStore, AsyncTransaction
+from tamma_events.stores.store import EventStore, Transaction
+from tamma_events.streaming.subscriptions import Subscription
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "EventFilter",
     "EventStore",
     "EventStoreError",
+    "IntegrityReport",
     "Page",
     "Projection",
     "Query",

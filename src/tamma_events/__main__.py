@@ -1,5 +1,5 @@
 """``python -m tamma_events``: the ``tamma-events`` command."""
 
-from .cli import main
+from tamma_events.cli import main
 
 main(prog_name="tamma-events")

@@ -2,8 +2,8 @@
 
 from collections.abc import Sequence
 
-from ._pycodec import DecodedRows, PreparedBatch, Rehashed
-from .model import DomainEvent
+from tamma_events.codec.reference import DecodedRows, PreparedBatch, Rehashed
+from tamma_events.model import DomainEvent
 
 #: Whether the hash chain is computed with libcrypto's SHA-256 (else through hashlib).
 HAVE_LIBCRYPTO: bool

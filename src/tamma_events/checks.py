@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
-from .errors import ValidationFailed, short_repr
+from tamma_events.errors import ValidationFailed, short_repr
 
 __all__ = ["MAX_BIGINT", "seconds", "whole"]
 

@@ -28,7 +28,6 @@ import click
 import msgspec
 import psycopg
 from click.core import ParameterSource
-from psycopg import sql
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
@@ -36,9 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import __impl__, __version__, embedded, torture
-from ._core import connection_kwargs, parse_before, unreachable
-from .errors import (
+from tamma_events import __impl__, __version__, embedded
+from tamma_events.errors import (
     APPEND_CONDITION_FAILED,
     QUERY_ERROR,
     VALIDATION_FAILED,
@@ -47,9 +45,18 @@ from .errors import (
     ValidationFailed,
     storage_error,
 )
-from .model import AppendCondition, DomainEvent, Query, QueryItem
-from .schema import no_store_error
-from .store import DEFAULT_CONNECT_TIMEOUT, DSN_ENV, SCHEMA_ENV, EventStore
+from tamma_events.model import AppendCondition, DomainEvent, Query, QueryItem
+from tamma_events.ops.migrating import no_store_error
+from tamma_events.sql import (
+    ADVISORY_LOCK,
+    ADVISORY_UNLOCK,
+    SCHEMA_COMMENT,
+    TRY_ADVISORY_LOCK,
+    Statements,
+)
+from tamma_events.stores.core import connection_kwargs, parse_before, unreachable
+from tamma_events.stores.store import DEFAULT_CONNECT_TIMEOUT, DSN_ENV, SCHEMA_ENV, EventStore
+from tamma_events.tools import torture
 
 #: The environment variable of the global --connect-timeout option.
 CONNECT_TIMEOUT_ENV = "TAMMA_EVENTS_CONNECT_TIMEOUT"
@@ -396,7 +403,7 @@ def demo(ctx: click.Context, count: int, batch_size: int, schema: str | None) ->
 
     The demo resets its schema first, archives included. Two demos on one schema take turns:
     the second waits for the first to finish."""
-    from .workload import generate_events
+    from tamma_events.tools.workload import generate_events
 
     obj: _Context = ctx.obj
     source = ""
@@ -455,19 +462,19 @@ def _demo_turn(obj: _Context, dsn: str, schema: str) -> Iterator[psycopg.Connect
     key = f"tamma-events demo:{schema}"
     with obj.connect(dsn) as conn:
         with _storage("taking the demo's turn", schema=schema):
-            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
+            row = conn.execute(TRY_ADVISORY_LOCK, [key]).fetchone()
             if not row or not row[0]:
                 console.print(
                     f"a demo is already running in schema {schema} on this server: waiting for"
                     " it to finish (Ctrl-C to stop; --schema NAME runs one beside it)",
                     markup=False,
                 )
-                conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
+                conn.execute(ADVISORY_LOCK, [key])
         try:
             yield conn
         finally:
             try:
-                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+                conn.execute(ADVISORY_UNLOCK, [key])
             except psycopg.Error:
                 pass  # a lost session took its lock with it
 
@@ -477,13 +484,10 @@ def _reset_demo_schema(conn: psycopg.Connection[Any], schema: str, source: str) 
     files its manifest listed. A schema that exists and was not made by the demo is refused:
     whatever --schema or $TAMMA_EVENTS_SCHEMA says, the demo never drops a store it did not
     make. (``source`` says where the schema's name came from, for that error.)"""
-    name = sql.Identifier(schema)
+    statements = Statements(schema)
     files: list[Path] = []
     with _storage("resetting the demo's schema", schema=schema):
-        row = conn.execute(
-            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s",
-            [schema],
-        ).fetchone()
+        row = conn.execute(SCHEMA_COMMENT, [schema]).fetchone()
         if row is not None and row[0] != DEMO_MARK:
             raise click.UsageError(
                 f"schema {schema}{source} exists and was not made by this demo, which resets its"
@@ -492,18 +496,15 @@ def _reset_demo_schema(conn: psycopg.Connection[Any], schema: str, source: str) 
             )
         with conn.transaction():
             if row is not None:
-                manifest = sql.Identifier(schema, "archives")
                 found = conn.execute(
-                    "SELECT to_regclass(%s)", [manifest.as_string(conn)]
+                    statements.relation_exists, [statements.archives.as_string(conn)]
                 ).fetchone()
                 if found and found[0]:
-                    listed = conn.execute(
-                        sql.SQL("SELECT directory, file_name FROM {}").format(manifest)
-                    ).fetchall()
+                    listed = conn.execute(statements.manifest_files).fetchall()
                     files = [Path(directory) / file for directory, file in listed]
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(name))
-            conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(DEMO_MARK)))
+            conn.execute(statements.drop_schema)
+            conn.execute(statements.create_schema)
+            conn.execute(statements.comment_schema(DEMO_MARK))
     # Only once the schema that listed them is gone: a reset that failed keeps its archives.
     _remove_archives(files)
 
@@ -717,7 +718,7 @@ def bench(
 ) -> None:
     """Measure append and encode throughput, or query latencies, against baselines from the
     same run."""
-    from .bench import (
+    from tamma_events.tools.bench import (
         as_json,
         run_export_suite,
         run_query_suite,
@@ -725,7 +726,7 @@ def bench(
         run_stream_suite,
         run_suite,
     )
-    from .bench_full import run_full_suite, run_load_curve
+    from tamma_events.tools.bench_full import run_full_suite, run_load_curve
 
     if count is None:
         count = {"full": 1_000_000, "load-curve": 10_000_000}.get(suite, 100_000)
@@ -1131,7 +1132,7 @@ def tail(
     """Follow the log, printing each matching event as one line of JSON (JSON Lines)."""
     import msgspec
 
-    from .filters import filter_from_params
+    from tamma_events.filters import filter_from_params
 
     params = _filter_params(filters)
     encode = msgspec.json.Encoder().encode
@@ -1193,8 +1194,8 @@ def export(
     """Export the matching events, in log order, with a progress bar (on stderr)."""
     import msgspec
 
-    from .arrow import write_arrow_file, write_parquet
-    from .filters import filter_from_params
+    from tamma_events.codec.arrow import write_arrow_file, write_parquet
+    from tamma_events.filters import filter_from_params
 
     if output is None and format_ != "jsonl":
         raise click.UsageError(f"--output is required with --format {format_}")
@@ -1335,7 +1336,7 @@ def serve(
     try:
         import uvicorn
 
-        from .web import create_app
+        from tamma_events.streaming.web import create_app
     except ImportError as exc:
         raise click.ClickException(
             f'serve needs the web extra ({exc.name} is missing): pip install "tamma-events[web]"'
@@ -1397,7 +1398,7 @@ def query(
     **filters: tuple[str, ...],
 ) -> None:
     """Print the events matching a filter, as JSON Lines (streamed, any number) or a table."""
-    from .filters import EventFilter, filter_from_params, normalize
+    from tamma_events.filters import EventFilter, filter_from_params, normalize
 
     params = _filter_params(filters)
     params["start_time"] = [start_time] if start_time else []

@@ -20,9 +20,9 @@ from typing import Any
 
 import platformdirs
 import psycopg
-from psycopg import sql
 
-from .errors import EventStoreError, StorageError
+from tamma_events.errors import EventStoreError, StorageError
+from tamma_events.sql import CONFIGURED_SETTING, RELOAD_CONFIGURATION, alter_system
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -413,20 +413,12 @@ def _tune(dsn: str) -> None:
         for name, value in {**TUNING, **RESTART_TUNING}.items():
             # The last value the configuration files set (one waiting for a restart counts:
             # its "error" says it could not be applied yet), else the one in force.
-            row = conn.execute(
-                "SELECT coalesce((SELECT setting FROM pg_file_settings WHERE name = %s"
-                " ORDER BY seqno DESC LIMIT 1), current_setting(%s))",
-                [name, name],
-            ).fetchone()
+            row = conn.execute(CONFIGURED_SETTING, [name, name]).fetchone()
             if row is not None and row[0] != value:
-                conn.execute(
-                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
-                        sql.Identifier(name), sql.Literal(value)
-                    )
-                )
+                conn.execute(alter_system(name, value))
                 changed = True
         if changed:
-            conn.execute("SELECT pg_reload_conf()")
+            conn.execute(RELOAD_CONFIGURATION)
 
 
 class EmbeddedReplica:

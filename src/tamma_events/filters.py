@@ -18,10 +18,10 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from ._pycodec import parse_uuid
-from .checks import MAX_BIGINT, whole
-from .errors import EventStoreError, QueryError, short_repr
-from .model import SequencedEvent
+from tamma_events.checks import MAX_BIGINT, whole
+from tamma_events.codec.reference import parse_uuid
+from tamma_events.errors import EventStoreError, QueryError, short_repr
+from tamma_events.model import SequencedEvent
 
 __all__ = [
     "MAX_FILTER_VALUES",

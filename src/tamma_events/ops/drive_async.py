@@ -1,0 +1,133 @@
+"""Doing an operation's steps on a connection.
+
+The operations (`tamma_events.ops.steps`) only describe their I/O; `run_async` in
+`tamma_events.ops.drive_async` does it on a ``psycopg.AsyncConnection``, and `run` in
+`tamma_events.ops.drive`, generated from that module by ``scripts/async_to_sync.py``, on a
+``psycopg.Connection``. The one real difference: a sync connection reads ``COPY ... TO STDOUT``
+rows with the native codec's ``read_copy`` straight from libpq (`tamma_events.ops.copy`), where
+the async one goes through psycopg's ``AsyncCopy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq, sql
+
+from tamma_events import codec as _codec
+from tamma_events.ops.copy import (
+    MAX_CHUNK_BYTES,
+    MAX_CHUNK_ROWS,
+    CopyMessages,
+    native_rows,
+)
+from tamma_events.ops.libpq import copy_functions
+from tamma_events.ops.steps import CopyIn, CopyOut, Op, Rollback, Run, Sleep, Step
+from tamma_events.sql import ROLLBACK, copy_out
+
+__all__ = ["copy_rows_async", "rollback_async", "run_async"]
+
+_T = TypeVar("_T")
+
+
+async def rollback_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Leave ``conn`` idle: roll back its transaction, or close it when that fails (its pool
+    then replaces it)."""
+    if conn.closed or conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        return
+    try:
+        await conn.execute(ROLLBACK)
+    except psycopg.Error:
+        await conn.close()
+
+
+async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[_T], *, owned: bool = True) -> _T:
+    """Drive ``op`` on ``conn``. On a failure the operation does not handle, a transaction it
+    left open on an ``owned`` connection (the store's, not a caller's) is rolled back."""
+    cur = conn.cursor()
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                step = op.send(value) if error is None else op.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            value = error = None
+            try:
+                value = await _do_async(step, conn, cur)
+            except Exception as exc:
+                error = exc
+    except BaseException:
+        op.close()
+        if owned:
+            await rollback_async(conn)
+        raise
+    finally:
+        await cur.close()
+
+
+async def _do_async(
+    step: Step, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any]
+) -> Any:
+    if isinstance(step, Run):
+        await cur.execute(step.query, step.params, prepare=step.prepare)  # type: ignore[arg-type]
+        if step.fetch == "all":
+            return await cur.fetchall()
+        if step.fetch == "last":
+            while cur.nextset():
+                pass
+        return await cur.fetchone() if step.fetch != "none" else None
+    if isinstance(step, CopyIn):
+        async with cur.copy(step.query) as copy:
+            for chunk in step.chunks:
+                await copy.write(chunk)
+        return None
+    if isinstance(step, CopyOut):
+        return [chunk async for chunk in copy_rows_async(conn, step.query, step.params)]
+    if isinstance(step, Rollback):
+        await rollback_async(conn)
+        return None
+    if isinstance(step, Sleep):
+        if True:  # ASYNC
+            await asyncio.sleep(step.seconds)
+        else:
+            time.sleep(step.seconds)
+        return None
+    raise TypeError(f"not a step: {step!r}")
+
+
+async def copy_rows_async(
+    conn: psycopg.AsyncConnection[Any],
+    statement: sql.Composable,
+    params: list[Any],
+    *,
+    max_rows: int = MAX_CHUNK_ROWS,
+    max_bytes: int = MAX_CHUNK_BYTES,
+) -> AsyncGenerator[tuple[bytes | bytearray, int], None]:
+    """Run ``COPY (statement) TO STDOUT (FORMAT BINARY)`` and yield its rows raw, as chunks
+    ``(rows, count)`` of at most ``max_rows`` rows, cut once ``max_bytes`` are gathered
+    (header and trailer dropped).
+
+    On a sync connection with the native codec, the rows are read by its ``read_copy``
+    straight from libpq (see `tamma_events.ops.libpq`); otherwise through psycopg's ``Copy``, a
+    message per row."""
+    messages = CopyMessages(max_rows, max_bytes)
+    async with conn.cursor() as cur, cur.copy(copy_out(statement), params) as copy:
+        if True:  # ASYNC
+            pass
+        else:
+            functions = copy_functions(conn) if _codec.IMPL == "native" else None
+            if functions is not None:
+                for rows in native_rows(conn, functions, max_rows, max_bytes):
+                    yield rows
+                return
+        async for message in copy:
+            if (chunk := messages.add(message)) is not None:
+                yield chunk
+    if (chunk := messages.flush()) is not None:
+        yield chunk

@@ -1,0 +1,230 @@
+"""Verifying the hash chain: `verify` walks the log in position order and recomputes it.
+
+Each event's hash is ``sha256(previous hash || canonical row bytes)``, the row bytes being
+exactly what the codec encodes for the event at its position (see ``docs/integrity.md``). The
+walk re-encodes every stored event with the codec, from what PostgreSQL returns, so any change
+to a stored field, a removed, inserted or reordered event, or a log cut short behind the head
+shows up as the first position where the chain breaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg
+
+from tamma_events import codec as _codec
+from tamma_events.checks import whole
+from tamma_events.errors import EventStoreError, StorageError, ValidationFailed
+from tamma_events.ops.archiving import manifest, verify_archives
+from tamma_events.ops.drive import copy_rows
+from tamma_events.sql import SNAPSHOT, Statements
+
+__all__ = ["IntegrityReport", "verify"]
+
+_T = TypeVar("_T")
+
+# Rows are rehashed a chunk at a time: at most ``batch_size`` rows, cut at this many bytes.
+_CHUNK_BYTES = 64 << 20
+
+
+class IntegrityReport(msgspec.Struct, frozen=True):
+    """What `verify` found. ``first_bad_position`` is the first position where the chain
+    breaks (None when ``ok``); ``checked`` counts the events whose hash was recomputed."""
+
+    ok: bool
+    checked: int
+    first_bad_position: int | None = None
+    reason: str | None = None
+    start: int = 1
+    end: int = 0
+
+
+@contextmanager
+def _read_ahead(chunks: Generator[_T, None, None]) -> Iterator[Iterator[_T]]:
+    """``chunks``, with the next one read by a worker thread while the caller rehashes the
+    current one (the native COPY reader waits on the server without the GIL). Leaving the block
+    waits for the read in flight, then closes ``chunks``, ending the COPY."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tamma-events-verify") as worker:
+        reading: Future[_T | None] | None = worker.submit(next, chunks, None)
+
+        def items() -> Iterator[_T]:
+            nonlocal reading
+            while reading is not None:
+                item = reading.result()
+                reading = None
+                if item is None:
+                    return
+                reading = worker.submit(next, chunks, None)
+                yield item
+
+        try:
+            yield items()
+        finally:
+            if reading is not None:
+                try:
+                    reading.result()
+                except Exception:  # the caller is already leaving; its own error wins
+                    pass
+            chunks.close()
+
+
+def _reason(kind: str, position: int, detail: str) -> str:
+    """Why the event at ``position`` breaks the chain, for a `rehash` result's kind."""
+    if kind == "missing":
+        return f"event {position} is missing (the next stored position is {detail})"
+    if kind == "encode":
+        return f"event {position} cannot be re-encoded: {detail}"
+    return f"event {position}'s hash does not match its contents and predecessor"
+
+
+def _break(checked: int, position: int, reason: str, start: int, end: int) -> IntegrityReport:
+    return IntegrityReport(False, checked, position, reason, start, end)
+
+
+def verify(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    start: int | None = None,
+    end: int | None = None,
+    *,
+    batch_size: int = 5_000,
+    progress: Callable[[int, int], None] | None = None,
+    archives: Path | None = None,
+    check_archives: bool = False,
+) -> IntegrityReport:
+    """Verify positions ``start`` to ``end`` (default: the whole log up to the head) in one
+    snapshot, with memory bounded by ``batch_size`` events.
+
+    Verifying from ``start`` > 1 trusts the stored hash of event ``start - 1`` as the anchor
+    (for the first live event after compaction, the last archived hash in the manifest).
+    With ``check_archives``, when the range reaches into the compacted prefix, every archive
+    file (in ``archives``, when they were moved) is verified first, whole, from the genesis
+    hash; the live log is anchored on the last of them. ``progress(done, total)`` is called
+    after every batch.
+
+    An ``end`` past the head stops at the head. A ``start`` past the head, or after ``end``,
+    is a mistaken range, not a broken chain: VALIDATION_FAILED naming ``start``.
+    """
+    for name, bound in (("start", start), ("end", end)):
+        if bound is not None:
+            whole(bound, name, "a position (an int from 1) or None", low=1)
+    if start is not None and end is not None and start > end:
+        raise ValidationFailed(
+            f"start {start} is after end {end}: the range holds no position",
+            {"field": "start", "end": end},
+        )
+    statements = Statements(schema)
+    with conn.transaction():
+        conn.execute(SNAPSHOT)
+        head_row = conn.execute(statements.head_row).fetchone()
+        genesis_row = conn.execute(statements.genesis).fetchone()
+        if head_row is None or genesis_row is None:
+            raise StorageError("the head or chain row is missing")
+        head, head_hash = int(head_row[0]), bytes(head_row[1])
+        if start is not None and start > head:
+            # Nothing is stored there yet: a mistaken range, not a broken chain.
+            raise ValidationFailed(
+                f"start {start} is past the head, position {head}: there is nothing to verify"
+                " there yet",
+                {"field": "start", "head": head},
+            )
+        files = [f for f in manifest(conn, schema, archives) if f.compacted]
+        archived = files[-1].last_position if files else 0
+        first = asked = max(1, start or 1)
+        last = head if end is None else min(end, head)
+        checked = 0
+        if check_archives and files and first <= archived:
+            total = max(0, last - first + 1)
+            done = [0]
+
+            def step(events: int) -> None:
+                done[0] += events
+                if progress is not None:
+                    progress(done[0], total)
+
+            _, checked, broken = verify_archives(files, step)
+            if broken is not None:
+                return _break(checked, broken[0], broken[1], first, last)
+        if files and first <= archived:
+            # Compaction deleted these positions from the log: a row there was written since.
+            row = conn.execute(statements.first_position_to, [archived]).fetchone()
+            if row is not None and row[0] is not None:
+                return _break(
+                    checked,
+                    int(row[0]),
+                    f"event {row[0]} is in the log although its position was compacted",
+                    first,
+                    last,
+                )
+        if first <= archived + 1 and files:
+            first = archived + 1
+            prev_hash = files[-1].last_hash
+        elif first == 1:
+            prev_hash = bytes(genesis_row[0])
+        else:
+            row = conn.execute(statements.hash_at, [first - 1]).fetchone()
+            if row is None:
+                return _break(
+                    0, first - 1, f"event {first - 1} (the anchor) is missing", first, last
+                )
+            prev_hash = bytes(row[0])
+
+        expected = first
+        statement = statements.chain_rows
+        total = max(0, last - asked + 1)
+        chunks = copy_rows(
+            conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
+        )
+        with _read_ahead(chunks) as ahead:
+            for rows, count in ahead:
+                try:
+                    result = _codec.rehash(rows, count, expected, prev_hash)
+                except EventStoreError as exc:
+                    # A row whose stored values cannot even be read as an event's (a hash
+                    # of the wrong length, a NULL, ...): the chain breaks there.
+                    row = exc.context.get("row")
+                    if not isinstance(row, int):
+                        raise
+                    at = expected + row
+                    reason = exc.message.replace(f"stored row {row}", f"event {at}", 1)
+                    return _break(checked + row, at, reason, first, last)
+                if result.failed >= 0:
+                    at = expected + result.failed
+                    reason = _reason(result.kind, at, result.detail)
+                    return _break(checked + result.checked, at, reason, first, last)
+                prev_hash = result.last_hash
+                checked += count
+                expected += count
+                if progress is not None:
+                    progress(checked, total)
+        if expected <= last:
+            return _break(
+                checked,
+                expected,
+                f"the log ends at position {expected - 1} but the head is at {head}",
+                first,
+                last,
+            )
+        if end is None or end >= head:
+            beyond = conn.execute(statements.first_position_after, [head]).fetchone()
+            if beyond is not None and beyond[0] is not None:
+                return _break(
+                    checked,
+                    int(beyond[0]),
+                    f"event {beyond[0]} lies beyond the head ({head})",
+                    first,
+                    last,
+                )
+            if head_hash != prev_hash and head >= first:
+                return _break(
+                    checked, head, "the head's hash does not match the last event's", first, last
+                )
+            if head == 0 and head_hash != prev_hash:
+                return _break(checked, 0, "the head's hash is not the genesis hash", first, last)
+    return IntegrityReport(True, checked, None, None, asked, last)
