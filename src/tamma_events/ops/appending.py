@@ -197,6 +197,21 @@ def _slices(buffer: bytearray) -> Iterator[memoryview]:
         view.release()
 
 
+def _duplicate_id(exc: BaseException) -> bool:
+    """Whether ``exc`` is the unique violation of an event id already stored (or given twice in
+    the transaction): the append then fails with `DuplicateEvent`, naming the ids."""
+    return (
+        isinstance(exc, psycopg.errors.UniqueViolation)
+        and exc.diag.constraint_name == _EVENT_ID_CONSTRAINT
+    )
+
+
+def _append_failed(exc: psycopg.Error, committing: bool) -> StorageError:
+    """`StorageError` for an append that failed with ``exc`` (rolled back already); when the
+    failure came with the commit, whether the append committed is unknown, and it says so."""
+    return storage_error(exc, "appending", **({"outcome": "unknown"} if committing else {}))
+
+
 class DuplicateInGroup(Exception):
     def __init__(self, error: EventStoreError) -> None:
         super().__init__(error)
@@ -283,19 +298,15 @@ class Appending(StoreState):
             committing = True
             # The COPY moved the head (the trigger of schema/0009_head_by_trigger.sql).
             yield Run(COMMIT, fetch="none")
-        except psycopg.errors.UniqueViolation as exc:
+        except psycopg.Error as exc:
             yield Rollback()
-            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
-                raise storage_error(exc, "appending") from exc
+            if not _duplicate_id(exc):
+                raise _append_failed(exc, committing) from exc
             error = yield from self._op_duplicates_error(requests)
             if len(requests) > 1:
                 raise DuplicateInGroup(error) from exc
             requests[0].fail(error)
             return
-        except psycopg.Error as exc:
-            yield Rollback()
-            context = {"outcome": "unknown"} if committing else {}
-            raise storage_error(exc, "appending", **context) from exc
         for request in accepted:
             request.succeed(request.first_position)
         yield from self._op_note_commit()
@@ -460,15 +471,11 @@ class Appending(StoreState):
         except EventStoreError as exc:
             yield Rollback()
             raise exc.with_traceback(None) from None
-        except psycopg.errors.UniqueViolation as exc:
-            yield Rollback()
-            if exc.diag.constraint_name != _EVENT_ID_CONSTRAINT:
-                raise storage_error(exc, "appending") from exc
-            raise (yield from self._op_duplicates_error([request])) from exc
         except psycopg.Error as exc:
             yield Rollback()
-            context = {"outcome": "unknown"} if committing else {}
-            raise storage_error(exc, "appending", **context) from exc
+            if not _duplicate_id(exc):
+                raise _append_failed(exc, committing) from exc
+            raise (yield from self._op_duplicates_error([request])) from exc
         yield from self._op_note_commit()
         return position - 1, sent
 
@@ -509,12 +516,9 @@ class Appending(StoreState):
                 yield Run(ROLLBACK_TO_SAVEPOINT, fetch="none")
             except psycopg.Error:
                 pass
-            if (
-                isinstance(exc, psycopg.errors.UniqueViolation)
-                and exc.diag.constraint_name == _EVENT_ID_CONSTRAINT
-            ):
+            if _duplicate_id(exc):
                 raise (yield from self._op_duplicates_error([request])) from exc
-            raise storage_error(exc, "appending") from exc
+            raise _append_failed(exc, committing=False) from exc
         state.head = request.last_position
         state.hash = last_hash
         return request.last_position
