@@ -3,8 +3,8 @@
 
 The store's drivers are written once, for asyncio (``src/tamma_events/stores/aio.py`` and the
 modules it uses); the sync modules (``src/tamma_events/stores/store.py``, ...) are made from them
-by this script, as psycopg and
-psycopg_pool make theirs. The conversion works on tokens, so comments and layout survive:
+by this script, as psycopg and psycopg_pool make theirs. The conversion works on tokens, so
+comments and layout survive:
 
 - ``async def``, ``async with`` and ``async for`` lose their ``async``, and ``await`` goes;
 - ``Awaitable[T]`` becomes ``T``, and ``AsyncGenerator[Y, S]`` ``Generator[Y, S, None]``;
@@ -21,7 +21,8 @@ psycopg_pool make theirs. The conversion works on tokens, so comments and layout
   and only the ``else`` branch (dedented) is kept in the sync module; with no ``else``, the
   block is dropped.
 
-The result is formatted with ruff and starts with a "DO NOT CHANGE" header.
+The result has its imports pruned and sorted, is formatted with ruff, and starts with a
+"DO NOT CHANGE" header.
 
     python scripts/async_to_sync.py           # write the sync modules
     python scripts/async_to_sync.py --check   # exit 1 when one is not current
@@ -191,36 +192,31 @@ _TEXT_TOKENS = {
 }
 
 
-def convert(source: str, text: str) -> str:
-    converted = unasync_tokens(strip_async_blocks(text))
-    formatted = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--stdin-filename", "generated.py", "-"],
-        input=converted,
+def _ruff(*args: str, text: str) -> str:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            *args,
+            "--stdin-filename",
+            str(PACKAGE / "generated.py"),
+            "-",
+        ],
+        input=text,
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
     ).stdout
-    fixed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "check",
-            "--select",
-            "F401,I",
-            "--fix-only",
-            "--stdin-filename",
-            str(PACKAGE / "generated.py"),
-            "-",
-        ],
-        input=formatted,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    ).stdout
-    return HEADER.format(source=source) + fixed
+
+
+def convert(source: str, text: str) -> str:
+    """The sync module made from the async original ``source`` (its text)."""
+    converted = unasync_tokens(strip_async_blocks(text))
+    # Imports only the async code used go; then the layout is ruff's.
+    pruned = _ruff("check", "--select", "F401,I", "--fix-only", text=converted)
+    return HEADER.format(source=source) + _ruff("format", text=pruned)
 
 
 def main() -> int:

@@ -545,8 +545,7 @@ def json_rows(batch: PreparedBatch) -> list[list[Any]]:
 # ---------------------------------------------------------------------------------------------
 # decoding exports: binary COPY rows into Arrow buffers
 
-#: The columns an export reads, in order (the statement is
-#: `tamma_events.codec.arrow.copy_statement`).
+#: The columns an export reads, in order (`tamma_events.sql.EXPORT_SELECT` selects them).
 EXPORT_COLUMNS: Final = (
     "position",
     "event_id",

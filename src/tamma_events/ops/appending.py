@@ -64,7 +64,7 @@ _FUNCTION_MAX_BYTES = 256 << 10
 
 
 #: An append that ends this many events past the summaries' folded position folds them, after
-#: its commit and outside the head lock, in the background (schema/0010_lean_appends.sql): the
+#: its commit and outside the head lock, in the background (sql/schema/0010_baseline.sql): the
 #: tail that reads add up stays short, and each fold is worth its transaction.
 FOLD_EVENTS = 256
 
@@ -296,7 +296,7 @@ class Appending(StoreState):
 
             yield CopyIn(statements.copy_events, chunks())
             committing = True
-            # The COPY moved the head (the trigger of schema/0009_head_by_trigger.sql).
+            # The COPY moved the head (the trigger of sql/schema/0010_baseline.sql).
             yield Run(COMMIT, fetch="none")
         except psycopg.Error as exc:
             yield Rollback()
@@ -357,7 +357,7 @@ class Appending(StoreState):
             self._replicas.wrote(int(row[0]))
 
     def _op_write_by_function(self, requests: list[AppendRequest]) -> Op[None]:
-        """One statement, in autocommit: ``append_group`` (schema/0010_lean_appends.sql)."""
+        """One statement, in autocommit: ``append_group`` (sql/schema/0010_baseline.sql)."""
         described: list[list[Any]] = []
         events: list[list[Any]] = []
         rows = bytearray()

@@ -178,7 +178,7 @@ def _predicate(shape: Shape, *, through_tags: bool = False) -> sql.Composable:
 
     ``through_tags``: an item with tags is found through them, its types tested on the rows
     found (``IS TRUE`` keeps the planner off the type index): the plan of a condition check
-    (see schema/0008_condition_plans.sql)."""
+    (see sql/schema/0010_baseline.sql)."""
     if not shape:
         return sql.SQL("TRUE")
     alternatives = []
@@ -674,7 +674,7 @@ class Statements:
         self.schema = schema
         self.events = sql.Identifier(schema, "events")
         self.head = sql.Identifier(schema, "head")
-        # The head row's lock, taken as the schema's owner (schema/0009_head_by_trigger.sql):
+        # The head row's lock, taken as the schema's owner (sql/schema/0010_baseline.sql):
         # the COPY's trigger then moves the head.
         self.lock_head = sql.SQL("SELECT position, hash FROM {}()").format(
             sql.Identifier(schema, "lock_head")
@@ -685,7 +685,7 @@ class Statements:
             'COPY {} (position, event_id, event_type, "timestamp", tags, metadata, data, hash)'
             " FROM STDIN (FORMAT BINARY)"
         ).format(self.events)
-        # Every event of the history, live or archived (schema/0007_archives.sql).
+        # Every event of the history, live or archived (sql/schema/0010_baseline.sql).
         self.event_index = sql.Identifier(schema, "event_index")
         self.archived_events = sql.Identifier(schema, "archived_events")
         self.archives = sql.Identifier(schema, "archives")
@@ -722,7 +722,7 @@ class Statements:
             sql.Identifier(schema, "append_channel")
         )
         # The summaries as of now: the folded tables plus the tail after them
-        # (schema/0010_lean_appends.sql), so every read of them is exact.
+        # (sql/schema/0010_baseline.sql), so every read of them is exact.
         self.type_totals = sql.Identifier(schema, "type_totals")
         self.tag_totals = sql.Identifier(schema, "tag_totals")
         self.time_totals = sql.Identifier(schema, "time_totals")

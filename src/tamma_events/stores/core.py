@@ -1,10 +1,12 @@
-"""What `EventStore` and `AsyncEventStore` share: settings, argument checks, and every
-database operation, written once as `tamma_events.ops.steps` generators.
+"""What `EventStore` and `AsyncEventStore` share: settings, connections, and the operations.
 
-Each ``_op_*`` method returns an operation; the sync store drives it with `_ops.run` on a
-pooled ``psycopg.Connection``, the async store with `_ops.run_async` on an
-``AsyncConnection``. What differs between the two (threads or tasks for group commit, read
-ahead and subscriptions; pools) lives in the stores themselves.
+`StoreCore` holds a store's settings and state and gathers the operations of `tamma_events.ops`
+(appending, reading, exporting), each ``_op_*`` method returning a generator of steps; the sync
+store runs them with `tamma_events.ops.drive.run` on a pooled ``psycopg.Connection``, the async
+store with `tamma_events.ops.drive_async.run_async` on an ``AsyncConnection``. Here too: the
+connection settings and the errors of opening one, the maintenance jobs (`verify`,
+`compact_events`) and the replica and metrics reports. What differs between the two stores
+(threads or tasks, pools) lives in the stores themselves.
 """
 
 from __future__ import annotations

@@ -49,10 +49,10 @@ class GroupCommit:
 
     def submit(self, request: AppendRequest) -> int:
         """Append ``request``, in a group; its last position, or its error raised."""
+        waiter = _waiter()  # made before the lock, which the other appends are waiting for
         with self._lock:
             follow = self._leading
             if follow:
-                waiter = _waiter()
                 self._queue.append((request, waiter))
             else:
                 self._leading = True

@@ -2,14 +2,15 @@
 # DO NOT CHANGE! Change the original file instead, then run the script.
 """The store's driver, written once for asyncio and generated for threads.
 
-The driver is written once, for asyncio, in `tamma_events.stores.aio`; `tamma_events.stores.store`
-is generated from it by ``scripts/async_to_sync.py`` (change `tamma_events.stores.aio`, then run the
-script: ``scripts/test`` fails while the generated module is stale). The database work itself is
-written once too, as generators of steps in `tamma_events.stores.core`, which both drivers run
-(`tamma_events.ops.steps`). Where the two stores differ for real, the code says so with an ``if
-True:  # ASYNC`` block: the sync store connects when it is made, waits in threads (group commit,
-read-ahead, the summaries' fold, the subscriptions' listener) and exports through the native libpq
-COPY reader; the async store connects in `open`, and uses tasks for the same work.
+The driver is written once, for asyncio, in `tamma_events.stores.aio`;
+`tamma_events.stores.store` is generated from it by ``scripts/async_to_sync.py`` (change
+`tamma_events.stores.aio`, then run the script: ``scripts/test`` fails while the generated module
+is stale). The database work itself is written once too, as the operations of `tamma_events.ops`
+(generators of steps), which `tamma_events.ops.drive_async` and `tamma_events.ops.drive` run.
+Where the two stores differ for real, the code says so with an ``if True:  # ASYNC`` block: the
+sync store connects when it is made, waits in threads (group commit, read-ahead, the summaries'
+fold, the subscriptions' listener) and exports through the native libpq COPY reader; the async
+store connects in `open`, and uses tasks for the same work.
 
 Every append transaction locks the single head row first, checks its conditions, writes its
 events at positions head+1.. (small groups through the ``append_group`` function in one round
