@@ -83,9 +83,11 @@ class EventStoreError(Exception, metaclass=_ErrorType):
     context: dict[str, Any]
 
     def __init__(self, message: str, context: dict[str, Any] | None = None) -> None:
-        super().__init__(message, context or {})
+        # One dict, in the arguments too: what is added to the context later survives pickling.
+        context = {} if context is None else context
+        super().__init__(message, context)
         self.message = message
-        self.context = context or {}
+        self.context = context
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
