@@ -390,7 +390,12 @@ class AsyncEventStore(StoreCore):
 
     def _require_pool(self) -> AsyncConnectionPool[Any]:
         if self._pool is None or not self._opened:
-            raise StorageError("the store is not open: use `async with` or `await store.open()`")
+            if True:  # ASYNC
+                raise StorageError(
+                    "the store is not open: use `async with` or `await store.open()`"
+                )
+            else:
+                raise StorageError("the store is not open: it opens when it is made")
         return self._pool
 
     async def migrate(self) -> list[int]:

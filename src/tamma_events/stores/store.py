@@ -382,7 +382,7 @@ class EventStore(StoreCore):
 
     def _require_pool(self) -> ConnectionPool[Any]:
         if self._pool is None or not self._opened:
-            raise StorageError("the store is not open: use `async with` or `await store.open()`")
+            raise StorageError("the store is not open: it opens when it is made")
         return self._pool
 
     def migrate(self) -> list[int]:
