@@ -52,7 +52,7 @@ from tamma_events.sql import (
     ADVISORY_UNLOCK,
     SCHEMA_COMMENT,
     TRY_ADVISORY_LOCK,
-    Statements,
+    statements_of,
 )
 from tamma_events.stores.core import connection_kwargs, parse_before, unreachable
 from tamma_events.stores.store import DEFAULT_CONNECT_TIMEOUT, DSN_ENV, SCHEMA_ENV, EventStore
@@ -484,7 +484,7 @@ def _reset_demo_schema(conn: psycopg.Connection[Any], schema: str, source: str) 
     files its manifest listed. A schema that exists and was not made by the demo is refused:
     whatever --schema or $TAMMA_EVENTS_SCHEMA says, the demo never drops a store it did not
     make. (``source`` says where the schema's name came from, for that error.)"""
-    statements = Statements(schema)
+    statements = statements_of(schema)
     files: list[Path] = []
     with _storage("resetting the demo's schema", schema=schema):
         row = conn.execute(SCHEMA_COMMENT, [schema]).fetchone()

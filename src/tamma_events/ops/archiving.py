@@ -50,7 +50,7 @@ from tamma_events.errors import StorageError
 from tamma_events.model import DomainEvent, _uuid_from_int
 from tamma_events.ops.drive import copy_rows
 from tamma_events.ops.steps import Op, Run
-from tamma_events.sql import Statements
+from tamma_events.sql import statements_of
 
 __all__ = [
     "STEPS",
@@ -92,7 +92,7 @@ def manifest(
 ) -> list[ArchiveFile]:
     """The manifest, in position order. A file missing from the directory it was written to
     is looked for in ``directory`` (archives moved elsewhere)."""
-    return _manifest_files(conn.execute(Statements(schema).manifest).fetchall(), directory)
+    return _manifest_files(conn.execute(statements_of(schema).manifest).fetchall(), directory)
 
 
 def _manifest_files(rows: list[Any], directory: Path | None) -> list[ArchiveFile]:
@@ -328,7 +328,7 @@ class ArchiveReader:
         operation: the manifest is read again when it does not cover them)."""
         wanted = list(positions)
         if any(self._find(position) is None for position in wanted):
-            rows = yield Run(Statements(self.schema).manifest)
+            rows = yield Run(statements_of(self.schema).manifest)
             self._files = _manifest_files(rows, self.directory)
         pieces = []
         try:
@@ -400,7 +400,7 @@ def _uuid_text(h: str) -> str:
 
 def _range_to_archive(conn: psycopg.Connection[Any], schema: str, before: datetime) -> int:
     """The last position of the prefix of the log recorded before ``before``."""
-    row = conn.execute(Statements(schema).prefix_before, [before]).fetchone()
+    row = conn.execute(statements_of(schema).prefix_before, [before]).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
@@ -412,7 +412,7 @@ def _write_file(
     last: int,
     row_group_size: int,
 ) -> Path:
-    statement = Statements(schema).export_range
+    statement = statements_of(schema).export_range
     path = directory / f"events-{first:020d}-{last:020d}.parquet"
     step = row_group_size * 4
 
@@ -479,7 +479,7 @@ def compact(
         if fault is not None:
             fault("verified", first, last)
         conn.execute(
-            Statements(schema).record_archive,
+            statements_of(schema).record_archive,
             [
                 first,
                 last,
@@ -528,7 +528,7 @@ def check_pending(file: ArchiveFile, prev_hash: bytes) -> None:
 
 def _delete(conn: psycopg.Connection[Any], schema: str, file: ArchiveFile) -> int:
     """Step 4: index the file's events, delete them from the log, mark the row compacted."""
-    statements = Statements(schema)
+    statements = statements_of(schema)
     with conn.transaction():
         # The summaries count the archived events too: fold the tail before it leaves the log.
         row = conn.execute(statements.fold_everything).fetchone()

@@ -13,7 +13,7 @@ import psycopg
 from tamma_events.errors import EventStoreError, StorageError
 from tamma_events.ops.drive import run
 from tamma_events.ops.steps import Op, Run
-from tamma_events.sql import ADVISORY_XACT_LOCK, BEGIN, COMMIT, READ_COMMITTED, Statements
+from tamma_events.sql import ADVISORY_XACT_LOCK, BEGIN, COMMIT, READ_COMMITTED, statements_of
 from tamma_events.sql import schema as _schema
 
 __all__ = [
@@ -34,7 +34,7 @@ def migrate(conn: psycopg.Connection[object], schema: str) -> list[int]:
 def version_op(schema: str) -> Op[int]:
     """The last migration applied to ``schema`` (0 when it has none), read with no lock and
     no privilege beyond reading ``schema_migrations``."""
-    statements = Statements(schema)
+    statements = statements_of(schema)
     row = yield Run(statements.relation_exists, [statements.migrations_table], fetch="one")
     if not row or not row[0]:
         return 0
@@ -72,7 +72,7 @@ def migrate_op(schema: str) -> Op[list[int]]:
     only read and append (see `EventStore.grant_app_role`) can open it with ``migrate=True``."""
     if (yield from version_op(schema)) >= _schema.migrations()[-1].version:
         return []
-    statements = Statements(schema)
+    statements = statements_of(schema)
     applied_now: list[int] = []
     yield Run(BEGIN, fetch="none")
     # Whatever the server's default: a migration that adds a trigger and backfills from the
@@ -97,4 +97,4 @@ def migrate_op(schema: str) -> Op[list[int]]:
 def drop(dsn: str, schema: str) -> None:
     """Remove ``schema`` and everything in it (for demos, benchmarks and tests)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(Statements(schema).drop_schema)
+        conn.execute(statements_of(schema).drop_schema)

@@ -23,7 +23,7 @@ from tamma_events.checks import whole
 from tamma_events.errors import EventStoreError, StorageError, ValidationFailed
 from tamma_events.ops.archiving import manifest, verify_archives
 from tamma_events.ops.drive import copy_rows
-from tamma_events.sql import SNAPSHOT, Statements
+from tamma_events.sql import SNAPSHOT, statements_of
 
 __all__ = ["IntegrityReport", "verify"]
 
@@ -119,7 +119,7 @@ def verify(
             f"start {start} is after end {end}: the range holds no position",
             {"field": "start", "end": end},
         )
-    statements = Statements(schema)
+    statements = statements_of(schema)
     with conn.transaction():
         conn.execute(SNAPSHOT)
         head_row = conn.execute(statements.head_row).fetchone()

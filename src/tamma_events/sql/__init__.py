@@ -9,6 +9,7 @@ values (see docs/queries.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any, Final
 
@@ -55,6 +56,7 @@ __all__ = [
     "explain",
     "listen",
     "query_shape",
+    "statements_of",
     "summary_aggregate",
     "summary_count",
     "tag_matches",
@@ -912,3 +914,10 @@ class Statements:
             if len(self._reads) < _CACHE_SIZE:
                 self._reads[key] = text
         return text
+
+
+@functools.lru_cache(maxsize=64)
+def statements_of(schema: str) -> Statements:
+    """The `Statements` of ``schema``, composed once per process: for the maintenance jobs,
+    the migrator and the CLI, which are handed a schema's name rather than a store."""
+    return Statements(schema)
