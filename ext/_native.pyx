@@ -17,10 +17,15 @@ from cpython.datetime cimport (
     datetime_month,
     datetime_second,
     datetime_tzinfo,
+    datetime_new,
     datetime_year,
     import_datetime,
 )
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLongMask
+from cpython.long cimport (
+    PyLong_AsLongLongAndOverflow,
+    PyLong_AsUnsignedLongLongMask,
+    PyLong_FromUnsignedLongLong,
+)
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AS_DOUBLE
@@ -32,6 +37,7 @@ from cpython.unicode cimport (
     PyUnicode_2BYTE_KIND,
     PyUnicode_AsUTF8AndSize,
     PyUnicode_DATA,
+    PyUnicode_DecodeUTF8,
     PyUnicode_GET_LENGTH,
     PyUnicode_KIND,
 )
@@ -51,6 +57,7 @@ import_datetime()
 
 from tamma_events.codec import reference as _pycodec
 from tamma_events.codec.reference import PreparedBatch
+from tamma_events import model as _model
 from tamma_events.model import DomainEvent, SequencedEvent
 
 cdef object _encode = msgspec.json.Encoder(order="sorted").encode
@@ -926,6 +933,200 @@ def decode_rows(rows, Py_ssize_t count):
 
 
 # ---------------------------------------------------------------------------------------------
+# reading: binary COPY rows into SequencedEvents (the reference is _pycodec.decode_events)
+
+cdef object _reference_decode_events = _pycodec.decode_events
+cdef object _decode_tags = _pycodec.decode_tags
+cdef object _decode_object = _pycodec.decode_object
+cdef tuple _DECODE_FAILURES = _pycodec._DECODE_FAILURES
+cdef Py_ssize_t EVENT_FIELDS = len(_pycodec.EVENT_COLUMNS)
+cdef object _object_new = object.__new__
+cdef object _object_setattr = object.__setattr__
+cdef object _SAFE_UNKNOWN = uuid.SafeUUID.unknown
+# Whether a UUID is made as `tamma_events.model` makes one from its int, without its
+# constructor's argument parsing (see model._uuid_fast); otherwise by the constructor.
+cdef bint UUID_FAST = _model._uuid_from_int is _model._uuid_fast
+# The range of Python's datetime, in microseconds since 2000-01-01 UTC: 0001-01-01 to
+# 9999-12-31T23:59:59.999999.
+cdef int64_t MIN_TIME_US = -730119 * 86400 * <int64_t>1000000
+cdef int64_t MAX_TIME_US = (2921940 * 86400 * <int64_t>1000000) - 1
+# Days from 1970-01-01 to 2000-01-01.
+cdef int64_t PG_EPOCH_DAYS = 10957
+
+# The keywords SequencedEvent is called with after its six positional fields.
+cdef tuple _EVENT_KEYWORDS = ("position", "recorded_at", "hash")
+
+
+cdef extern from "Python.h":
+    object PyObject_Vectorcall(object callable, PyObject **args, size_t nargsf, object kwnames)
+    void PyObject_GC_UnTrack(void *op)
+
+
+# Field numbers of EVENT_COLUMNS.
+cdef enum:
+    E_POSITION = 0
+    E_HASH = 1
+    E_EVENT_ID = 2
+    E_EVENT_TYPE = 3
+    E_TIMESTAMP = 4
+    E_RECORDED_AT = 5
+    E_TAGS = 6
+    E_METADATA = 7
+    E_DATA = 8
+
+
+cdef object _time_of(int64_t micros):
+    """The UTC datetime ``micros`` after 2000-01-01 (in Python's range: the caller checks)."""
+    cdef int64_t days = micros // 86400000000
+    cdef int64_t rest = micros - days * 86400000000
+    cdef int64_t z, era, doe, yoe, y, doy, mp, d, m
+    # Howard Hinnant's civil_from_days, from days since 1970-01-01.
+    z = days + PG_EPOCH_DAYS + 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    y = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + 3 if mp < 10 else mp - 9
+    if m <= 2:
+        y += 1
+    return datetime_new(y, m, d, rest // 3600000000, (rest // 60000000) % 60,
+                        (rest // 1000000) % 60, rest % 1000000, _UTC)
+
+
+cdef object _uuid_of(const unsigned char *b):
+    cdef object value = ((PyLong_FromUnsignedLongLong(<uint64_t>_get64(b)) << 64)
+                         | PyLong_FromUnsignedLongLong(<uint64_t>_get64(b + 8)))
+    cdef object made
+    if not UUID_FAST:
+        return _UUID(int=value)
+    made = _object_new(_UUID)
+    _object_setattr(made, "int", value)
+    _object_setattr(made, "is_safe", _SAFE_UNKNOWN)
+    # A UUID holds an int and an enum member and cannot be changed: it can never be part of a
+    # reference cycle, so the cycle collector need not look at it (as CPython does for tuples
+    # of atomic values). A page of events made half as many objects for it to traverse.
+    PyObject_GC_UnTrack(<PyObject *>made)
+    return made
+
+
+def decode_events(rows, Py_ssize_t count):
+    """Decode ``count`` binary COPY rows of the read columns into `SequencedEvent`s (an
+    archived event's row into its position): see `tamma_events.codec.reference.decode_events`,
+    which this matches event for event and error for error (a row it cannot take is handed to
+    the reference, which words the error)."""
+    cdef const unsigned char[::1] view = memoryview(rows).cast("B")
+    cdef const unsigned char *s = &view[0] if view.shape[0] else NULL
+    cdef Py_ssize_t size = view.shape[0]
+    cdef Py_ssize_t at = 0, row, field, length
+    cdef Py_ssize_t starts[9]
+    cdef Py_ssize_t lengths[9]
+    cdef int64_t moment
+    cdef bint bad = False, archived
+    cdef list events
+    cdef object event_type, tags, metadata, data, timestamp, recorded_at, event_id, position
+    cdef object digest
+    cdef PyObject *args[9]
+    if count < 0:
+        raise ValueError("count must not be negative")
+    events = []
+    for row in range(count):
+        if at + 2 > size or <int16_t>((s[at] << 8) | s[at + 1]) != EVENT_FIELDS:
+            bad = True
+            break
+        at += 2
+        archived = False
+        for field in range(EVENT_FIELDS):
+            if at + 4 > size:
+                bad = True
+                break
+            length = _get32(s + at)
+            at += 4
+            if length < 0:
+                if field == E_HASH:
+                    archived = True
+                elif not archived:
+                    bad = True
+                    break
+                continue
+            if at + length > size:
+                bad = True
+                break
+            if archived:  # only framed
+                at += length
+                continue
+            starts[field] = at
+            lengths[field] = length
+            at += length
+            if field == E_POSITION or field == E_TIMESTAMP or field == E_RECORDED_AT:
+                if length != 8:
+                    bad = True
+                    break
+            elif field == E_EVENT_ID:
+                if length != 16:
+                    bad = True
+                    break
+            elif field == E_HASH:
+                if length != HASH_SIZE:
+                    bad = True
+                    break
+            elif field >= E_TAGS:
+                if length < 1 or s[at - length] != 1:
+                    bad = True
+                    break
+        if bad:
+            break
+        if archived:
+            events.append(_get64(s + starts[E_POSITION]))
+            continue
+        moment = _get64(s + starts[E_TIMESTAMP])
+        if not MIN_TIME_US <= moment <= MAX_TIME_US:
+            bad = True
+            break
+        timestamp = _time_of(moment)
+        moment = _get64(s + starts[E_RECORDED_AT])
+        if not MIN_TIME_US <= moment <= MAX_TIME_US:
+            bad = True
+            break
+        recorded_at = _time_of(moment)
+        try:
+            event_type = PyUnicode_DecodeUTF8(<const char *>s + starts[E_EVENT_TYPE],
+                                              lengths[E_EVENT_TYPE], NULL)
+            tags = _decode_tags(PyBytes_FromStringAndSize(
+                <const char *>s + starts[E_TAGS] + 1, lengths[E_TAGS] - 1))
+            metadata = _decode_object(PyBytes_FromStringAndSize(
+                <const char *>s + starts[E_METADATA] + 1, lengths[E_METADATA] - 1))
+            data = _decode_object(PyBytes_FromStringAndSize(
+                <const char *>s + starts[E_DATA] + 1, lengths[E_DATA] - 1))
+        except _DECODE_FAILURES:
+            bad = True
+            break
+        event_id = _uuid_of(s + starts[E_EVENT_ID])
+        position = _get64(s + starts[E_POSITION])
+        digest = PyBytes_FromStringAndSize(<const char *>s + starts[E_HASH], HASH_SIZE)
+        # SequencedEvent(event_type, data, tags, metadata, event_id, timestamp,
+        # position=, recorded_at=, hash=) by vectorcall: no dict for the keywords.
+        args[0] = <PyObject *>event_type
+        args[1] = <PyObject *>data
+        args[2] = <PyObject *>tags
+        args[3] = <PyObject *>metadata
+        args[4] = <PyObject *>event_id
+        args[5] = <PyObject *>timestamp
+        args[6] = <PyObject *>position
+        args[7] = <PyObject *>recorded_at
+        args[8] = <PyObject *>digest
+        events.append(PyObject_Vectorcall(_SequencedEvent, args, 6, _EVENT_KEYWORDS))
+    if not bad and at != size:
+        bad = True
+    if bad:
+        _reference_decode_events(rows, count)
+        raise AssertionError("the native decoder rejected rows that the reference accepts")
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
 # reading COPY TO data straight from libpq (see tamma_events.ops.libpq)
 
 ctypedef int (*get_copy_data_t)(void *conn, char **buffer, int async_) noexcept nogil
@@ -936,6 +1137,7 @@ cdef const char *COPY_SIGNATURE = COPY_HEADER
 
 
 cdef enum:
+    READ_WOULD_BLOCK = 1
     READ_MORE = 0
     READ_END = -1
     READ_FAILED = -2
@@ -947,6 +1149,7 @@ cdef struct CopyReader:
     get_copy_data_t get
     freemem_t free_
     void *pgconn
+    int async_
     bint first
     char *p
     Py_ssize_t size
@@ -955,14 +1158,17 @@ cdef struct CopyReader:
 
 
 cdef int _read_rows(CopyReader *r, Py_ssize_t max_rows, Py_ssize_t max_bytes) noexcept nogil:
-    """Read rows into ``r`` until ``max_rows`` rows or ``max_bytes`` bytes, or the end: all
-    without the GIL, so that a thread reading ahead does not wait for it at every row."""
+    """Read rows into ``r`` until ``max_rows`` rows or ``max_bytes`` bytes, or the end (or,
+    in libpq's async mode, until no whole row is buffered): all without the GIL, so that a
+    thread reading ahead does not wait for it at every row."""
     cdef char *message = NULL
     cdef char *grown
     cdef int n
     cdef Py_ssize_t skip, cap
     while r.count < max_rows and r.size < max_bytes:
-        n = r.get(r.pgconn, &message, 0)
+        n = r.get(r.pgconn, &message, r.async_)
+        if n == 0:
+            return READ_WOULD_BLOCK
         if n < 0:
             return READ_FAILED if n == -2 else READ_END
         skip = 0
@@ -995,15 +1201,19 @@ cdef int _read_rows(CopyReader *r, Py_ssize_t max_rows, Py_ssize_t max_bytes) no
 
 
 def read_copy(size_t conn, size_t get_copy_data, size_t freemem, Py_ssize_t max_rows,
-              Py_ssize_t max_bytes, bint first):
+              Py_ssize_t max_bytes, bint first, bint nonblocking=False):
     """Read the rows of a ``COPY ... TO STDOUT (FORMAT BINARY)`` in progress on the libpq
     connection ``conn`` (a ``PGconn *``), with libpq's own ``PQgetCopyData`` and ``PQfreemem``
     (their addresses), without the GIL for the whole read: at most ``max_rows`` rows, stopping
     once ``max_bytes`` are read. ``first``: the next message starts with the file header,
     which is checked and dropped; the trailer is dropped too.
 
+    With ``nonblocking``, only the rows libpq has already received are read (its async mode:
+    the caller waits for the socket and calls ``PQconsumeInput`` when the status is 1).
+
     Returns ``(rows, count, status)``: the rows back to back, how many, and 0 when more may
-    follow, -1 at the end of the data, -2 when libpq failed (its caller reads the error)."""
+    follow, 1 when no whole row is buffered (``nonblocking`` only), -1 at the end of the
+    data, -2 when libpq failed (its caller reads the error)."""
     cdef CopyReader reader
     cdef int status
     memset(&reader, 0, sizeof(reader))
@@ -1011,6 +1221,7 @@ def read_copy(size_t conn, size_t get_copy_data, size_t freemem, Py_ssize_t max_
     reader.free_ = <freemem_t>freemem
     reader.pgconn = <void *>conn
     reader.first = first
+    reader.async_ = 1 if nonblocking else 0
     try:
         with nogil:
             status = _read_rows(&reader, max_rows, max_bytes)

@@ -66,6 +66,7 @@ RENAMES = {
     "group_async": "group",
     "listen_async": "listen",
     "copy_rows_async": "copy_rows",
+    "native_rows_async": "native_rows",
     "_AsyncWaiter": "_Waiter",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",

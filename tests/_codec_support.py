@@ -8,6 +8,9 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
+import psycopg
+from psycopg import sql
+
 from tamma_events.errors import EventStoreError
 
 #: Row bytes besides event_type and the three JSON texts (see _pycodec's layout).
@@ -64,3 +67,65 @@ def depth_of(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return 1 + max((depth_of(v) for v in value), default=0)
     return 0
+
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+COPY_TRAILER = b"\xff\xff"
+
+
+def copy_out(conn: psycopg.Connection[Any], statement: sql.Composable) -> tuple[bytes, int]:
+    """The rows of ``COPY (statement) TO STDOUT (FORMAT BINARY)``, read through psycopg,
+    without header and trailer, and their count."""
+    copy_statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)
+    with conn.cursor() as cur, cur.copy(copy_statement) as copy:
+        messages = [bytes(message) for message in copy]
+    assert messages[0][: len(COPY_HEADER)] == COPY_HEADER
+    messages[0] = messages[0][len(COPY_HEADER) :]
+    assert messages[-1] == COPY_TRAILER
+    rows = messages[:-1]
+    return b"".join(rows), len(rows)
+
+
+def decode_outcome(
+    decoder: Callable[[bytes, int], Any], rows: bytes, count: int
+) -> tuple[Any, ...]:
+    """What a decoder of COPY rows did, comparable between the codecs: its result, or its error
+    (EventStoreError compares code, message and context), or any other exception."""
+    try:
+        return ("ok", decoder(rows, count))
+    except EventStoreError as exc:
+        return ("error", exc)
+    except Exception as exc:
+        return ("exception", type(exc).__name__, str(exc))
+
+
+def field(value: bytes | None) -> bytes:
+    """One binary COPY field: its length (-1 for NULL) and its bytes."""
+    return struct.pack(">i", -1) if value is None else struct.pack(">i", len(value)) + value
+
+
+def check_cuts_and_miscounts(
+    both: Callable[[bytes, int], tuple[Any, ...]],
+    rows: bytes,
+    count: int,
+    columns: tuple[str, ...],
+    error: Callable[[int, str, str], EventStoreError],
+) -> None:
+    """``both`` (the two codecs' common decoding outcome) reports every cut of ``rows`` as
+    the row and field cut short, every one of them somewhere, and a count off by one as the
+    row missing or the row too many; the rows twice over decode."""
+    seen: set[tuple[int, str]] = set()
+    for cut in range(len(rows)):
+        result = both(rows[:cut], count)
+        assert result[0] == "error"
+        failure = result[1]
+        assert failure.code == "STORAGE_ERROR"
+        assert failure.message.endswith("is cut short")
+        seen.add((failure.context["row"], failure.context["field"]))
+    assert seen == {(r, f) for r in range(count) for f in ("row", *columns)}
+    assert both(rows, count - 1) == (
+        "error",
+        error(count - 1, "row", "follows the last expected row"),
+    )
+    assert both(rows, count + 1) == ("error", error(count, "row", "is cut short"))
+    assert both(rows + rows, 2 * count)[0] == "ok"

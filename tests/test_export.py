@@ -28,6 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
+from _codec_support import (
+    COPY_TRAILER,
+    check_cuts_and_miscounts,
+    copy_out,
+    decode_outcome,
+    field,
+)
 from tamma_events import DomainEvent, EventFilter, EventStore, EventStoreError
 from tamma_events import _native as native  # no fallback: the tests fail if it did not build
 from tamma_events.codec import reference as python
@@ -40,8 +47,6 @@ TYPES = ("IssueCreated", "PrOpened", "LlmCallCompleted")
 
 #: Microseconds from the Unix epoch to PostgreSQL's, 2000-01-01 (10,957 days).
 PG_EPOCH_US = 10_957 * 86_400 * 1_000_000
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
-COPY_TRAILER = b"\xff\xff"
 COLUMNS = (
     "position",
     "event_id",
@@ -112,42 +117,19 @@ def _positions(table: pa.Table) -> list[int]:
 
 def copy_rows(dsn: str, schema: str) -> tuple[bytes, int]:
     """The events table as binary COPY rows, without header and trailer, and their count."""
-    statement = sql.SQL(
-        "COPY (SELECT {} FROM {} ORDER BY position) TO STDOUT (FORMAT BINARY)"
-    ).format(
+    statement = sql.SQL("SELECT {} FROM {} ORDER BY position").format(
         sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS), sql.Identifier(schema, "events")
     )
-    with psycopg.connect(dsn) as conn, conn.cursor() as cur, cur.copy(statement) as copy:
-        messages = [bytes(message) for message in copy]
-    assert messages[0][: len(COPY_HEADER)] == COPY_HEADER
-    messages[0] = messages[0][len(COPY_HEADER) :]
-    assert messages[-1] == COPY_TRAILER
-    rows = messages[:-1]
-    return b"".join(rows), len(rows)
-
-
-def outcome(decoder: Decoder, rows: bytes, count: int) -> tuple[Any, ...]:
-    """What a decoder did, comparable between the two: its buffers, or its error
-    (EventStoreError compares code, message and context), or any other exception."""
-    try:
-        return ("ok", decoder(rows, count))
-    except EventStoreError as exc:
-        return ("error", exc)
-    except Exception as exc:
-        return ("exception", type(exc).__name__, str(exc))
+    with psycopg.connect(dsn) as conn:
+        return copy_out(conn, statement)
 
 
 def both(rows: bytes, count: int) -> tuple[Any, ...]:
     """The decoders' common outcome; fails if they differ."""
-    native_outcome = outcome(native.decode_rows, rows, count)
-    python_outcome = outcome(python.decode_rows, rows, count)
+    native_outcome = decode_outcome(native.decode_rows, rows, count)
+    python_outcome = decode_outcome(python.decode_rows, rows, count)
     assert native_outcome == python_outcome
     return python_outcome
-
-
-def field(value: bytes | None) -> bytes:
-    """One binary COPY field: its length (-1 for NULL) and its bytes."""
-    return struct.pack(">i", -1) if value is None else struct.pack(">i", len(value)) + value
 
 
 def make_row(**values: bytes | None) -> bytes:
@@ -646,22 +628,7 @@ def test_decoders_agree_on_every_cut_and_miscount_of_server_rows(
     store.append_batch(_server_events()[2:5])
     rows, count = copy_rows(pg_dsn, store.schema)
     assert count == 3
-    seen: set[tuple[int, str]] = set()
-    for cut in range(len(rows)):
-        result = both(rows[:cut], count)
-        assert result[0] == "error"
-        error = result[1]
-        assert error.code == "STORAGE_ERROR"
-        assert error.message.endswith("is cut short")
-        seen.add((error.context["row"], error.context["field"]))
-    # every row, and every field of it, was cut somewhere
-    assert seen == {(r, f) for r in range(3) for f in ("row", *COLUMNS)}
-    assert both(rows, count - 1) == (
-        "error",
-        python.decode_error(2, "row", "follows the last expected row"),
-    )
-    assert both(rows, count + 1) == ("error", python.decode_error(3, "row", "is cut short"))
-    assert both(rows + rows, 2 * count)[0] == "ok"
+    check_cuts_and_miscounts(both, rows, count, COLUMNS, python.decode_error)
 
 
 # ---------------------------------------------------------------------------------------------

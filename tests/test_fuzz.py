@@ -12,8 +12,9 @@ accepted are then sealed by both (identical bytes and hash chain) and verified b
 
 Decoding: random bytes, sealed rows damaged byte by byte, and rows whose jsonb fields hold
 hostile JSON text (invalid UTF-8, escaped NULs and surrogates, NaN, 10,000-deep nesting,
-duplicate keys) go into `decode_rows` (the export reader) and `rehash` (the verifier): identical
-results or identical `EventStoreError`s, never another exception. A last property gives both
+duplicate keys) go into `decode_rows` (the export reader), `decode_events` (the reader of
+events) and `rehash` (the verifier): identical results or identical `EventStoreError`s, never
+another exception. A last property gives both
 decoders hostile arguments (counts far past the rows, positions past 64 bits, hashes of the
 wrong length) and requires that they agree. The native decoders run in a worker process under
 Python's debug allocator, so that a write past a buffer, a crash or a hang is reported as the
@@ -843,6 +844,19 @@ def to_export(rows: bytes, count: int, recorded_at: bytes) -> bytes:
     return join_rows([[*f[:4], recorded_at, *f[4:]] for f in fields_of(rows, count)])
 
 
+def to_read(rows: bytes, count: int, recorded_at: bytes, archived: int = -1) -> bytes:
+    """Stored rows as a read's rows (`EVENT_COLUMNS`: the hash after the position,
+    ``recorded_at`` after the timestamp); row ``archived`` as an archived event's (NULL hash,
+    payload and recorded_at; its other fields kept, as `history_rows` has them)."""
+    out: list[list[bytes | None]] = []
+    for n, f in enumerate(fields_of(rows, count)):
+        if n == archived:
+            out.append([f[0], None, f[1], f[2], f[3], None, f[4], None, None])
+        else:
+            out.append([f[0], f[7], f[1], f[2], f[3], recorded_at, f[4], f[5], f[6]])
+    return join_rows(out)
+
+
 #: A damage: where (an offset, taken modulo the length), what (set, insert, delete, cut) and a
 #: byte.
 damages = st.lists(
@@ -1021,6 +1035,13 @@ def decode_both(
     event(f"rehash: {outcome[0]} {getattr(outcome[1], 'kind', '') if outcome[0] == 'ok' else ''}")
 
 
+def read_both(worker: NativeWorker, rows: bytes, count: int) -> None:
+    """Both read decoders (`decode_events`) do the same, cleanly: the same events (or
+    archived positions), or the same error."""
+    outcome = assert_same_and_clean(both_decoders(worker, "decode_events", rows, count))
+    event(f"decode_events: {outcome[0]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # properties: decoding
 
@@ -1036,6 +1057,7 @@ def test_random_bytes_into_the_decoders(
     worker: NativeWorker, rows: bytes, count: int, first_position: int, prev_hash: bytes
 ) -> None:
     decode_both(worker, rows, count, first_position, prev_hash)
+    read_both(worker, rows, count)
 
 
 @FUZZ
@@ -1044,6 +1066,7 @@ def test_random_bytes_into_the_decoders(
     edits=damages,
     recorded_at=st.binary(min_size=8, max_size=8),
     extra=st.integers(-1, 1),
+    archived=st.integers(-1, 3),
 )
 def test_damaged_rows_into_the_decoders(
     worker: NativeWorker,
@@ -1051,12 +1074,14 @@ def test_damaged_rows_into_the_decoders(
     edits: list[tuple[int, str, bytes]],
     recorded_at: bytes,
     extra: int,
+    archived: int,
 ) -> None:
     rows, count, first_position, prev_hash = stored
     asked = max(0, count + extra)
     decode_both(worker, damage(rows, edits), asked, first_position, prev_hash)
     exported = to_export(rows, count, recorded_at)
     decode_both(worker, damage(exported, edits), asked, first_position, prev_hash)
+    read_both(worker, damage(to_read(rows, count, recorded_at, archived), edits), asked)
 
 
 @FUZZ
@@ -1070,6 +1095,7 @@ def test_damaged_rows_into_the_decoders(
     ),
     version=st.sampled_from([b"\x01", b"\x01", b"\x01", b"\x00", b"\x02", b""]),
     recorded_at=st.binary(min_size=8, max_size=8),
+    archived=st.integers(-1, 3),
 )
 def test_hostile_json_into_the_decoders(
     worker: NativeWorker,
@@ -1078,6 +1104,7 @@ def test_hostile_json_into_the_decoders(
     texts: list[tuple[str, Any]],
     version: bytes,
     recorded_at: bytes,
+    archived: int,
 ) -> None:
     rows, count, first_position, prev_hash = stored
     fields: list[list[bytes | None]] = list(fields_of(rows, count))  # type: ignore[arg-type]
@@ -1088,6 +1115,7 @@ def test_hostile_json_into_the_decoders(
     decode_both(worker, changed, count, first_position, prev_hash)
     exported = to_export(changed, count, recorded_at)
     decode_both(worker, exported, count, first_position, prev_hash)
+    read_both(worker, to_read(changed, count, recorded_at, archived), count)
 
 
 def _three_sealed_rows() -> tuple[bytes, int, int, bytes]:
@@ -1111,12 +1139,16 @@ THREE_ROWS = _three_sealed_rows()
         # 8 * (2**60 + 1) bytes wrap around to a negative size: a buffer that never grows.
         ("decode_rows", (b"", 2**60 + 1)),
         ("rehash", (b"", 2**60 + 1, 1, GENESIS)),
+        ("decode_events", (to_read(THREE_ROWS[0], 3, bytes(8)), 2**62)),
+        ("decode_events", (b"", 2**60 + 1)),
     ],
     ids=[
         "rehash 2**62 rows",
         "decode_rows 2**62 rows",
         "decode_rows 2**60+1 rows",
         "rehash 2**60+1",
+        "decode_events 2**62 rows",
+        "decode_events 2**60+1 rows",
     ],
 )
 def test_a_count_whose_buffers_overflow_is_refused_like_the_reference(
@@ -1162,6 +1194,7 @@ def test_hostile_decoder_arguments(
     n = stored_count if count is None else count
     for name, args in (
         ("decode_rows", (view(rows), n)),
+        ("decode_events", (view(rows), n)),
         ("rehash", (view(rows), n, first_position, prev_hash)),
     ):
         results = both_decoders(worker, name, *args)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Final
 
-__all__ = ["IMPL", "decode_rows", "prepare", "rehash", "seal"]
+__all__ = ["IMPL", "decode_events", "decode_rows", "prepare", "rehash", "seal"]
 
 _requested: Final = os.environ.get("TAMMA_EVENTS_IMPL", "").strip().lower()
 
@@ -26,23 +26,23 @@ if _requested not in ("", "native", "python"):
     )
 
 if TYPE_CHECKING:
-    from tamma_events.codec.reference import decode_rows, prepare, rehash, seal
+    from tamma_events.codec.reference import decode_events, decode_rows, prepare, rehash, seal
 
     IMPL: str
 elif _requested == "python":
-    from tamma_events.codec.reference import decode_rows, prepare, rehash, seal
+    from tamma_events.codec.reference import decode_events, decode_rows, prepare, rehash, seal
 
     IMPL = "python"
 else:
     try:
-        from tamma_events._native import decode_rows, prepare, rehash, seal
+        from tamma_events._native import decode_events, decode_rows, prepare, rehash, seal
     except ImportError as exc:
         if _requested == "native":
             raise ImportError(
                 "TAMMA_EVENTS_IMPL=native but the native codec (tamma_events._native) did not "
                 f"load: {exc}. Rebuild with `pip install -e .` (needs a C compiler)."
             ) from exc
-        from tamma_events.codec.reference import decode_rows, prepare, rehash, seal
+        from tamma_events.codec.reference import decode_events, decode_rows, prepare, rehash, seal
 
         IMPL = "python"
     else:

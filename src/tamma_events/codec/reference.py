@@ -42,13 +42,14 @@ from tamma_events.errors import (
     ValidationFailed,
     short_repr,
 )
-from tamma_events.model import DomainEvent
+from tamma_events.model import DomainEvent, SequencedEvent
 
 __all__ = [
     "COPY_COLUMNS",
     "COPY_HEADER",
     "COPY_TRAILER",
     "DEFAULT_MAX_EVENT_BYTES",
+    "EVENT_COLUMNS",
     "EXPORT_COLUMNS",
     "GENESIS_HASH",
     "MAX_DEPTH",
@@ -59,6 +60,7 @@ __all__ = [
     "Rehashed",
     "canonical",
     "decode_error",
+    "decode_events",
     "decode_rows",
     "event_error",
     "json_rows",
@@ -636,12 +638,16 @@ def _fields(
     columns: tuple[str, ...],
     sizes: dict[str, int],
     error: Callable[[int, str, str], EventStoreError],
+    marker: str | None = None,
 ) -> Iterator[tuple[int, str, int, int]]:
     """The fields of ``count`` binary COPY rows of ``columns`` in ``view``, as ``(row, field,
     start, length)``, each row's own start first (as ``(row, "", start, 0)``), their framing
     checked on the way: cut short, NULL, a fixed size in ``sizes`` not met, jsonb (tags,
     metadata, data) not of version 1, bytes after the last row. ``error(row, field, problem)``
-    words the first problem."""
+    words the first problem.
+
+    With a ``marker`` column, a row where it is NULL is an archived event's: its later fields
+    are only framed (any may be NULL), and come with the length -1, as NULLs do."""
     size = len(view)
     at = 0
     for row in range(count):
@@ -652,15 +658,25 @@ def _fields(
             raise error(row, "row", f"has {fields} fields, not {len(columns)}")
         yield row, "", at, 0
         at += 2
+        skipped = False
         for field in columns:
             if at + 4 > size:
                 raise error(row, field, "is cut short")
             (length,) = _INT32.unpack_from(view, at)
             at += 4
-            if length < 0:
+            if length < 0 and field == marker:
+                skipped = True
+            elif length < 0 and not skipped:
                 raise error(row, field, "is NULL")
+            if length < 0:
+                yield row, field, at, -1
+                continue
             if at + length > size:
                 raise error(row, field, "is cut short")
+            if skipped:
+                yield row, field, at, -1
+                at += length
+                continue
             expected = sizes.get(field)
             if expected is not None and length != expected:
                 raise error(row, field, f"has {length} bytes, not {expected}")
@@ -728,6 +744,95 @@ def decode_rows(rows: bytes | bytearray | memoryview, count: int) -> DecodedRows
         bytes(data.data),
         bytes(fixed["hash"]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: binary COPY rows into the events readers get
+
+#: The columns a read takes, in order (`tamma_events.sql.EVENT_SELECT` selects them). A row
+#: whose ``hash`` is NULL is an archived event's (`tamma_events.sql.Statements.history_rows`):
+#: only its position is read, and its event is read from its archive file.
+EVENT_COLUMNS: Final = (
+    "position",
+    "hash",
+    "event_id",
+    "event_type",
+    "timestamp",
+    "recorded_at",
+    "tags",
+    "metadata",
+    "data",
+)
+_EVENT_SIZES: Final = {
+    "position": 8,
+    "hash": HASH_SIZE,
+    "event_id": 16,
+    "timestamp": 8,
+    "recorded_at": 8,
+}
+#: The decoders of the jsonb columns (the native decoder calls these very ones).
+decode_tags: Final = msgspec.json.Decoder(dict[str, str]).decode
+decode_object: Final = msgspec.json.Decoder(dict[str, Any]).decode
+_DECODE_FAILURES: Final = (msgspec.MsgspecError, ValueError, RecursionError)
+
+
+def _read_time(view: bytes, at: int, row: int, field: str) -> datetime:
+    (moment,) = _INT64.unpack_from(view, at)
+    try:
+        return _PG_EPOCH + timedelta(microseconds=moment)
+    except OverflowError:
+        raise stored_row_error(row, field, "is out of the range of Python's datetime") from None
+
+
+def _read_json(text: bytes, row: int, field: str) -> Any:
+    try:
+        if field == "tags":
+            return decode_tags(text)
+        return decode_object(text)
+    except _DECODE_FAILURES:
+        what = "are not an object of strings" if field == "tags" else "is not a JSON object"
+        raise stored_row_error(row, field, what) from None
+
+
+def decode_events(rows: bytes | bytearray | memoryview, count: int) -> list[SequencedEvent | int]:
+    """Decode ``count`` binary COPY rows of `EVENT_COLUMNS` (no header, no trailer) into the
+    events readers get; an archived event's row (its ``hash`` NULL) becomes its position, an
+    int, for the caller to read from its archive.
+
+    Raises ``STORAGE_ERROR`` naming the row (0-based in ``rows``) and field for anything but
+    exactly ``count`` well-formed rows, or a value no event can hold."""
+    if not -(2**63) <= count < 2**63:  # the native function's argument checks, in its words
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    if count < 0:
+        raise ValueError("count must not be negative")
+    view = bytes(rows)
+    events: list[SequencedEvent | int] = []
+    values: dict[str, Any] = {}
+    fields = _fields(view, count, EVENT_COLUMNS, _EVENT_SIZES, stored_row_error, "hash")
+    for row, field, at, length in fields:
+        if field == "position":
+            values = {"position": _INT64.unpack_from(view, at)[0]}
+            continue
+        if length >= 0:
+            if field == "hash":
+                values["hash"] = view[at : at + length]
+            elif field == "event_id":
+                values["event_id"] = uuid.UUID(bytes=view[at : at + length])
+            elif field == "event_type":
+                try:
+                    values["event_type"] = view[at : at + length].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise stored_row_error(row, field, "is not UTF-8") from None
+            elif field in ("timestamp", "recorded_at"):
+                values[field] = _read_time(view, at, row, field)
+            elif field:
+                values[field] = _read_json(view[at + 1 : at + length], row, field)
+        if field == "data":
+            if "hash" in values:
+                events.append(SequencedEvent(**values))
+            else:
+                events.append(values["position"])
+    return events
 
 
 # ---------------------------------------------------------------------------------------------

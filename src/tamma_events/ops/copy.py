@@ -1,24 +1,19 @@
 """Reading binary ``COPY ... TO STDOUT``: the pieces both drivers share.
 
-`CopyMessages` gathers psycopg's messages (one per row) into chunks of raw rows; `native_rows`
-is the sync driver's native reader, which calls libpq's ``PQgetCopyData`` through the codec's
-``read_copy`` (`tamma_events.ops.libpq`), with no Python object per row. The chunks go to the
-codec's ``decode_rows`` (`tamma_events.codec.arrow.to_batch`).
+`CopyMessages` gathers psycopg's messages (one per row) into chunks of raw rows, when the
+native reader (`tamma_events.ops.drive_async.native_rows_async`, which calls libpq's
+``PQgetCopyData`` through the codec's ``read_copy``) cannot be used. The chunks go to the
+codec's ``decode_rows`` (`tamma_events.codec.arrow.to_batch`) or ``decode_events``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Final
-
-import psycopg
-import psycopg.errors
-from psycopg import pq as libpq
+from typing import Final
 
 from tamma_events.codec.reference import COPY_HEADER, COPY_TRAILER
 from tamma_events.errors import StorageError
 
-__all__ = ["MAX_CHUNK_BYTES", "MAX_CHUNK_ROWS", "CopyMessages", "native_rows"]
+__all__ = ["MAX_CHUNK_BYTES", "MAX_CHUNK_ROWS", "CopyMessages"]
 
 # A chunk holds at most this many bytes (or rows): the int32 offsets of the string columns
 # decoded from it stay far from their limit.
@@ -61,32 +56,3 @@ class CopyMessages:
         self.pending = bytearray()
         self.count = 0
         return chunk
-
-
-def native_rows(
-    conn: psycopg.Connection[Any], functions: tuple[int, int, int], max_rows: int, max_bytes: int
-) -> Iterator[tuple[bytes | bytearray, int]]:
-    """The rows of the COPY in progress on ``conn``, read by the native ``read_copy``; then
-    the command's result, read as psycopg would (its error raised as psycopg's)."""
-    from tamma_events._native import read_copy
-
-    first = True
-    while True:
-        rows, count, status = read_copy(*functions, max_rows, max_bytes, first)
-        first = False
-        if status == -2:
-            message = conn.pgconn.error_message.decode(errors="replace").strip()
-            raise psycopg.OperationalError(f"reading the export failed: {message}")
-        if status == -1:
-            # libpq holds the command's result: read it (and any other) before handing over
-            # the last rows, so that the connection is idle even if the caller stops there.
-            failure = None
-            while (result := conn.pgconn.get_result()) is not None:
-                if result.status != libpq.ExecStatus.COMMAND_OK and failure is None:
-                    failure = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-            if failure is not None:
-                raise failure
-        if count:
-            yield rows, count
-        if status == -1:
-            return

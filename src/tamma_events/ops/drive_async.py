@@ -3,9 +3,9 @@
 The operations (`tamma_events.ops.steps`) only describe their I/O; `run_async` in
 `tamma_events.ops.drive_async` does it on a ``psycopg.AsyncConnection``, and `run` in
 `tamma_events.ops.drive`, generated from that module by ``scripts/async_to_sync.py``, on a
-``psycopg.Connection``. The one real difference: a sync connection reads ``COPY ... TO STDOUT``
-rows with the native codec's ``read_copy`` straight from libpq (`tamma_events.ops.copy`), where
-the async one goes through psycopg's ``AsyncCopy``.
+``psycopg.Connection``. Both read ``COPY ... TO STDOUT`` rows with the native codec's
+``read_copy`` straight from libpq (`tamma_events.ops.libpq`); the one real difference is how
+they wait for the server: the sync reader inside libpq, the async one on the event loop.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from tamma_events.ops.copy import (
     MAX_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
     CopyMessages,
-    native_rows,
 )
 from tamma_events.ops.libpq import copy_functions
 from tamma_events.ops.steps import CopyIn, CopyOut, Op, Rollback, Run, Sleep, Step
 from tamma_events.sql import ROLLBACK, copy_out
 
-__all__ = ["copy_rows_async", "rollback_async", "run_async"]
+__all__ = ["copy_rows_async", "native_rows_async", "rollback_async", "run_async"]
+
+# `read_copy`'s statuses: no whole row buffered yet (async only), the end, a libpq failure.
+_WOULD_BLOCK = 1
+_END = -1
+_FAILED = -2
 
 _T = TypeVar("_T")
 
@@ -88,7 +92,17 @@ async def _do_async(
                 await copy.write(chunk)
         return None
     if isinstance(step, CopyOut):
-        return [chunk async for chunk in copy_rows_async(conn, step.query, step.params)]
+        chunks = copy_rows_async(
+            conn,
+            step.query,
+            step.params,
+            max_rows=step.max_rows or MAX_CHUNK_ROWS,
+            max_bytes=step.max_bytes or MAX_CHUNK_BYTES,
+        )
+        if step.decode is None:
+            return [chunk async for chunk in chunks]
+        decode = step.decode
+        return [decode(rows, count) async for rows, count in chunks]
     if isinstance(step, Rollback):
         await rollback_async(conn)
         return None
@@ -99,6 +113,76 @@ async def _do_async(
             time.sleep(step.seconds)
         return None
     raise TypeError(f"not a step: {step!r}")
+
+
+if True:  # ASYNC
+
+    async def _wait_readable(conn: psycopg.AsyncConnection[Any]) -> None:
+        """Wait until ``conn``'s socket has data, then have libpq take it in."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fileno = conn.pgconn.socket
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fileno, wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fileno)
+        conn.pgconn.consume_input()
+
+
+async def native_rows_async(
+    conn: psycopg.AsyncConnection[Any],
+    functions: tuple[int, int, int],
+    max_rows: int,
+    max_bytes: int,
+) -> AsyncGenerator[tuple[bytes | bytearray, int], None]:
+    """The rows of the COPY in progress on ``conn``, read by the native ``read_copy`` (see
+    `tamma_events.ops.libpq`); then the command's result, read as psycopg would (its error
+    raised as psycopg's).
+
+    The sync reader waits inside libpq, without the GIL; the async one takes the rows libpq
+    has already received, and waits for the socket on the event loop."""
+    from tamma_events._native import read_copy
+
+    first = True
+    while True:
+        if True:  # ASYNC
+            rows, count, status = read_copy(*functions, max_rows, max_bytes, first, True)
+        else:
+            rows, count, status = read_copy(*functions, max_rows, max_bytes, first)
+        # The header comes with the first row (or with the trailer, when there are none, and
+        # then no row follows): once a row is read, or the data ends, it is behind us.
+        first = first and not count and status == _WOULD_BLOCK
+        if status == _FAILED:
+            message = conn.pgconn.error_message.decode(errors="replace").strip()
+            raise psycopg.OperationalError(f"reading the export failed: {message}")
+        if status == _END:
+            # libpq holds the command's result: read it (and any other) before handing over
+            # the last rows, so that the connection is idle even if the caller stops there.
+            failure = None
+            while True:
+                if True:  # ASYNC
+                    while conn.pgconn.is_busy():
+                        await _wait_readable(conn)
+                result = conn.pgconn.get_result()
+                if result is None:
+                    break
+                if result.status != pq.ExecStatus.COMMAND_OK and failure is None:
+                    failure = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+            if failure is not None:
+                raise failure
+        if count:
+            yield rows, count
+        if status == _END:
+            return
+        if True:  # ASYNC
+            if status == _WOULD_BLOCK:
+                await _wait_readable(conn)
 
 
 async def copy_rows_async(
@@ -113,19 +197,15 @@ async def copy_rows_async(
     ``(rows, count)`` of at most ``max_rows`` rows, cut once ``max_bytes`` are gathered
     (header and trailer dropped).
 
-    On a sync connection with the native codec, the rows are read by its ``read_copy``
-    straight from libpq (see `tamma_events.ops.libpq`); otherwise through psycopg's ``Copy``, a
-    message per row."""
+    With the native codec, the rows are read by its ``read_copy`` straight from libpq (see
+    `tamma_events.ops.libpq`); otherwise through psycopg's ``Copy``, a message per row."""
     messages = CopyMessages(max_rows, max_bytes)
     async with conn.cursor() as cur, cur.copy(copy_out(statement), params) as copy:
-        if True:  # ASYNC
-            pass
-        else:
-            functions = copy_functions(conn) if _codec.IMPL == "native" else None
-            if functions is not None:
-                for rows in native_rows(conn, functions, max_rows, max_bytes):
-                    yield rows
-                return
+        functions = copy_functions(conn) if _codec.IMPL == "native" else None
+        if functions is not None:
+            async for rows in native_rows_async(conn, functions, max_rows, max_bytes):
+                yield rows
+            return
         async for message in copy:
             if (chunk := messages.add(message)) is not None:
                 yield chunk

@@ -64,7 +64,9 @@ def _functions() -> tuple[int, int, Any] | None:
     return get_copy_data, freemem, backend_pid
 
 
-def copy_functions(conn: psycopg.Connection[Any]) -> tuple[int, int, int] | None:
+def copy_functions(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+) -> tuple[int, int, int] | None:
     """``(PGconn *, PQgetCopyData, PQfreemem)`` as addresses for ``conn``, or None when they
     cannot be found or do not belong to the library ``conn`` runs on."""
     functions = _functions()

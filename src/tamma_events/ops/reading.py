@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 import psycopg
 import psycopg.errors
+from psycopg import sql
 
 from tamma_events import codec as _codec
 from tamma_events.checks import whole
@@ -43,10 +44,11 @@ from tamma_events.model import (
 )
 from tamma_events.ops.replicas import Behind
 from tamma_events.ops.state import StoreState
-from tamma_events.ops.steps import Op, Run
+from tamma_events.ops.steps import CopyOut, Op, Run
 from tamma_events.sql import (
     BEGIN_SNAPSHOT,
     COMMIT,
+    EVENT_SELECT,
     FEW_MATCHES,
     SERVER_VERSION,
     Select,
@@ -75,6 +77,11 @@ _decode_events = msgspec.json.Decoder(list[SequencedEvent]).decode
 
 _decode_event = msgspec.json.Decoder(SequencedEvent).decode
 
+# A read's binary COPY rows are decoded this many at a time (or this many bytes), each chunk
+# as soon as it arrives: the client decodes while the server still sends the rest.
+READ_CHUNK_ROWS = 128
+READ_CHUNK_BYTES = 256 << 10
+
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None:
@@ -89,21 +96,9 @@ def json_array(texts: list[str]) -> str:
     return "[" + ",".join(texts) + "]"
 
 
-def decode_events(texts: list[str]) -> list[SequencedEvent]:
-    return _decode_events(json_array(texts))
-
-
 def decode_document(document: str) -> list[SequencedEvent]:
     """The events of a JSON array of them (`get_events`' cached answer)."""
     return _decode_events(document)
-
-
-class _SortKey(msgspec.Struct):
-    """What keyset paging needs of an event, decoded alone from its JSON text."""
-
-    position: int
-    timestamp: datetime
-    event_type: str
 
 
 def check_size(value: int, field: str) -> None:
@@ -125,10 +120,7 @@ def _check_aggregate_id(aggregate_id: object) -> None:
     check_text(aggregate_id, "aggregate_id")
 
 
-_decode_key = msgspec.json.Decoder(_SortKey).decode
-
-
-def _sort_key(event: SequencedEvent | _SortKey, criteria: Criteria) -> datetime | str | None:
+def _sort_key(event: SequencedEvent, criteria: Criteria) -> datetime | str | None:
     """The event's key in the criteria's order (besides its position, which breaks ties)."""
     if criteria.order_by == "timestamp":
         return event.timestamp
@@ -222,8 +214,7 @@ class Reading(StoreState):
         return criteria, decoded.until, token_key(decoded, criteria), decoded.last_position
 
     @staticmethod
-    def _page(criteria: Criteria, until: int, rows: list[str], page_size: int) -> Page:
-        events = decode_events(rows)
+    def _page(criteria: Criteria, until: int, events: list[SequencedEvent], page_size: int) -> Page:
         if len(events) <= page_size:
             return Page(events, None)
         del events[page_size:]
@@ -304,21 +295,37 @@ class Reading(StoreState):
             return (yield from self._op_fill_archived(rows, 0, 1))
         return [row[0] for row in rows]
 
+    def _op_read_events(self, statement: sql.Composable, params: list[Any]) -> Op[list[Any]]:
+        """The events of a statement selecting `EVENT_SELECT` rows, by binary COPY decoded by
+        the codec; archived events (over `Statements.history_rows`) read from their files."""
+        chunks = yield CopyOut(
+            statement,
+            params,
+            decode=_codec.decode_events,
+            max_rows=READ_CHUNK_ROWS,
+            max_bytes=READ_CHUNK_BYTES,
+        )
+        events: list[Any] = chunks[0] if len(chunks) == 1 else [e for c in chunks for e in c]
+        missing = [event for event in events if type(event) is int]
+        if not missing:
+            return events
+        archived = iter((yield from self._archive.json_texts(missing)))
+        return [_decode_event(next(archived)) if type(e) is int else e for e in events]
+
     def _op_read_with_head(
         self, query: Query | None, after: int | None, limit: int | None, backwards: bool
     ) -> Op[tuple[list[SequencedEvent], int]]:
-        """The events `read` returns, and the store's head in the same snapshot."""
+        """The events `read` returns, and the store's head they were read up to: read first,
+        it bounds the read (every event up to it is committed)."""
         _check_limit(limit)
+        head = yield from self._op_head()
         params: list[Any] = [after_position(after)]
         shape = query_shape(query, params)
-        params.append(limit)
-        # Not prepared, as filter statements are not (see `Run`): after five runs psycopg
-        # would prepare it, and PostgreSQL's generic plan for a selective tag took 365 ms at 1M
-        # events where one planned for the values takes 1.7 ms.
-        rows = yield Run(self._statements.read(shape, backwards), params, prepare=False)
-        store_head = int(rows[0][0]) if rows else 0
-        texts = yield from self._op_fill_archived(rows, 1, 2)
-        return decode_events(texts), store_head
+        params += [head, limit]
+        # The statement is composed with its values (a COPY is not prepared): PostgreSQL
+        # plans it for them, as filter statements are (see `Run`).
+        events = yield from self._op_read_events(self._statements.read(shape, backwards), params)
+        return events, head
 
     def _op_read(
         self, query: Query | None, after: int | None, limit: int | None, backwards: bool
@@ -512,25 +519,23 @@ class Reading(StoreState):
         limit: int,
         offset: int,
         archived: bool = False,
-    ) -> Op[tuple[int, list[str]]]:
+    ) -> Op[tuple[int, list[SequencedEvent]]]:
         """The events matching ``criteria`` at positions up to ``until`` (the head now, when
         None) that follow the event ``(last_key, last_position)`` in the criteria's order (from
-        the first, when None), at most ``limit`` after skipping ``offset``, as the server's
-        JSON texts; and ``until``. With ``archived``, over the whole history."""
+        the first, when None), at most ``limit`` after skipping ``offset``; and ``until``. With
+        ``archived``, over the whole history."""
         until, select, few = yield from self._op_keyset_select(
             criteria, until, last_key, last_position, archived
         )
-        rows = yield from self._op_event_rows(
-            select.events(limit=limit, offset=offset, few=few), archived
-        )
-        return until, rows
+        text, params = select.events(limit=limit, offset=offset, few=few, columns=EVENT_SELECT)
+        return until, (yield from self._op_read_events(text, params))
 
     @staticmethod
-    def _stream_last(criteria: Criteria, rows: list[str]) -> Callable[[], tuple[Any, int]]:
+    def _stream_last(
+        criteria: Criteria, events: list[SequencedEvent]
+    ) -> Callable[[], tuple[Any, int]]:
         def last() -> tuple[Any, int]:
-            # The keyset comes from the last row's text: the next batch is asked for before
-            # this one is decoded.
-            event = _decode_key(rows[-1])
+            event = events[-1]
             return _sort_key(event, criteria), event.position
 
         return last
@@ -547,8 +552,7 @@ class Reading(StoreState):
         self, criteria: Criteria, after: int, limit: int
     ) -> Op[tuple[list[SequencedEvent], int]]:
         """`_op_read_after` for a filter: a keyset page in log order after ``after``."""
-        head, rows = yield from self._op_keyset_rows(criteria, None, None, after, limit, 0, True)
-        events = decode_events(rows)
+        head, events = yield from self._op_keyset_rows(criteria, None, None, after, limit, 0, True)
         return events, events[-1].position if len(events) >= limit else head
 
     def _op_explain(self, criteria: Criteria, count: bool, analyze: bool) -> Op[dict[str, Any]]:

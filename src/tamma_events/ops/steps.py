@@ -13,7 +13,7 @@ logic: appends, conditions, queries, pages, exports and archives are the same co
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, Literal, TypeVar
 
 from psycopg import sql
@@ -75,13 +75,29 @@ class CopyIn(Step):
 
 class CopyOut(Step):
     """``COPY (query) TO STDOUT (FORMAT BINARY)``; the result is its rows, raw, as a list of
-    chunks ``(rows, count)`` (header and trailer dropped) for the codec's ``decode_rows``."""
+    chunks ``(rows, count)`` (header and trailer dropped) for the codec's ``decode_rows``.
 
-    __slots__ = ("params", "query")
+    With ``decode``, the result is the list of ``decode(rows, count)`` of the chunks instead,
+    each decoded as soon as it is read: with small chunks (``max_rows`` rows, or ``max_bytes``
+    bytes; the driver's defaults when None), the client decodes while the server still sends
+    the rows that follow."""
 
-    def __init__(self, query: sql.Composable, params: list[Any]) -> None:
+    __slots__ = ("decode", "max_bytes", "max_rows", "params", "query")
+
+    def __init__(
+        self,
+        query: sql.Composable,
+        params: list[Any],
+        *,
+        decode: Callable[[bytes | bytearray, int], Any] | None = None,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.query = query
         self.params = params
+        self.decode = decode
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
 
 
 class Rollback(Step):

@@ -31,6 +31,7 @@ __all__ = [
     "COMMIT",
     "CONFIGURED_SETTING",
     "EVENT_JSON",
+    "EVENT_SELECT",
     "EXPORT_SELECT",
     "FEW_MATCHES",
     "POSITION_AND_ARCHIVED",
@@ -352,17 +353,20 @@ class Select:
         columns: sql.Composable = EVENT_JSON,
     ) -> tuple[sql.Composed, list[Any]]:
         """The matching events as JSON text (or ``columns``), one per row, in the criteria's
-        order.
+        order. Over the whole history, `EVENT_SELECT` reads `Statements.history_rows`.
 
         With ``few`` (the tag summary says the filter matches few events), the matches are
         collected first and ordered afterwards. Left to itself, the planner may walk the whole
         log in position order to find the first 100 of 50 matches when its sampled statistics
         overrate a tag value; the fence (OFFSET 0) keeps it from choosing that."""
         order = self.order(self.criteria.descending)
+        base = self.source
+        if self.archived and columns is EVENT_SELECT:
+            base = self.statements.history_rows
         if few:
             source: sql.Composable = sql.SQL(
                 "(SELECT * FROM {} WHERE {} OFFSET 0) AS matches"
-            ).format(self.source, self.predicate())
+            ).format(base, self.predicate())
             where: sql.Composable = sql.SQL("TRUE")
             params = self.all_params
         elif self.ranged:
@@ -372,12 +376,12 @@ class Select:
             # time outside the fenced walk keeps it reading the range in order and stopping at
             # the limit.
             source = sql.SQL("(SELECT * FROM {} WHERE {} {} OFFSET 0) AS ranged").format(
-                self.source, _conjunction(self.where), order
+                base, _conjunction(self.where), order
             )
             where = _conjunction(self.window)
             params = [*self.params, *self.window_params]
         else:
-            source = self.source
+            source = base
             where = self.predicate()
             params = self.all_params
         if self.archived and columns is EVENT_JSON:
@@ -599,6 +603,11 @@ def condition_check(condition: AppendCondition) -> Check:
 EXPORT_SELECT: Final = sql.SQL(
     'position, event_id, event_type, "timestamp", recorded_at, tags, metadata, data, hash'
 )
+#: A read's columns as a SELECT list, in the order the codec's ``decode_events`` reads them
+#: (`tamma_events.codec.reference.EVENT_COLUMNS`): binary COPY, decoded into the events.
+EVENT_SELECT: Final = sql.SQL(
+    'position, hash, event_id, event_type, "timestamp", recorded_at, tags, metadata, data'
+)
 #: A history row's position, and whether it is archived (its payload is in a file).
 POSITION_AND_ARCHIVED: Final = sql.SQL("position, event IS NULL")
 #: The columns of a chain check: the row as the append hashed it, and its hash.
@@ -699,11 +708,19 @@ class Statements:
             ' SELECT position, event_id, event_type, "timestamp", tags, NULL::text'
             " FROM {archived}) AS history"
         ).format(event=EVENT_JSON, events=self.events, archived=self.archived_events)
+        # The same, with the columns of `EVENT_SELECT`: an archived event has a NULL hash
+        # (and payload); its filter columns are there, for the WHERE clause.
+        self.history_rows = sql.SQL(
+            '(SELECT position, hash, event_id, event_type, "timestamp", recorded_at, tags,'
+            " metadata, data FROM {events} UNION ALL"
+            ' SELECT position, NULL::bytea, event_id, event_type, "timestamp",'
+            " NULL::timestamptz, tags, NULL::jsonb, NULL::jsonb FROM {archived}) AS history"
+        ).format(events=self.events, archived=self.archived_events)
         self.existing_ids = sql.SQL(
             "SELECT event_id FROM {} WHERE event_id = ANY(%s) ORDER BY position"
         ).format(self.event_index)
         self._checks: dict[tuple[Shape, ...], bytes] = {}
-        self._reads: dict[tuple[Shape, bool], bytes] = {}
+        self._reads: dict[tuple[Shape, bool], sql.Composed] = {}
         self.append_group = (
             # Binary parameters: text and bytea go as they are, without escaping.
             sql.SQL("SELECT {}(%b::jsonb, %b)")
@@ -884,32 +901,25 @@ class Statements:
                 self._checks[key] = text
         return text, [p for _, params in checks for p in params]
 
-    def read(self, shape: Shape, backwards: bool) -> bytes:
-        """Events after a position matching a query of ``shape`` and, in the same snapshot, the
-        head.
+    def read(self, shape: Shape, backwards: bool) -> sql.Composed:
+        """Events after a position, up to another (the head, read first), matching a query of
+        ``shape``, as `EVENT_SELECT` rows for a binary COPY: archived events come with a NULL
+        hash (see `history_rows`).
 
-        Parameters: after, the query's parameters, limit (None for no limit). Each row holds
-        the head, an event as `EVENT_JSON` (NULL for an archived event) and its position; a
-        single row with a NULL position means no event matched.
-        """
+        Parameters: after, the query's parameters, the last position, limit (None for no
+        limit)."""
         key = (shape, backwards)
         text = self._reads.get(key)
         if text is None:
             direction = sql.SQL("DESC" if backwards else "ASC")
-            text = (
-                sql.SQL(
-                    "SELECT h.position, e.event, e.position FROM {head} h LEFT JOIN LATERAL ("
-                    "SELECT position, event FROM {history} WHERE position > %s"
-                    " AND {predicate} ORDER BY position {direction} LIMIT %s) e ON true"
-                    " ORDER BY e.position {direction}"
-                )
-                .format(
-                    head=self.head,
-                    history=self.history,
-                    predicate=_predicate(shape),
-                    direction=direction,
-                )
-                .as_bytes(None)
+            text = sql.SQL(
+                "SELECT {columns} FROM {history} WHERE position > %s AND {predicate}"
+                " AND position <= %s ORDER BY position {direction} LIMIT %s"
+            ).format(
+                columns=EVENT_SELECT,
+                history=self.history_rows,
+                predicate=_predicate(shape),
+                direction=direction,
             )
             if len(self._reads) < _CACHE_SIZE:
                 self._reads[key] = text

@@ -76,7 +76,6 @@ from tamma_events.ops.reading import (
     KeysetWalk,
     check_size,
     decode_document,
-    decode_events,
     event_key,
     subscription_criteria,
 )
@@ -892,13 +891,13 @@ class AsyncEventStore(StoreCore):
         (pass it with every page of a walk)."""
         criteria, until, key, position = self._page_start(event_filter, page_size, token)
         # One event more than the page, to know whether another page follows.
-        pinned, rows = await self._query(
+        pinned, events = await self._query(
             "page",
             lambda: self._op_keyset_rows(
                 criteria, until, key, position, page_size + 1, 0, include_archived
             ),
         )
-        return self._page(criteria, pinned, rows, page_size)
+        return self._page(criteria, pinned, events, page_size)
 
     async def paginate(
         self,
@@ -946,7 +945,7 @@ class AsyncEventStore(StoreCore):
     async def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> AsyncGenerator[SequencedEvent, None]:
-        async def read(args: Keyset) -> tuple[int, list[str]]:
+        async def read(args: Keyset) -> tuple[int, list[SequencedEvent]]:
             return await self._query(
                 "stream", lambda: self._op_keyset_rows(criteria, *args, archived)
             )
@@ -959,8 +958,8 @@ class AsyncEventStore(StoreCore):
             "stream",
         )
         try:
-            async for rows in walk:
-                for event in decode_events(rows):
+            async for events in walk:
+                for event in events:
                     yield event
         finally:
             await walk.aclose()

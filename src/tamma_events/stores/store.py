@@ -77,7 +77,6 @@ from tamma_events.ops.reading import (
     KeysetWalk,
     check_size,
     decode_document,
-    decode_events,
     event_key,
     subscription_criteria,
 )
@@ -860,13 +859,13 @@ class EventStore(StoreCore):
         (pass it with every page of a walk)."""
         criteria, until, key, position = self._page_start(event_filter, page_size, token)
         # One event more than the page, to know whether another page follows.
-        pinned, rows = self._query(
+        pinned, events = self._query(
             "page",
             lambda: self._op_keyset_rows(
                 criteria, until, key, position, page_size + 1, 0, include_archived
             ),
         )
-        return self._page(criteria, pinned, rows, page_size)
+        return self._page(criteria, pinned, events, page_size)
 
     def paginate(
         self,
@@ -914,7 +913,7 @@ class EventStore(StoreCore):
     def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> Generator[SequencedEvent, None, None]:
-        def read(args: Keyset) -> tuple[int, list[str]]:
+        def read(args: Keyset) -> tuple[int, list[SequencedEvent]]:
             return self._query("stream", lambda: self._op_keyset_rows(criteria, *args, archived))
 
         walk = _keyset_walk(
@@ -925,8 +924,8 @@ class EventStore(StoreCore):
             "stream",
         )
         try:
-            for rows in walk:
-                for event in decode_events(rows):
+            for events in walk:
+                for event in events:
                     yield event
         finally:
             walk.close()
