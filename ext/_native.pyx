@@ -43,8 +43,9 @@ from cpython.unicode cimport (
 )
 from libc.math cimport copysign, fabs, isfinite
 from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
-from libc.string cimport memchr, memcmp, memcpy, memset
+from libc.stdio cimport snprintf
+from libc.stdlib cimport free, realloc, strtol
+from libc.string cimport memchr, memcmp, memcpy, memset, strchr, strlen
 
 import array as _array
 import hashlib
@@ -1257,11 +1258,451 @@ cdef enum:
     S_FIELDS = 8
 
 
+# ---------------------------------------------------------------------------------------------
+# verifying, natively: jsonb's text rewritten as the codec encodes it, without Python objects
+
+cdef extern from "Python.h":
+    double PyOS_string_to_double(const char *s, char **endptr, PyObject *overflow_exception) except? -1.0
+    char *PyOS_double_to_string(double val, char format_code, int precision, int flags,
+                                int *type) except NULL
+    int Py_DTSF_ADD_DOT_0
+
+# The longest number text read natively, and the most digits of an integer read natively (the
+# codec's limit, 4,096 bits, has 1,234): past them, the msgspec path (and the reference's
+# rules) decide.
+cdef enum:
+    MAX_NUMBER_TEXT = 320
+    MAX_INT_DIGITS = 1200
+    # What an object's values may be: any JSON (metadata, data), or strings (tags).
+    ANY_VALUES = 0
+    STRING_VALUES = 1
+
+
+cdef const char *HEX_DIGITS = b"0123456789abcdef"
+
+
+cdef struct Member:
+    Py_ssize_t key_at     # the key's unescaped UTF-8, in Canon.keys
+    Py_ssize_t key_len
+    Py_ssize_t text_at    # the member's canonical text ("key":value), in Canon.out
+    Py_ssize_t text_len
+
+
+cdef struct Canon:
+    Buf out       # the canonical text being written
+    Buf keys      # the unescaped keys of the objects being read (and one string's, briefly)
+    Buf tmp       # scratch: one object's members, in order
+    Buf members   # Member records of the objects being read
+    Buf merge     # scratch for sorting them
+
+
+cdef void _canon_free(Canon *c) noexcept:
+    PyMem_Free(c.out.p)
+    PyMem_Free(c.keys.p)
+    PyMem_Free(c.tmp.p)
+    PyMem_Free(c.members.p)
+    PyMem_Free(c.merge.p)
+
+
+cdef inline int _key_cmp(const char *keys, const Member *a, const Member *b) noexcept nogil:
+    cdef Py_ssize_t n = a.key_len if a.key_len < b.key_len else b.key_len
+    cdef int r = memcmp(keys + a.key_at, keys + b.key_at, n)
+    if r != 0:
+        return r
+    return (a.key_len > b.key_len) - (a.key_len < b.key_len)
+
+
+cdef int _sort_members(Canon *c, Py_ssize_t first, Py_ssize_t count) except -2:
+    """Sort the ``count`` member records from ``first`` by key, as Python orders strings (by
+    code point, which their UTF-8 bytes order alike): a bottom-up merge sort. -1 when two keys
+    are equal (jsonb has no duplicates; such text takes the msgspec path)."""
+    cdef Member *m
+    cdef Member *t
+    cdef Py_ssize_t width = 1, lo, mid, hi, i, j, k
+    cdef int r
+    if count < 2:
+        return 0
+    _reserve(&c.merge, count * <Py_ssize_t>sizeof(Member))
+    m = (<Member *>c.members.p) + first
+    t = <Member *>c.merge.p
+    while width < count:
+        lo = 0
+        while lo < count:
+            mid = min(lo + width, count)
+            hi = min(lo + 2 * width, count)
+            i = lo
+            j = mid
+            k = lo
+            while i < mid and j < hi:
+                r = _key_cmp(c.keys.p, &m[i], &m[j])
+                if r == 0:
+                    return -1
+                if r < 0:
+                    t[k] = m[i]
+                    i += 1
+                else:
+                    t[k] = m[j]
+                    j += 1
+                k += 1
+            while i < mid:
+                t[k] = m[i]
+                i += 1
+                k += 1
+            while j < hi:
+                t[k] = m[j]
+                j += 1
+                k += 1
+            lo = hi
+        memcpy(m, t, count * sizeof(Member))
+        width *= 2
+    return 0
+
+
+cdef Py_ssize_t _canon_string(Canon *c, const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
+                              bint keep, Py_ssize_t *chars) except -2:
+    """Read the JSON string at ``s[i]`` (its opening quote) and write it to ``c.out`` as msgspec
+    writes strings (``\\"``, ``\\\\``, ``\\b \\t \\n \\f \\r``, ``\\u00xx`` for the other control
+    characters, everything else as UTF-8). Its UTF-8 is left at the end of ``c.keys`` when
+    ``keep``; ``chars`` gets its length in code points. The index after it; -1 for text the
+    codec refuses or that is malformed (invalid UTF-8, a NUL, a lone surrogate)."""
+    cdef Py_ssize_t start = c.keys.size, k, plain, ulen, count = 0
+    cdef const unsigned char *u
+    cdef unsigned char b
+    cdef char esc[6]
+    i = _json_string(s, i, n, &c.keys)
+    if i < 0:
+        c.keys.size = start
+        return -1
+    u = <const unsigned char *>c.keys.p + start
+    ulen = c.keys.size - start
+    if memchr(u, 0, ulen) != NULL or not _utf8_ok(u, ulen):
+        c.keys.size = start
+        return -1
+    _append(&c.out, b'"', 1)
+    plain = 0
+    for k in range(ulen):
+        b = u[k]
+        if b & 0xC0 != 0x80:
+            count += 1
+        if b != c'"' and b != c'\\' and b >= 0x20:
+            continue
+        _append(&c.out, <const char *>u + plain, k - plain)
+        plain = k + 1
+        esc[0] = c'\\'
+        if b == c'"' or b == c'\\':
+            esc[1] = <char>b
+        elif b == 0x08:
+            esc[1] = c'b'
+        elif b == 0x09:
+            esc[1] = c't'
+        elif b == 0x0A:
+            esc[1] = c'n'
+        elif b == 0x0C:
+            esc[1] = c'f'
+        elif b == 0x0D:
+            esc[1] = c'r'
+        else:
+            esc[1] = c'u'
+            esc[2] = c'0'
+            esc[3] = c'0'
+            esc[4] = HEX_DIGITS[b >> 4]
+            esc[5] = HEX_DIGITS[b & 15]
+            _append(&c.out, esc, 6)
+            continue
+        _append(&c.out, esc, 2)
+    _append(&c.out, <const char *>u + plain, ulen - plain)
+    _append(&c.out, b'"', 1)
+    if not keep:
+        c.keys.size = start
+    chars[0] = count
+    return i
+
+
+cdef inline bint _digit(unsigned char b) noexcept nogil:
+    return c'0' <= b <= c'9'
+
+
+cdef Py_ssize_t _canon_number(Canon *c, const unsigned char *s, Py_ssize_t i,
+                              Py_ssize_t n) except -2:
+    """Read the JSON number at ``s[i]`` and write it as the codec encodes what msgspec decodes
+    from it: an integer as its digits ("-0" as 0); a fraction as a float, in msgspec's shortest
+    form (0.0 for zeros). -1 for anything else (an exponent, which jsonb never prints, a float
+    of 1e16 or more, which the codec stores as an integer, or text too long): the msgspec path
+    takes those."""
+    cdef Py_ssize_t j = i, int_end, k
+    cdef bint negative = False, fraction = False
+    cdef char text[MAX_NUMBER_TEXT + 1]
+    cdef char *end
+    cdef char *shortest
+    cdef char *e
+    cdef double x
+    cdef long exponent
+    cdef char digits[24]
+    if j < n and s[j] == c'-':
+        negative = True
+        j += 1
+    if j >= n or not _digit(s[j]):
+        return -1
+    if s[j] == c'0':
+        j += 1
+        if j < n and _digit(s[j]):
+            return -1
+    else:
+        while j < n and _digit(s[j]):
+            j += 1
+    int_end = j
+    if j < n and s[j] == c'.':
+        j += 1
+        if j >= n or not _digit(s[j]):
+            return -1
+        while j < n and _digit(s[j]):
+            j += 1
+        fraction = True
+    if j < n and (s[j] == c'e' or s[j] == c'E'):
+        return -1
+    if not fraction:
+        if int_end - i - negative > MAX_INT_DIGITS:
+            return -1
+        if int_end - i - negative == 1 and s[int_end - 1] == c'0':
+            _append(&c.out, b"0", 1)
+        else:
+            _append(&c.out, <const char *>s + i, int_end - i)
+        return j
+    if j - i > MAX_NUMBER_TEXT:
+        return -1
+    memcpy(text, s + i, j - i)
+    text[j - i] = 0
+    x = PyOS_string_to_double(text, &end, NULL)
+    if end != text + (j - i) or not isfinite(x) or fabs(x) >= FLOAT_EXPONENT_FROM:
+        return -1
+    if x == 0.0:
+        _append(&c.out, b"0.0", 3)
+        return j
+    shortest = PyOS_double_to_string(x, b'r', 0, Py_DTSF_ADD_DOT_0, NULL)
+    try:
+        e = strchr(shortest, c'e')
+        if e == NULL:
+            _append(&c.out, shortest, strlen(shortest))
+            return j
+        exponent = strtol(e + 1, NULL, 10)
+        if exponent == -5:
+            # msgspec writes 1e-05 as 0.00001: the digits after "0.0000".
+            if shortest[0] == c'-':
+                _append(&c.out, b"-", 1)
+            _append(&c.out, b"0.0000", 6)
+            for k in range((1 if shortest[0] == c'-' else 0), e - shortest):
+                if shortest[k] != c'.':
+                    _append(&c.out, shortest + k, 1)
+            return j
+        # msgspec writes the exponent bare: 1e-7, 2.5e-300.
+        _append(&c.out, shortest, e - shortest)
+        k = snprintf(digits, sizeof(digits), b"e%ld", exponent)
+        _append(&c.out, digits, k)
+        return j
+    finally:
+        PyMem_Free(shortest)
+
+
+cdef Py_ssize_t _canon_object(Canon *c, const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
+                              int depth, int values) except -2:
+    """Read the JSON object at ``s[i]`` and write it with its keys sorted, no spaces; -1 for
+    anything the msgspec path is to judge (see `_canon_value`). With ``STRING_VALUES``, as tags:
+    string values only, keys of 1 to MAX_TAG_KEY_LENGTH code points."""
+    cdef Py_ssize_t first = c.members.size // sizeof(Member), count = 0, k, chars = 0
+    cdef Py_ssize_t keys_at = c.keys.size, at = c.out.size
+    cdef Member m
+    cdef Member *sorted_
+    if depth > MAX_DEPTH:
+        return -1
+    i = _skip_space(s, i + 1, n)
+    if i < n and s[i] == c'}':
+        _append(&c.out, b"{}", 2)
+        return i + 1
+    while True:
+        if i >= n or s[i] != c'"':
+            return -1
+        m.text_at = c.out.size
+        m.key_at = c.keys.size
+        i = _canon_string(c, s, i, n, True, &chars)
+        if i < 0:
+            return -1
+        m.key_len = c.keys.size - m.key_at
+        if values == STRING_VALUES and not 1 <= chars <= MAX_TAG_KEY_LENGTH:
+            return -1
+        i = _skip_space(s, i, n)
+        if i >= n or s[i] != c':':
+            return -1
+        _append(&c.out, b":", 1)
+        i = _skip_space(s, i + 1, n)
+        if values == STRING_VALUES:
+            if i >= n or s[i] != c'"':
+                return -1
+            i = _canon_string(c, s, i, n, False, &chars)
+        else:
+            i = _canon_value(c, s, i, n, depth + 1)
+        if i < 0:
+            return -1
+        m.text_len = c.out.size - m.text_at
+        _append(&c.members, <const char *>&m, sizeof(Member))
+        count += 1
+        i = _skip_space(s, i, n)
+        if i < n and s[i] == c',':
+            i = _skip_space(s, i + 1, n)
+            continue
+        if i < n and s[i] == c'}':
+            i += 1
+            break
+        return -1
+    if _sort_members(c, first, count) < 0:
+        return -1
+    sorted_ = (<Member *>c.members.p) + first
+    c.tmp.size = 0
+    _append(&c.tmp, b"{", 1)
+    for k in range(count):
+        if k:
+            _append(&c.tmp, b",", 1)
+        _append(&c.tmp, c.out.p + sorted_[k].text_at, sorted_[k].text_len)
+    _append(&c.tmp, b"}", 1)
+    c.out.size = at
+    _append(&c.out, c.tmp.p, c.tmp.size)
+    c.members.size = first * sizeof(Member)
+    c.keys.size = keys_at
+    return i
+
+
+cdef Py_ssize_t _canon_value(Canon *c, const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
+                             int depth) except -2:
+    """Read the JSON value at ``s[i]`` (jsonb's text: spaces after ``:`` and ``,``, keys in
+    jsonb's order) and write it to ``c.out`` as the codec encodes what msgspec decodes from it
+    (`tamma_events.codec.reference.canonical`, then msgspec with sorted keys). -1 for anything
+    that is not plain (a rule the codec enforces broken, an exponent, a float past 1e16, ...):
+    the caller then takes the msgspec path, which judges it as the reference does."""
+    cdef Py_ssize_t chars
+    cdef unsigned char b
+    if i >= n:
+        return -1
+    b = s[i]
+    if b == c'{':
+        return _canon_object(c, s, i, n, depth, ANY_VALUES)
+    if b == c'[':
+        if depth > MAX_DEPTH:
+            return -1
+        _append(&c.out, b"[", 1)
+        i = _skip_space(s, i + 1, n)
+        if i < n and s[i] == c']':
+            _append(&c.out, b"]", 1)
+            return i + 1
+        while True:
+            i = _canon_value(c, s, i, n, depth + 1)
+            if i < 0:
+                return -1
+            i = _skip_space(s, i, n)
+            if i < n and s[i] == c',':
+                _append(&c.out, b",", 1)
+                i = _skip_space(s, i + 1, n)
+                continue
+            if i < n and s[i] == c']':
+                _append(&c.out, b"]", 1)
+                return i + 1
+            return -1
+    if b == c'"':
+        return _canon_string(c, s, i, n, False, &chars)
+    if b == c'-' or _digit(b):
+        return _canon_number(c, s, i, n)
+    if n - i >= 4 and memcmp(s + i, b"true", 4) == 0:
+        _append(&c.out, b"true", 4)
+        return i + 4
+    if n - i >= 5 and memcmp(s + i, b"false", 5) == 0:
+        _append(&c.out, b"false", 5)
+        return i + 5
+    if n - i >= 4 and memcmp(s + i, b"null", 4) == 0:
+        _append(&c.out, b"null", 4)
+        return i + 4
+    return -1
+
+
+cdef bint _canon_field(Canon *c, const unsigned char *s, Py_ssize_t n, int values) except -1:
+    """Write the canonical text of one stored jsonb field (its text ``s``, an object) to
+    ``c.out``; False when the msgspec path is to take it."""
+    cdef Py_ssize_t i = _skip_space(s, 0, n)
+    if i >= n or s[i] != c'{':
+        return False
+    i = _canon_object(c, s, i, n, 1, values)
+    return i >= 0 and _skip_space(s, i, n) == n
+
+
+def canonical_json(text, bint tags=False):
+    """The canonical JSON of one stored jsonb field's text (an object), as `rehash` writes it
+    natively, or None when that text takes the msgspec path; see
+    `tamma_events.codec.reference.canonical_json`."""
+    cdef const unsigned char[::1] view = memoryview(text).cast("B")
+    cdef Canon canon
+    memset(&canon, 0, sizeof(canon))
+    try:
+        if not _canon_field(&canon, &view[0] if view.shape[0] else <const unsigned char *>b"",
+                            view.shape[0], STRING_VALUES if tags else ANY_VALUES):
+            return None
+        return PyBytes_FromStringAndSize(canon.out.p, canon.out.size)
+    finally:
+        _canon_free(&canon)
+
+
+cdef Py_ssize_t _rehash_rows(Canon *c, const unsigned char *data, const Py_ssize_t *spans,
+                             Py_ssize_t limit, void *ctx, const unsigned char **prev) except -2:
+    """Hash the first ``limit`` rows, their JSON rewritten natively (`_canon_field`), from
+    ``prev[0]``, which is left at the last matching hash. Returns the first row whose hash does
+    not match, ``limit`` when all do, or -1 when a row's JSON is for the msgspec path (then the
+    caller starts the chunk over that way)."""
+    cdef Py_ssize_t row, i, k, prefix, start
+    cdef Py_ssize_t ends[3]
+    cdef unsigned char digest[32]
+    cdef const unsigned char *stored
+    for row in range(limit):
+        i = row * (2 * S_FIELDS + 1)
+        c.out.size = 0
+        for k in range(3):
+            if not _canon_field(c, data + spans[i + 2 * (S_TAGS + k)] + 1,
+                                spans[i + 2 * (S_TAGS + k) + 1] - 1,
+                                STRING_VALUES if k == 0 else ANY_VALUES):
+                return -1
+            ends[k] = c.out.size
+        # The row as the append encoded it: field count through timestamp as stored, then the
+        # three jsonb fields anew.
+        prefix = spans[i + 2 * S_TAGS] - 4 - spans[i + 2 * S_FIELDS]
+        c.tmp.size = 0
+        _append(&c.tmp, <const char *>data + spans[i + 2 * S_FIELDS], prefix)
+        start = 0
+        for k in range(3):
+            _reserve(&c.tmp, 5)
+            _put32(c.tmp.p + c.tmp.size, <uint32_t>(ends[k] - start + 1))
+            c.tmp.p[c.tmp.size + 4] = 1
+            c.tmp.size += 5
+            _append(&c.tmp, c.out.p + start, ends[k] - start)
+            start = ends[k]
+        if ctx != NULL:
+            if not tamma_sha256_2(ctx, prev[0], HASH_SIZE, <const unsigned char *>c.tmp.p,
+                                  c.tmp.size, digest):
+                raise RuntimeError("libcrypto failed to compute SHA-256")
+        else:
+            memcpy(digest, PyBytes_AS_STRING(
+                _sha256(PyBytes_FromStringAndSize(<const char *>prev[0], HASH_SIZE)
+                        + PyBytes_FromStringAndSize(c.tmp.p, c.tmp.size)).digest()), HASH_SIZE)
+        stored = data + spans[i + 2 * S_HASH]
+        if memcmp(digest, stored, HASH_SIZE) != 0:
+            return row
+        prev[0] = stored
+    return limit
+
+
 def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
     """Recompute the hash chain over stored rows; see `tamma_events.codec.reference.rehash`.
 
-    The rows are cut natively; the JSON of the whole chunk is decoded by one msgspec call and
-    encoded again by another, and each row is put back together around it and hashed."""
+    The rows are cut natively, and each row's jsonb text is rewritten natively as the codec
+    encodes it (keys sorted, msgspec's forms of strings and numbers), put back together and
+    hashed, with no Python object per row. When a row's JSON is anything but plain (a rule of
+    the codec broken, duplicate keys, an exponent, a float of 1e16 or more), the chunk takes
+    the msgspec path instead: its JSON decoded by one msgspec call and encoded again by
+    another, which words whatever is wrong as the reference does."""
     cdef const unsigned char[::1] view = rows
     cdef const unsigned char *data = &view[0] if view.shape[0] else <const unsigned char *>b""
     cdef Py_ssize_t size = view.shape[0]
@@ -1281,6 +1722,7 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
     cdef object problem, decoded, values, metadata, payload, encoded, hashed_prev
     cdef bytearray joined
     cdef const char *json_text
+    cdef Canon canon
     if len(prev_hash) != HASH_SIZE:
         raise ValueError("prev_hash must be 32 bytes")
     if count < 0:
@@ -1337,6 +1779,28 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
                 kind = "missing"
                 detail = str(_get64(data + spans[row * (2 * S_FIELDS + 1) + 2 * S_POSITION]))
                 break
+
+        # Natively first: each row's JSON rewritten as the codec writes it, and hashed. A row
+        # whose JSON is not plain sends the chunk down the msgspec path below, from its start.
+        if limit:
+            if HAVE_LIBCRYPTO:
+                ctx = tamma_sha256_ctx_new()
+                if ctx == NULL:
+                    raise MemoryError()
+            prev = <const unsigned char *>PyBytes_AS_STRING(prev_hash)
+            memset(&canon, 0, sizeof(canon))
+            try:
+                row = _rehash_rows(&canon, data, spans, limit, ctx, &prev)
+            finally:
+                _canon_free(&canon)
+            if row >= 0:
+                if row < limit:
+                    return _Rehashed(row, PyBytes_FromStringAndSize(<const char *>prev, HASH_SIZE),
+                                     row, "hash")
+                hashed_prev = PyBytes_FromStringAndSize(<const char *>prev, HASH_SIZE)
+                if kind:
+                    return _Rehashed(limit, hashed_prev, limit, kind, detail)
+                return _Rehashed(count, hashed_prev)
 
         # The JSON of every row up to there, decoded by one call: "[t, t, t, ...]".
         values = []
@@ -1414,7 +1878,7 @@ def rehash(rows, Py_ssize_t count, int64_t first_position, bytes prev_hash):
             text_size = PyBytes_GET_SIZE(encoded)
             if _split_elements(json_text, text_size, json_spans, 3 * limit) != 3 * limit:
                 raise AssertionError("could not split the encoded JSON of the stored rows")
-            if HAVE_LIBCRYPTO:
+            if HAVE_LIBCRYPTO and ctx == NULL:
                 ctx = tamma_sha256_ctx_new()
                 if ctx == NULL:
                     raise MemoryError()

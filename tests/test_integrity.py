@@ -11,6 +11,7 @@ import random
 import string
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -22,7 +23,7 @@ from psycopg import sql
 
 from tamma_events import DomainEvent, EventStore
 from tamma_events.codec import reference as _pycodec
-from tamma_events.ops.verifying import IntegrityReport
+from tamma_events.ops.verifying import IntegrityReport, verify
 
 EVENTS = 300
 
@@ -204,6 +205,29 @@ def test_verify_a_range(filled: EventStore, pg_dsn: str) -> None:
         )
     assert filled.verify(100, 200).ok
     assert filled.verify(201).first_bad_position == 250
+
+
+def test_both_streams_read_one_snapshot(filled: EventStore, pg_dsn: str) -> None:
+    """verify reads every other range on a second connection, which imports the first one's
+    snapshot: a change committed after verify began (here, before the second connection's
+    first read) is not seen by either."""
+
+    @contextmanager
+    def second() -> Iterator[psycopg.Connection[Any]]:
+        with superuser(pg_dsn) as conn:
+            conn.execute(
+                sql.SQL("UPDATE {} SET event_type = 'X' WHERE position = 75").format(
+                    _events(filled)
+                )
+            )
+        with psycopg.connect(pg_dsn) as conn:
+            yield conn
+
+    with psycopg.connect(pg_dsn) as conn:
+        report = verify(conn, filled.schema, batch_size=50, second=second)
+    assert report == IntegrityReport(True, EVENTS, None, None, 1, EVENTS)
+    # and the change is there for the next verify
+    assert filled.verify(batch_size=50).first_bad_position == 75
 
 
 def test_progress_is_reported(filled: EventStore) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "PreparedBatch",
     "Rehashed",
     "canonical",
+    "canonical_json",
     "decode_error",
     "decode_events",
     "decode_rows",
@@ -884,6 +885,23 @@ def read_stored_json(text: bytes) -> tuple[Any, str | None]:
         return None, f"its stored JSON cannot be read: {exc}"
     except RecursionError:
         return None, "its stored JSON cannot be read: it is nested too deeply"
+
+
+def canonical_json(text: bytes, tags: bool = False) -> bytes | None:
+    """One stored jsonb field's text (an object) as the codec encodes it: decoded, made
+    `canonical` (metadata and data) and encoded with sorted keys, as `rehash` does; None when
+    the codec would refuse it (as tags when ``tags``). The native codec's ``canonical_json``
+    gives these bytes, or None for text it leaves to msgspec."""
+    value, problem = read_stored_json(text)
+    if problem is not None:
+        return None
+    if tags:
+        problem = stored_json_error(value, {}, {}, 0)
+    else:
+        problem = stored_json_error({}, value, {}, 0)
+    if problem is not None:
+        return None
+    return _ENCODER.encode(value if tags else canonical(value))
 
 
 def _stored_spans(view: bytes, count: int) -> list[list[tuple[int, int]]]:

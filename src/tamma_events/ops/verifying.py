@@ -9,9 +9,10 @@ shows up as the first position where the chain breaks.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from tamma_events.checks import whole
 from tamma_events.errors import EventStoreError, StorageError, ValidationFailed
 from tamma_events.ops.archiving import manifest, verify_archives
 from tamma_events.ops.drive import copy_rows
-from tamma_events.sql import SNAPSHOT, statements_of
+from tamma_events.sql import EXPORT_SNAPSHOT, SNAPSHOT, import_snapshot, statements_of
 
 __all__ = ["IntegrityReport", "verify"]
 
@@ -74,6 +75,55 @@ def _read_ahead(chunks: Generator[_T, None, None]) -> Iterator[Iterator[_T]]:
             chunks.close()
 
 
+@contextmanager
+def _two_streams(
+    conn: psycopg.Connection[Any],
+    second: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
+    statement: Any,
+    first: int,
+    last: int,
+    batch_size: int,
+) -> Iterator[Iterator[tuple[bytes | bytearray, int]]]:
+    """The rows of positions ``first`` to ``last``, in order, read as ranges of ``batch_size``
+    positions by two COPY streams at once: on ``conn``, and on a ``second()`` connection that
+    imports ``conn``'s snapshot, so both read the same log. One stream is bound by the server
+    producing its rows; two keep two of its cores busy while the client rehashes. Leaving the
+    block waits for the reads in flight."""
+    row = conn.execute(EXPORT_SNAPSHOT).fetchone()
+    assert row is not None
+    with second() as other, other.transaction():
+        other.execute(SNAPSHOT)
+        other.execute(import_snapshot(row[0]))
+        connections = (conn, other)
+        reading: deque[Future[list[tuple[bytes | bytearray, int]]]] = deque()
+
+        def read(at: int, lo: int, hi: int) -> list[tuple[bytes | bytearray, int]]:
+            rows = copy_rows(
+                connections[at], statement, [lo, hi], max_rows=batch_size, max_bytes=_CHUNK_BYTES
+            )
+            return list(rows)
+
+        with ThreadPoolExecutor(2, thread_name_prefix="tamma-events-verify") as pool:
+
+            def items() -> Iterator[tuple[bytes | bytearray, int]]:
+                lo, turn = first, 0
+                while lo <= last or reading:
+                    while lo <= last and len(reading) < 2:
+                        hi = min(lo + batch_size - 1, last)
+                        reading.append(pool.submit(read, turn % 2, lo, hi))
+                        lo, turn = hi + 1, turn + 1
+                    yield from reading.popleft().result()
+
+            try:
+                yield items()
+            finally:
+                for future in reading:
+                    try:
+                        future.result()
+                    except Exception:  # the caller is already leaving; its own error wins
+                        pass
+
+
 def _reason(kind: str, position: int, detail: str) -> str:
     """Why the event at ``position`` breaks the chain, for a `rehash` result's kind."""
     if kind == "missing":
@@ -97,6 +147,7 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
     archives: Path | None = None,
     check_archives: bool = False,
+    second: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None = None,
 ) -> IntegrityReport:
     """Verify positions ``start`` to ``end`` (default: the whole log up to the head) in one
     snapshot, with memory bounded by ``batch_size`` events.
@@ -106,7 +157,8 @@ def verify(
     With ``check_archives``, when the range reaches into the compacted prefix, every archive
     file (in ``archives``, when they were moved) is verified first, whole, from the genesis
     hash; the live log is anchored on the last of them. ``progress(done, total)`` is called
-    after every batch.
+    after every batch. With ``second`` (a connection of its own, for the block it opens), a
+    range of more than one batch is read by two COPY streams at once, in the same snapshot.
 
     An ``end`` past the head stops at the head. A ``start`` past the head, or after ``end``,
     is a mistaken range, not a broken chain: VALIDATION_FAILED naming ``start``.
@@ -178,10 +230,14 @@ def verify(
         expected = first
         statement = statements.chain_rows
         total = max(0, last - asked + 1)
-        chunks = copy_rows(
-            conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
-        )
-        with _read_ahead(chunks) as ahead:
+        if second is not None and last - first + 1 > batch_size:
+            source = _two_streams(conn, second, statement, first, last, batch_size)
+        else:
+            chunks = copy_rows(
+                conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
+            )
+            source = _read_ahead(chunks)
+        with source as ahead:
             for rows, count in ahead:
                 try:
                     result = _codec.rehash(rows, count, expected, prev_hash)

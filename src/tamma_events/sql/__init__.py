@@ -33,6 +33,7 @@ __all__ = [
     "EVENT_JSON",
     "EVENT_SELECT",
     "EXPORT_SELECT",
+    "EXPORT_SNAPSHOT",
     "FEW_MATCHES",
     "POSITION_AND_ARCHIVED",
     "PRIMARY_LSN",
@@ -55,6 +56,7 @@ __all__ = [
     "copy_out",
     "count_statement",
     "explain",
+    "import_snapshot",
     "listen",
     "query_shape",
     "statements_of",
@@ -628,6 +630,15 @@ ROLLBACK_TO_SAVEPOINT: Final = "ROLLBACK TO SAVEPOINT tamma_append"
 BEGIN_SNAPSHOT: Final = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 #: The same, for a transaction already begun (`verify`).
 SNAPSHOT: Final = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+#: The snapshot of the transaction in progress, for another connection to import.
+EXPORT_SNAPSHOT: Final = "SELECT pg_export_snapshot()"
+
+
+def import_snapshot(snapshot: str) -> sql.Composed:
+    """Make the transaction starting see the snapshot another one exported."""
+    return sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
+
+
 #: Whatever the server's default (migrations see the appends that committed while they waited).
 READ_COMMITTED: Final = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 SERVER_VERSION: Final = "SELECT current_setting('server_version')"

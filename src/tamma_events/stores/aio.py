@@ -102,6 +102,7 @@ from tamma_events.stores.core import (
     check_timeout,
     connection_kwargs,
     make_pool,
+    own_connection,
     parse_before,
     pool_stats,
     retryable,
@@ -1356,15 +1357,7 @@ class AsyncEventStore(StoreCore):
         ) -> _T:
             if self._closed:
                 raise StorageError("the store is closed")
-            dsn = self.dsn
-            try:
-                conn = psycopg.Connection.connect(
-                    dsn, **connection_kwargs(dsn, "tamma-events maintenance")
-                )
-            except psycopg.Error as exc:
-                raise storage_error(exc, "connecting to PostgreSQL") from exc
-            with conn:
-                set_json_loads(msgspec.json.decode, conn)
+            with own_connection(self.dsn, "tamma-events maintenance") as conn:
                 return job(conn)
 
     else:

@@ -16,7 +16,8 @@ import os
 import re
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ import platformdirs
 import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import set_json_loads
 from psycopg_pool import PoolTimeout
 
 from tamma_events import codec as _codec
@@ -142,6 +144,19 @@ def make_pool(
         raise ValidationFailed(f"the connection pool's settings are not valid: {exc}", {}) from None
 
 
+@contextmanager
+def own_connection(dsn: str, name: str) -> Iterator[psycopg.Connection[Any]]:
+    """A sync connection of its own to ``dsn`` (not the pool's), for a maintenance job;
+    closed when the block ends."""
+    try:
+        conn = psycopg.Connection.connect(dsn, **connection_kwargs(dsn, name))
+    except psycopg.Error as exc:
+        raise storage_error(exc, "connecting to PostgreSQL") from exc
+    with conn:
+        set_json_loads(msgspec.json.decode, conn)
+        yield conn
+
+
 def server_address(dsn: str) -> str:
     """Where ``dsn`` points, as libpq reads it (the DSN, then ``$PGHOST``/``$PGPORT``):
     ``host:port``, or the Unix socket's path. Never the password."""
@@ -253,6 +268,11 @@ class StoreCore(Appending, Exporting):
     (`tamma_events.ops.appending`), the reads (`tamma_events.ops.reading`) and the exports
     (`tamma_events.ops.exporting`), with the maintenance and replica operations here."""
 
+    @property
+    def dsn(self) -> str:
+        """The connection string of the store's server (each store reads it from its pool)."""
+        raise NotImplementedError
+
     def _setup(
         self,
         *,
@@ -315,7 +335,9 @@ class StoreCore(Appending, Exporting):
         include_archived: bool,
     ) -> IntegrityReport:
         """`EventStore.verify` on a sync connection (the async store runs it in a worker
-        thread: it reads whole ranges of the log through a server-side cursor, and files)."""
+        thread: it reads whole ranges of the log, and files). A second connection of its own
+        reads every other range in the same snapshot."""
+        dsn = self.dsn
         try:
             return _verify(
                 conn,
@@ -326,6 +348,7 @@ class StoreCore(Appending, Exporting):
                 progress=progress,
                 archives=self._archive.directory,
                 check_archives=include_archived,
+                second=lambda: own_connection(dsn, "tamma-events verify"),
             )
         except psycopg.Error as exc:
             raise storage_error(exc, "verifying") from exc
