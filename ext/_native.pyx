@@ -1365,10 +1365,30 @@ cdef Py_ssize_t _canon_string(Canon *c, const unsigned char *s, Py_ssize_t i, Py
     characters, everything else as UTF-8). Its UTF-8 is left at the end of ``c.keys`` when
     ``keep``; ``chars`` gets its length in code points. The index after it; -1 for text the
     codec refuses or that is malformed (invalid UTF-8, a NUL, a lone surrogate)."""
-    cdef Py_ssize_t start = c.keys.size, k, plain, ulen, count = 0
+    cdef Py_ssize_t start = c.keys.size, k, plain, ulen, count = 0, j = i + 1
     cdef const unsigned char *u
-    cdef unsigned char b
+    cdef unsigned char b, high = 0
     cdef char esc[6]
+    # Most strings have nothing escaped: their text is their UTF-8, which msgspec writes as
+    # it is. Those are copied whole.
+    while j < n:
+        b = s[j]
+        if b == c'"' or b == c'\\' or b < 0x20:
+            break
+        high |= b
+        count += (b & 0xC0) != 0x80
+        j += 1
+    if j < n and s[j] == c'"':
+        u = s + i + 1
+        ulen = j - i - 1
+        if high >= 0x80 and not _utf8_ok(u, ulen):
+            return -1
+        _append(&c.out, <const char *>s + i, ulen + 2)
+        if keep:
+            _append(&c.keys, <const char *>u, ulen)
+        chars[0] = count
+        return j + 1
+    count = 0
     i = _json_string(s, i, n, &c.keys)
     if i < 0:
         c.keys.size = start
@@ -1422,6 +1442,73 @@ cdef inline bint _digit(unsigned char b) noexcept nogil:
     return c'0' <= b <= c'9'
 
 
+cdef bint _short_float(Canon *c, const unsigned char *s, Py_ssize_t start, Py_ssize_t point,
+                       Py_ssize_t end, bint negative) except -1:
+    """Write the decimal ``s[start:end]`` (digits, the point at ``point``) as msgspec writes the
+    float nearest to it, when it has at most 15 significant digits and a magnitude from 1e-300
+    to below 1e16; False otherwise (and nothing is written).
+
+    Two decimals of 15 significant digits or fewer never round to the same double (10**15 <
+    2**53), so the shortest text that reads back as that double has exactly the decimal's
+    digits, its trailing zeros dropped: no conversion is needed. msgspec writes x = d.ddd *
+    10**e in full for -5 <= e <= 15 (1.0, 0.00001, 123.45) and as d.ddde<e> otherwise."""
+    cdef char digits[16]
+    cdef Py_ssize_t count = 0, k, power, exponent = 0, last = 0
+    cdef char text[48]
+    cdef int n
+    cdef unsigned char b
+    for k in range(start, end):
+        b = s[k]
+        if b == c'.':
+            continue
+        power = point - k - 1 if k < point else point - k
+        if count == 0:
+            if b == c'0':
+                continue
+            exponent = power
+        if count == 15:
+            if b != c'0':
+                return False
+            continue
+        digits[count] = <char>b
+        count += 1
+        if b != c'0':
+            last = count
+    if count == 0:
+        _append(&c.out, b"0.0", 3)
+        return True
+    count = last  # the trailing zeros dropped
+    if exponent > 15 or exponent < -300:
+        # 1e16 and more are stored as integers; near the subnormals doubles have fewer
+        # digits than 15: both for the conversions below.
+        return False
+    if negative:
+        _append(&c.out, b"-", 1)
+    if exponent < -5:
+        _append(&c.out, digits, 1)
+        if count > 1:
+            _append(&c.out, b".", 1)
+            _append(&c.out, digits + 1, count - 1)
+        n = snprintf(text, sizeof(text), b"e%ld", <long>exponent)
+        _append(&c.out, text, n)
+    elif exponent < 0:
+        _append(&c.out, b"0.", 2)
+        for k in range(-exponent - 1):
+            _append(&c.out, b"0", 1)
+        _append(&c.out, digits, count)
+    else:
+        if count > exponent + 1:
+            _append(&c.out, digits, exponent + 1)
+            _append(&c.out, b".", 1)
+            _append(&c.out, digits + exponent + 1, count - exponent - 1)
+        else:
+            _append(&c.out, digits, count)
+            for k in range(exponent + 1 - count):
+                _append(&c.out, b"0", 1)
+            _append(&c.out, b".0", 2)
+    return True
+
+
 cdef Py_ssize_t _canon_number(Canon *c, const unsigned char *s, Py_ssize_t i,
                               Py_ssize_t n) except -2:
     """Read the JSON number at ``s[i]`` and write it as the codec encodes what msgspec decodes
@@ -1467,6 +1554,8 @@ cdef Py_ssize_t _canon_number(Canon *c, const unsigned char *s, Py_ssize_t i,
             _append(&c.out, b"0", 1)
         else:
             _append(&c.out, <const char *>s + i, int_end - i)
+        return j
+    if _short_float(c, s, i + negative, int_end, j, negative):
         return j
     if j - i > MAX_NUMBER_TEXT:
         return -1

@@ -188,3 +188,12 @@ def test_exponent_forms_match_msgspec_on_many_floats() -> None:
                 continue
             got = same(text)
             assert got is not None
+
+
+def test_magnitudes_near_the_subnormals() -> None:
+    """Decimals around 1e-300 and below, where doubles lose digits: the rewrite either leaves
+    them to msgspec or writes exactly its bytes (never a digit msgspec would not)."""
+    for zeros in range(280, 330, 3):
+        for digits in (b"1", b"25", b"4940656458412", b"123456789012345"):
+            same(b'{"x": 0.' + b"0" * zeros + digits + b"}")
+            same(b'{"x": -0.' + b"0" * zeros + digits + b"}")
