@@ -32,6 +32,8 @@ SHAPES = [
     "count_by_issue",
     "get_event_types",
     "get_tags",
+    "get_tag_values.page_1000",
+    "get_tag_values.prefix",
     "aggregate_by_day",
 ]
 

@@ -1008,7 +1008,8 @@ cdef object _uuid_of(const unsigned char *b):
     _object_setattr(made, "is_safe", _SAFE_UNKNOWN)
     # A UUID holds an int and an enum member and cannot be changed: it can never be part of a
     # reference cycle, so the cycle collector need not look at it (as CPython does for tuples
-    # of atomic values). A page of events made half as many objects for it to traverse.
+    # of atomic values). Pages of events then leave it nothing to traverse but their dicts
+    # that hold containers (SequencedEvent itself is gc=False).
     PyObject_GC_UnTrack(<PyObject *>made)
     return made
 

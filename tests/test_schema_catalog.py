@@ -221,9 +221,10 @@ def fresh(pg_dsn: str, app_role: str) -> Iterator[Catalog]:
     schema = f"t_catalog_{uuid.uuid4().hex[:12]}"
     try:
         with EventStore(pg_dsn, schema=schema, max_connections=2) as store:
-            assert store.applied_on_open == [migrations()[0].version] == [10]
+            assert migrations()[0].version == 10
+            assert store.applied_on_open == [m.version for m in migrations()]
             store.grant_app_role(app_role)
-        assert recorded(pg_dsn, schema) == [(10, "baseline")]
+        assert recorded(pg_dsn, schema) == [(m.version, m.name) for m in migrations()]
         yield catalog(pg_dsn, schema)
     finally:
         drop(pg_dsn, schema)
@@ -334,20 +335,22 @@ def test_an_empty_schema_migrations_table_gets_the_baseline(
                 ).format(sql.Identifier(schema, "schema_migrations"))
             )
         with EventStore(pg_dsn, schema=schema, max_connections=2) as store:
-            assert store.applied_on_open == [10]
+            assert store.applied_on_open == [m.version for m in migrations()]
             store.grant_app_role(app_role)
-        assert recorded(pg_dsn, schema) == [(10, "baseline")]
+        assert recorded(pg_dsn, schema) == [(m.version, m.name) for m in migrations()]
         assert_same(catalog(pg_dsn, schema), fresh)
     finally:
         drop(pg_dsn, schema)
 
 
 def test_a_migration_after_the_baseline_reaches_both_kinds_of_store(pg_dsn: str) -> None:
-    """A migration shipped after the baseline (``0011_*.sql``) is applied on top of it to a new
-    store, and after the legacy steps to one from before the baseline: the two stores end alike,
-    each with it recorded."""
+    """A migration shipped after the baseline and the ones after it is applied on top of them
+    to a new store, and after the legacy steps to one from before the baseline: the two stores
+    end alike, each with it recorded."""
+    after = [m.version for m in migrations()[1:]]
+    version = migrations()[-1].version + 1
     later = Migration(
-        11,
+        version,
         "later",
         "CREATE TABLE later (id bigint PRIMARY KEY);\n"
         "CREATE FUNCTION later_count() RETURNS bigint LANGUAGE sql STABLE\n"
@@ -359,12 +362,14 @@ def test_a_migration_after_the_baseline_reaches_both_kinds_of_store(pg_dsn: str)
         make_outdated(pg_dsn, old, 5)
         with mock.patch.object(schema_module, "migrations", lambda: shipped):
             with EventStore(pg_dsn, schema=new, max_connections=2) as store:
-                assert store.applied_on_open == [10, 11]
+                assert store.applied_on_open == [10, *after, version]
             with EventStore(pg_dsn, schema=old, max_connections=2) as store:
-                assert store.applied_on_open == [6, 7, 8, 9, 10, 11]
-                assert store.schema_version() == 11
-        assert recorded(pg_dsn, new) == [(10, "baseline"), (11, "later")]
-        assert recorded(pg_dsn, old)[-2:] == [(10, "lean_appends"), (11, "later")]
+                assert store.applied_on_open == [6, 7, 8, 9, 10, *after, version]
+                assert store.schema_version() == version
+        assert recorded(pg_dsn, new)[0] == (10, "baseline")
+        assert recorded(pg_dsn, new)[-1] == (version, "later")
+        assert recorded(pg_dsn, old)[-2 - len(after)] == (10, "lean_appends")
+        assert recorded(pg_dsn, old)[-1] == (version, "later")
         expected = catalog(pg_dsn, new)
         assert "later_count" in {row[0] for row in expected["functions"]}
         assert_same(catalog(pg_dsn, old), expected)

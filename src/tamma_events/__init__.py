@@ -15,7 +15,7 @@ from tamma_events.errors import (
     StorageError,
     ValidationFailed,
 )
-from tamma_events.filters import AggregateRow, EventFilter, Page
+from tamma_events.filters import AggregateRow, EventFilter, Page, TagValue, TagValuesPage
 from tamma_events.model import (
     AppendCondition,
     DomainEvent,
@@ -68,6 +68,8 @@ __all__ = [
     "StorageError",
     "StoreStats",
     "Subscription",
+    "TagValue",
+    "TagValuesPage",
     "Transaction",
     "TypeStats",
     "ValidationFailed",

@@ -30,6 +30,8 @@ __all__ = [
     "Criteria",
     "EventFilter",
     "Page",
+    "TagValue",
+    "TagValuesPage",
     "filter_from_params",
     "normalize",
 ]
@@ -131,6 +133,54 @@ class Page(msgspec.Struct, frozen=True):
 
     events: list[SequencedEvent]
     next_token: str | None
+
+
+class TagValue(msgspec.Struct, frozen=True):
+    """A value of a tag key, and how many events carry it."""
+
+    value: str
+    events: int
+
+
+class TagValuesPage(msgspec.Struct, frozen=True):
+    """One page of `EventStore.get_tag_values`: values of one key, in order, and the token of
+    the next page (None after the last one)."""
+
+    values: list[TagValue]
+    next_token: str | None
+
+
+class _TagToken(msgspec.Struct, array_like=True, frozen=True):
+    """Where a walk of a key's values is: its key and prefix, and the last value returned (the
+    first 200 characters the order uses, and its digest)."""
+
+    key: str
+    prefix: str
+    last_value: str
+    last_digest: bytes
+
+
+_tag_token_decoder = msgspec.msgpack.Decoder(_TagToken)
+
+
+def encode_tag_token(key: str, prefix: str, last_value: str, last_digest: bytes) -> str:
+    token = _TagToken(key, prefix, last_value, last_digest)
+    return base64.urlsafe_b64encode(_token_encoder.encode(token)).decode().rstrip("=")
+
+
+def decode_tag_token(token: str, key: str, prefix: str) -> tuple[str, bytes]:
+    """The last value (its order prefix) and digest a tag values token holds; QUERY_ERROR if
+    it is malformed or from another key or prefix."""
+    if not isinstance(token, str):
+        raise _error(f"page token must be a string, got {type(token).__name__}", "token")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        decoded = _tag_token_decoder.decode(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise _error("the page token is malformed", "token") from None
+    if decoded.key != key or decoded.prefix != prefix:
+        raise _error("the page token belongs to a different key or prefix", "token")
+    return decoded.last_value, decoded.last_digest
 
 
 def _error(message: str, field: str, **context: Any) -> EventStoreError:

@@ -136,11 +136,16 @@ class DomainEvent(msgspec.Struct, frozen=True):
     timestamp: datetime = msgspec.field(default_factory=utcnow)
 
 
-class SequencedEvent(DomainEvent, frozen=True, kw_only=True):
+class SequencedEvent(DomainEvent, frozen=True, kw_only=True, gc=False):
     """A stored event: the `DomainEvent` plus where and when the store put it.
 
     ``position`` is global and gapless, in commit order, starting at 1. ``hash`` links the event
     to its predecessor (see ``docs/integrity.md``).
+
+    Events are read by the thousand, so they are kept out of Python's cycle collector
+    (msgspec's ``gc=False``): pages of them no longer set off full collections. An event is
+    frozen; the one cycle it could be part of is one made through its dicts (an event put
+    into its own ``data``), which would then never be freed.
     """
 
     position: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -14,7 +15,7 @@ from psycopg import sql
 
 from tamma_events import codec as _codec
 from tamma_events.checks import whole
-from tamma_events.codec.reference import parse_uuid
+from tamma_events.codec.reference import MAX_TAG_KEY_LENGTH, parse_uuid
 from tamma_events.errors import (
     QueryError,
     ValidationFailed,
@@ -26,9 +27,13 @@ from tamma_events.filters import (
     EventFilter,
     GroupBy,
     Page,
+    TagValue,
+    TagValuesPage,
     check_count,
     check_text,
+    decode_tag_token,
     decode_token,
+    encode_tag_token,
     encode_token,
     normalize,
     token_key,
@@ -81,6 +86,36 @@ _decode_event = msgspec.json.Decoder(SequencedEvent).decode
 # as soon as it arrives: the client decodes while the server still sends the rest.
 READ_CHUNK_ROWS = 128
 READ_CHUNK_BYTES = 256 << 10
+
+
+#: A key's values are ordered by this many of their first characters (then by digest): the
+#: expression `tag_summary_key_value` indexes (sql/schema/0011_tag_values.sql).
+ORDER_CHARS = 200
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string after every string that starts with ``prefix``, bytewise (by code
+    point): its last character one higher; None when there is none (an empty prefix, or one of
+    U+10FFFF only)."""
+    prefix = prefix.rstrip("\U0010ffff")
+    if not prefix:
+        return None
+    point = ord(prefix[-1]) + 1
+    if 0xD800 <= point < 0xE000:  # surrogates are not characters: the next one is U+E000
+        point = 0xE000
+    return prefix[:-1] + chr(point)
+
+
+def check_tag_key(key: object, field: str = "key") -> str:
+    """``key`` if it can be a tag key (a string of 1 to 128 characters), else QUERY_ERROR."""
+    check_text(key, field)
+    assert isinstance(key, str)
+    if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
+        raise QueryError(
+            f"{field} must be 1 to {MAX_TAG_KEY_LENGTH} characters, got {len(key)}",
+            {"field": field},
+        )
+    return key
 
 
 def _check_limit(limit: int | None) -> None:
@@ -471,6 +506,31 @@ class Reading(StoreState):
             ("tags",), compute, lambda t: sum(_size_of_strings(v) for v in t.values())
         )
         return {key: list(values) for key, values in tags.items()}
+
+    def _op_tag_values(
+        self, key: str, prefix: str, page_size: int, token: str | None
+    ) -> Op[TagValuesPage]:
+        """A page of ``key``'s values starting with ``prefix``, with their counts, in the order
+        of their first 200 characters (bytewise), then their digests."""
+        low = prefix[:ORDER_CHARS]
+        high = _successor(low)
+        long_prefix = len(prefix) > ORDER_CHARS
+        # The lower bound: the prefix's, or after the last page's value. A value within the
+        # bounds of a prefix of 200 characters or fewer starts with it.
+        bound: list[Any] = [low] if token is None else list(decode_tag_token(token, key, prefix))
+        text = self._statements.tag_values(high is not None, token is not None, long_prefix)
+        params: list[Any] = [key, *bound, *([] if high is None else [high])]
+        params += [*([prefix] if long_prefix else []), page_size + 1, key, prefix, *bound]
+        params.append(page_size + 1)
+        # Prepared: the plan is the same whatever the values (a range scan of the key's index),
+        # and planning it each time took longer than reading a page.
+        rows = yield Run(text, params, prepare=True)
+        values = [TagValue(value, count) for value, count in rows[:page_size]]
+        if len(rows) <= page_size:
+            return TagValuesPage(values, None)
+        last = rows[page_size - 1][0]
+        digest = hashlib.sha256(last.encode()).digest()
+        return TagValuesPage(values, encode_tag_token(key, prefix, last[:ORDER_CHARS], digest))
 
     def _op_aggregate(
         self, criteria: Criteria, group_by: GroupBy, tag_key: str | None

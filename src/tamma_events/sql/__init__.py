@@ -732,6 +732,8 @@ class Statements:
         ).format(self.event_index)
         self._checks: dict[tuple[Shape, ...], bytes] = {}
         self._reads: dict[tuple[Shape, bool], sql.Composed] = {}
+        self._tag_values: dict[tuple[bool, bool, bool], sql.Composed] = {}
+        self.tag_summary = sql.Identifier(schema, "tag_summary")
         self.append_group = (
             # Binary parameters: text and bytea go as they are, without escaping.
             sql.SQL("SELECT {}(%b::jsonb, %b)")
@@ -911,6 +913,46 @@ class Statements:
             if len(self._checks) < _CACHE_SIZE:
                 self._checks[key] = text
         return text, [p for _, params in checks for p in params]
+
+    def tag_values(self, bounded: bool, after: bool, long_prefix: bool) -> sql.Composed:
+        """A page of one key's values by prefix (sql/schema/0011_tag_values.sql): the summary's
+        rows through their index, in its order, and the tail's added up.
+
+        Parameters: the key, then the lower bound of the values' first 200 characters (the
+        prefix's), or with ``after`` the last page's (those characters, then the digest); with
+        ``bounded``, the upper bound; with ``long_prefix`` (over 200 characters, more than the
+        bounds hold), the prefix; then the page's size plus one. The key, the prefix and the
+        page's size again, for the tail. Only one lower bound goes to the index: given two, the
+        scan may start from the lesser."""
+        key = (bounded, after, long_prefix)
+        text = self._tag_values.get(key)
+        if text is None:
+            order = sql.SQL('substr(value, 1, 200) COLLATE "C"')
+            if after:
+                low = sql.SQL('({}, digest) > (%s COLLATE "C", %s)').format(order)
+            else:
+                low = sql.SQL("{} >= %s").format(order)
+            high = sql.SQL(" AND {} < %s").format(order) if bounded else sql.SQL("")
+            exact = sql.SQL(" AND starts_with(value, %s)") if long_prefix else sql.SQL("")
+            text = sql.SQL(
+                "SELECT value, sum(count)::bigint FROM ("
+                "(SELECT value, digest, count FROM {summary} WHERE key = %s AND {low}{high}"
+                "{exact} ORDER BY {order}, digest LIMIT %s)"
+                " UNION ALL"
+                " (SELECT v.value, sha256(convert_to(v.value, 'UTF8')), count(*)"
+                " FROM {schema}.unfolded_events() AS t, jsonb_each_text(t.tags) AS v"
+                " WHERE v.key = %s AND starts_with(v.value, %s) GROUP BY v.value)) AS parts"
+                " WHERE {low} GROUP BY value, digest ORDER BY {order}, digest LIMIT %s"
+            ).format(
+                summary=self.tag_summary,
+                schema=sql.Identifier(self.schema),
+                low=low,
+                high=high,
+                exact=exact,
+                order=order,
+            )
+            self._tag_values[key] = text
+        return text
 
     def read(self, shape: Shape, backwards: bool) -> sql.Composed:
         """Events after a position, up to another (the head, read first), matching a query of

@@ -492,6 +492,18 @@ def query_shapes(store: EventStore, seed: int = 11) -> dict[str, Callable[[], ob
         token = encode_token(pages, head, None, rng.randrange(max(1, head - 1000)))
         return store.get_page(page_size=1000, token=token).events
 
+    walk: list[str | None] = [None]
+
+    def tag_values_page() -> object:
+        # The issueId values (one per 50 events), 1000 a page, walked from the first.
+        page = store.get_tag_values("issueId", page_size=1000, token=walk[0])
+        walk[0] = page.next_token
+        return page.values
+
+    def tag_values_prefix() -> object:
+        prefix = f"ISSUE-{rng.randrange(1, 100)}"
+        return store.get_tag_values("issueId", prefix=prefix, page_size=1000).values
+
     return {
         "by_issue": by_issue,
         "type_window": type_window,
@@ -505,6 +517,8 @@ def query_shapes(store: EventStore, seed: int = 11) -> dict[str, Callable[[], ob
         ),
         "get_event_types": store.get_event_types,
         "get_tags": store.get_tags,
+        "get_tag_values.page_1000": tag_values_page,
+        "get_tag_values.prefix": tag_values_prefix,
         "aggregate_by_day": lambda: store.aggregate(group_by="day"),
     }
 
