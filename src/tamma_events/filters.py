@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time, timezone
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -50,6 +50,8 @@ TAG_FIELDS: dict[str, str] = {
     "providers": "provider",
     "platforms": "platform",
 }
+
+_T = TypeVar("_T")
 
 OrderBy = Literal["position", "timestamp", "type"]
 OrderDirection = Literal["asc", "desc"]
@@ -148,39 +150,6 @@ class TagValuesPage(msgspec.Struct, frozen=True):
 
     values: list[TagValue]
     next_token: str | None
-
-
-class _TagToken(msgspec.Struct, array_like=True, frozen=True):
-    """Where a walk of a key's values is: its key and prefix, and the last value returned (the
-    first 200 characters the order uses, and its digest)."""
-
-    key: str
-    prefix: str
-    last_value: str
-    last_digest: bytes
-
-
-_tag_token_decoder = msgspec.msgpack.Decoder(_TagToken)
-
-
-def encode_tag_token(key: str, prefix: str, last_value: str, last_digest: bytes) -> str:
-    token = _TagToken(key, prefix, last_value, last_digest)
-    return base64.urlsafe_b64encode(_token_encoder.encode(token)).decode().rstrip("=")
-
-
-def decode_tag_token(token: str, key: str, prefix: str) -> tuple[str, bytes]:
-    """The last value (its order prefix) and digest a tag values token holds; QUERY_ERROR if
-    it is malformed or from another key or prefix."""
-    if not isinstance(token, str):
-        raise _error(f"page token must be a string, got {type(token).__name__}", "token")
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        decoded = _tag_token_decoder.decode(raw)
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise _error("the page token is malformed", "token") from None
-    if decoded.key != key or decoded.prefix != prefix:
-        raise _error("the page token belongs to a different key or prefix", "token")
-    return decoded.last_value, decoded.last_digest
 
 
 def _error(message: str, field: str, **context: Any) -> EventStoreError:
@@ -382,25 +351,58 @@ def fingerprint(criteria: Criteria) -> str:
     return hashlib.blake2s(text, digest_size=8).hexdigest()
 
 
-def encode_token(criteria: Criteria, until: int, last_key: str | None, last_position: int) -> str:
-    token = _Token(fingerprint(criteria), until, last_key, last_position)
+def _pack(token: msgspec.Struct) -> str:
     return base64.urlsafe_b64encode(_token_encoder.encode(token)).decode().rstrip("=")
+
+
+def _unpack(token: object, decoder: msgspec.msgpack.Decoder[_T]) -> _T:
+    """What a page token holds; QUERY_ERROR if it is not a token ``decoder`` reads."""
+    if not isinstance(token, str):
+        raise _error(f"page token must be a string, got {type(token).__name__}", "token")
+    try:
+        return decoder.decode(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise _error("the page token is malformed", "token") from None
+
+
+def encode_token(criteria: Criteria, until: int, last_key: str | None, last_position: int) -> str:
+    return _pack(_Token(fingerprint(criteria), until, last_key, last_position))
 
 
 def decode_token(token: str, criteria: Criteria) -> _Token:
     """The token's contents; QUERY_ERROR if it is malformed or from another filter."""
-    if not isinstance(token, str):
-        raise _error(f"page token must be a string, got {type(token).__name__}", "token")
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        decoded = _token_decoder.decode(raw)
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise _error("the page token is malformed", "token") from None
+    decoded = _unpack(token, _token_decoder)
     if decoded.fingerprint != fingerprint(criteria):
         raise _error("the page token belongs to a different filter", "token")
     if not (0 <= decoded.until <= MAX_BIGINT and 0 <= decoded.last_position <= MAX_BIGINT):
         raise _error("the page token is malformed", "token")
     return decoded
+
+
+class _TagToken(msgspec.Struct, array_like=True, frozen=True):
+    """Where a walk of a key's values is: its key and prefix, and the last value returned (the
+    first 200 characters the order uses, and its digest)."""
+
+    key: str
+    prefix: str
+    last_value: str
+    last_digest: bytes
+
+
+_tag_token_decoder = msgspec.msgpack.Decoder(_TagToken)
+
+
+def encode_tag_token(key: str, prefix: str, last_value: str, last_digest: bytes) -> str:
+    return _pack(_TagToken(key, prefix, last_value, last_digest))
+
+
+def decode_tag_token(token: str, key: str, prefix: str) -> tuple[str, bytes]:
+    """The last value (its order prefix) and digest a tag values token holds; QUERY_ERROR if
+    it is malformed or from another key or prefix."""
+    decoded = _unpack(token, _tag_token_decoder)
+    if decoded.key != key or decoded.prefix != prefix:
+        raise _error("the page token belongs to a different key or prefix", "token")
+    return decoded.last_value, decoded.last_digest
 
 
 def token_key(token: _Token, criteria: Criteria) -> datetime | str | None:
