@@ -143,8 +143,8 @@ _S = TypeVar("_S")
 #: The DSN the store uses when none is passed.
 DSN_ENV = "TAMMA_EVENTS_DSN"
 
-# COPY streams a log-ordered export reads at once (see `AsyncEventStore._export_ranges`).
-_EXPORT_STREAMS = 2
+# COPY streams a log-ordered export or stream reads at once (see `_ranges`).
+_READ_STREAMS = 2
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -966,7 +966,9 @@ class AsyncEventStore(StoreCore):
         memory: the events are read ``batch_size`` at a time, each batch after the last event
         of the previous one (keyset paging), so the filter's offset and limit apply to the
         whole stream. Batch n+1 is read (by a worker thread, or a task) while the consumer
-        takes batch n.
+        takes batch n. In log order, over the live log and without limit or offset, the
+        batches are consecutive ranges of positions instead, two read at once, as
+        `export_arrow` reads them.
 
         The stream is pinned to the head when it starts (events appended meanwhile are for
         `subscribe`). No connection is held between batches, so a consumer may take its time;
@@ -982,6 +984,25 @@ class AsyncEventStore(StoreCore):
     async def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> AsyncGenerator[SequencedEvent, None]:
+        if self._export_by_ranges(criteria, archived):
+            # In log order, over the live log, without limit or offset: consecutive ranges of
+            # positions, two read at once, as the export reads them.
+            async def read_range(start: int, end: int) -> list[SequencedEvent]:
+                _, events = await self._query(
+                    "stream",
+                    lambda: self._op_keyset_rows(criteria, end, None, start, end - start, 0),
+                )
+                return events
+
+            ranges = _ranges(read_range, await self.head(), batch_size, "stream")
+            try:
+                async for events in ranges:
+                    for event in events:
+                        yield event
+            finally:
+                await ranges.aclose()
+            return
+
         async def read(args: Keyset) -> tuple[int, list[SequencedEvent]]:
             return await self._query(
                 "stream", lambda: self._op_keyset_rows(criteria, *args, archived)
@@ -1080,49 +1101,22 @@ class AsyncEventStore(StoreCore):
     async def _export_ranges(
         self, criteria: Criteria, batch_size: int
     ) -> AsyncGenerator[pa.RecordBatch, None]:
-        """The log-ordered export of the live log, as consecutive ranges of ``batch_size``
-        positions up to the head at the start, two read at once (each its own COPY and
-        connection) and yielded in order. The server producing COPY rows is the bottleneck of
-        a single stream; two keep it busy on two cores while the batches are decoded."""
-        until = await self.head()
+        """The log-ordered export of the live log, as `_ranges` of ``batch_size`` positions."""
 
-        async def read(start: int, end: int) -> tuple[int, list[pa.RecordBatch]]:
-            return await self._query(
+        async def read(start: int, end: int) -> list[pa.RecordBatch]:
+            _, batches = await self._query(
                 "export",
                 lambda: self._op_export_batch(criteria, end, None, start, end - start, 0, False),
             )
+            return batches
 
-        if True:  # ASYNC
-            in_flight: list[asyncio.Task[tuple[int, list[pa.RecordBatch]]]] = []
-            start = 0
-            try:
-                while start < until or in_flight:
-                    while start < until and len(in_flight) < _EXPORT_STREAMS:
-                        end = min(start + batch_size, until)
-                        in_flight.append(asyncio.ensure_future(read(start, end)))
-                        start = end
-                    _, batches = await in_flight.pop(0)
-                    for batch in batches:
-                        yield batch
-            finally:
-                await _cancel(in_flight)
-        else:
-            reading: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
-            start = 0
-            with ThreadPoolExecutor(
-                _EXPORT_STREAMS, thread_name_prefix="tamma-events-export"
-            ) as pool:
-                try:
-                    while start < until or reading:
-                        while start < until and len(reading) < _EXPORT_STREAMS:
-                            end = min(start + batch_size, until)
-                            reading.append(pool.submit(read, start, end))
-                            start = end
-                        for batch in reading.popleft().result()[1]:
-                            yield batch
-                finally:
-                    for future in reading:
-                        future.cancel()
+        ranges = _ranges(read, await self.head(), batch_size, "export")
+        try:
+            async for batches in ranges:
+                for batch in batches:
+                    yield batch
+        finally:
+            await ranges.aclose()
 
     async def export_parquet(
         self,
@@ -1507,6 +1501,45 @@ if True:  # ASYNC
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+async def _ranges(
+    read: Callable[[int, int], Awaitable[_T]], until: int, size: int, name: str
+) -> AsyncGenerator[_T, None]:
+    """``read(start, end)`` of the consecutive ranges of ``size`` positions after ``start``
+    up to ``until`` (the head when the walk starts), `_READ_STREAMS` at once (each its own COPY
+    and connection), yielded in order. The server producing COPY rows bounds a single
+    stream; two keep it busy on two cores while the rows are decoded.
+
+    Leaving (the walk ends, fails or is closed) waits for the threads' reads in flight, so their
+    connections are back in the pool when the consumer's close() returns, or cancels the
+    tasks'."""
+    if True:  # ASYNC
+        in_flight: list[asyncio.Task[_T]] = []
+        start = 0
+        try:
+            while start < until or in_flight:
+                while start < until and len(in_flight) < _READ_STREAMS:
+                    end = min(start + size, until)
+                    in_flight.append(asyncio.ensure_future(read(start, end)))
+                    start = end
+                yield await in_flight.pop(0)
+        finally:
+            await _cancel(in_flight)
+    else:
+        reading: deque[Future[_T]] = deque()
+        start = 0
+        with ThreadPoolExecutor(_READ_STREAMS, thread_name_prefix=f"tamma-events-{name}") as pool:
+            try:
+                while start < until or reading:
+                    while start < until and len(reading) < _READ_STREAMS:
+                        end = min(start + size, until)
+                        reading.append(pool.submit(read, start, end))
+                        start = end
+                    yield reading.popleft().result()
+            finally:
+                for future in reading:
+                    future.cancel()
 
 
 async def _keyset_walk(

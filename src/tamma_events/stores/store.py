@@ -143,8 +143,8 @@ _S = TypeVar("_S")
 #: The DSN the store uses when none is passed.
 DSN_ENV = "TAMMA_EVENTS_DSN"
 
-# COPY streams a log-ordered export reads at once (see `EventStore._export_ranges`).
-_EXPORT_STREAMS = 2
+# COPY streams a log-ordered export or stream reads at once (see `_ranges`).
+_READ_STREAMS = 2
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -931,7 +931,9 @@ class EventStore(StoreCore):
         memory: the events are read ``batch_size`` at a time, each batch after the last event
         of the previous one (keyset paging), so the filter's offset and limit apply to the
         whole stream. Batch n+1 is read (by a worker thread, or a task) while the consumer
-        takes batch n.
+        takes batch n. In log order, over the live log and without limit or offset, the
+        batches are consecutive ranges of positions instead, two read at once, as
+        `export_arrow` reads them.
 
         The stream is pinned to the head when it starts (events appended meanwhile are for
         `subscribe`). No connection is held between batches, so a consumer may take its time;
@@ -947,6 +949,25 @@ class EventStore(StoreCore):
     def _stream(
         self, criteria: Criteria, batch_size: int, archived: bool
     ) -> Generator[SequencedEvent, None, None]:
+        if self._export_by_ranges(criteria, archived):
+            # In log order, over the live log, without limit or offset: consecutive ranges of
+            # positions, two read at once, as the export reads them.
+            def read_range(start: int, end: int) -> list[SequencedEvent]:
+                _, events = self._query(
+                    "stream",
+                    lambda: self._op_keyset_rows(criteria, end, None, start, end - start, 0),
+                )
+                return events
+
+            ranges = _ranges(read_range, self.head(), batch_size, "stream")
+            try:
+                for events in ranges:
+                    for event in events:
+                        yield event
+            finally:
+                ranges.close()
+            return
+
         def read(args: Keyset) -> tuple[int, list[SequencedEvent]]:
             return self._query("stream", lambda: self._op_keyset_rows(criteria, *args, archived))
 
@@ -1022,32 +1043,22 @@ class EventStore(StoreCore):
     def _export_ranges(
         self, criteria: Criteria, batch_size: int
     ) -> Generator[pa.RecordBatch, None, None]:
-        """The log-ordered export of the live log, as consecutive ranges of ``batch_size``
-        positions up to the head at the start, two read at once (each its own COPY and
-        connection) and yielded in order. The server producing COPY rows is the bottleneck of
-        a single stream; two keep it busy on two cores while the batches are decoded."""
-        until = self.head()
+        """The log-ordered export of the live log, as `_ranges` of ``batch_size`` positions."""
 
-        def read(start: int, end: int) -> tuple[int, list[pa.RecordBatch]]:
-            return self._query(
+        def read(start: int, end: int) -> list[pa.RecordBatch]:
+            _, batches = self._query(
                 "export",
                 lambda: self._op_export_batch(criteria, end, None, start, end - start, 0, False),
             )
+            return batches
 
-        reading: deque[Future[tuple[int, list[pa.RecordBatch]]]] = deque()
-        start = 0
-        with ThreadPoolExecutor(_EXPORT_STREAMS, thread_name_prefix="tamma-events-export") as pool:
-            try:
-                while start < until or reading:
-                    while start < until and len(reading) < _EXPORT_STREAMS:
-                        end = min(start + batch_size, until)
-                        reading.append(pool.submit(read, start, end))
-                        start = end
-                    for batch in reading.popleft().result()[1]:
-                        yield batch
-            finally:
-                for future in reading:
-                    future.cancel()
+        ranges = _ranges(read, self.head(), batch_size, "export")
+        try:
+            for batches in ranges:
+                for batch in batches:
+                    yield batch
+        finally:
+            ranges.close()
 
     def export_parquet(
         self,
@@ -1372,6 +1383,32 @@ class Transaction:
 
 def _rows_in(batches: list[pa.RecordBatch]) -> int:
     return sum(batch.num_rows for batch in batches)
+
+
+def _ranges(
+    read: Callable[[int, int], _T], until: int, size: int, name: str
+) -> Generator[_T, None, None]:
+    """``read(start, end)`` of the consecutive ranges of ``size`` positions after ``start``
+    up to ``until`` (the head when the walk starts), `_READ_STREAMS` at once (each its own COPY
+    and connection), yielded in order. The server producing COPY rows bounds a single
+    stream; two keep it busy on two cores while the rows are decoded.
+
+    Leaving (the walk ends, fails or is closed) waits for the threads' reads in flight, so their
+    connections are back in the pool when the consumer's close() returns, or cancels the
+    tasks'."""
+    reading: deque[Future[_T]] = deque()
+    start = 0
+    with ThreadPoolExecutor(_READ_STREAMS, thread_name_prefix=f"tamma-events-{name}") as pool:
+        try:
+            while start < until or reading:
+                while start < until and len(reading) < _READ_STREAMS:
+                    end = min(start + size, until)
+                    reading.append(pool.submit(read, start, end))
+                    start = end
+                yield reading.popleft().result()
+        finally:
+            for future in reading:
+                future.cancel()
 
 
 def _keyset_walk(
