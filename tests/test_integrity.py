@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from tamma_events import DomainEvent, EventStore
+from tamma_events import DomainEvent, EventStore, StorageError
 from tamma_events.codec import reference as _pycodec
 from tamma_events.ops.verifying import IntegrityReport, verify
 
@@ -228,6 +228,20 @@ def test_both_streams_read_one_snapshot(filled: EventStore, pg_dsn: str) -> None
     assert report == IntegrityReport(True, EVENTS, None, None, 1, EVENTS)
     # and the change is there for the next verify
     assert filled.verify(batch_size=50).first_bad_position == 75
+
+
+def test_without_a_second_connection_one_stream_reads(filled: EventStore, pg_dsn: str) -> None:
+    """When the second connection cannot be had (the server's connection limit, say), verify
+    reads the range on its own connection alone, and finds what it would have."""
+
+    @contextmanager
+    def refused() -> Iterator[psycopg.Connection[Any]]:
+        raise StorageError("too many connections")
+        yield  # pragma: no cover
+
+    with psycopg.connect(pg_dsn) as conn:
+        report = verify(conn, filled.schema, batch_size=50, second=refused)
+    assert report == IntegrityReport(True, EVENTS, None, None, 1, EVENTS)
 
 
 def test_progress_is_reported(filled: EventStore) -> None:

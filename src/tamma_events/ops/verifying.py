@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,10 +88,24 @@ def _two_streams(
     positions by two COPY streams at once: on ``conn``, and on a ``second()`` connection that
     imports ``conn``'s snapshot, so both read the same log. One stream is bound by the server
     producing its rows; two keep two of its cores busy while the client rehashes. Leaving the
-    block waits for the reads in flight."""
+    block waits for the reads in flight. When no second connection can be had (the server's
+    connection limit, say), one stream reads the range."""
     row = conn.execute(EXPORT_SNAPSHOT).fetchone()
     assert row is not None
-    with second() as other, other.transaction():
+    with ExitStack() as stack:
+        other: psycopg.Connection[Any] | None
+        try:
+            other = stack.enter_context(second())
+        except StorageError:
+            other = None
+        if other is None:
+            chunks = copy_rows(
+                conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
+            )
+            with _read_ahead(chunks) as ahead:
+                yield ahead
+            return
+        stack.enter_context(other.transaction())
         other.execute(SNAPSHOT)
         other.execute(import_snapshot(row[0]))
         connections = (conn, other)
