@@ -980,6 +980,9 @@ cdef object _time_of(int64_t micros):
     """The UTC datetime ``micros`` after 2000-01-01 (in Python's range: the caller checks)."""
     cdef int64_t days = micros // 86400000000
     cdef int64_t rest = micros - days * 86400000000
+    if rest < 0:  # floor division, whatever the division's semantics
+        days -= 1
+        rest += 86400000000
     cdef int64_t z, era, doe, yoe, y, doy, mp, d, m
     # Howard Hinnant's civil_from_days, from days since 1970-01-01.
     z = days + PG_EPOCH_DAYS + 719468

@@ -67,6 +67,7 @@ RENAMES = {
     "listen_async": "listen",
     "copy_rows_async": "copy_rows",
     "native_rows_async": "native_rows",
+    "_copy_data_async": "_copy_data",
     "_AsyncWaiter": "_Waiter",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",

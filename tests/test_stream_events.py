@@ -3,6 +3,9 @@ pinned to the head it started at, holding no connection between batches, in cons
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import multiprocessing
 import resource
 import sys
@@ -16,7 +19,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from tamma_events import DomainEvent, EventFilter, EventStore, EventStoreError
+from tamma_events import AsyncEventStore, DomainEvent, EventFilter, EventStore, EventStoreError
 
 BASE = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
@@ -114,6 +117,44 @@ def test_stopping_early_leaves_nothing_open(
     assert sessions is not None
     assert sessions[0] >= 1  # the pool's own
     assert sessions[1] == 0  # none in a query or a transaction
+
+
+def test_async_reads_cancelled_midway_leave_psycopg_a_coherent_copy(
+    store: EventStore, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The async store reads COPY rows natively; a task cancelled at any point of it (a stream
+    stopped early cancels the range read ahead, an export's task is cancelled) must leave the
+    COPY where psycopg's way out expects it: psycopg never finds a COPY gone that it believes
+    still runs ("error ignored terminating ... no COPY in progress")."""
+    store.append_batch([DomainEvent("T", {"n": n}, {"k": str(n % 5)}) for n in range(6000)])
+
+    async def main() -> None:
+        async with AsyncEventStore(pg_dsn, schema=store.schema, cache_size=0) as aio:
+            for k in range(20):
+                taken = 0
+                stream = aio.stream_events(batch_size=500)
+                async for _ in stream:
+                    taken += 1
+                    if taken >= 300 + 97 * k:
+                        break
+                await stream.aclose()
+
+                async def export() -> None:
+                    async for _ in aio.export_arrow(batch_size=2000):
+                        pass
+
+                task = asyncio.ensure_future(export())
+                await asyncio.sleep(0.001 * (k % 7))
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert len(await aio.read()) == 6000
+
+    with caplog.at_level(logging.WARNING, logger="psycopg"):
+        asyncio.run(main())
+    assert not [
+        r.getMessage() for r in caplog.records if "error ignored terminating" in r.getMessage()
+    ]
 
 
 @pytest.mark.parametrize(

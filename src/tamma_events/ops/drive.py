@@ -121,12 +121,18 @@ def native_rows(
     max_bytes: int,
 ) -> Generator[tuple[bytes | bytearray, int], None, None]:
     """The rows of the COPY in progress on ``conn``, read by the native ``read_copy`` (see
-    `tamma_events.ops.libpq`); then the command's result, read as psycopg would (its error
-    raised as psycopg's).
+    `tamma_events.ops.libpq`) without the GIL, waiting inside libpq; then the command's
+    result, read as psycopg would (its error raised as psycopg's)."""
+    return _copy_data(conn, functions, max_rows, max_bytes)
 
-    The sync reader waits inside libpq, without the GIL. The async one reads chunks of more
-    than `THREAD_ROWS` rows (exports) the same way, in a worker thread; smaller ones (pages,
-    streams) it takes as libpq receives them, waiting for the socket on the event loop."""
+
+def _copy_data(
+    conn: psycopg.Connection[Any],
+    functions: tuple[int, int, int],
+    max_rows: int,
+    max_bytes: int,
+) -> Generator[tuple[bytes | bytearray, int], None, None]:
+    """`native_rows`'s reading."""
     from tamma_events._native import read_copy
 
     first = True

@@ -156,19 +156,73 @@ if True:  # ASYNC
             raise
 
 
-async def native_rows_async(
+if True:  # ASYNC
+
+    async def native_rows_async(
+        conn: psycopg.AsyncConnection[Any],
+        functions: tuple[int, int, int],
+        max_rows: int,
+        max_bytes: int,
+    ) -> AsyncGenerator[tuple[bytes | bytearray, int], None]:
+        """The rows of the COPY in progress on ``conn``, read by the native ``read_copy`` (see
+        `tamma_events.ops.libpq`); then the command's result, read as psycopg would (its
+        error raised as psycopg's).
+
+        The sync reader waits inside libpq, without the GIL. The async one reads chunks of
+        more than `THREAD_ROWS` rows (exports) the same way, in a worker thread; smaller ones
+        (pages, streams) it takes as libpq receives them, waiting for the socket on the event
+        loop. A task cancelled meanwhile leaves the connection as psycopg's way out of the
+        COPY expects it."""
+        chunks = _copy_data_async(conn, functions, max_rows, max_bytes)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except asyncio.CancelledError:
+            _settle(conn)
+            raise
+        finally:
+            await chunks.aclose()
+
+else:
+
+    def native_rows_async(
+        conn: psycopg.AsyncConnection[Any],
+        functions: tuple[int, int, int],
+        max_rows: int,
+        max_bytes: int,
+    ) -> AsyncGenerator[tuple[bytes | bytearray, int], None]:
+        """The rows of the COPY in progress on ``conn``, read by the native ``read_copy`` (see
+        `tamma_events.ops.libpq`) without the GIL, waiting inside libpq; then the command's
+        result, read as psycopg would (its error raised as psycopg's)."""
+        return _copy_data_async(conn, functions, max_rows, max_bytes)
+
+
+if True:  # ASYNC
+
+    def _settle(conn: psycopg.AsyncConnection[Any]) -> None:
+        """After a read cancelled: when libpq is already past the COPY's data (the reader took
+        its end), take the command's result, which follows at once, so that psycopg's way out
+        finds the COPY over rather than cancelling one libpq no longer has. A COPY still
+        sending is left to psycopg, which cancels it and reads the rest."""
+        pgconn = conn.pgconn
+        if pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            return
+        try:
+            taken, _ = pgconn.get_copy_data(1)
+        except psycopg.OperationalError:  # "no COPY in progress": the reader took its end
+            taken = -1
+        if taken < 0:
+            while pgconn.get_result() is not None:
+                pass
+
+
+async def _copy_data_async(
     conn: psycopg.AsyncConnection[Any],
     functions: tuple[int, int, int],
     max_rows: int,
     max_bytes: int,
 ) -> AsyncGenerator[tuple[bytes | bytearray, int], None]:
-    """The rows of the COPY in progress on ``conn``, read by the native ``read_copy`` (see
-    `tamma_events.ops.libpq`); then the command's result, read as psycopg would (its error
-    raised as psycopg's).
-
-    The sync reader waits inside libpq, without the GIL. The async one reads chunks of more
-    than `THREAD_ROWS` rows (exports) the same way, in a worker thread; smaller ones (pages,
-    streams) it takes as libpq receives them, waiting for the socket on the event loop."""
+    """`native_rows_async`'s reading."""
     from tamma_events._native import read_copy
 
     first = True
