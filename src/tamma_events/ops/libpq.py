@@ -1,13 +1,13 @@
 """The libpq functions psycopg's connections run on, for the native COPY reader.
 
-An export reads ``COPY ... TO STDOUT`` rows with the native ``read_copy``, which calls libpq's
-``PQgetCopyData`` in a loop with the GIL released: no Python object per row, where psycopg's
+Reads and exports take ``COPY ... TO STDOUT`` rows with the native ``read_copy``, which calls
+libpq's ``PQgetCopyData`` in a loop with the GIL released: no Python object per row, where psycopg's
 ``Copy`` iteration makes a memoryview and goes through its wait loop for each. It must call the
 very libpq the connection was made with, so the functions are looked up in the library psycopg
 itself loaded (its bundled copy for ``psycopg[binary]``, the ctypes one for the pure-Python
 implementation, the system's for ``psycopg[c]``), and checked against the connection: the
 backend PID libpq reports through our lookup must be the one psycopg reports. When anything
-does not fit, `copy_functions` returns None and the export reads through psycopg.
+does not fit, `copy_functions` returns None and the rows are read through psycopg.
 """
 
 from __future__ import annotations
