@@ -1506,10 +1506,11 @@ if True:  # ASYNC
 async def _ranges(
     read: Callable[[int, int], Awaitable[_T]], until: int, size: int, name: str
 ) -> AsyncGenerator[_T, None]:
-    """``read(start, end)`` of the consecutive ranges of ``size`` positions after ``start``
-    up to ``until`` (the head when the walk starts), `_READ_STREAMS` at once (each its own COPY
-    and connection), yielded in order. The server producing COPY rows bounds a single
-    stream; two keep it busy on two cores while the rows are decoded.
+    """``read(start, end)`` of the consecutive ranges of ``size`` positions (after ``start``,
+    up to ``end``) from the first position up to ``until`` (the head when the walk starts),
+    `_READ_STREAMS` at once (each its own COPY and connection), yielded in order. The server
+    producing COPY rows bounds a single stream; two keep it busy on two cores while the rows
+    are decoded.
 
     Leaving (the walk ends, fails or is closed) waits for the threads' reads in flight, so their
     connections are back in the pool when the consumer's close() returns, or cancels the
