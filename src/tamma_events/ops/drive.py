@@ -35,10 +35,6 @@ __all__ = ["copy_rows", "native_rows", "rollback", "run"]
 _WOULD_BLOCK = 1
 _END = -1
 _FAILED = -2
-#: Chunks of more rows than this the async reader reads in a worker thread: waking on the
-#: event loop for every few rows that arrive cost an export half its speed.
-THREAD_ROWS = 4_096
-
 _T = TypeVar("_T")
 
 

@@ -35,9 +35,10 @@ __all__ = ["copy_rows_async", "native_rows_async", "rollback_async", "run_async"
 _WOULD_BLOCK = 1
 _END = -1
 _FAILED = -2
-#: Chunks of more rows than this the async reader reads in a worker thread: waking on the
-#: event loop for every few rows that arrive cost an export half its speed.
-THREAD_ROWS = 4_096
+if True:  # ASYNC
+    #: Chunks of more rows than this the async reader reads in a worker thread: waking on the
+    #: event loop for every few rows that arrive cost an export half its speed.
+    THREAD_ROWS = 4_096
 
 _T = TypeVar("_T")
 

@@ -75,6 +75,16 @@ def _read_ahead(chunks: Generator[_T, None, None]) -> Iterator[Iterator[_T]]:
             chunks.close()
 
 
+def _one_stream(
+    conn: psycopg.Connection[Any], statement: Any, first: int, last: int, batch_size: int
+) -> AbstractContextManager[Iterator[tuple[bytes | bytearray, int]]]:
+    """The rows of positions ``first`` to ``last``, in order, by one COPY on ``conn``, in
+    chunks of ``batch_size``, the next one read ahead (`_read_ahead`)."""
+    return _read_ahead(
+        copy_rows(conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES)
+    )
+
+
 @contextmanager
 def _two_streams(
     conn: psycopg.Connection[Any],
@@ -99,10 +109,7 @@ def _two_streams(
         except StorageError:
             other = None
         if other is None:
-            chunks = copy_rows(
-                conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
-            )
-            with _read_ahead(chunks) as ahead:
+            with _one_stream(conn, statement, first, last, batch_size) as ahead:
                 yield ahead
             return
         stack.enter_context(other.transaction())
@@ -244,13 +251,11 @@ def verify(
         expected = first
         statement = statements.chain_rows
         total = max(0, last - asked + 1)
+        source: AbstractContextManager[Iterator[tuple[bytes | bytearray, int]]]
         if second is not None and last - first + 1 > batch_size:
             source = _two_streams(conn, second, statement, first, last, batch_size)
         else:
-            chunks = copy_rows(
-                conn, statement, [first, last], max_rows=batch_size, max_bytes=_CHUNK_BYTES
-            )
-            source = _read_ahead(chunks)
+            source = _one_stream(conn, statement, first, last, batch_size)
         with source as ahead:
             for rows, count in ahead:
                 try:

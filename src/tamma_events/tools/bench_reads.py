@@ -34,6 +34,12 @@ __all__ = ["measure_bare_chain", "page_latencies", "read_results"]
 PAGE = 1_000
 
 
+def _places(head: int, samples: int) -> list[int]:
+    """Where ``samples`` pages of `PAGE` events start, spread over a log of ``head`` events."""
+    step = max(PAGE, (head - PAGE) // max(1, samples))
+    return [(n * step) % max(1, head - PAGE) for n in range(samples)]
+
+
 def measure_bare_chain(dsn: str, schema: str, head: int) -> float:
     """Events/s of one connection's binary ``COPY`` of the rows `verify` reads (positions 1 to
     ``head``), read by the native reader and dropped: the baseline of ``verify``."""
@@ -54,7 +60,6 @@ def page_latencies(store: EventStore, dsn: str, samples: int, head: int) -> dict
         EVENT_SELECT, sql.Identifier(store.schema, "events")
     )
     times: dict[str, list[float]] = {"copy": [], "read": [], "page": [], "page_copy": []}
-    step = max(PAGE, (head - PAGE) // max(1, samples))
     token: str | None = None
     walked = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -70,8 +75,7 @@ def page_latencies(store: EventStore, dsn: str, samples: int, head: int) -> dict
 
         bare(0, PAGE)  # warm the plans once
         store.read(after=0, limit=PAGE)
-        for n in range(samples):
-            after = (n * step) % max(1, head - PAGE)
+        for after in _places(head, samples):
             timed("copy", bare, after, PAGE)
             timed("read", store.read, after=after, limit=PAGE)
             # get_page asks for one event more, to know whether a page follows
@@ -102,10 +106,8 @@ async def _async_reads(dsn: str, schema: str, samples: int) -> dict[str, float]:
         async for _ in store.stream_events():
             count += 1
         figures["stream"] = count / (time.perf_counter() - started)
-        step = max(PAGE, (head - PAGE) // max(1, samples))
         times = []
-        for n in range(samples):
-            after = (n * step) % max(1, head - PAGE)
+        for after in _places(head, samples):
             started = time.perf_counter()
             await store.read(after=after, limit=PAGE)
             times.append(time.perf_counter() - started)
@@ -121,10 +123,8 @@ def _sync_reads(store: EventStore, samples: int, head: int) -> dict[str, float]:
     started = time.perf_counter()
     count = sum(1 for _ in store.stream_events())
     figures["stream"] = count / (time.perf_counter() - started)
-    step = max(PAGE, (head - PAGE) // max(1, samples))
     times = []
-    for n in range(samples):
-        after = (n * step) % max(1, head - PAGE)
+    for after in _places(head, samples):
         started = time.perf_counter()
         store.read(after=after, limit=PAGE)
         times.append(time.perf_counter() - started)
