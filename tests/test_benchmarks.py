@@ -89,6 +89,7 @@ def test_full_suite_reports_every_figure_beside_its_baseline(pg_dsn: str) -> Non
         "append.conditional.vs.umadb": "umadb.conditional",
         "append.threads.vs.umadb": "umadb.threads",
         "verify": "copy_to.chain",
+        "verify.archive": "parquet_read",
         "export_arrow": "adbc_fetch_arrow_table",
         "read_1000": "copy_1000",
         "get_page_1000": "copy_1000.pages",

@@ -14,9 +14,12 @@ the appending transaction's time.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
+import json
 import random
 import shutil
+import struct
 import threading
 import time
 import uuid
@@ -49,8 +52,14 @@ from tamma_events import (
     SequencedEvent,
     Subscription,
 )
-from tamma_events.codec.reference import GENESIS_HASH
+from tamma_events.codec import reference
+from tamma_events.codec.arrow import stored_rows
+from tamma_events.codec.reference import COPY_COLUMNS, GENESIS_HASH
+from tamma_events.ops.drive import copy_rows
 from tamma_events.tools.workload import generate_events
+
+# Imported at collection: if the extension does not load, every test here errors.
+native = importlib.import_module("tamma_events._native")
 
 #: The module's shared history: ARCHIVED events before the cut, LIVE after it.
 ARCHIVED = 1_200
@@ -678,30 +687,101 @@ def test_a_deleted_archive_is_reported(
     assert len(reader.get_events(EventFilter(limit=10, offset=100), include_archived=True)) == 10
 
 
-def test_an_archive_rewritten_with_a_changed_event_breaks_the_chain(
-    compacted: tuple[EventStore, Path, list[SequencedEvent]],
-) -> None:
-    """Even with the manifest's SHA-256 forged to match, the hash chain names the event."""
-    store, directory, _ = compacted
-    path = directory / file_name(251, 500)
-    table = pq.read_table(path)
-    types = table.column("event_type").to_pylist()
-    types[9] = "Forged"
-    column = pa.array(types, pa.string()).dictionary_encode()
-    index = table.schema.get_field_index("event_type")
-    table = table.set_column(index, table.schema.field(index).with_type(column.type), column)
+def forge(store: EventStore, path: Path, table: pa.Table, first_position: int) -> None:
+    """Write ``table`` over the archive ``path`` and forge its manifest row to match, as an
+    attacker with superuser rights could."""
     pq.write_table(table, path)
     digest = hashlib.sha256(path.read_bytes()).digest()
     with superuser(store.dsn) as conn:
         conn.execute(
-            sql.SQL("UPDATE {} SET sha256 = %s, bytes = %s WHERE first_position = 251").format(
+            sql.SQL("UPDATE {} SET sha256 = %s, bytes = %s WHERE first_position = %s").format(
                 sql.Identifier(store.schema, "archives")
             ),
-            [digest, path.stat().st_size],
+            [digest, path.stat().st_size, first_position],
         )
+
+
+def changed(table: pa.Table, name: str, row: int, value: Any, nullable: bool = False) -> pa.Table:
+    """``table`` with column ``name``'s value at ``row`` replaced (the column made nullable
+    when ``nullable``)."""
+    index = table.schema.get_field_index(name)
+    field = table.schema.field(index)
+    values = table.column(name).to_pylist()
+    values[row] = value
+    column = pa.array(values, field.type)
+    return table.set_column(index, field.with_nullable(nullable), column)
+
+
+def swapped(table: pa.Table, row: int) -> pa.Table:
+    """``table`` with the events at ``row`` and the next one in each other's place."""
+    parts = [table.slice(0, row), table.slice(row + 1, 1), table.slice(row, 1)]
+    return pa.concat_tables([*parts, table.slice(row + 2)])
+
+
+FORGERIES: dict[str, tuple[Callable[[pa.Table], pa.Table], int, str]] = {
+    # name: (the change to the file of positions 251-500, the position reported, its words)
+    "event type": (
+        lambda t: t.set_column(
+            t.schema.get_field_index("event_type"),
+            "event_type",
+            pa.array(
+                ["Forged" if i == 9 else v for i, v in enumerate(t["event_type"].to_pylist())],
+                pa.string(),
+            ).dictionary_encode(),
+        ),
+        260,
+        "hash does not match",
+    ),
+    "a tag value": (
+        lambda t: changed(t, "tags", 3, [("issueId", "ISSUE-forged")]),
+        254,
+        "hash does not match",
+    ),
+    "a tag added": (
+        lambda t: changed(t, "tags", 4, [*t["tags"][4].as_py(), ("zz", "1")]),
+        255,
+        "hash does not match",
+    ),
+    "data": (lambda t: changed(t, "data", 7, '{"forged": true}'), 258, "hash does not match"),
+    "metadata": (lambda t: changed(t, "metadata", 8, "{}"), 259, "hash does not match"),
+    "timestamp": (
+        lambda t: changed(t, "timestamp", 11, BASE),
+        262,
+        "hash does not match",
+    ),
+    "a null": (lambda t: changed(t, "data", 12, None, nullable=True), 263, "data is NULL"),
+    "a null tag value": (
+        lambda t: changed(t, "tags", 13, [("issueId", None)], nullable=True),
+        264,
+        "tags is NULL",
+    ),
+    "two events swapped": (lambda t: swapped(t, 20), 271, "the next stored position is 272"),
+    "a hash": (
+        lambda t: changed(t, "hash", 30, bytes(32)),
+        281,
+        "hash does not match",
+    ),
+    "data that is not an object": (
+        lambda t: changed(t, "data", 40, "[1, 2]"),
+        291,
+        "cannot be re-encoded",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FORGERIES)
+def test_an_archive_rewritten_with_a_changed_event_breaks_the_chain(
+    compacted: tuple[EventStore, Path, list[SequencedEvent]], name: str
+) -> None:
+    """Even with the manifest's SHA-256 forged to match, the hash chain names the event."""
+    store, directory, _ = compacted
+    change, position, words = FORGERIES[name]
+    path = directory / file_name(251, 500)
+    forge(store, path, change(pq.read_table(path)), 251)
     report = store.verify()
-    assert (report.ok, report.first_bad_position) == (False, 260), report
-    assert report.reason is not None and "hash" in report.reason
+    # ``checked`` counts the archive files that verified whole.
+    assert (report.ok, report.first_bad_position, report.checked) == (False, position, 250), report
+    assert report.reason is not None and words in report.reason, report.reason
 
 
 def test_moved_archives_are_found_through_archive_dir(
@@ -1023,3 +1103,77 @@ def test_paginate_and_export_parquet_include_archived_events(
     path = tmp_path / "all.parquet"
     assert store.export_parquet(None, path, include_archived=True) == len(stored)
     assert store.export_parquet(None, tmp_path / "live.parquet") == len(stored) - 600
+
+
+# -- archives of hostile content verify natively ---------------------------------------------
+
+#: Tags and JSON that PostgreSQL prints differently from the codec, and that the archive keeps
+#: as Arrow strings: escapes, control characters, non-ASCII text, key order, numbers.
+HOSTILE_TAGS = [
+    {"quote": 'a"b', "backslash": "c\\d", "both": '\\"'},
+    {"control": "line\nfeed\ttab\x01\x1f\x7f", "é": "ü 中文 🎉 \u2028"},
+    {"k": "", "zz": "long " * 40, "a": "1"},
+    {},
+]
+HOSTILE_DATA = [
+    {"b": 1, "aa": 2, "a": [1.5, -0.0, 1e16, 1.5e300, 5e-324, 0.1, 2**100, -(2**70)]},
+    {"text": 'quote " backslash \\ newline \n tab \t bell \x07 é ü 中文 🎉 \u2028'},
+    {"nested": {"z": {"y": [[], {}, [None, True, False, ""]]}}, "": "empty key"},
+    {"n": 12345678901234567890, "f": 123456.789e-20, "neg": -1.0},
+]
+
+
+def test_archives_of_hostile_events_verify_and_keep_the_stored_fields(
+    make_store: Callable[..., EventStore], tmp_path: Path
+) -> None:
+    """The rows `stored_rows` builds from an archive are the log's rows (the tags as an equal
+    JSON object), and the native and reference codecs rehash them alike, to the stored hashes."""
+    store = make_store()
+    events = list(generate_events(60, seed=5))
+    events += [
+        DomainEvent("Hostile", data, tags, {"m": data, "n": n}, timestamp=at(n))
+        for n, (tags, data) in enumerate(itertools.product(HOSTILE_TAGS, HOSTILE_DATA))
+    ]
+    store.append_batch(events)
+    with store._pool.connection() as conn:
+        ((live, count),) = copy_rows(
+            conn,
+            sql.SQL("SELECT {} FROM {} ORDER BY position").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c in COPY_COLUMNS),
+                sql.Identifier(store.schema, "events"),
+            ),
+            [],
+        )
+    assert count == len(events)
+    assert store.compact_events(datetime.now(timezone.utc), archive_dir=tmp_path) == count
+    table = pq.read_table(next(tmp_path.glob("*.parquet")))
+    rows = bytes(stored_rows(table))
+    # Every field as the log holds it; the tags an equal JSON object.
+    assert split_rows(rows) == split_rows(bytes(live))
+    assert split_rows(rows)[0][:2] == [struct.pack(">q", 1), events[0].event_id.bytes]
+    results = [codec.rehash(rows, count, 1, GENESIS_HASH) for codec in (native, reference)]
+    assert results[0] == results[1] == (count, table["hash"][-1].as_py(), -1, "", "")
+    report = store.verify()
+    assert (report.ok, report.checked) == (True, count), report
+
+
+def json_field(value: bytes) -> Any:
+    """A jsonb field's value: its version byte, and its text parsed."""
+    return value[:1], json.loads(value[1:])
+
+
+def split_rows(rows: bytes) -> list[list[Any]]:
+    """Binary COPY rows of `COPY_COLUMNS` as their fields, the tags parsed."""
+    out: list[list[Any]] = []
+    at = 0
+    while at < len(rows):
+        (fields,) = struct.unpack_from(">h", rows, at)
+        at += 2
+        values: list[Any] = []
+        for _ in range(fields):
+            (size,) = struct.unpack_from(">i", rows, at)
+            values.append(rows[at + 4 : at + 4 + size])
+            at += 4 + size
+        values[4] = json_field(values[4])
+        out.append(values)
+    return out

@@ -17,20 +17,26 @@ buffers of Arrow arrays: no Python object is made per event. The column types:
 
 from __future__ import annotations
 
+import array
 import os
+import re
+import struct
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tamma_events.codec.reference import DecodedRows
+from tamma_events.codec.reference import COPY_COLUMNS, PG_EPOCH_US, DecodedRows
 
 __all__ = [
     "EXPORT_SCHEMA",
     "parquet_writer",
+    "stored_rows",
     "to_batch",
     "write_arrow_file",
     "write_parquet",
@@ -98,6 +104,92 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- archived events as stored rows --------------------------------------------------------------
+
+
+def _big_endian(values: pa.Array, width: int) -> pa.Array:
+    """Integers (int32 or int64) as ``width``-byte big-endian binary values; nulls stay null."""
+    numbers = array.array("i" if width == 4 else "q")
+    assert numbers.itemsize == width
+    start = values.offset * width
+    numbers.frombytes(values.buffers()[1][start : start + len(values) * width])
+    if sys.byteorder == "little":
+        numbers.byteswap()
+    ordered = pa.Array.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(numbers)])
+    if values.null_count:
+        ordered = pc.if_else(pc.is_valid(values), ordered, pa.scalar(None, ordered.type))
+    return ordered
+
+
+#: What a JSON string literal cannot hold as it is.
+_NEEDS_ESCAPE: Final = re.compile(rb'["\\\x00-\x1f]')
+
+
+def _json_strings(strings: pa.Array) -> pa.Array:
+    """Strings escaped for the inside of JSON string literals (most need nothing, which one
+    scan of their bytes finds)."""
+    data = strings.buffers()[2]
+    if data is None or not _NEEDS_ESCAPE.search(memoryview(data)):
+        return strings
+    escaped = pc.replace_substring(pc.replace_substring(strings, "\\", "\\\\"), '"', '\\"')
+    for code in range(0x20):
+        escaped = pc.replace_substring(escaped, chr(code), f"\\u{code:04x}")
+    return escaped
+
+
+def _plain(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One array of a column's storage: extension types unwrapped, dictionaries decoded."""
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(values, pa.ExtensionArray):
+        values = values.storage
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    return values
+
+
+#: A field's length in binary COPY when it is NULL.
+_NULL_LENGTH: Final = struct.pack(">i", -1)
+_JSONB_VERSION: Final = pa.scalar(b"\x01", pa.large_binary())
+_NOTHING: Final = pa.scalar(b"", pa.large_binary())
+
+
+def stored_rows(table: pa.Table | pa.RecordBatch) -> memoryview:
+    """Events of `EXPORT_SCHEMA` (an archive's row group, say) as binary COPY rows of
+    `COPY_COLUMNS`, the layout the codec's ``rehash`` reads back from the log: the tags as a
+    JSON object, ``metadata`` and ``data`` as their stored jsonb text. Built column by column
+    by Arrow's kernels, with no Python object per event. A null value (a damaged file) becomes
+    a NULL field, which ``rehash`` reports as the row's."""
+    tags = _plain(table.column("tags"))
+    pairs = pc.binary_join_element_wise(
+        '"', _json_strings(tags.keys), '":"', _json_strings(tags.items), '"', ""
+    )
+    listed = pa.ListArray.from_arrays(tags.offsets, pairs, mask=pc.is_null(tags))
+    parts: list[pa.Array | pa.Scalar] = [pa.scalar(struct.pack(">h", len(COPY_COLUMNS)))]
+    for name in COPY_COLUMNS:
+        if name == "tags":
+            values = pc.binary_join_element_wise("{", pc.binary_join(listed, ","), "}", "")
+        else:
+            values = _plain(table.column(name))
+        if name == "timestamp":
+            values = pc.subtract_checked(pc.cast(values, pa.int64()), PG_EPOCH_US)
+        if name in ("position", "timestamp"):
+            values = _big_endian(values, 8)
+        values = pc.cast(values, pa.large_binary())
+        if name in ("tags", "metadata", "data"):
+            values = pc.binary_join_element_wise(_JSONB_VERSION, values, _NOTHING)
+        length = _big_endian(pc.binary_length(values).cast(pa.int32()), 4)
+        parts += [pc.fill_null(length, _NULL_LENGTH), pc.fill_null(values, b"")]
+    rows = pc.binary_join_element_wise(
+        *(pc.cast(part, pa.large_binary()) for part in parts), _NOTHING
+    )
+    if not len(rows):
+        return memoryview(b"")
+    ends = memoryview(rows.buffers()[1]).cast("q")
+    return memoryview(rows.buffers()[2]).cast("B")[
+        ends[rows.offset] : ends[rows.offset + len(rows)]
+    ]
 
 
 @contextmanager

@@ -31,7 +31,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
@@ -43,11 +43,10 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from tamma_events import codec as _codec
-from tamma_events.codec.arrow import EXPORT_SCHEMA, to_batch, write_parquet
-from tamma_events.codec.chain import first_break
+from tamma_events.codec.arrow import EXPORT_SCHEMA, stored_rows, to_batch, write_parquet
+from tamma_events.codec.chain import check_rows
 from tamma_events.codec.reference import GENESIS_HASH
 from tamma_events.errors import StorageError
-from tamma_events.model import DomainEvent, _uuid_from_int
 from tamma_events.ops.drive import copy_rows
 from tamma_events.ops.steps import Op, Run
 from tamma_events.sql import statements_of
@@ -160,45 +159,26 @@ def _columns(table: pa.Table) -> dict[str, list[Any]]:
     return columns
 
 
-def _check_batch(table: pa.Table, expected: int, prev_hash: bytes) -> bytes:
-    """Recompute the hash chain over the archived events of ``table`` (positions ``expected``
-    on), from ``prev_hash``; returns the last hash. Raises `_Broken` at the first mismatch."""
-    columns = _columns(table)
-    for offset, position in enumerate(columns["position"]):
-        if position != expected + offset:
-            raise _Broken(expected + offset, f"event {expected + offset} is missing from it")
-    decode = msgspec.json.decode
-    events = [
-        DomainEvent(
-            event_type,
-            decode(data),
-            tags,
-            decode(metadata),
-            _uuid_from_int(int.from_bytes(event_id, "big")),
-            _datetime(us),
-        )
-        for event_type, data, tags, metadata, event_id, us in zip(
-            columns["event_type"],
-            columns["data"],
-            columns["tags"],
-            columns["metadata"],
-            columns["event_id"],
-            columns["timestamp"],
-            strict=True,
-        )
-    ]
-    hashes = columns["hash"]
-    broken = first_break(events, expected, prev_hash, hashes)
-    if broken is not None:
-        raise _Broken(expected + broken.offset, broken.reason)
-    return bytes(hashes[-1]) if hashes else prev_hash
-
-
-_UNIX_EPOCH: Final = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
-
-
-def _datetime(us: int) -> datetime:
-    return _UNIX_EPOCH + timedelta(microseconds=us)
+def chain_row_groups(
+    parquet: pq.ParquetFile,
+    first_position: int,
+    prev_hash: bytes,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, bytes]:
+    """Recompute the hash chain over the events of an archive's row groups, expected at
+    positions ``first_position`` on and chained from ``prev_hash``: natively, as `verify` does
+    over the log (`stored_rows` hands ``rehash`` each row group as the log's rows). Returns the
+    position after the last event and the last hash; raises `_Broken` at the first mismatch."""
+    expected, chain = first_position, prev_hash
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group)
+        chain, broken = check_rows(stored_rows(table), table.num_rows, expected, chain)
+        if broken is not None:
+            raise _Broken(expected + broken.offset, broken.reason)
+        expected += table.num_rows
+        if progress is not None:
+            progress(table.num_rows)
+    return expected, chain
 
 
 def check_file(
@@ -228,14 +208,7 @@ def check_file(
                     file.first_position,
                     f"{file.path.name} holds {parquet.metadata.num_rows} events, not {file.events}",
                 )
-            expected = file.first_position
-            chain = prev_hash
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
-                chain = _check_batch(table, expected, chain)
-                expected += table.num_rows
-                if progress is not None:
-                    progress(table.num_rows)
+            expected, chain = chain_row_groups(parquet, file.first_position, prev_hash, progress)
     except (OSError, pa.ArrowException) as exc:
         raise _Broken(file.first_position, f"{file.path.name} cannot be read: {exc}") from None
     if expected != file.last_position + 1:

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import msgspec
 import psycopg
 
-from tamma_events import codec as _codec
 from tamma_events.checks import whole
-from tamma_events.errors import EventStoreError, StorageError, ValidationFailed
+from tamma_events.codec.chain import check_rows
+from tamma_events.errors import StorageError, ValidationFailed
 from tamma_events.ops.archiving import manifest, verify_archives
 from tamma_events.ops.drive import copy_rows
 from tamma_events.sql import EXPORT_SNAPSHOT, SNAPSHOT, import_snapshot, statements_of
@@ -145,15 +145,6 @@ def _two_streams(
                         pass
 
 
-def _reason(kind: str, position: int, detail: str) -> str:
-    """Why the event at ``position`` breaks the chain, for a `rehash` result's kind."""
-    if kind == "missing":
-        return f"event {position} is missing (the next stored position is {detail})"
-    if kind == "encode":
-        return f"event {position} cannot be re-encoded: {detail}"
-    return f"event {position}'s hash does not match its contents and predecessor"
-
-
 def _break(checked: int, position: int, reason: str, start: int, end: int) -> IntegrityReport:
     return IntegrityReport(False, checked, position, reason, start, end)
 
@@ -258,22 +249,10 @@ def verify(
             source = _one_stream(conn, statement, first, last, batch_size)
         with source as ahead:
             for rows, count in ahead:
-                try:
-                    result = _codec.rehash(rows, count, expected, prev_hash)
-                except EventStoreError as exc:
-                    # A row whose stored values cannot even be read as an event's (a hash
-                    # of the wrong length, a NULL, ...): the chain breaks there.
-                    row = exc.context.get("row")
-                    if not isinstance(row, int):
-                        raise
-                    at = expected + row
-                    reason = exc.message.replace(f"stored row {row}", f"event {at}", 1)
-                    return _break(checked + row, at, reason, first, last)
-                if result.failed >= 0:
-                    at = expected + result.failed
-                    reason = _reason(result.kind, at, result.detail)
-                    return _break(checked + result.checked, at, reason, first, last)
-                prev_hash = result.last_hash
+                prev_hash, broken = check_rows(rows, count, expected, prev_hash)
+                if broken is not None:
+                    at = expected + broken.offset
+                    return _break(checked + broken.offset, at, broken.reason, first, last)
                 checked += count
                 expected += count
                 if progress is not None:

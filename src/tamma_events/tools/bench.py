@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+import pyarrow.parquet as pq
 from psycopg import sql
 
 from tamma_events import codec as _codec
@@ -27,6 +28,7 @@ from tamma_events.codec import reference as _pycodec
 from tamma_events.filters import EventFilter, encode_token, normalize
 from tamma_events.model import AppendCondition, DomainEvent, Query, SequencedEvent
 from tamma_events.ops.appending import FOLD_EVENTS
+from tamma_events.ops.archiving import ROW_GROUP_EVENTS, chain_row_groups
 from tamma_events.ops.migrating import drop
 from tamma_events.stores.store import EventStore
 from tamma_events.tools.usage import measured
@@ -199,6 +201,34 @@ def measure_verify(store: EventStore) -> float:
     if not report.ok:
         raise RuntimeError(f"the benchmark store does not verify: {report}")
     return report.checked / (time.perf_counter() - started)
+
+
+ARCHIVE_VERIFY_EVENTS = 200_000
+
+
+def measure_archive_verify(store: EventStore, directory: Path) -> tuple[float, float, int]:
+    """Events/s of recomputing the hash chain over an archive file (the store's first
+    `ARCHIVE_VERIFY_EVENTS` events, written with compaction's row groups), and of reading its
+    row groups alone (the baseline, from the same file); and how many events."""
+    path = directory / "archive.parquet"
+    count = store.export_parquet(
+        EventFilter(limit=ARCHIVE_VERIFY_EVENTS), path, row_group_size=ROW_GROUP_EVENTS
+    )
+    try:
+        started = time.perf_counter()
+        with pq.ParquetFile(path) as parquet:
+            for group in range(parquet.num_row_groups):
+                parquet.read_row_group(group)
+        bare = count / (time.perf_counter() - started)
+        started = time.perf_counter()
+        with pq.ParquetFile(path) as parquet:
+            end, _ = chain_row_groups(parquet, 1, _pycodec.GENESIS_HASH)
+        verified = count / (time.perf_counter() - started)
+    finally:
+        path.unlink(missing_ok=True)
+    if end != count + 1:
+        raise RuntimeError(f"the archive of {count} events ended at {end - 1}")
+    return verified, bare, count
 
 
 def measure_read(store: EventStore, page: int) -> float:

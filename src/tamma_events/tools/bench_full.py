@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -42,6 +44,7 @@ from tamma_events.tools.bench import (
     load_query_store,
     measure_adbc,
     measure_append_batch,
+    measure_archive_verify,
     measure_commit_floor,
     measure_concurrent_appends,
     measure_conditional_appends,
@@ -824,6 +827,25 @@ def run_full_suite(
             )
         )
         results.append(_result("copy_to.chain", bare_rate, "events/s", bare_usage, events))
+        progress("verify of an archive file")
+        with tempfile.TemporaryDirectory(prefix="tamma-bench-") as directory:
+            with measured(dsn) as usage:
+                archived, parquet_read, archive_events = measure_archive_verify(
+                    store, Path(directory)
+                )
+        results.append(
+            _result(
+                "verify.archive",
+                archived,
+                "events/s",
+                usage,
+                archive_events,
+                "parquet_read",
+                parquet_read,
+                note="the hash chain over one archive file's row groups, against reading them",
+            )
+        )
+        results.append(_result("parquet_read", parquet_read, "events/s", None, archive_events))
         progress("read")
         with measured(dsn) as read_usage:
             read_rate = measure_read(store, batch_size)
