@@ -438,6 +438,24 @@ FILTERS: list[tuple[str, Builder]] = [
         "event-ids-and-window",
         lambda ev: window(WINDOW_DAY, event_ids=[str(e.event_id) for e in ev[::3]]),
     ),
+    # A selective condition of several values, with single values of other keys (which join
+    # each of its alternatives), with the same key asked again, and past the alternatives' limit.
+    (
+        "issues-and-a-provider",
+        lambda ev: EventFilter(issue_ids=["I-3", "I-4", "I-5"], providers=["github"]),
+    ),
+    (
+        "issues-and-one-of-them-again",
+        lambda ev: EventFilter(
+            issue_ids=["I-3", "I-4"], tags={"issueId": "I-4"}, providers=["github"]
+        ),
+    ),
+    (
+        "issues-past-the-alternatives-and-a-provider",
+        lambda ev: EventFilter(
+            issue_ids=[f"I-{n}" for n in range(1, 80)], providers=["gitlab"], user_ids=["u2"]
+        ),
+    ),
     (
         "all-named-tags",
         lambda ev: EventFilter(
