@@ -45,6 +45,7 @@ PACKAGE = ROOT / "src" / "tamma_events"
 FILES = [
     ("ops/drive_async.py", "ops/drive.py"),
     ("stores/aio.py", "stores/store.py"),
+    ("stores/consumers_async.py", "stores/consumers.py"),
     ("stores/group_async.py", "stores/group.py"),
     ("streaming/listen_async.py", "streaming/listen.py"),
 ]
@@ -53,6 +54,7 @@ FILES = [
 RENAMES = {
     "AsyncConnection": "Connection",
     "AsyncConnectionPool": "ConnectionPool",
+    "AsyncConsumer": "Consumer",
     "AsyncCursor": "Cursor",
     "AsyncEventStore": "EventStore",
     "AsyncExitStack": "ExitStack",
@@ -62,6 +64,7 @@ RENAMES = {
     "AsyncListener": "Listener",
     "AsyncTransaction": "Transaction",
     "_do_async": "_do",
+    "consumers_async": "consumers",
     "drive_async": "drive",
     "group_async": "group",
     "listen_async": "listen",

@@ -255,7 +255,7 @@ def test_serve_runs_the_http_app(pg_dsn: str, schema: str, tmp_path: Path) -> No
                 assert server.poll() is None, (tmp_path / "serve.log").read_text()
                 assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.1)
-        assert health.json() == {"status": "ok", "head": 6, "subscriptions": 0}
+        assert health.json() == {"status": "ok", "head": 6, "subscriptions": 0, "consumers": []}
         assert httpx.get(f"{base}/events", timeout=30).status_code == 401
         page = httpx.get(
             f"{base}/events",

@@ -1399,7 +1399,7 @@ async def test_a_closed_store_refuses_work(store: Store) -> None:
 #: is a coroutine (``paginate`` an async generator), awaited because it talks to the database.
 PLAIN_CALLS = {"cache_stats", "default_archive_dir", "metrics", "pool_stats", "validate"}
 #: Plain calls that hand back something asynchronous, which queries as it is iterated or entered.
-ASYNC_HANDLES = {"export_arrow", "stream_events", "subscribe", "transaction"}
+ASYNC_HANDLES = {"consumer", "export_arrow", "stream_events", "subscribe", "transaction"}
 
 
 def _public_calls(cls: type) -> dict[str, Any]:

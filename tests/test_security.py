@@ -70,6 +70,11 @@ WRITABLE: dict[str, set[str]] = {
     "events": {"SELECT", "INSERT"},
     "head": {"SELECT"},
     "event_snapshots": {"SELECT", "INSERT", "UPDATE"},
+    # Durable consumers: their checkpoints, leases, workers and parked events.
+    "consumers": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "consumer_partitions": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "consumer_workers": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "parked_events": {"SELECT", "INSERT", "UPDATE", "DELETE"},
 }
 #: Relations the migrations create (a sanity check that the catalog listing finds them).
 KNOWN = {
@@ -88,6 +93,10 @@ KNOWN = {
     "archived_events",
     "event_index",
     "schema_migrations",
+    "consumers",
+    "consumer_partitions",
+    "consumer_workers",
+    "parked_events",
 }
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 #: Loggers whose DEBUG records are checked for the password (the root logger sees the rest).
@@ -408,7 +417,8 @@ def test_app_role_cannot_change_rows_of_any_table(
                 )
             if "INSERT" not in allowed:
                 rows.append(sql.SQL("INSERT INTO {} DEFAULT VALUES").format(target))
-            rows.append(sql.SQL("DELETE FROM {}").format(target))
+            if "DELETE" not in allowed:
+                rows.append(sql.SQL("DELETE FROM {}").format(target))
             if kind == "view":
                 not_updatable = psycopg.errors.ObjectNotInPrerequisiteState
                 statements += [(statement, not_updatable) for statement in rows]
@@ -746,6 +756,38 @@ def _take(subscription: Any, count: int) -> list[SequencedEvent]:
         return list(itertools.islice(subscription, count))
     finally:
         watchdog.cancel()
+
+
+def test_app_role_runs_durable_consumers(filled: EventStore, app_role: AppRole) -> None:
+    """Connected as the login role, with ``migrate=False``: a transactional consumer appends
+    under its checkpoint, parks an event, and the role replays, resets and drops it; the log
+    stays as appended and verifies."""
+    before = filled.get_events()
+    with EventStore(app_role.dsn, schema=filled.schema, migrate=False, max_connections=4) as app:
+
+        def handler(events: list[SequencedEvent], tx: Any) -> None:
+            for event in events:
+                if event.position == 5:
+                    raise ValueError("poison")
+                tx.append(DomainEvent("Handled", {"of": event.position}))
+
+        consumer = app.consumer(
+            "audit",
+            Query.of(types=["Seeded"]),
+            partition_by="issueId",
+            partitions=3,
+            max_attempts=1,
+        )
+        consumer.run(handler, transactional=True, until_idle=True)
+        handled = app.read(Query.of(types=["Handled"])).events
+        assert sorted(e.data["of"] for e in handled) == [p for p in range(1, EVENTS + 1) if p != 5]
+        assert [p.position for p in app.parked_events("audit")] == [5]
+        assert app.replay_parked("audit") == [5]
+        assert app.reset_consumer("audit", to=EVENTS) == 3
+        assert app.drop_consumer("audit") == 3
+        assert app.consumers() == []
+    assert filled.get_events()[: len(before)] == before
+    assert filled.verify().ok
 
 
 def test_app_role_runs_the_application(

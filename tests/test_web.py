@@ -802,15 +802,41 @@ def test_health_reports_head_and_subscriptions(
     store: EventStore, serve: Callable[[Starlette], str]
 ) -> None:
     base = serve(create_app(store, token=TOKEN, heartbeat=HEARTBEAT))
-    assert health(base) == {"status": "ok", "head": 0, "subscriptions": 0}
+    assert health(base) == {"status": "ok", "head": 0, "subscriptions": 0, "consumers": []}
     append_sample(store, 7)
-    assert health(base) == {"status": "ok", "head": 7, "subscriptions": 0}
+    assert health(base) == {"status": "ok", "head": 7, "subscriptions": 0, "consumers": []}
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with Stream(base, headers=auth), Stream(base, {"type": "A"}, auth):
-        assert health(base) == {"status": "ok", "head": 7, "subscriptions": 2}
+        assert health(base) == {"status": "ok", "head": 7, "subscriptions": 2, "consumers": []}
         store.append(event_at(7))
-        assert health(base) == {"status": "ok", "head": 8, "subscriptions": 2}
+        assert health(base) == {"status": "ok", "head": 8, "subscriptions": 2, "consumers": []}
     assert wait_until(lambda: health(base)["subscriptions"] == 0)
+
+
+def test_health_lists_the_durable_consumers(
+    store: EventStore, serve: Callable[[Starlette], str]
+) -> None:
+    base = serve(create_app(store, token=TOKEN, heartbeat=HEARTBEAT))
+    append_sample(store, 7)
+
+    def handler(events: list[SequencedEvent]) -> None:
+        if any(e.position == 3 for e in events):
+            raise ValueError("poison")
+
+    store.consumer("board", partition_by="k", partitions=3, max_attempts=1).run(
+        handler, until_idle=True
+    )
+    store.append(event_at(7))
+    (board,) = health(base)["consumers"]
+    # Its lag in seconds is a measure of this machine: only its type is the app's.
+    assert isinstance(board.pop("lag_seconds"), float)
+    assert board == {
+        "name": "board",
+        "partitions": 3,
+        "workers": 0,
+        "lag_positions": 1,
+        "parked": 1,
+    }
 
 
 # -- positions out of range, and the parameter an error names -------------------------------

@@ -3,11 +3,13 @@
 from tamma_events.codec import IMPL as __impl__
 from tamma_events.errors import (
     APPEND_CONDITION_FAILED,
+    CONSUMER_CONFLICT,
     DUPLICATE_EVENT,
     QUERY_ERROR,
     STORAGE_ERROR,
     VALIDATION_FAILED,
     AppendConditionFailed,
+    ConsumerConflict,
     DuplicateEvent,
     ErrorCode,
     EventStoreError,
@@ -30,8 +32,11 @@ from tamma_events.model import (
     new_event_id,
 )
 from tamma_events.ops.cache import CacheStats, QueryCache
+from tamma_events.ops.consuming import ConsumerState, ParkedEvent, PartitionState
 from tamma_events.ops.verifying import IntegrityReport
 from tamma_events.stores.aio import AsyncEventStore, AsyncTransaction
+from tamma_events.stores.consumers import Consumer
+from tamma_events.stores.consumers_async import AsyncConsumer
 from tamma_events.stores.store import EventStore, Transaction
 from tamma_events.streaming.subscriptions import Subscription
 
@@ -39,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APPEND_CONDITION_FAILED",
+    "CONSUMER_CONFLICT",
     "DUPLICATE_EVENT",
     "QUERY_ERROR",
     "STORAGE_ERROR",
@@ -46,9 +52,13 @@ __all__ = [
     "AggregateRow",
     "AppendCondition",
     "AppendConditionFailed",
+    "AsyncConsumer",
     "AsyncEventStore",
     "AsyncTransaction",
     "CacheStats",
+    "Consumer",
+    "ConsumerConflict",
+    "ConsumerState",
     "DomainEvent",
     "DuplicateEvent",
     "ErrorCode",
@@ -57,6 +67,8 @@ __all__ = [
     "EventStoreError",
     "IntegrityReport",
     "Page",
+    "ParkedEvent",
+    "PartitionState",
     "Projection",
     "Query",
     "QueryCache",

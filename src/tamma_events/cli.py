@@ -40,6 +40,7 @@ from tamma_events.errors import (
     APPEND_CONDITION_FAILED,
     QUERY_ERROR,
     VALIDATION_FAILED,
+    ConsumerConflict,
     EventStoreError,
     StorageError,
     ValidationFailed,
@@ -1554,3 +1555,156 @@ def embedded_status(obj: _Context) -> None:
     made = "" if state.initialized else " (no database there yet: start creates one)"
     console.print(f"not running in {state.data_dir}{made}", markup=False)
     sys.exit(1)
+
+
+@main.group("consumers")
+def consumers_() -> None:
+    """Durable consumers: their checkpoints, lag, workers and parked events (see
+    docs/consumers.md)."""
+
+
+def _lag_seconds(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:,.1f}"
+
+
+@consumers_.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the consumers as JSON.")
+@click.pass_obj
+def consumers_list(obj: _Context, as_json: bool) -> None:
+    """Every consumer: its partitions, the workers alive, its largest lag, its parked events."""
+    with _failures(), obj.open_existing() as store:
+        states = store.consumers()
+    if as_json:
+        click.echo(msgspec.json.encode(states).decode())
+        return
+    if not states:
+        console.print("no consumers", markup=False)
+        return
+    table = Table("consumer", "partitions", "split by", "workers", "lag", "lag (s)", "parked")
+    for state in states:
+        table.add_row(
+            Text(state.name),
+            f"{len(state.partitions):,}",
+            Text(state.partition_key or "-"),
+            f"{len(state.workers):,}",
+            f"{state.lag_positions:,}",
+            _lag_seconds(state.lag_seconds),
+            f"{state.parked:,}",
+        )
+    _print_table(table)
+
+
+@consumers_.command("lag")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the partitions as JSON.")
+@click.pass_obj
+def consumers_lag(obj: _Context, name: str | None, as_json: bool) -> None:
+    """Each partition of consumer NAME (or of every consumer): its checkpoint, the worker
+    holding it, and how far behind the head it is, in positions and seconds."""
+    with _failures(), obj.open_existing() as store:
+        states = store.consumers(name)
+    if name is not None and not states:
+        with _failures():
+            raise ConsumerConflict(f"no consumer is named {name!r}", {"name": name})
+    if as_json:
+        click.echo(msgspec.json.encode(states).decode())
+        return
+    table = Table("consumer", "partition", "checkpoint", "worker", "lag", "lag (s)")
+    for state in states:
+        for part in state.partitions:
+            table.add_row(
+                Text(state.name),
+                str(part.partition),
+                f"{part.position:,}",
+                Text(part.owner or "-"),
+                f"{part.lag_positions:,}",
+                _lag_seconds(part.lag_seconds),
+            )
+    _print_table(table)
+
+
+@consumers_.command("reset")
+@click.argument("name")
+@click.option(
+    "--to",
+    "to",
+    type=click.IntRange(min=0),
+    required=True,
+    help="The position to restart after (0: the beginning).",
+)
+@click.option("--force", is_flag=True, help="Reset even while workers hold its partitions.")
+@click.pass_obj
+def consumers_reset(obj: _Context, name: str, to: int, force: bool) -> None:
+    """Set every checkpoint of consumer NAME to --to: its next events are those after it.
+    Refused while its workers hold leases, unless --force."""
+    with _failures(), obj.open_existing() as store:
+        count = store.reset_consumer(name, to=to, force=force)
+    console.print(
+        f"consumer {name}: {_count(count, 'partition')} reset to position {to:,}", markup=False
+    )
+
+
+@consumers_.command("drop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Drop it even while workers hold its partitions.")
+@click.pass_obj
+def consumers_drop(obj: _Context, name: str, force: bool) -> None:
+    """Remove consumer NAME with its checkpoints and parked events. Refused while its
+    workers hold leases, unless --force."""
+    with _failures(), obj.open_existing() as store:
+        count = store.drop_consumer(name, force=force)
+    console.print(f"consumer {name} dropped ({_count(count, 'partition')})", markup=False)
+
+
+@consumers_.command("parked")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the parked events as JSON.")
+@click.pass_obj
+def consumers_parked(obj: _Context, name: str, as_json: bool) -> None:
+    """The events consumer NAME parked, with their last error."""
+    with _failures(), obj.open_existing() as store:
+        parked = store.parked_events(name)
+    if as_json:
+        click.echo(msgspec.json.encode(parked).decode())
+        return
+    if not parked:
+        console.print(f"consumer {name} has no parked events", markup=False)
+        return
+    table = Table("position", "partition", "attempts", "parked at", "replay asked", "error")
+    for event in parked:
+        table.add_row(
+            f"{event.position:,}",
+            str(event.partition),
+            str(event.attempts),
+            event.parked_at.isoformat(timespec="seconds"),
+            "yes" if event.replay_requested else "no",
+            Text(event.error),
+        )
+    _print_table(table)
+
+
+@consumers_.command("replay")
+@click.argument("name")
+@click.option(
+    "--position",
+    "positions",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="A parked event to replay (repeatable); all of them when left out.",
+)
+@click.pass_obj
+def consumers_replay(obj: _Context, name: str, positions: tuple[int, ...]) -> None:
+    """Ask consumer NAME's workers to hand its parked events to the handler again, once
+    each; an event handled then leaves the parked list."""
+    with _failures(), obj.open_existing() as store:
+        asked = store.replay_parked(name, list(positions) or None)
+    missing = sorted(set(positions) - set(asked))
+    console.print(
+        f"consumer {name}: replay asked for {_count(len(asked), 'parked event')}", markup=False
+    )
+    if missing:
+        with _failures():
+            raise ConsumerConflict(
+                f"not parked by consumer {name!r}: {', '.join(map(str, missing))}",
+                {"name": name, "positions": missing},
+            )

@@ -10,6 +10,7 @@ Each code has its own subclass, so a caller can catch one kind of failure (as ps
 - ``VALIDATION_FAILED``: `ValidationFailed`
 - ``QUERY_ERROR``: `QueryError`
 - ``STORAGE_ERROR``: `StorageError`
+- ``CONSUMER_CONFLICT``: `ConsumerConflict`
 
     try:
         store.append(event, condition)
@@ -26,11 +27,13 @@ from typing import Any, ClassVar, Final, Literal
 
 __all__ = [
     "APPEND_CONDITION_FAILED",
+    "CONSUMER_CONFLICT",
     "DUPLICATE_EVENT",
     "QUERY_ERROR",
     "STORAGE_ERROR",
     "VALIDATION_FAILED",
     "AppendConditionFailed",
+    "ConsumerConflict",
     "DuplicateEvent",
     "ErrorCode",
     "EventStoreError",
@@ -47,6 +50,7 @@ ErrorCode = Literal[
     "STORAGE_ERROR",
     "QUERY_ERROR",
     "APPEND_CONDITION_FAILED",
+    "CONSUMER_CONFLICT",
 ]
 
 DUPLICATE_EVENT: Final = "DUPLICATE_EVENT"
@@ -54,6 +58,7 @@ VALIDATION_FAILED: Final = "VALIDATION_FAILED"
 STORAGE_ERROR: Final = "STORAGE_ERROR"
 QUERY_ERROR: Final = "QUERY_ERROR"
 APPEND_CONDITION_FAILED: Final = "APPEND_CONDITION_FAILED"
+CONSUMER_CONFLICT: Final = "CONSUMER_CONFLICT"
 
 
 class _ErrorType(type):
@@ -138,9 +143,23 @@ class StorageError(EventStoreError):
     code = STORAGE_ERROR
 
 
+class ConsumerConflict(EventStoreError):
+    """A durable consumer cannot do what was asked in its present state: it exists with other
+    partitions, or a reset was asked while workers hold its partitions."""
+
+    code = CONSUMER_CONFLICT
+
+
 _CLASSES: Final[dict[str, type[EventStoreError]]] = {
     cls.code: cls
-    for cls in (AppendConditionFailed, DuplicateEvent, ValidationFailed, QueryError, StorageError)
+    for cls in (
+        AppendConditionFailed,
+        DuplicateEvent,
+        ValidationFailed,
+        QueryError,
+        StorageError,
+        ConsumerConflict,
+    )
 }
 
 

@@ -897,7 +897,7 @@ class Statements:
 
     def grants(self, role: str, create: bool) -> list[sql.Composed]:
         """What `EventStore.grant_app_role` runs for ``role`` (creating it first, NOLOGIN, when
-        ``create``): read everything, append events, save snapshots."""
+        ``create``): read everything, append events, save snapshots, run consumers."""
         schema = sql.Identifier(self.schema)
         name = sql.Identifier(role)
         statements: list[sql.Composed] = []
@@ -914,6 +914,30 @@ class Statements:
             sql.SQL("GRANT INSERT ON {} TO {}").format(self.events, name),
             sql.SQL("GRANT INSERT, UPDATE ON {} TO {}").format(
                 sql.Identifier(self.schema, "event_snapshots"), name
+            ),
+            # Running durable consumers: checkpoints, leases, workers, parked events (tables
+            # that a store of a version before 12 does not have yet; its migration grants them
+            # to the roles that can append).
+            sql.SQL(
+                "DO $$BEGIN IF to_regclass({}) IS NOT NULL THEN EXECUTE {}; END IF; END$$"
+            ).format(
+                sql.Literal(sql.Identifier(self.schema, "consumers").as_string(None)),
+                sql.Literal(
+                    sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}")
+                    .format(
+                        sql.SQL(", ").join(
+                            sql.Identifier(self.schema, table)
+                            for table in (
+                                "consumers",
+                                "consumer_partitions",
+                                "consumer_workers",
+                                "parked_events",
+                            )
+                        ),
+                        name,
+                    )
+                    .as_string(None)
+                ),
             ),
         ]
         return statements

@@ -433,13 +433,31 @@ class StoreCore(Appending, Exporting):
             delay = min(delay * 2, 0.05)
 
     def _snapshot(
-        self, pool: dict[str, int], listener: Any, positions: list[int], replicas: list[Any]
+        self,
+        pool: dict[str, int],
+        listener: Any,
+        positions: list[int],
+        replicas: list[Any],
+        consumers: list[tuple[str, str, dict[int, int], int, int]],
     ) -> dict[str, Any]:
         """`EventStore.metrics`, from what the store counted and what the caller read."""
         snapshot = self._metrics.snapshot()
         snapshot["cache"] = msgspec.structs.asdict(self.cache.stats())
         snapshot["pool"] = pool
         snapshot["subscriptions"] = self._subscription_lag(listener, positions)
+        snapshot["consumers"] = [
+            {
+                "name": name,
+                "worker": worker,
+                "delivered": delivered,
+                "parked": parked,
+                "partitions": {
+                    partition: {"position": position, **self._lag(listener, position)}
+                    for partition, position in sorted(owned.items())
+                },
+            }
+            for name, worker, owned, delivered, parked in sorted(consumers)
+        ]
         snapshot["replicas"] = replicas
         snapshot["replica_fallbacks"] = self._replicas.fallbacks
         return snapshot
@@ -451,11 +469,17 @@ class StoreCore(Appending, Exporting):
         its position was announced."""
         if listener is None or not positions:
             return {"open": len(positions), "lag_positions": 0, "lag_seconds": 0.0}
-        slowest = min(positions)
-        since = listener.behind_since(slowest)
+        return {"open": len(positions), **StoreCore._lag(listener, min(positions))}
+
+    @staticmethod
+    def _lag(listener: Any, position: int) -> dict[str, Any]:
+        """How far ``position`` is behind the head the listener last announced, in positions,
+        and in seconds since the first head beyond it was announced."""
+        if listener is None:
+            return {"lag_positions": 0, "lag_seconds": 0.0}
+        since = listener.behind_since(position)
         return {
-            "open": len(positions),
-            "lag_positions": max(listener.seen - slowest, 0),
+            "lag_positions": max(listener.seen - position, 0),
             "lag_seconds": 0.0 if since is None else max(time.monotonic() - since, 0.0),
         }
 

@@ -238,6 +238,40 @@ def prometheus_registry(snapshot: Callable[[], dict[str, Any]]) -> Any:
                 "Age of the oldest committed event not yet delivered by a subscription",
                 value=subscriptions["lag_seconds"],
             )
+            consumer_lag = GaugeMetricFamily(
+                "tamma_events_consumer_lag_positions",
+                "Positions committed after a consumer partition's checkpoint, by the worker"
+                " holding it here",
+                labels=["consumer", "partition"],
+            )
+            consumer_seconds = GaugeMetricFamily(
+                "tamma_events_consumer_lag_seconds",
+                "Age of the oldest committed position after a consumer partition's checkpoint",
+                labels=["consumer", "partition"],
+            )
+            delivered = CounterMetricFamily(
+                "tamma_events_consumer_delivered",
+                "Events handed to a consumer's handler by the workers running here",
+                labels=["consumer"],
+            )
+            parked = CounterMetricFamily(
+                "tamma_events_consumer_parked",
+                "Events a consumer's workers running here parked",
+                labels=["consumer"],
+            )
+            totals: dict[str, list[int]] = {}
+            for worker in now["consumers"]:
+                total = totals.setdefault(worker["name"], [0, 0])
+                total[0] += worker["delivered"]
+                total[1] += worker["parked"]
+                for partition, lag in worker["partitions"].items():
+                    labels = [worker["name"], str(partition)]
+                    consumer_lag.add_metric(labels, lag["lag_positions"])
+                    consumer_seconds.add_metric(labels, lag["lag_seconds"])
+            for consumer, (count, set_aside) in sorted(totals.items()):
+                delivered.add_metric([consumer], count)
+                parked.add_metric([consumer], set_aside)
+            yield from (consumer_lag, consumer_seconds, delivered, parked)
             up = GaugeMetricFamily(
                 "tamma_events_replica_up", "Replica reachable", labels=["replica"]
             )

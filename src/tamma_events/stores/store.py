@@ -77,6 +77,12 @@ from tamma_events.model import (
     StoreStats,
 )
 from tamma_events.ops.appending import TransactionState
+from tamma_events.ops.consuming import (
+    ConsumerState,
+    ParkedEvent,
+    check_name,
+    consumer_statements,
+)
 from tamma_events.ops.drive import rollback, run
 from tamma_events.ops.failures import connection_lost
 from tamma_events.ops.migrating import migrate_op, require_current_op
@@ -104,6 +110,7 @@ from tamma_events.ops.request import AppendRequest
 from tamma_events.ops.steps import Op
 from tamma_events.ops.verifying import IntegrityReport
 from tamma_events.sql import BEGIN, after_position, query_shape
+from tamma_events.stores.consumers import Consumer
 from tamma_events.stores.core import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POOL_TIMEOUT,
@@ -285,6 +292,8 @@ class EventStore(StoreCore):
         self._listener: Listener | None = None
         # Weak: a subscription dropped without stop() is not kept alive (or counted) by the store.
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        #: The consumers' workers running on this store (`Consumer.run`), for `metrics`.
+        self._consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
         self._subscriptions_lock = threading.Lock()
         self._registry: Any = None
         self._group = GroupCommit(self._write_group, max_group_events)
@@ -554,6 +563,8 @@ class EventStore(StoreCore):
         """A snapshot of the store's metrics: ``appends`` (events, batches, bytes,
         conflicts, duplicates, errors, latency), ``queries`` (count, errors and latency by
         kind), ``cache``, ``pool`` (see `pool_stats`), ``subscriptions`` (open, lag in
+        positions and seconds), ``consumers`` (each worker running here: its consumer, events
+        delivered and parked, and each partition it holds with its checkpoint and lag in
         positions and seconds), ``replicas`` (each: up, reads served, replay lag in bytes and
         seconds) and ``replica_fallbacks``. Latencies are histograms: ``count``, ``sum`` and
         cumulative ``buckets`` by upper bound in seconds.
@@ -564,8 +575,11 @@ class EventStore(StoreCore):
         (None before that)."""
         with self._subscriptions_lock:
             positions = [s.position for s in self._subscriptions if not s.stopped]
+            consumers = [
+                (c.name, c.worker, c.owned, c.delivered, c.parked) for c in self._consumers
+            ]
         replicas = [r.status() for r in self._replicas.members]
-        return self._snapshot(self.pool_stats(), self._listener, positions, replicas)
+        return self._snapshot(self.pool_stats(), self._listener, positions, replicas, consumers)
 
     def measure_replicas(self) -> list[dict[str, Any]]:
         """Ask each replica how far behind the primary it is now (one query to the primary
@@ -1116,27 +1130,7 @@ class EventStore(StoreCore):
         other than the log's."""
         start = after_position(after)
         check_subscription_options(buffer, poll_interval, retry_for)
-        fetch: Callable[[int, int], tuple[list[SequencedEvent], int]]
-        if query_or_filter is None or isinstance(query_or_filter, Query):
-            query = query_or_filter
-            query_shape(query, [])  # validates it now, not at the first read
-
-            def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
-                return self._run("subscription", lambda: self._op_read_after(query, after, limit))
-
-        elif isinstance(query_or_filter, EventFilter):
-            criteria = subscription_criteria(query_or_filter)
-
-            def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
-                return self._run(
-                    "subscription", lambda: self._op_filter_after(criteria, after, limit)
-                )
-
-        else:
-            raise QueryError(
-                "subscribe takes a Query, an EventFilter or None,"
-                f" not {type(query_or_filter).__name__}",
-            )
+        fetch = self._reader(query_or_filter, "subscription")
         listener = self._ensure_listener()
         options: dict[str, Any] = {
             "after": start,
@@ -1151,6 +1145,129 @@ class EventStore(StoreCore):
                 raise StorageError("the store is closed")
             self._subscriptions.add(subscription)
         return subscription
+
+    def _reader(
+        self, query_or_filter: Query | EventFilter | None, kind: str
+    ) -> Callable[[int, int], tuple[list[SequencedEvent], int]]:
+        """How a subscription or a consumer (``kind``) reads: ``fetch(after, limit)`` returns
+        at most ``limit`` events matching ``query_or_filter`` after ``after``, and the position
+        read up to (see `tamma_events.streaming.subscriptions.ReadAfter`). The query is
+        validated now, not at the first read."""
+        if query_or_filter is None or isinstance(query_or_filter, Query):
+            query = query_or_filter
+            query_shape(query, [])
+
+            def fetch(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
+                return self._run(kind, lambda: self._op_read_after(query, after, limit))
+
+            return fetch
+        if isinstance(query_or_filter, EventFilter):
+            criteria = subscription_criteria(query_or_filter)
+
+            def fetch_filtered(after: int, limit: int) -> tuple[list[SequencedEvent], int]:
+                return self._run(kind, lambda: self._op_filter_after(criteria, after, limit))
+
+            return fetch_filtered
+        verb = "subscribe" if kind == "subscription" else kind
+        raise QueryError(
+            f"{verb} takes a Query, an EventFilter or None, not {type(query_or_filter).__name__}",
+        )
+
+    # -- durable consumers ---------------------------------------------------------------------
+
+    def consumer(
+        self,
+        name: str,
+        query_or_filter: Query | EventFilter | None = None,
+        *,
+        batch_size: int = 500,
+        start: int | str = "beginning",
+        partition_by: str | None = None,
+        partitions: int | None = None,
+        lease_time: float = 10.0,
+        max_attempts: int = 5,
+        retry_delay: float = 0.5,
+        worker: str | None = None,
+    ) -> Consumer:
+        """A worker of the durable consumer ``name``: the events matching ``query_or_filter``
+        (a DCB `Query`, an `EventFilter` selecting events, or None for all), delivered by its
+        `Consumer.run` to a handler in batches of up to ``batch_size``, from the
+        checkpoints stored in the store's schema (see ``docs/consumers.md``).
+
+        ``start`` is where a consumer that does not exist yet begins: ``"beginning"``,
+        ``"end"`` (the head, when it is first run) or a position to start after. With
+        ``partition_by`` (a tag key), its events are split into ``partitions`` (default 16)
+        by that tag's value: events of one value stay in order on one worker, and the
+        workers running the same ``name`` share the partitions, each holding its own for
+        ``lease_time`` seconds at a time (renewed every third of it). A worker that dies has
+        its partitions taken over once their leases run out. ``max_attempts`` and
+        ``retry_delay`` govern a failing handler, before its event is parked. ``worker`` names
+        this worker (by default its host, process and a random suffix)."""
+        if partitions is None:
+            partitions = 1 if partition_by is None else 16
+        return Consumer(
+            self,
+            name,
+            query_or_filter,
+            batch_size=batch_size,
+            start=start,
+            partition_by=partition_by,
+            partitions=partitions,
+            lease_time=lease_time,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+            worker=worker,
+        )
+
+    def consumers(self, name: str | None = None) -> list[ConsumerState]:
+        """The durable consumers (or the one named ``name``): each partition's checkpoint, the
+        worker holding it, its lag in positions and seconds; the workers alive; how many
+        events are parked."""
+        if name is not None:
+            check_name(name)
+        statements = consumer_statements(self.schema)
+        return self._run("consumers", lambda: statements.op_states(name))
+
+    def reset_consumer(self, name: str, *, to: int, force: bool = False) -> int:
+        """Set every checkpoint of consumer ``name`` to position ``to`` (its next events are
+        those after it); returns how many partitions were reset. Refused with
+        `ConsumerConflict` while its workers hold leases, unless ``force``: they then lose
+        their partitions at their next checkpoint and read again from ``to``."""
+        check_name(name)
+        position = after_position(to)
+        statements = consumer_statements(self.schema)
+        return self._run("consumers", lambda: statements.op_reset(name, position, force))
+
+    def drop_consumer(self, name: str, *, force: bool = False) -> int:
+        """Remove consumer ``name`` with its checkpoints, workers and parked events; returns
+        how many partitions it had. Refused with `ConsumerConflict` while its workers hold
+        leases, unless ``force`` (they then stop at their next checkpoint)."""
+        check_name(name)
+        statements = consumer_statements(self.schema)
+        return self._run("consumers", lambda: statements.op_drop(name, force))
+
+    def parked_events(self, name: str) -> list[ParkedEvent]:
+        """The events consumer ``name`` parked, in position order, with their last error."""
+        check_name(name)
+        statements = consumer_statements(self.schema)
+        return self._run("consumers", lambda: statements.op_parked(name))
+
+    def replay_parked(self, name: str, positions: Iterable[int] | None = None) -> list[int]:
+        """Ask for the parked events of consumer ``name`` at ``positions`` (all when None) to
+        be handed to its handler again: the worker holding each one's partition does it once,
+        and removes it when the handler succeeds. Returns the positions asked for."""
+        check_name(name)
+        wanted = None if positions is None else [after_position(p) for p in positions]
+        statements = consumer_statements(self.schema)
+        return self._run("consumers", lambda: statements.op_request_replay(name, wanted))
+
+    def _consumer_started(self, consumer: Consumer) -> None:
+        with self._subscriptions_lock:
+            self._consumers.add(consumer)
+
+    def _consumer_ended(self, consumer: Consumer) -> None:
+        with self._subscriptions_lock:
+            self._consumers.discard(consumer)
 
     @property
     def subscriptions(self) -> int:
@@ -1345,6 +1462,15 @@ class Transaction:
         self._conn = conn
         self._state = TransactionState()
         self._closed = False
+
+    @property
+    def connection(self) -> psycopg.Connection[Any]:
+        """The transaction's connection, for statements of the caller's own (a projection's
+        tables, say): they commit or roll back with the block's appends. Leave the
+        transaction itself alone (no COMMIT, ROLLBACK or SAVEPOINT of the caller's)."""
+        if self._closed:
+            raise StorageError("the transaction has ended")
+        return self._conn
 
     def append(
         self, event: DomainEvent | dict[str, Any], condition: AppendCondition | None = None

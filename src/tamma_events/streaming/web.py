@@ -15,7 +15,9 @@ Routes:
   pass ``next_token`` as ``?token=`` for the next page, and ``?page_size=`` (default 100).
 - ``GET /metrics`` is the store's metrics in Prometheus' text format (`EventStore.metrics`,
   through `EventStore.prometheus_registry`).
-- ``GET /health`` returns ``{"status": "ok", "head": ..., "subscriptions": ...}``, or 503 with
+- ``GET /health`` returns ``{"status": "ok", "head": ..., "subscriptions": ..., "consumers":
+  [...]}`` (each durable consumer's name, partitions, workers alive, largest lag in positions
+  and seconds, and parked events), or 503 with
   ``"status": "unavailable"`` when PostgreSQL cannot be reached.
 
 Both event routes take the filter parameters of `tamma_events.filters.filter_from_params`
@@ -87,9 +89,27 @@ def create_app(
     async def health(request: Request) -> Response:
         try:
             head = await run_in_threadpool(store.head)
+            consumers = await run_in_threadpool(store.consumers)
         except EventStoreError as exc:
             return JSONResponse({"status": "unavailable", "error": exc.to_dict()}, 503)
-        return JSONResponse({"status": "ok", "head": head, "subscriptions": store.subscriptions})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "head": head,
+                "subscriptions": store.subscriptions,
+                "consumers": [
+                    {
+                        "name": state.name,
+                        "partitions": len(state.partitions),
+                        "workers": len(state.workers),
+                        "lag_positions": state.lag_positions,
+                        "lag_seconds": state.lag_seconds,
+                        "parked": state.parked,
+                    }
+                    for state in consumers
+                ],
+            }
+        )
 
     async def events(request: Request) -> Response:
         try:
