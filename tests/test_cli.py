@@ -391,3 +391,51 @@ def test_compact_archives_and_reports_bad_times(pg_dsn: str, schema: str, tmp_pa
     assert code == 0 and "20 events verified" in out
     code, out = run(pg_dsn, "--schema", schema, "compact", "--before", "yesterday")
     assert code == 2 and "Invalid value for '--before'" in out
+
+
+def test_consumers_commands(pg_dsn: str, schema: str) -> None:
+    """`consumers list | lag | parked | replay | reset | drop` on a consumer with a parked
+    event; JSON where asked; a missing consumer or event exits 1 with CONSUMER_CONFLICT."""
+    with EventStore(pg_dsn, schema=schema) as store:
+        store.append_batch(
+            [DomainEvent("E", {"n": n}, {"issueId": f"I-{n % 3}"}) for n in range(30)]
+        )
+
+        def handler(events: list[Any]) -> None:
+            if any(e.position == 7 for e in events):
+                raise ValueError("cannot take 7")
+
+        store.consumer("board", partition_by="issueId", partitions=2, max_attempts=1).run(
+            handler, until_idle=True
+        )
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "list")
+    assert code == 0 and "board" in out and "issueId" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "list", "--json")
+    (listed,) = json.loads(out)
+    assert (listed["name"], len(listed["partitions"]), listed["parked"]) == ("board", 2, 1)
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "lag", "board", "--json")
+    (state,) = json.loads(out)
+    assert [p["position"] for p in state["partitions"]] == [30, 30]
+    assert [p["lag_positions"] for p in state["partitions"]] == [0, 0]
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "parked", "board")
+    assert code == 0 and "cannot take 7" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "parked", "board", "--json")
+    assert [(p["position"], p["error"]) for p in json.loads(out)] == [
+        (7, "ValueError: cannot take 7")
+    ]
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "replay", "board")
+    assert code == 0 and "replay asked for 1 parked event" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "replay", "board", "--position", "8")
+    assert code == 1 and "CONSUMER_CONFLICT" in out and "8" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "reset", "board", "--to", "5")
+    assert code == 0 and "2 partitions reset to position 5" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "lag", "board", "--json")
+    assert [p["lag_positions"] for p in json.loads(out)[0]["partitions"]] == [25, 25]
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "lag", "nobody")
+    assert code == 1 and "no consumer is named 'nobody'" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "drop", "board")
+    assert code == 0 and "consumer board dropped (2 partitions)" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "list")
+    assert code == 0 and "no consumers" in out, out
+    code, out = run(pg_dsn, "--schema", schema, "consumers", "reset", "board", "--to", "0")
+    assert code == 1 and "CONSUMER_CONFLICT" in out, out

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from _cli_support import SCRIPT, cli, free_port
-from tamma_events import EventStore
+from tamma_events import DomainEvent, EventStore
 from tamma_events.cli import main
 from tamma_events.ops.migrating import drop
 
@@ -48,6 +49,12 @@ COVERED = {
     "embedded start",
     "embedded stop",
     "embedded status",
+    "consumers list",
+    "consumers lag",
+    "consumers parked",
+    "consumers replay",
+    "consumers reset",
+    "consumers drop",
 }
 
 
@@ -308,3 +315,30 @@ def test_serve_answers_until_interrupted(env: dict[str, str], tmp_path: Path) ->
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(180) == 0, log.read_text()
+
+
+def test_consumers_commands_through_the_console_script(env: dict[str, str], schema: str) -> None:
+    """The consumers' commands as a shell runs them; a refusal exits 1 with its code."""
+    dsn = env["TAMMA_EVENTS_DSN"]
+    with EventStore(dsn, schema=schema) as store:
+        store.append_batch([DomainEvent("E", {"n": n}) for n in range(5)])
+
+        def handler(events: list[Any]) -> None:
+            if events[0].position == 2:
+                raise ValueError("two")
+
+        store.consumer("audit", batch_size=1, max_attempts=1).run(handler, until_idle=True)
+    listed = cli("consumers", "list", env=env)
+    assert listed.returncode == 0 and "audit" in listed.stdout, listed
+    lag = cli("consumers", "lag", "audit", env=env)
+    assert lag.returncode == 0 and "audit" in lag.stdout, lag
+    parked = cli("consumers", "parked", "audit", "--json", env=env)
+    assert [p["position"] for p in json.loads(parked.stdout)] == [2]
+    replay = cli("consumers", "replay", "audit", "--position", "2", env=env)
+    assert replay.returncode == 0 and "replay asked for 1 parked event" in replay.stdout
+    reset = cli("consumers", "reset", "audit", "--to", "0", env=env)
+    assert reset.returncode == 0 and "1 partition reset to position 0" in reset.stdout
+    dropped = cli("consumers", "drop", "audit", env=env)
+    assert dropped.returncode == 0 and "consumer audit dropped" in dropped.stdout
+    again = cli("consumers", "drop", "audit", env=env)
+    assert again.returncode == 1 and "CONSUMER_CONFLICT" in again.stderr, again
