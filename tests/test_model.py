@@ -38,7 +38,15 @@ thing to the store and to the model and asserts that they agree:
   the live log unless ``include_archived``, while ``read``, ``get_event``, ``count_events``,
   ``aggregate``, the summaries, subscriptions, conditions and duplicate ids cover the whole
   history (docs/archives.md);
-- ``verify()``, with and without the archives: ``ok``, having checked every event it covers.
+- ``verify()``, with and without the archives: ``ok``, having checked every event it covers;
+- two durable consumers (one of every event with a plain handler; one of a query, split into
+  partitions by a tag, with a transactional handler that writes a projection table), each run by
+  a worker until it is caught up, crashed in the middle of a batch (its handler raises a
+  ``BaseException``, as a dying process would stop it), or reset to any position. After a run,
+  each partition delivered exactly the model's matching events after its checkpoint, in order;
+  after a crash, each checkpoint is where the model allows (only past events handled), a plain
+  handler got every event up to it, and the projection holds exactly the committed events: the
+  model keeps how many times each position was projected, resets included.
 
 The invariant after every step: ``head()`` is the model's last position. At teardown (of an
 example that has not failed already, so that its own failure is the one reported) the whole
@@ -60,6 +68,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -67,6 +76,8 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis
+import psycopg
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -80,6 +91,7 @@ from hypothesis.stateful import (
 from conftest import drop_schema
 from tamma_events import (
     APPEND_CONDITION_FAILED,
+    CONSUMER_CONFLICT,
     DUPLICATE_EVENT,
     AggregateRow,
     AppendCondition,
@@ -94,6 +106,7 @@ from tamma_events import (
     Transaction,
 )
 from tamma_events.filters import GroupBy
+from tamma_events.stores.consumers import partition_of
 
 #: Examples and steps per example; raise them for a longer search (see the docstring).
 EXAMPLES = int(os.environ.get("TAMMA_EVENTS_MODEL_EXAMPLES", "20"))
@@ -174,6 +187,18 @@ query_items = st.builds(
     st.dictionaries(st.sampled_from(TAG_KEYS), st.sampled_from(TAG_VALUES), max_size=2),
 )
 queries = st.one_of(st.none(), st.builds(Query, st.lists(query_items, max_size=2).map(tuple)))
+
+#: The durable consumers the model drives: name -> (query, the tag key it is split by, its
+#: partitions, whether its handler is transactional).
+CONSUMERS: dict[str, tuple[Query | None, str | None, int, bool]] = {
+    "everything": (None, None, 1, False),
+    "alpha-by-issue": (Query.of(types=["Alpha"]), "issueId", 3, True),
+}
+
+
+class _Crash(BaseException):
+    """A consumer's worker dying in the middle of a batch."""
+
 
 # -- the model -------------------------------------------------------------------------------
 
@@ -297,6 +322,23 @@ class Model:
     def __init__(self) -> None:
         self.log: list[Recorded] = []
         self.archived = 0
+        #: Each consumer's checkpoint per partition (absent: never run, or reset never).
+        self.checkpoints: dict[str, dict[int, int]] = {}
+        #: How many times the transactional consumer projected each position.
+        self.projected: Counter[int] = Counter()
+
+    def pending_for(self, name: str) -> dict[int, list[int]]:
+        """The positions consumer ``name`` has yet to deliver, per partition, in order."""
+        query, key, partitions, _ = CONSUMERS[name]
+        checkpoints = self.checkpoints.get(name, {})
+        pending: dict[int, list[int]] = {p: [] for p in range(partitions)}
+        for r in self.log:
+            if not query_matches(query, r.event):
+                continue
+            partition = partition_of(r.event, key, partitions)  # type: ignore[arg-type]
+            if r.position > checkpoints.get(partition, 0):
+                pending[partition].append(r.position)
+        return pending
 
     @property
     def head(self) -> int:
@@ -435,6 +477,9 @@ class StoreMachine(RuleBasedStateMachine):
             raise
         self.model = Model()
         self.follower: Follower | None = None
+        self.consumed = f'"{self.store.schema}".consumed'
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {self.consumed} (position bigint NOT NULL)")
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -828,6 +873,115 @@ class StoreMachine(RuleBasedStateMachine):
             delivered[-1].position if delivered else follower.after
         )
         self.follower = None
+
+    # -- durable consumers -----------------------------------------------------------------
+
+    def run_consumer(
+        self, name: str, batch_size: int, crash_at: int | None
+    ) -> tuple[dict[int, list[int]], bool]:
+        """Run a worker of consumer ``name`` until it is caught up, or until its handler has
+        been given ``crash_at`` events; what each partition delivered, and whether it crashed."""
+        query, key, partitions, transactional = CONSUMERS[name]
+        delivered: dict[int, list[int]] = {p: [] for p in range(partitions)}
+        given = [0]
+
+        def take(events: list[SequencedEvent]) -> None:
+            for event in events:
+                partition = partition_of(event, key, partitions)
+                assert all(partition_of(e, key, partitions) == partition for e in events)
+                given[0] += 1
+                if crash_at is not None and given[0] >= crash_at:
+                    raise _Crash()
+                delivered[partition].append(event.position)
+
+        def project(events: list[SequencedEvent], tx: Transaction) -> None:
+            take(events)
+            for event in events:
+                tx.connection.execute(f"INSERT INTO {self.consumed} VALUES (%s)", [event.position])
+
+        consumer = self.store.consumer(
+            name,
+            query,
+            partition_by=key,
+            partitions=partitions,
+            batch_size=batch_size,
+            lease_time=5,
+        )
+        try:
+            if transactional:
+                consumer.run(project, transactional=True, until_idle=True)
+            else:
+                consumer.run(take, until_idle=True)
+        except _Crash:
+            return delivered, True
+        return delivered, False
+
+    def stored_checkpoints(self, name: str) -> dict[int, int]:
+        (state,) = self.store.consumers(name)
+        assert [w for w in state.workers] == []  # the worker left, even by a crash
+        return {p.partition: p.position for p in state.partitions}
+
+    def check_projection(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            rows = conn.execute(f"SELECT position FROM {self.consumed}").fetchall()
+        assert Counter(int(row[0]) for row in rows) == self.model.projected
+
+    @rule(name=st.sampled_from(sorted(CONSUMERS)), batch_size=st.integers(1, 4))
+    def consume(self, name: str, batch_size: int) -> None:
+        """Each partition delivers exactly its matching events after its checkpoint, in order,
+        and ends at the head."""
+        pending = self.model.pending_for(name)
+        delivered, crashed = self.run_consumer(name, batch_size, None)
+        assert not crashed
+        assert delivered == pending
+        _, _, partitions, transactional = CONSUMERS[name]
+        assert self.stored_checkpoints(name) == dict.fromkeys(range(partitions), self.model.head)
+        self.model.checkpoints[name] = dict.fromkeys(range(partitions), self.model.head)
+        if transactional:
+            self.model.projected.update(p for positions in pending.values() for p in positions)
+        self.check_projection()
+
+    @rule(
+        name=st.sampled_from(sorted(CONSUMERS)),
+        batch_size=st.integers(1, 4),
+        crash_at=st.integers(1, 6),
+    )
+    def crash_in_a_batch(self, name: str, batch_size: int, crash_at: int) -> None:
+        """A worker dies in the middle of a batch: each checkpoint moved only past events its
+        handler was done with; a plain handler got all of those, in order; the projection holds
+        exactly the committed ones."""
+        pending = self.model.pending_for(name)
+        delivered, crashed = self.run_consumer(name, batch_size, crash_at)
+        hypothesis.event(f"consumer {name}: {'crashed' if crashed else 'caught up first'}")
+        _, _, partitions, transactional = CONSUMERS[name]
+        stored = self.stored_checkpoints(name)
+        before = self.model.checkpoints.get(name, {})
+        for partition in range(partitions):
+            done = [p for p in pending[partition] if p <= stored[partition]]
+            assert delivered[partition][: len(done)] == done
+            if crashed:
+                assert before.get(partition, 0) <= stored[partition] <= self.model.head
+            else:
+                assert stored[partition] == self.model.head
+            if transactional:
+                self.model.projected.update(done)
+        self.model.checkpoints[name] = stored
+        self.check_projection()
+
+    @rule(name=st.sampled_from(sorted(CONSUMERS)), data=st.data())
+    def reset_consumer(self, name: str, data: st.DataObject) -> None:
+        """A reset sets every checkpoint (the events after it come again); one of a consumer
+        never run is refused."""
+        to = data.draw(st.integers(0, self.model.head), label="reset to")
+        _, _, partitions, _ = CONSUMERS[name]
+        if name not in self.model.checkpoints:
+            with pytest.raises(EventStoreError) as refused:
+                self.store.reset_consumer(name, to=to)
+            assert refused.value.code == CONSUMER_CONFLICT
+            return
+        assert self.store.reset_consumer(name, to=to) == partitions
+        self.model.checkpoints[name] = dict.fromkeys(range(partitions), to)
+        assert self.stored_checkpoints(name) == self.model.checkpoints[name]
 
     # -- compaction and integrity ----------------------------------------------------------
 
