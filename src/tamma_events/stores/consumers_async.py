@@ -15,6 +15,7 @@ its partitions through leases. See ``docs/consumers.md``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from tamma_events.errors import STORAGE_ERROR, EventStoreError, QueryError, short_repr
@@ -54,6 +56,8 @@ _T = TypeVar("_T")
 MAX_RETRY_DELAY: Final = 30.0
 #: The most events read at once, and the largest batch.
 MAX_BATCH: Final = 10_000
+#: The fewest events read at once: a read's round trips are shared by this many.
+READ_AHEAD: Final = 5_000
 #: How many requested replays a worker takes at once.
 REPLAYS_AT_ONCE: Final = 100
 
@@ -123,7 +127,11 @@ class AsyncConsumer:
         self._fetch = store._reader(query, "consumer")
         self._stopped = threading.Event()
         self._beating = threading.Event()  # set: the heartbeat is to end
+        #: The partitions held, each with the position its handler is done with...
         self._owned: dict[int, int] = {}
+        #: ...and with the checkpoint stored (behind the other between two flushes of a plain
+        #: handler's progress).
+        self._stored: dict[int, int] = {}
         self._running = False
         #: How many events were handed to the handler (retries and replays included).
         self.delivered = 0
@@ -202,6 +210,12 @@ class AsyncConsumer:
                 target=self._beat, name=f"tamma-events-consumer-{self.name}", daemon=True
             )
             beat.start()
+        if True:  # ASYNC
+            pool = None
+        else:
+            pool = ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-consumer-{self.name}")
+        # The next window, read while the handler takes this one: (after, news, the read).
+        ahead: tuple[int, int, Any] | None = None
         try:
             balance_due = 0.0
             delay = self.retry_delay
@@ -213,6 +227,7 @@ class AsyncConsumer:
                                 self.name, self.worker, self.partitions, self.lease_time
                             )
                         )
+                        self._stored = dict(self._owned)
                         balance_due = time.monotonic() + self.lease_time / 3
                     if not self._owned:
                         if until_idle:
@@ -221,9 +236,26 @@ class AsyncConsumer:
                         continue
                     if await self._replays(handler, transactional):
                         continue
-                    news = listener.news
-                    limit = min(MAX_BATCH, self.batch_size * len(self._owned))
-                    events, read_up_to = await self._fetch(min(self._owned.values()), limit)
+                    after = min(self._owned.values())
+                    limit = min(MAX_BATCH, max(READ_AHEAD, self.batch_size * len(self._owned)))
+                    if ahead is not None and ahead[0] <= after:
+                        # Read from where every partition held is now, or before it: the
+                        # events up to their checkpoints are left out as they are split.
+                        _, news, reading = ahead
+                        ahead = None
+                        events, read_up_to = await self._result(reading)
+                    else:
+                        if ahead is not None:
+                            await self._forget(ahead[2])
+                            ahead = None
+                        news = listener.news
+                        events, read_up_to = await self._fetch(after, limit)
+                    if len(events) >= limit:
+                        ahead = (
+                            read_up_to,
+                            listener.news,
+                            self._read_ahead(pool, read_up_to, limit),
+                        )
                     await self._deliver(events, read_up_to, handler, transactional)
                     delay = self.retry_delay
                     if len(events) >= limit:
@@ -241,6 +273,12 @@ class AsyncConsumer:
                     delay = min(delay * 2, MAX_RETRY_DELAY)
                     balance_due = 0.0
         finally:
+            if ahead is not None:
+                await self._forget(ahead[2])
+            if True:  # ASYNC
+                pass
+            else:
+                pool.shutdown()
             self._beating.set()
             if True:  # ASYNC
                 beat.cancel()
@@ -251,7 +289,12 @@ class AsyncConsumer:
             else:
                 beat.join()
             self._running = False
+            try:
+                await self._flush()
+            except EventStoreError as exc:
+                logger.warning("consumer %s: storing its checkpoints failed: %s", self.name, exc)
             self._owned = {}
+            self._stored = {}
             self.store._consumer_ended(self)
             try:
                 await self._op(lambda: statements.op_leave(self.name, self.worker))
@@ -280,6 +323,36 @@ class AsyncConsumer:
             except EventStoreError as exc:
                 logger.warning("consumer %s: renewing its leases failed: %s", self.name, exc)
 
+    def _read_ahead(self, pool: Any, after: int, limit: int) -> Any:
+        """Start reading the window after ``after``: a task, or a thread's future."""
+        if True:  # ASYNC
+            return asyncio.ensure_future(self._fetch(after, limit))
+        else:
+            return pool.submit(self._fetch, after, limit)
+
+    async def _result(self, reading: Any) -> tuple[list[SequencedEvent], int]:
+        result: tuple[list[SequencedEvent], int]
+        if True:  # ASYNC
+            result = await reading
+        else:
+            result = reading.result()
+        return result
+
+    async def _forget(self, reading: Any) -> None:
+        """Drop a window read ahead that is not needed (waiting for its connection to be back
+        in the pool)."""
+        if True:  # ASYNC
+            reading.cancel()
+            try:
+                await reading
+            except (asyncio.CancelledError, Exception):
+                pass
+        else:
+            try:
+                reading.result()
+            except Exception:
+                pass
+
     async def _wait(self, listener: Any, news: int | None, timeout: float) -> None:
         """Wait until the log moves beyond ``news`` (None: only `stop` ends it early), `stop`,
         or ``timeout`` seconds."""
@@ -296,42 +369,63 @@ class AsyncConsumer:
         handler: Callable[..., Awaitable[None]],
         transactional: bool,
     ) -> None:
-        """Hand the events read to the handler, partition by partition, then move every held
-        partition that had none of them up to ``read_up_to``."""
+        """Hand the events read to the handler, partition by partition; each partition held
+        to the end is then done up to ``read_up_to``, and the checkpoints are stored."""
         split: dict[int, list[SequencedEvent]] = {p: [] for p in self._owned}
-        for event in events:
-            partition = partition_of(event, self.partition_by, self.partitions)
-            mine = split.get(partition)
-            if mine is not None and event.position > self._owned[partition]:
-                mine.append(event)
-        idle: list[tuple[int, int, int]] = []
+        if self.partitions == 1 and 0 in self._owned:
+            # The events come in position order: those after the checkpoint are a tail.
+            done = self._owned[0]
+            first = bisect.bisect_right(events, done, key=lambda event: event.position)
+            split[0] = events[first:]
+        else:
+            for event in events:
+                partition = partition_of(event, self.partition_by, self.partitions)
+                mine = split.get(partition)
+                if mine is not None and event.position > self._owned[partition]:
+                    mine.append(event)
         for partition, found in split.items():
             try:
                 for start in range(0, len(found), self.batch_size):
                     if self._stopped.is_set():
-                        return
+                        break
                     batch = found[start : start + self.batch_size]
                     await self._handle(partition, batch, handler, transactional)
             except _LeaseLost:
                 self._lost(partition)
                 continue
+            if self._stopped.is_set():
+                break
             held = self._owned.get(partition)
-            if held is not None and held < read_up_to and not self._stopped.is_set():
-                idle.append((partition, held, read_up_to))
-        if idle:
-            statements = self._statements
-            moved = await self._op(
-                lambda: statements.op_advance(
-                    self.name, self.worker, idle, self.lease_time, durable=False
-                )
+            if held is not None and held < read_up_to:
+                self._owned[partition] = read_up_to
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Store the checkpoints of the partitions whose handled position moved past them (a
+        plain handler's batches, the windows without events of a partition), in one statement
+        that does not wait for the WAL flush: at least once, a checkpoint lost in a crash only
+        delivers those events again."""
+        moves = [
+            (partition, self._stored[partition], position)
+            for partition, position in sorted(self._owned.items())
+            if position != self._stored.get(partition, position)
+        ]
+        if not moves:
+            return
+        statements = self._statements
+        moved = await self._op(
+            lambda: statements.op_advance(
+                self.name, self.worker, moves, self.lease_time, durable=False
             )
-            for partition, _, to in idle:
-                if partition in moved:
-                    self._owned[partition] = to
-                else:
-                    self._lost(partition)
+        )
+        for partition, _, position in moves:
+            if partition in moved:
+                self._stored[partition] = position
+            else:
+                self._lost(partition)
 
     def _lost(self, partition: int) -> None:
+        self._stored.pop(partition, None)
         if self._owned.pop(partition, None) is not None:
             logger.info(
                 "consumer %s: worker %s no longer holds partition %d (taken over or reset)",
@@ -395,10 +489,10 @@ class AsyncConsumer:
         handler: Callable[..., Awaitable[None]],
         transactional: bool,
     ) -> None:
-        statements = self._statements
-        move = [(partition, self._owned[partition], batch[-1].position)]
         self.delivered += len(batch)
         if transactional:
+            statements = self._statements
+            move = [(partition, self._stored[partition], batch[-1].position)]
             async with self.store.transaction() as tx:
                 # The checkpoint first: its row stays locked until the commit, so no other
                 # worker can take the partition over while the handler runs.
@@ -410,17 +504,10 @@ class AsyncConsumer:
                 if partition not in moved:
                     raise _LeaseLost(partition)
                 await handler(batch, tx)
+            self._stored[partition] = batch[-1].position
         else:
+            # Stored by `_flush` once the window is done.
             await handler(batch)
-            # At least once: a checkpoint lost in a crash only delivers the batch again, so
-            # it need not wait for the WAL to reach the disk.
-            moved = await self._op(
-                lambda: statements.op_advance(
-                    self.name, self.worker, move, self.lease_time, durable=False
-                )
-            )
-            if partition not in moved:
-                raise _LeaseLost(partition)
         self._owned[partition] = batch[-1].position
 
     async def _park(
@@ -428,7 +515,7 @@ class AsyncConsumer:
     ) -> None:
         statements = self._statements
         error = f"{type(exc).__name__}: {exc}"[:4000]
-        checkpoint = self._owned[partition]
+        checkpoint = self._stored[partition]
         parked = await self._op(
             lambda: statements.op_park(
                 self.name, self.worker, partition, checkpoint, event.position, attempts, error
@@ -437,7 +524,7 @@ class AsyncConsumer:
         if not parked:
             raise _LeaseLost(partition)
         self.parked += 1
-        self._owned[partition] = event.position
+        self._owned[partition] = self._stored[partition] = event.position
         logger.error(
             "consumer %s: event %d parked after %d attempts: %s",
             self.name,

@@ -57,6 +57,7 @@ from tamma_events.tools.bench import (
     measure_verify,
     run_query_suite,
 )
+from tamma_events.tools.bench_consumers import consumer_results
 from tamma_events.tools.bench_peers import (
     LeanStore,
     measure_lean_conditional,
@@ -877,6 +878,7 @@ def run_full_suite(
             )
         )
         results.extend(read_results(store, dsn, samples, progress))
+        results.extend(consumer_results(store, progress, _result))
     finally:
         store.close()
         if not keep:
