@@ -126,6 +126,8 @@ def measure_takeover(store: EventStore) -> float:
     try:
 
         def held() -> bool:
+            if not holder.is_alive():
+                raise RuntimeError(f"the takeover figure's worker exited ({holder.exitcode})")
             found = store.consumers(name)
             return bool(found) and all(p.owner == "held" for p in found[0].partitions)
 
@@ -152,7 +154,8 @@ def measure_takeover(store: EventStore) -> float:
     finally:
         if holder.is_alive():
             holder.kill()
-        store.drop_consumer(name, force=True)
+        if store.consumers(name):
+            store.drop_consumer(name, force=True)
     return seconds
 
 
