@@ -11,6 +11,7 @@ are in ``tests/test_consumer_processes.py``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -524,3 +525,70 @@ def test_the_async_store_runs_consumers_too(
     seen, appended = asyncio.run(main())
     assert seen == list(range(1, 26))
     assert appended == list(range(26, 26 + len([n for n in range(25) if n % 3 == 0])))
+
+
+def test_an_error_of_the_handlers_own_sql_is_its_failure_not_an_outage(
+    store: EventStore, projection: sql.Identifier
+) -> None:
+    """A transactional handler's SQL that breaks a constraint (raised, or caught and ignored
+    by the handler) fails the event like any error of the handler: it is parked, and the
+    partition goes on."""
+    store.append_batch(issue_events(9))
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD CHECK (position <> 4)").format(projection))
+
+    def write(events: list[SequencedEvent], tx: Transaction, swallow: bool) -> None:
+        for event in events:
+            try:
+                tx.connection.execute(
+                    sql.SQL("INSERT INTO {} (position) VALUES (%s)").format(projection),
+                    [event.position],
+                )
+            except psycopg.errors.CheckViolation:
+                if not swallow:
+                    raise
+
+    for swallow in (False, True):
+        name = f"constrained-{swallow}"
+        store.consumer(name, max_attempts=2, retry_delay=0.05).run(
+            functools.partial(write, swallow=swallow), transactional=True, until_idle=True
+        )
+        (parked,) = store.parked_events(name)
+        assert (parked.position, parked.attempts) == (4, 2)
+        wanted = "failed inside its transaction" if swallow else "violates check constraint"
+        assert wanted in parked.error, parked.error
+    assert sorted(p for p, _ in projected(store, projection)) == sorted(
+        [p for p in range(1, 10) if p != 4] * 2
+    )
+
+
+def test_a_worker_of_a_consumer_dropped_and_made_again_otherwise_stops(
+    store: EventStore,
+) -> None:
+    store.append_batch(issue_events(20))
+    old = store.consumer("remade", partition_by="issueId", partitions=2, lease_time=0.3)
+    running = Running(old, lambda events: None)
+    wait_until(lambda: len(old.owned) == 2, "the first worker")
+    assert store.drop_consumer("remade", force=True) == 2
+    store.consumer("remade", partition_by="issueId", partitions=8).run(
+        lambda events: None, until_idle=True
+    )
+    running.thread.join(DEADLINE)
+    assert not running.thread.is_alive()
+    assert isinstance(running.error, ConsumerConflict), running.error
+    assert "made again with other partitions" in running.error.message
+
+
+def test_stop_before_run_and_close_end_a_worker(make_store: Callable[..., EventStore]) -> None:
+    store = make_store()
+    store.append_batch(issue_events(5))
+    seen: list[int] = []
+    early = store.consumer("early")
+    early.stop()
+    early.run(lambda events: seen.extend(positions(events)))  # returns at once
+    assert seen == [] and not early.stopped
+    running = Running(store.consumer("closed"), lambda events: seen.extend(positions(events)))
+    wait_until(lambda: len(seen) == 5, "the worker")
+    store.close()
+    running.thread.join(DEADLINE)
+    assert not running.thread.is_alive()

@@ -993,7 +993,7 @@ def assert_still_serving(served: Served) -> None:
             if health.json()["subscriptions"] == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert health.json() == {"status": "ok", "head": 3, "subscriptions": 0}
+        assert health.json() == {"status": "ok", "head": 3, "subscriptions": 0, "consumers": []}
         page = client.get("/events")
         assert page.status_code == 200
         assert [e["position"] for e in page.json()["events"]] == [1, 2, 3]

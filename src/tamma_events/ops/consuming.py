@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Final
 
 import msgspec
+import psycopg.errors
 from psycopg import sql
 
 from tamma_events.checks import whole
@@ -193,10 +194,15 @@ class ConsumerStatements:
         self.claim = sql.SQL(
             "UPDATE {p} SET owner = %s, lease_until = clock_timestamp() + %s::interval"
             " WHERE consumer = %s AND partition IN (SELECT partition FROM {p}"
-            " WHERE consumer = %s AND (owner IS NULL OR lease_until < clock_timestamp())"
+            " WHERE consumer = %s AND partition < %s"
+            " AND (owner IS NULL OR lease_until < clock_timestamp())"
             " ORDER BY partition LIMIT %s FOR UPDATE SKIP LOCKED)"
             " RETURNING partition, position"
         ).format(p=partitions)
+        self.touch = sql.SQL(
+            "UPDATE {} SET lease_until = clock_timestamp() + %s::interval"
+            " WHERE consumer = %s AND partition = %s AND owner = %s"
+        ).format(partitions)
         self.leave = sql.SQL(
             "WITH gone AS (DELETE FROM {} WHERE consumer = %s AND worker = %s)"
             " UPDATE {} SET owner = NULL, lease_until = NULL WHERE consumer = %s AND owner = %s"
@@ -237,10 +243,14 @@ class ConsumerStatements:
             "SELECT consumer, position, partition, attempts, error, parked_at, replay_requested"
             " FROM {} WHERE consumer = %s ORDER BY position"
         ).format(parked)
-        self.leased = sql.SQL(
-            "SELECT count(*) FROM {} WHERE consumer = %s AND owner IS NOT NULL"
-            " AND lease_until > clock_timestamp()"
-        ).format(partitions)
+        # The consumer's partitions locked (a claim, a renewal or a transactional batch in
+        # progress waits, or with NOWAIT fails), and how many of them are leased.
+        leased = (
+            "SELECT count(*) FILTER (WHERE owner IS NOT NULL AND lease_until > clock_timestamp())"
+            " FROM (SELECT owner, lease_until FROM {} WHERE consumer = %s FOR UPDATE{}) AS held"
+        )
+        self.leased = sql.SQL(leased).format(partitions, sql.SQL(""))
+        self.leased_now = sql.SQL(leased).format(partitions, sql.SQL(" NOWAIT"))
         self.reset = sql.SQL(
             "UPDATE {} SET position = %s, owner = NULL, lease_until = NULL, updated_at = now()"
             " WHERE consumer = %s"
@@ -301,13 +311,20 @@ class ConsumerStatements:
         yield Run(self.renew, [_seconds(lease), name, worker], fetch="none")
 
     def op_balance(
-        self, name: str, worker: str, partitions: int, lease: float
+        self, name: str, worker: str, partitions: int, partition_key: str | None, lease: float
     ) -> Op[dict[int, int]]:
         """Take the worker's fair share of the partitions among the workers alive: release the
         ones beyond it, claim free or expired ones up to it. Returns the partitions it holds,
-        with their checkpoints; a consumer dropped meanwhile is a `ConsumerConflict`."""
-        if (yield Run(self.definition, [name], fetch="one")) is None:
+        with their checkpoints. A consumer dropped meanwhile, or dropped and made again with
+        other partitions, is a `ConsumerConflict`: this worker would split its events wrong."""
+        row = yield Run(self.definition, [name], fetch="one")
+        if row is None:
             raise ConsumerConflict(f"consumer {name!r} was dropped", {"name": name})
+        if (int(row[0]), row[1]) != (partitions, partition_key):
+            raise ConsumerConflict(
+                f"consumer {name!r} was dropped and made again with other partitions",
+                {"name": name, "partitions": int(row[0]), "partition_key": row[1]},
+            )
         yield from self.op_heartbeat(name, worker, lease)
         yield Run(self.forget_dead, [name], fetch="none")
         alive = [row[0] for row in (yield Run(self.alive, [name]))]
@@ -320,10 +337,15 @@ class ConsumerStatements:
                 del owned[partition]
         elif len(owned) < share:
             claimed = yield Run(
-                self.claim, [worker, _seconds(lease), name, name, share - len(owned)]
+                self.claim, [worker, _seconds(lease), name, name, partitions, share - len(owned)]
             )
             owned.update({int(p): int(pos) for p, pos in claimed})
         return owned
+
+    def op_touch(self, name: str, worker: str, partition: int, lease: float) -> Op[None]:
+        """Renew one partition's lease in the transaction that holds its row (which the
+        heartbeat skips): a transactional batch that ran long commits with a fresh lease."""
+        yield Run(self.touch, [_seconds(lease), name, partition, worker], fetch="none")
 
     def op_leave(self, name: str, worker: str) -> Op[None]:
         """The worker stops: its partitions are free for the others at once."""
@@ -459,7 +481,14 @@ class ConsumerStatements:
             row = yield Run(self.definition, [name], fetch="one")
             if row is None:
                 raise ConsumerConflict(f"no consumer is named {name!r}", {"name": name})
-            leased = yield Run(self.leased, [name], fetch="one")
+            try:
+                leased = yield Run(self.leased if force else self.leased_now, [name], fetch="one")
+            except psycopg.errors.LockNotAvailable:
+                raise ConsumerConflict(
+                    f"consumer {name!r} has a worker handling a batch: stop its workers first,"
+                    f" or force the {action}",
+                    {"name": name, "leased": "busy"},
+                ) from None
             held = int(leased[0]) if leased else 0
             if held and not force:
                 raise ConsumerConflict(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import psycopg
 from psycopg_pool import PoolClosed, PoolTimeout
 
-__all__ = ["connection_lost"]
+from tamma_events.errors import STORAGE_ERROR, EventStoreError
+
+__all__ = ["connection_lost", "outage"]
 
 #: SQLSTATEs of a session the server ended: admin_shutdown, crash_shutdown, cannot_connect_now.
 _ENDED = frozenset({"57P01", "57P02", "57P03"})
@@ -24,3 +26,16 @@ def connection_lost(exc: BaseException) -> bool:
         return False
     sqlstate = exc.sqlstate
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _ENDED
+
+
+def outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database or the network failing, not a statement: a lost
+    connection, raised by psycopg or the pool, or reported by the store (a `StorageError`
+    caused by one). Worth waiting out and trying again."""
+    if isinstance(exc, EventStoreError):
+        return (
+            exc.code == STORAGE_ERROR
+            and exc.__cause__ is not None
+            and connection_lost(exc.__cause__)
+        )
+    return connection_lost(exc)

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from tamma_events.errors import STORAGE_ERROR, EventStoreError, QueryError, short_repr
+from psycopg import pq
+
+from tamma_events.errors import ConsumerConflict, EventStoreError, QueryError, short_repr
 from tamma_events.filters import EventFilter
 from tamma_events.model import Query, SequencedEvent
 from tamma_events.ops.consuming import (
@@ -38,6 +40,7 @@ from tamma_events.ops.consuming import (
     positive_seconds,
 )
 from tamma_events.ops.drive import run
+from tamma_events.ops.failures import outage
 from tamma_events.ops.steps import Op
 from tamma_events.sql import after_position
 
@@ -73,12 +76,6 @@ def partition_of(event: SequencedEvent, key: str | None, partitions: int) -> int
 
 class _LeaseLost(Exception):
     """The worker no longer holds a partition at the checkpoint it read."""
-
-
-def _transient(exc: BaseException) -> bool:
-    """A failure of the database or the network, not of the handler's logic: retried for as
-    long as it lasts, and never a reason to park an event."""
-    return isinstance(exc, EventStoreError) and exc.code == STORAGE_ERROR
 
 
 class Consumer:
@@ -154,8 +151,9 @@ class Consumer:
         return self._stopped.is_set()
 
     def stop(self) -> None:
-        """End `run` once the batch in hand is done (from any thread or task); the worker's
-        partitions are released for the others at once."""
+        """End `run` once the batch in hand is done (from any thread or task), or the next
+        `run` to start, before it delivers anything; the worker's partitions are released for
+        the others at once."""
         self._stopped.set()
         listener = self.store._listener
         if listener is not None:
@@ -175,14 +173,13 @@ class Consumer:
         order. With ``transactional``, ``handler(events, tx)`` runs inside the transaction in
         which the checkpoint moves (``tx`` appends, reads, and gives its ``connection``).
 
-        A handler that raises is tried again after ``retry_delay`` seconds, doubling up to
-        30 s; a failing batch of several events is then handed over event by event, and an
-        event that fails ``max_attempts`` times is parked with its error while the partition
-        goes on. A failure of the database is retried for as long as it lasts."""
+        A failing batch of several events is handed over again event by event; a failing
+        event is tried again after ``retry_delay`` seconds, doubling up to 30 s, and after
+        ``max_attempts`` failures it is parked with its error while the partition goes on. A
+        lost connection to the database is waited out for as long as it lasts."""
         if self._running:
             raise QueryError(f"this worker of consumer {self.name!r} is running already")
         self._running = True
-        self._stopped.clear()
         self._beating.clear()
         statements = self._statements
         try:
@@ -199,6 +196,7 @@ class Consumer:
             )
         except BaseException:
             self._running = False
+            self._stopped.clear()
             raise
         self.store._consumer_started(self)
         beat = threading.Thread(
@@ -206,8 +204,9 @@ class Consumer:
         )
         beat.start()
         pool = ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-consumer-{self.name}")
-        # The next window, read while the handler takes this one: (after, news, the read).
-        ahead: tuple[int, int, Any] | None = None
+        # The next window, read while the handler takes this one: (after, its limit, news, the
+        # read).
+        ahead: tuple[int, int, int, Any] | None = None
         try:
             balance_due = 0.0
             delay = self.retry_delay
@@ -216,7 +215,11 @@ class Consumer:
                     if time.monotonic() >= balance_due:
                         self._owned = self._op(
                             lambda: statements.op_balance(
-                                self.name, self.worker, self.partitions, self.lease_time
+                                self.name,
+                                self.worker,
+                                self.partitions,
+                                self.partition_by,
+                                self.lease_time,
                             )
                         )
                         self._stored = dict(self._owned)
@@ -233,21 +236,18 @@ class Consumer:
                     if ahead is not None and ahead[0] <= after:
                         # Read from where every partition held is now, or before it: the
                         # events up to their checkpoints are left out as they are split.
-                        _, news, reading = ahead
+                        _, limit, news, reading = ahead
                         ahead = None
                         events, read_up_to = self._result(reading)
                     else:
                         if ahead is not None:
-                            self._forget(ahead[2])
+                            self._forget(ahead[3])
                             ahead = None
                         news = listener.news
                         events, read_up_to = self._fetch(after, limit)
                     if len(events) >= limit:
-                        ahead = (
-                            read_up_to,
-                            listener.news,
-                            self._read_ahead(pool, read_up_to, limit),
-                        )
+                        reading = self._read_ahead(pool, read_up_to, limit)
+                        ahead = (read_up_to, limit, listener.news, reading)
                     self._deliver(events, read_up_to, handler, transactional)
                     delay = self.retry_delay
                     if len(events) >= limit:
@@ -256,7 +256,7 @@ class Consumer:
                         return
                     self._wait(listener, news, balance_due - time.monotonic())
                 except EventStoreError as exc:
-                    if not _transient(exc):
+                    if not outage(exc):
                         raise
                     logger.warning(
                         "consumer %s: %s; trying again in %.1f s", self.name, exc.message, delay
@@ -266,11 +266,12 @@ class Consumer:
                     balance_due = 0.0
         finally:
             if ahead is not None:
-                self._forget(ahead[2])
+                self._forget(ahead[3])
             pool.shutdown()
             self._beating.set()
             beat.join()
             self._running = False
+            self._stopped.clear()
             try:
                 self._flush()
             except EventStoreError as exc:
@@ -413,7 +414,7 @@ class Consumer:
             except _LeaseLost:
                 raise
             except Exception as exc:
-                if not _transient(exc):
+                if not outage(exc):
                     attempts += 1
                 if len(batch) > 1 and attempts:
                     logger.warning(
@@ -465,6 +466,17 @@ class Consumer:
                 if partition not in moved:
                     raise _LeaseLost(partition)
                 handler(batch, tx)
+                if tx.connection.info.transaction_status == pq.TransactionStatus.INERROR:
+                    raise ConsumerConflict(
+                        "a statement of the handler failed inside its transaction (and the"
+                        " handler went on): it would commit nothing",
+                        {"name": self.name, "position": batch[0].position},
+                    )
+                run(
+                    tx.connection,
+                    statements.op_touch(self.name, self.worker, partition, self.lease_time),
+                    owned=False,
+                )
             self._stored[partition] = batch[-1].position
         else:
             # Stored by `_flush` once the window is done.
@@ -521,7 +533,7 @@ class Consumer:
                 self._op(lambda: statements.op_replayed(self.name, position))
             logger.info("consumer %s: parked event %d replayed", self.name, position)
         except Exception as exc:
-            if _transient(exc):
+            if outage(exc):
                 raise
             error = f"{type(exc).__name__}: {exc}"[:4000]
             self._op(lambda: statements.op_replay_failed(self.name, position, 1, error))

@@ -27,7 +27,9 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from tamma_events.errors import STORAGE_ERROR, EventStoreError, QueryError, short_repr
+from psycopg import pq
+
+from tamma_events.errors import ConsumerConflict, EventStoreError, QueryError, short_repr
 from tamma_events.filters import EventFilter
 from tamma_events.model import Query, SequencedEvent
 from tamma_events.ops.consuming import (
@@ -37,6 +39,7 @@ from tamma_events.ops.consuming import (
     positive_seconds,
 )
 from tamma_events.ops.drive_async import run_async
+from tamma_events.ops.failures import outage
 from tamma_events.ops.steps import Op
 from tamma_events.sql import after_position
 
@@ -75,12 +78,6 @@ def partition_of(event: SequencedEvent, key: str | None, partitions: int) -> int
 
 class _LeaseLost(Exception):
     """The worker no longer holds a partition at the checkpoint it read."""
-
-
-def _transient(exc: BaseException) -> bool:
-    """A failure of the database or the network, not of the handler's logic: retried for as
-    long as it lasts, and never a reason to park an event."""
-    return isinstance(exc, EventStoreError) and exc.code == STORAGE_ERROR
 
 
 class AsyncConsumer:
@@ -156,8 +153,9 @@ class AsyncConsumer:
         return self._stopped.is_set()
 
     def stop(self) -> None:
-        """End `run` once the batch in hand is done (from any thread or task); the worker's
-        partitions are released for the others at once."""
+        """End `run` once the batch in hand is done (from any thread or task), or the next
+        `run` to start, before it delivers anything; the worker's partitions are released for
+        the others at once."""
         self._stopped.set()
         listener = self.store._listener
         if listener is not None:
@@ -177,14 +175,13 @@ class AsyncConsumer:
         order. With ``transactional``, ``handler(events, tx)`` runs inside the transaction in
         which the checkpoint moves (``tx`` appends, reads, and gives its ``connection``).
 
-        A handler that raises is tried again after ``retry_delay`` seconds, doubling up to
-        30 s; a failing batch of several events is then handed over event by event, and an
-        event that fails ``max_attempts`` times is parked with its error while the partition
-        goes on. A failure of the database is retried for as long as it lasts."""
+        A failing batch of several events is handed over again event by event; a failing
+        event is tried again after ``retry_delay`` seconds, doubling up to 30 s, and after
+        ``max_attempts`` failures it is parked with its error while the partition goes on. A
+        lost connection to the database is waited out for as long as it lasts."""
         if self._running:
             raise QueryError(f"this worker of consumer {self.name!r} is running already")
         self._running = True
-        self._stopped.clear()
         self._beating.clear()
         statements = self._statements
         try:
@@ -201,6 +198,7 @@ class AsyncConsumer:
             )
         except BaseException:
             self._running = False
+            self._stopped.clear()
             raise
         self.store._consumer_started(self)
         if True:  # ASYNC
@@ -214,8 +212,9 @@ class AsyncConsumer:
             pool = None
         else:
             pool = ThreadPoolExecutor(1, thread_name_prefix=f"tamma-events-consumer-{self.name}")
-        # The next window, read while the handler takes this one: (after, news, the read).
-        ahead: tuple[int, int, Any] | None = None
+        # The next window, read while the handler takes this one: (after, its limit, news, the
+        # read).
+        ahead: tuple[int, int, int, Any] | None = None
         try:
             balance_due = 0.0
             delay = self.retry_delay
@@ -224,7 +223,11 @@ class AsyncConsumer:
                     if time.monotonic() >= balance_due:
                         self._owned = await self._op(
                             lambda: statements.op_balance(
-                                self.name, self.worker, self.partitions, self.lease_time
+                                self.name,
+                                self.worker,
+                                self.partitions,
+                                self.partition_by,
+                                self.lease_time,
                             )
                         )
                         self._stored = dict(self._owned)
@@ -241,21 +244,18 @@ class AsyncConsumer:
                     if ahead is not None and ahead[0] <= after:
                         # Read from where every partition held is now, or before it: the
                         # events up to their checkpoints are left out as they are split.
-                        _, news, reading = ahead
+                        _, limit, news, reading = ahead
                         ahead = None
                         events, read_up_to = await self._result(reading)
                     else:
                         if ahead is not None:
-                            await self._forget(ahead[2])
+                            await self._forget(ahead[3])
                             ahead = None
                         news = listener.news
                         events, read_up_to = await self._fetch(after, limit)
                     if len(events) >= limit:
-                        ahead = (
-                            read_up_to,
-                            listener.news,
-                            self._read_ahead(pool, read_up_to, limit),
-                        )
+                        reading = self._read_ahead(pool, read_up_to, limit)
+                        ahead = (read_up_to, limit, listener.news, reading)
                     await self._deliver(events, read_up_to, handler, transactional)
                     delay = self.retry_delay
                     if len(events) >= limit:
@@ -264,7 +264,7 @@ class AsyncConsumer:
                         return
                     await self._wait(listener, news, balance_due - time.monotonic())
                 except EventStoreError as exc:
-                    if not _transient(exc):
+                    if not outage(exc):
                         raise
                     logger.warning(
                         "consumer %s: %s; trying again in %.1f s", self.name, exc.message, delay
@@ -274,7 +274,7 @@ class AsyncConsumer:
                     balance_due = 0.0
         finally:
             if ahead is not None:
-                await self._forget(ahead[2])
+                await self._forget(ahead[3])
             if True:  # ASYNC
                 pass
             else:
@@ -289,6 +289,7 @@ class AsyncConsumer:
             else:
                 beat.join()
             self._running = False
+            self._stopped.clear()
             try:
                 await self._flush()
             except EventStoreError as exc:
@@ -452,7 +453,7 @@ class AsyncConsumer:
             except _LeaseLost:
                 raise
             except Exception as exc:
-                if not _transient(exc):
+                if not outage(exc):
                     attempts += 1
                 if len(batch) > 1 and attempts:
                     logger.warning(
@@ -504,6 +505,17 @@ class AsyncConsumer:
                 if partition not in moved:
                     raise _LeaseLost(partition)
                 await handler(batch, tx)
+                if tx.connection.info.transaction_status == pq.TransactionStatus.INERROR:
+                    raise ConsumerConflict(
+                        "a statement of the handler failed inside its transaction (and the"
+                        " handler went on): it would commit nothing",
+                        {"name": self.name, "position": batch[0].position},
+                    )
+                await run_async(
+                    tx.connection,
+                    statements.op_touch(self.name, self.worker, partition, self.lease_time),
+                    owned=False,
+                )
             self._stored[partition] = batch[-1].position
         else:
             # Stored by `_flush` once the window is done.
@@ -568,7 +580,7 @@ class AsyncConsumer:
                 await self._op(lambda: statements.op_replayed(self.name, position))
             logger.info("consumer %s: parked event %d replayed", self.name, position)
         except Exception as exc:
-            if _transient(exc):
+            if outage(exc):
                 raise
             error = f"{type(exc).__name__}: {exc}"[:4000]
             await self._op(lambda: statements.op_replay_failed(self.name, position, 1, error))

@@ -416,16 +416,19 @@ class EventStore(StoreCore):
             raise
 
     def close(self) -> None:
-        """End the store's subscriptions and close its pools (a caller's own pool stays
-        open)."""
+        """End the store's subscriptions, ask its consumers' workers to stop, and close its
+        pools (a caller's own pool stays open)."""
         if self._closed:
             return
         self._join_fold()
         self._closed = True
         with self._subscriptions_lock:
             subscriptions = list(self._subscriptions)
+            consumers = list(self._consumers)
         for subscription in subscriptions:
             subscription.stop()
+        for consumer in consumers:
+            consumer.stop()
         if self._listener is not None:
             self._listener.close()
         for replica in self._replicas.members:
@@ -1241,7 +1244,8 @@ class EventStore(StoreCore):
     def drop_consumer(self, name: str, *, force: bool = False) -> int:
         """Remove consumer ``name`` with its checkpoints, workers and parked events; returns
         how many partitions it had. Refused with `ConsumerConflict` while its workers hold
-        leases, unless ``force`` (they then stop at their next checkpoint)."""
+        leases or handle a batch, unless ``force``: they then lose their partitions at their
+        next checkpoint, and stop with `ConsumerConflict` when they next balance."""
         check_name(name)
         statements = consumer_statements(self.schema)
         return self._run("consumers", lambda: statements.op_drop(name, force))

@@ -36,9 +36,9 @@ import psycopg.errors
 from psycopg import sql
 
 from tamma_events.checks import seconds, whole
-from tamma_events.errors import STORAGE_ERROR, EventStoreError, QueryError
+from tamma_events.errors import EventStoreError, QueryError
 from tamma_events.model import SequencedEvent
-from tamma_events.ops.failures import connection_lost
+from tamma_events.ops.failures import outage
 
 __all__ = ["MAX_BUFFER", "ListenerBase", "Subscription"]
 
@@ -198,13 +198,6 @@ class ListenerBase:
             finally:
                 with self._cond:
                     self._async_waiters.discard(waiter)
-
-
-def _transient(exc: EventStoreError) -> bool:
-    """Whether a failed read is worth retrying: the connection, not the statement, failed."""
-    return (
-        exc.code == STORAGE_ERROR and exc.__cause__ is not None and connection_lost(exc.__cause__)
-    )
 
 
 def check_subscription_options(buffer: int, poll_interval: float, retry_for: float) -> None:
@@ -403,7 +396,7 @@ class Subscription:
             self._delay = FIRST_DELAY
         else:
             self._delay = min(self._delay * 2, LAST_DELAY)
-        if not _transient(exc) or now - self._failing_since >= self._retry_for:
+        if not outage(exc) or now - self._failing_since >= self._retry_for:
             self.stop()
             raise exc
         self.retries += 1
