@@ -42,6 +42,8 @@ __all__ = [
 MAX_PARTITIONS: Final = 1024
 #: A transaction whose commit does not wait for the WAL flush (at-least-once checkpoints).
 LAZY_COMMIT: Final = "SET LOCAL synchronous_commit TO OFF"
+#: How long a reset or a drop that is not forced waits for a worker's row lock.
+LOCK_PATIENCE: Final = "SET LOCAL lock_timeout = '2s'"
 MAX_NAME_LENGTH: Final = 200
 
 
@@ -243,14 +245,12 @@ class ConsumerStatements:
             "SELECT consumer, position, partition, attempts, error, parked_at, replay_requested"
             " FROM {} WHERE consumer = %s ORDER BY position"
         ).format(parked)
-        # The consumer's partitions locked (a claim, a renewal or a transactional batch in
-        # progress waits, or with NOWAIT fails), and how many of them are leased.
-        leased = (
+        # The consumer's partitions locked (after a claim, a renewal or a transactional batch
+        # in progress), and how many of them are leased.
+        self.leased = sql.SQL(
             "SELECT count(*) FILTER (WHERE owner IS NOT NULL AND lease_until > clock_timestamp())"
-            " FROM (SELECT owner, lease_until FROM {} WHERE consumer = %s FOR UPDATE{}) AS held"
-        )
-        self.leased = sql.SQL(leased).format(partitions, sql.SQL(""))
-        self.leased_now = sql.SQL(leased).format(partitions, sql.SQL(" NOWAIT"))
+            " FROM (SELECT owner, lease_until FROM {} WHERE consumer = %s FOR UPDATE) AS held"
+        ).format(partitions)
         self.reset = sql.SQL(
             "UPDATE {} SET position = %s, owner = NULL, lease_until = NULL, updated_at = now()"
             " WHERE consumer = %s"
@@ -481,8 +481,12 @@ class ConsumerStatements:
             row = yield Run(self.definition, [name], fetch="one")
             if row is None:
                 raise ConsumerConflict(f"no consumer is named {name!r}", {"name": name})
+            if not force:
+                # A worker's own statements hold a row for milliseconds; a transactional batch
+                # holds it until it commits.
+                yield Run(LOCK_PATIENCE, fetch="none")
             try:
-                leased = yield Run(self.leased if force else self.leased_now, [name], fetch="one")
+                leased = yield Run(self.leased, [name], fetch="one")
             except psycopg.errors.LockNotAvailable:
                 raise ConsumerConflict(
                     f"consumer {name!r} has a worker handling a batch: stop its workers first,"
