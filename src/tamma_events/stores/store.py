@@ -1234,8 +1234,9 @@ class EventStore(StoreCore):
     def reset_consumer(self, name: str, *, to: int, force: bool = False) -> int:
         """Set every checkpoint of consumer ``name`` to position ``to`` (its next events are
         those after it); returns how many partitions were reset. Refused with
-        `ConsumerConflict` while its workers hold leases, unless ``force``: they then lose
-        their partitions at their next checkpoint and read again from ``to``."""
+        `ConsumerConflict` while its workers hold leases or handle a batch (it waits up to
+        2 s for one to end), unless ``force``: it then waits for the batches in hand, and the
+        workers lose their partitions at their next checkpoint and read again from ``to``."""
         check_name(name)
         position = after_position(to)
         statements = consumer_statements(self.schema)
