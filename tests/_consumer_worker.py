@@ -6,7 +6,8 @@
 Its handler writes one row per event to ``SCHEMA.projection`` (``seq`` in the order written,
 ``position``, ``issue``, ``worker``): in the consumer's transaction (``--mode tx``, exactly
 once), or on a connection of its own after the fact (``--mode plain``, at least once). It pauses
-``--pause`` seconds in each batch, after writing, so a kill lands inside batches. The event at
+``--pause`` seconds in each batch, after writing, and stops for good once it has written the
+event at ``--stall-at`` (saying ``stalled``), so a kill lands inside a batch. The event at
 ``--poison`` fails while ``SCHEMA.poison_switch`` holds a row. SIGTERM stops the worker
 cleanly; it prints ``running`` once it has started.
 """
@@ -36,6 +37,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--pause", type=float, default=0.0)
     parser.add_argument("--poison", type=int)
+    parser.add_argument("--stall-at", type=int)
     args = parser.parse_args(argv)
     projection = sql.Identifier(args.schema, "projection")
     switch = sql.Identifier(args.schema, "poison_switch")
@@ -54,6 +56,9 @@ def main(argv: list[str]) -> int:
             if poisoned(event, conn):
                 raise ValueError(f"event {event.position} is poison")
             conn.execute(insert, [event.position, event.tags.get("issueId"), args.worker])
+            if event.position == args.stall_at:
+                print("stalled", flush=True)  # in the middle of a batch, until killed
+                time.sleep(3600)
         time.sleep(args.pause)
 
     with EventStore(args.dsn, schema=args.schema, migrate=False, max_connections=4) as store:

@@ -128,11 +128,12 @@ def test_a_worker_killed_mid_batch_and_restarted_misses_nothing(
     total = 1_500
     store.append_batch(issue_events(total))
     options = ["--mode", mode, "--batch", "25", "--pause", "0.01", "--lease", "1"]
-    workers.start("first", "projection", *options)
-    wait_until(lambda: len(rows(store)) >= 300, "the first worker to get going")
-    workers.kill("first")
+    first = workers.start("first", "projection", *options, "--stall-at", "290")
+    assert first.stdout is not None and first.stdout.readline() == "stalled\n"
+    workers.kill("first")  # in the batch of positions 276-300, having written 276-290
     partial = {p for p, _, _ in rows(store)}
-    assert 300 <= len(partial) < total
+    # Committed: the batches before (transactional), or every row written (plain).
+    assert partial == set(range(1, 276 if mode == "tx" else 291))
     workers.start("second", "projection", *options)
     wait_until(lambda: len({p for p, _, _ in rows(store)}) == total, "every event")
     workers.stop("second")
