@@ -267,7 +267,8 @@ class Consumer:
         finally:
             if ahead is not None:
                 self._forget(ahead[3])
-            pool.shutdown()
+            if pool is not None:
+                pool.shutdown()
             self._beating.set()
             beat.join()
             self._running = False
@@ -311,8 +312,8 @@ class Consumer:
         return result
 
     def _forget(self, reading: Any) -> None:
-        """Drop a window read ahead that is not needed (waiting for its connection to be back
-        in the pool)."""
+        """Drop a window read ahead that is not needed, waiting for its connection to be back
+        in the pool (the heartbeat task is ended the same way)."""
         try:
             reading.result()
         except Exception:

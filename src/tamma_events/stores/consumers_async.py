@@ -275,17 +275,11 @@ class AsyncConsumer:
         finally:
             if ahead is not None:
                 await self._forget(ahead[3])
-            if True:  # ASYNC
-                pass
-            else:
+            if pool is not None:
                 pool.shutdown()
             self._beating.set()
             if True:  # ASYNC
-                beat.cancel()
-                try:
-                    await beat
-                except (asyncio.CancelledError, Exception):
-                    pass
+                await self._forget(beat)
             else:
                 beat.join()
             self._running = False
@@ -340,8 +334,8 @@ class AsyncConsumer:
         return result
 
     async def _forget(self, reading: Any) -> None:
-        """Drop a window read ahead that is not needed (waiting for its connection to be back
-        in the pool)."""
+        """Drop a window read ahead that is not needed, waiting for its connection to be back
+        in the pool (the heartbeat task is ended the same way)."""
         if True:  # ASYNC
             reading.cancel()
             try:
